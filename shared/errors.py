@@ -1,0 +1,104 @@
+"""Errors that say who failed and whether a retry is safe.
+
+Every failure on the proxy path is a :class:`ProxyError` with a *kind* (what went wrong), a
+*source* (upstream, downstream or internal) and a *retry* decision. ``fail_to_proxy`` turns it
+into a response with the status from :meth:`ProxyError.status`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorSource(enum.Enum):
+    """Which side of the proxy failed."""
+
+    UPSTREAM = "upstream"
+    DOWNSTREAM = "downstream"
+    INTERNAL = "internal"
+
+
+class RetryType(enum.Enum):
+    """Whether the request may be sent again, on a fresh connection or to another peer."""
+
+    NEVER = "never"
+    ALWAYS = "always"
+    #: Only when the failed connection came from the pool: a reused connection may have been
+    #: closed by the origin while idle, which says nothing about a fresh one.
+    IF_REUSED = "if_reused"
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong; each kind has a default status code for the error response."""
+
+    CONNECT_REFUSED = ("connect refused", 502)
+    CONNECT_TIMEOUT = ("connect timeout", 504)
+    CONNECT_ERROR = ("connect error", 502)
+    NO_PEER = ("no upstream peer", 502)
+    READ_TIMEOUT = ("read timeout", 504)
+    WRITE_TIMEOUT = ("write timeout", 504)
+    CONNECTION_CLOSED = ("connection closed", 502)
+    INVALID_RESPONSE = ("invalid upstream response", 502)
+    BAD_REQUEST = ("bad request", 400)
+    METHOD_NOT_ALLOWED = ("method not allowed", 405)
+    HEADERS_TOO_LARGE = ("request headers too large", 431)
+    BODY_TOO_LARGE = ("request body too large", 413)
+    DOWNSTREAM_CLOSED = ("client closed the connection", 499)
+    INTERNAL = ("internal error", 500)
+
+    def __init__(self, text: str, status: int) -> None:
+        self.text = text
+        self.status = status
+
+
+class ProxyError(Exception):
+    """A failure while proxying one request.
+
+    ``cause`` is the underlying exception, if any. ``retry`` may be changed by
+    ``fail_to_connect`` (set ``error.retry = RetryType.ALWAYS`` to try ``upstream_peer`` again).
+    """
+
+    __slots__ = ("kind", "source", "retry", "cause", "reused")
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        source: ErrorSource,
+        retry: RetryType = RetryType.NEVER,
+        cause: BaseException | str | None = None,
+    ) -> None:
+        super().__init__(kind, source, retry, cause)
+        self.kind = kind
+        self.source = source
+        self.retry = retry
+        self.cause = cause
+        #: True when the failure happened on a connection taken from a pool.
+        self.reused = False
+
+    @property
+    def status(self) -> int:
+        """The status code of the default error response for this error."""
+        return self.kind.status
+
+    def retryable(self) -> bool:
+        """True when the request may be sent again."""
+        if self.retry is RetryType.ALWAYS:
+            return True
+        return self.retry is RetryType.IF_REUSED and self.reused
+
+    def __str__(self) -> str:
+        text = f"{self.source.value} error: {self.kind.text}"
+        if self.cause is not None:
+            text += f": {self.cause}"
+        return text
+
+
+def upstream_error(kind: ErrorKind, cause: BaseException | str | None = None,
+                   retry: RetryType = RetryType.NEVER) -> ProxyError:
+    """A :class:`ProxyError` whose source is the upstream."""
+    return ProxyError(kind, ErrorSource.UPSTREAM, retry, cause)
+
+
+def downstream_error(kind: ErrorKind, cause: BaseException | str | None = None) -> ProxyError:
+    """A :class:`ProxyError` whose source is the downstream client."""
+    return ProxyError(kind, ErrorSource.DOWNSTREAM, RetryType.NEVER, cause)

@@ -1,0 +1,532 @@
+"""The downstream HTTP/1.1 connection: parsing, keep-alive, pipelining and response framing.
+
+Theory of operation. httptools parses what the client sends and calls back; when a request
+head is complete, a :class:`~shared.session.Session` is made from it. The first session on a
+connection becomes *active* and is handed to the engine (worker/proxy.py); requests pipelined
+behind it wait in order, with reading paused. The active session's upstream response arrives
+through the ``upstream_*`` callbacks (this class is the upstream connection's handler) and is
+framed for the client: passed with its length, re-chunked, or delimited by closing. When the
+response is complete, the connection either takes the next request or closes.
+
+Hot path: parser callbacks only; headers stay the byte pairs the parser gave; the upstream
+request's header lines are collected in the same loop that looks for the headers the proxy
+itself must read; status lines are precomputed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from shared.errors import (
+    ErrorKind,
+    ErrorSource,
+    ProxyError,
+    RetryType,
+    downstream_error,
+    upstream_error,
+)
+from shared.headers import RawHeaders, ResponseHeader
+from shared.session import Session
+
+if TYPE_CHECKING:
+    from worker.proxy import Engine
+    from worker.upstream import UpstreamConn
+
+# Response body framing, chosen when the response head is written.
+MODE_NONE = 0      # no body (HEAD, 1xx, 204, 304)
+MODE_LENGTH = 1    # Content-Length: body bytes pass as they arrive
+MODE_CHUNKED = 2   # chunked transfer coding toward the client
+MODE_CLOSE = 3     # delimited by closing the connection (HTTP/1.0 clients)
+
+STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
+}
+
+# Request headers the proxy reads itself; all but Host are hop-by-hop or rewritten by it.
+_REQ_SPECIAL = frozenset({
+    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+    b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host",
+})
+# Response headers not passed on: hop-by-hop (RFC 9110 7.6.1) or framing the proxy redoes.
+_RESP_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
+})
+_KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+
+
+def status_line(status: int, reason: str | None = None) -> bytes:
+    """``HTTP/1.1 <status> <reason>`` with CRLF."""
+    if reason is None:
+        line = STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback when the request head passes the limit."""
+
+
+class H1Server(asyncio.Protocol):
+    """One client connection speaking HTTP/1.x."""
+
+    def __init__(self, engine: Engine) -> None:
+        # Global
+        self.engine = engine
+        self.max_head = engine.max_head
+        # Per-connection
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_addr: tuple[str, int] = ("", 0)
+        self.server_addr: tuple[str, int] = ("", 0)
+        self.client_ip = b""
+        self.current: Session | None = None
+        self.active: Session | None = None
+        self.pipeline: deque[Session] | None = None
+        self.up: UpstreamConn | None = None
+        self.closing = False
+        self.draining = False
+        self.reading_paused = False
+        self.write_paused = False
+        self.stop_parsing = False
+        self.deferred_error: ProxyError | None = None
+        self.last_active = 0.0
+        self.requests = 0
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # Per-request (the head being parsed)
+        self.head_size = 0
+        self.pending_head = 0
+        self.in_head = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if peer:
+            self.client_addr = peer[:2]
+            self.client_ip = peer[0].encode()
+        if sock:
+            self.server_addr = sock[:2]
+        self.last_active = time.monotonic()
+        self.engine.connections.add(self)
+        if self.engine.draining:
+            self.draining = True
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.closing or self.stop_parsing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT, or an Upgrade this proxy does not tunnel: what follows the head is not
+            # HTTP, so nothing more is read; the connection closes after the response.
+            self.stop_parsing = True
+            if self.current is not None:
+                self.current.keep_alive = False
+                self._message_complete()
+            elif self.active is not None:
+                self.active.keep_alive = False
+            return
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadTooLarge):
+                self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
+            else:
+                self.engine.log.exception("parser callback failed", exc_info=e.__context__)
+                self.bad_request(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
+                                            cause=e.__context__))
+            return
+        except httptools.HttpParserError as e:
+            self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, e))
+            return
+        if self.in_head:
+            self.pending_head += len(data)
+            if self.pending_head > self.max_head:
+                self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
+        else:
+            self.pending_head = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.engine.connections.discard(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.detach()
+        gone = downstream_error(ErrorKind.DOWNSTREAM_CLOSED, exc)
+        for s in (self.current, self.active):
+            if s is not None:
+                s.fail_body(gone)
+        s = self.active
+        if s is not None and not s.response_done:
+            self.active = None
+            s.error = s.error or gone
+            s.response_done = True
+            self.engine.request_done(s)
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.up is not None:
+            self.up.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        s = self.current = Session(self)
+        s.start_time = time.time()
+        self.head_size = 0
+        self.in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        s = self.current
+        s.url = s.url + url if s.url else url  # type: ignore[union-attr]
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.current.raw_headers.append((name, value))  # type: ignore[union-attr]
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        s: Session = self.current  # type: ignore[assignment]
+        self.in_head = False
+        self.pending_head = 0
+        p = self.parser
+        s.method = p.get_method()
+        s.version = p.get_http_version()
+        s.keep_alive = p.should_keep_alive()
+        fwd = s.fwd
+        for name, value in s.raw_headers:
+            n = name.lower()
+            if n not in _REQ_SPECIAL:
+                fwd += (name, b": ", value, b"\r\n")
+            elif n == b"host":
+                s.host_b = value
+                fwd += (name, b": ", value, b"\r\n")
+            elif n == b"content-length":
+                s.content_length = int(value)
+            elif n == b"transfer-encoding":
+                s.chunked = True
+            elif n == b"expect":
+                s.expect_continue = value.lower() == b"100-continue"
+            elif n == b"x-forwarded-for":
+                s.xff = value if s.xff is None else s.xff + b", " + value
+            elif n == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token not in _KEEP_TOKENS:
+                        if s.conn_tokens is None:
+                            s.conn_tokens = []
+                        s.conn_tokens.append(token)
+        if s.conn_tokens:
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            drop = s.conn_tokens
+            kept = []
+            for i in range(0, len(fwd), 4):
+                if fwd[i].lower() not in drop:
+                    kept += fwd[i:i + 4]
+            s.fwd = kept
+        s.max_body = max_body = self.engine.max_body
+        if max_body and s.content_length is not None and s.content_length > max_body:
+            s.error = downstream_error(ErrorKind.BODY_TOO_LARGE)
+        if self.draining:
+            s.keep_alive = False
+        self.requests += 1
+        if self.active is None:
+            self.active = s
+            self.engine.start(self, s)
+        else:
+            if self.pipeline is None:
+                self.pipeline = deque()
+            self.pipeline.append(s)
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        self.current.feed_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self._message_complete()
+
+    def _message_complete(self) -> None:
+        s = self.current
+        self.current = None
+        if s is not None:
+            s.end_body()
+
+    # -- flow control ----------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.closing:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def pause_body(self) -> None:
+        self._pause_reading()
+
+    def resume_body(self) -> None:
+        if not self.pipeline:
+            self._resume_reading()
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            w = self._drain_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    async def wait_upstream_writable(self) -> None:
+        """Waits until the upstream connection takes writes again (or the exchange ends)."""
+        up = self.up
+        while up is not None and up.write_paused and not up.closed and not self.closing:
+            w = self._drain_waiter = asyncio.get_running_loop().create_future()
+            await w
+            self._drain_waiter = None
+            up = self.up
+
+    # -- the exchange --------------------------------------------------------------------
+
+    def attach(self, s: Session, up: UpstreamConn, head: bytes, read_timeout: float) -> None:
+        """Sends the request head on ``up``; its response comes back to this connection."""
+        self.up = up
+        up.start(self, head, s.method == b"HEAD", read_timeout)
+        if self.write_paused:
+            up.pause_reading()
+
+    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
+        s = self.active
+        if s is None:
+            return
+        engine = self.engine
+        if engine.response_phases:
+            engine.response_head(self, s, up, status, headers)
+            return
+        self.write_head(s, status_line(status), headers, False)
+
+    def write_head(self, s: Session, line: bytes, headers: RawHeaders, rechunk: bool) -> None:
+        """Writes a response head for ``s``: the status line, the end-to-end headers, and the
+        framing and connection headers this connection needs. ``rechunk`` drops the length
+        (the body may change on its way)."""
+        s.response_started = True
+        status = s.status = int(line[9:12])
+        parts = [line]
+        has_length = False
+        for name, value in headers:
+            n = name.lower()
+            if n in _RESP_DROP:
+                continue
+            if n == b"content-length":
+                if rechunk:
+                    continue
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        if s.method == b"HEAD" or status < 200 or status == 204 or status == 304:
+            mode = MODE_NONE
+        elif has_length:
+            mode = MODE_LENGTH
+        elif s.version == "1.1":
+            mode = MODE_CHUNKED
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            mode = MODE_CLOSE
+        s.resp_mode = mode
+        keep = s.keep_alive and mode != MODE_CLOSE and not self.draining and not (
+            s.has_body and not s.body_done and self.up is None)
+        s.keep_alive = keep
+        if s.version == "1.1":
+            if not keep:
+                parts.append(b"Connection: close\r\n")
+        elif keep:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+
+    def write_body(self, s: Session, data: bytes) -> None:
+        """Writes response body bytes in the framing chosen by :meth:`write_head`."""
+        if not data or self.closing:
+            return
+        s.resp_bytes += len(data)
+        mode = s.resp_mode
+        if mode == MODE_CHUNKED:
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+        elif mode != MODE_NONE:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def upstream_body(self, data: bytes) -> None:
+        s = self.active
+        if s is None:
+            return
+        bf = self.engine.p_response_body_filter
+        if bf is not None:
+            data = self.engine.body_filter(s, data, False)
+        self.write_body(s, data)
+
+    def upstream_done(self, up: UpstreamConn) -> None:
+        s = self.active
+        self.up = None
+        if s is None:
+            up.close()
+            return
+        if self.engine.p_response_body_filter is not None:
+            self.write_body(s, self.engine.body_filter(s, b"", True))
+        if s.resp_mode == MODE_CHUNKED and not self.closing:
+            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        if up.keep_alive and (s.body_done or not s.has_body):
+            self.engine.pool.put(up)
+        else:
+            up.close()
+        self.finish(s)
+
+    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
+        s = self.active
+        self.up = None
+        up.close()
+        if s is None:
+            return
+        if isinstance(exc, TimeoutError):
+            err = upstream_error(ErrorKind.READ_TIMEOUT, exc)
+        elif isinstance(exc, httptools.HttpParserError):
+            err = upstream_error(ErrorKind.INVALID_RESPONSE, exc)
+        else:
+            err = upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
+                                 RetryType.IF_REUSED if not up.got_bytes else RetryType.NEVER)
+        err.reused = s.upstream_reused
+        if not s.response_started:
+            self.engine.upstream_failed(self, s, err)
+            return
+        # The response has started: the client can only learn of it by an incomplete response.
+        s.error = err
+        s.keep_alive = False
+        self.transport.close()  # type: ignore[union-attr]
+        self.finish(s)
+
+    # -- responses the proxy writes itself -----------------------------------------------
+
+    def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:
+        """Writes a whole response for ``s`` (see :meth:`Session.respond`)."""
+        if self.closing:
+            s.response_started = True
+            s.status = status
+            return
+        if headers is None:
+            fields: RawHeaders = []
+        else:
+            h = ResponseHeader.build(status, headers)
+            fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in h
+                      if n.lower() != "content-length"]
+        fields.append((b"Content-Length", str(len(body)).encode()))
+        self.write_head(s, status_line(status), fields, False)
+        if s.resp_mode != MODE_NONE and body:
+            s.resp_bytes += len(body)
+            self.transport.write(body)  # type: ignore[union-attr]
+
+    def send_continue(self, s: Session) -> None:
+        """Answers ``Expect: 100-continue``: the body is wanted."""
+        if not self.closing and not s.response_started:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+
+    def bad_request(self, err: ProxyError) -> None:
+        """The client sent something unparseable: answer it in turn, then close."""
+        self.stop_parsing = True
+        s = self.current
+        self.current = None
+        if s is not None:
+            s.fail_body(err)
+        if self.active is not None:
+            # Answer the requests before it first; the error goes out after them.
+            if s is not None and s is not self.active and self.pipeline and s in self.pipeline:
+                self.pipeline.remove(s)
+            self.deferred_error = err
+            return
+        if s is None or not s.method:
+            s = s or Session(self)
+            s.start_time = s.start_time or time.time()
+            s.method = s.method or b"-"
+        s.keep_alive = False
+        self.active = s
+        self.engine.active_requests += 1
+        self.engine.fail(self, s, err)
+
+    # -- end of a request ----------------------------------------------------------------
+
+    def finish(self, s: Session) -> None:
+        """The response to ``s`` is complete: log it, then serve the next request or close."""
+        if s.response_done:
+            return
+        s.response_done = True
+        self.active = None
+        self.engine.request_done(s)
+        if self.closing:
+            return
+        if not s.keep_alive or (s.has_body and not s.body_done) or (
+                self.stop_parsing and not self.pipeline and self.deferred_error is None):
+            self.close()
+            return
+        self.last_active = time.monotonic()
+        if self.pipeline:
+            asyncio.get_running_loop().call_soon(self._next_pipelined)
+        elif self.deferred_error is not None:
+            err, self.deferred_error = self.deferred_error, None
+            self.bad_request(err)
+        else:
+            self._resume_reading()
+
+    def _next_pipelined(self) -> None:
+        if self.closing or self.active is not None or not self.pipeline:
+            return
+        s = self.pipeline.popleft()
+        if not self.pipeline and self.deferred_error is None:
+            self._resume_reading()
+        if self.draining:
+            s.keep_alive = False
+        self.active = s
+        self.engine.start(self, s)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    # -- draining ----------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful stop: the next response says ``Connection: close``; an idle connection is
+        closed by :meth:`idle_check` once it has been idle for a moment (closing it at once
+        would race a request the client may be sending)."""
+        self.draining = True
+
+    def is_idle(self) -> bool:
+        return self.active is None and self.current is None and not self.pipeline
+
+    def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
+        """Closes the connection if it has idled past its limit."""
+        if self.is_idle():
+            limit = drain_idle if self.draining else keepalive
+            if now - self.last_active >= limit:
+                self.close()
+

@@ -1,0 +1,441 @@
+"""The proxy engine: drives an app's phases for each request, in Pingora's order.
+
+The request side (filters, peer choice, connect with retries, the upstream request head and
+body) is one coroutine per request, :meth:`Engine.run`. For an app whose phases are all plain
+``def``, that coroutine is stepped by hand (:func:`_step`) instead of being wrapped in a Task:
+with a pooled connection it finishes without ever suspending, so a request costs no task and no
+loop iteration. An app with ``async def`` phases gets a real Task per request, so its code sees
+``asyncio.current_task()`` and timeouts as usual. The response side is callbacks from the
+upstream connection (worker/h1_server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from shared.app import ProxyHttp, is_async, overridden_phases
+from shared.config import Config
+from shared.errors import (
+    ErrorKind,
+    ErrorSource,
+    ProxyError,
+    RetryType,
+    downstream_error,
+    upstream_error,
+)
+from shared.headers import RawHeaders, RequestHeader, ResponseHeader
+from shared.peer import HttpPeer, format_address
+from shared.session import Session
+from worker.accesslog import AccessLog
+from worker.upstream import Pool, UpstreamConn
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from worker.h1_server import H1Server
+
+#: Methods whose request may be sent twice without changing its meaning (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: Request headers the proxy strips from the upstream request (hop-by-hop or rewritten).
+_UPSTREAM_DROP = ("connection", "keep-alive", "proxy-connection", "te", "trailer",
+                  "transfer-encoding", "upgrade", "expect", "content-length",
+                  "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for")
+#: An idle connection of a draining worker is closed after idling this long (seconds).
+DRAIN_IDLE_SECONDS = 1.0
+
+
+def _step(coro: Coroutine[Any, Any, None], _fut: Any = None) -> None:
+    """Runs ``coro`` until it waits for a future, and again when that future is done."""
+    try:
+        fut = coro.send(None)
+    except StopIteration:
+        return
+    if fut is None:  # a bare yield (asyncio.sleep(0))
+        asyncio.get_running_loop().call_soon(_step, coro)
+        return
+    fut._asyncio_future_blocking = False
+    fut.add_done_callback(partial(_step, coro))
+
+
+class Engine:
+    """The per-worker proxy: the app, its phases, the upstream pool, the connections."""
+
+    def __init__(self, app: ProxyHttp, config: Config, access_log: AccessLog | None,
+                 log: logging.Logger) -> None:
+        self.app = app
+        self.config = config
+        self.log = log
+        self.access_log = access_log
+        self.loop = asyncio.get_event_loop()
+        phases = overridden_phases(app)
+        self.new_ctx = app.new_ctx if type(app).new_ctx is not ProxyHttp.new_ctx else None
+
+        def phase(name: str) -> tuple[Any, bool]:
+            m = phases.get(name)
+            return m, (m is not None and is_async(m))
+
+        self.p_early_request_filter, self.a_early = phase("early_request_filter")
+        self.p_request_filter, self.a_request_filter = phase("request_filter")
+        self.p_upstream_peer, self.a_upstream_peer = phase("upstream_peer")
+        self.p_connected_to_upstream, self.a_connected = phase("connected_to_upstream")
+        self.p_upstream_request_filter, self.a_upstream_request = phase("upstream_request_filter")
+        self.p_request_body_filter, self.a_request_body = phase("request_body_filter")
+        self.p_upstream_response_filter, _ = phase("upstream_response_filter")
+        self.p_response_filter, self.a_response_filter = phase("response_filter")
+        self.p_response_body_filter, _ = phase("response_body_filter")
+        self.p_logging, self.a_logging = phase("logging")
+        self.p_fail_to_connect, _ = phase("fail_to_connect")
+        self.p_error_while_proxy, _ = phase("error_while_proxy")
+        self.p_fail_to_proxy, self.a_fail_to_proxy = phase("fail_to_proxy")
+        self.any_async = any(is_async(m) for m in phases.values())
+        self.response_phases = bool(self.p_upstream_response_filter or self.p_response_filter
+                                    or self.p_response_body_filter)
+        t = config.timeouts
+        self.connect_timeout = t.upstream_connect_seconds
+        self.read_timeout = t.upstream_read_seconds
+        self.keepalive = t.keepalive_seconds
+        self.max_head = config.limits.max_header_bytes
+        self.max_body = config.limits.max_body_bytes
+        self.max_retries = config.server.max_retries
+        self.pool = Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds)
+        self.connections: set[H1Server] = set()
+        self.draining = False
+        # Counters
+        self.requests = 0
+        self.active_requests = 0
+
+    # -- drivers -------------------------------------------------------------------------
+
+    def drive(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self.any_async:
+            self.loop.create_task(coro)
+        else:
+            _step(coro)
+
+    def start(self, conn: H1Server, s: Session) -> None:
+        """A request head is complete and its turn has come."""
+        self.active_requests += 1
+        self.drive(self.run(conn, s))
+
+    # -- the request side ----------------------------------------------------------------
+
+    async def run(self, conn: H1Server, s: Session) -> None:
+        try:
+            ctx = s.ctx = self.new_ctx() if self.new_ctx is not None else None
+            if s.error is not None:
+                raise s.error
+            if s.method == b"CONNECT":
+                raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED, "CONNECT is not enabled")
+            if self.p_early_request_filter is not None:
+                r = self.p_early_request_filter(s, ctx)
+                if self.a_early:
+                    await r
+            if self.p_request_filter is not None:
+                r = self.p_request_filter(s, ctx)
+                if self.a_request_filter:
+                    r = await r
+                if r:
+                    if not s.response_started:
+                        raise ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
+                                         cause="request_filter returned True but wrote nothing")
+                    conn.finish(s)
+                    return
+            await self.proxy_to_upstream(conn, s)
+        except ProxyError as e:
+            self.fail(conn, s, e)
+        except Exception as e:
+            self.log.exception("app error on %s %s", s.method.decode(), s.url[:200])
+            self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
+
+    async def proxy_to_upstream(self, conn: H1Server, s: Session) -> None:
+        """Chooses a peer, gets a connection and sends the request (retrying what may be)."""
+        ctx = s.ctx
+        pool = self.pool
+        while True:
+            peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
+            if self.a_upstream_peer:
+                peer = await peer
+            up = pool.get(peer.pool_key)
+            if up is not None:
+                reused = True
+                break
+            try:
+                up = await self.connect(peer)
+            except ProxyError as e:
+                if self.p_fail_to_connect is not None:
+                    e = self.p_fail_to_connect(s, peer, e, ctx)
+                if e.retryable() and s.retries < self.max_retries:
+                    s.retries += 1
+                    continue
+                s.peer = peer
+                raise
+            reused = False
+            break
+        if conn.closing:
+            pool.put(up)
+            return
+        s.peer = peer
+        s.upstream_reused = reused
+        if self.p_connected_to_upstream is not None:
+            r = self.p_connected_to_upstream(s, reused, peer, ctx)
+            if self.a_connected:
+                await r
+        if self.p_upstream_request_filter is not None or s._req_header is not None:
+            head = await self.filtered_request_head(conn, s, peer)
+        else:
+            head = self.request_head(conn, s, peer)
+        read_timeout = peer.options.read_timeout or self.read_timeout
+        conn.attach(s, up, head, read_timeout)
+        if s.has_body:
+            await self.send_body(conn, s, up)
+
+    def retry(self, conn: H1Server, s: Session) -> None:
+        """Sends the request again after its reused connection died before answering."""
+        self.drive(self._retry(conn, s))
+
+    async def _retry(self, conn: H1Server, s: Session) -> None:
+        try:
+            await self.proxy_to_upstream(conn, s)
+        except ProxyError as e:
+            self.fail(conn, s, e)
+        except Exception as e:
+            self.log.exception("app error on retry")
+            self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
+
+    async def connect(self, peer: HttpPeer) -> UpstreamConn:
+        """A new connection to ``peer``; raises :class:`ProxyError` on failure."""
+        loop = self.loop
+        up = UpstreamConn(peer.pool_key, self.pool)
+        timeout = peer.options.connect_timeout or self.connect_timeout
+        task = loop.create_task(loop.create_connection(lambda: up, peer.host, peer.port))
+        timer = loop.call_later(timeout, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            raise upstream_error(ErrorKind.CONNECT_TIMEOUT, f"{peer} after {timeout:g}s",
+                                 RetryType.ALWAYS) from None
+        except ConnectionRefusedError as e:
+            raise upstream_error(ErrorKind.CONNECT_REFUSED, f"{peer}: {e.strerror}",
+                                 RetryType.ALWAYS) from None
+        except OSError as e:
+            raise upstream_error(ErrorKind.CONNECT_ERROR, f"{peer}: {e.strerror or e}",
+                                 RetryType.ALWAYS) from None
+        finally:
+            timer.cancel()
+        self.pool.created += 1
+        return up
+
+    def _framing(self, s: Session) -> bytes:
+        if s.chunked or (self.p_request_body_filter is not None and s.has_body):
+            return b"Transfer-Encoding: chunked\r\n"
+        if s.content_length is not None:
+            return b"Content-Length: %d\r\n" % s.content_length
+        return b""
+
+    def request_head(self, conn: H1Server, s: Session, peer: HttpPeer) -> bytes:
+        """The upstream request head, from the request as parsed (fast path)."""
+        ip = conn.client_ip
+        xff = ip if s.xff is None else s.xff + b", " + ip
+        host = s.host_b
+        if host is None:
+            tail = [b"Host: ", str(peer).encode(), b"\r\nX-Forwarded-For: ", xff,
+                    b"\r\nX-Forwarded-Proto: http\r\n", self._framing(s), b"\r\n"]
+        else:
+            tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n"
+                    b"X-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
+        return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
+
+    async def filtered_request_head(self, conn: H1Server, s: Session, peer: HttpPeer) -> bytes:
+        """The upstream request head through ``upstream_request_filter``."""
+        src = s.req_header
+        req = RequestHeader(src.method, src.path, "1.1", src.items())
+        tokens = [t.decode("latin-1") for t in s.conn_tokens or ()]
+        for name in (*_UPSTREAM_DROP, *tokens):
+            req.remove(name)
+        client = conn.client_addr[0]
+        prior = src.get_all("x-forwarded-for")
+        req.append("X-Forwarded-For", ", ".join([*prior, client]))
+        req.append("X-Forwarded-Proto", "http")
+        host = src.get("host")
+        if host is None:
+            req.append("Host", format_address(peer.host, peer.port))
+        else:
+            req.append("X-Forwarded-Host", host)
+        if self.p_upstream_request_filter is not None:
+            r = self.p_upstream_request_filter(s, req, s.ctx)
+            if self.a_upstream_request:
+                await r
+        for name in ("content-length", "transfer-encoding"):
+            req.remove(name)
+        return req.encode_head()[:-2] + self._framing(s) + b"\r\n"
+
+    async def send_body(self, conn: H1Server, s: Session, up: UpstreamConn) -> None:
+        """Streams the request body upstream, pausing while the upstream is not writable."""
+        chunked = s.chunked or self.p_request_body_filter is not None
+        body_filter = self.p_request_body_filter
+        while True:
+            chunk = await s.read_body_chunk()
+            if conn.up is not up or up.closed:
+                return
+            end = not chunk
+            if body_filter is not None:
+                r = body_filter(s, chunk, end, s.ctx)
+                if self.a_request_body:
+                    r = await r
+                if r is not None:
+                    chunk = r
+            if chunk:
+                if chunked:
+                    up.transport.writelines(  # type: ignore[union-attr]
+                        (b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    up.write(chunk)
+            if end:
+                if chunked:
+                    up.write(b"0\r\n\r\n")
+                return
+            if up.write_paused:
+                await conn.wait_upstream_writable()
+
+    # -- the response side ---------------------------------------------------------------
+
+    def response_head(self, conn: H1Server, s: Session, up: UpstreamConn, status: int,
+                      headers: RawHeaders) -> None:
+        """The upstream response head, through the response phases the app overrides."""
+        resp = ResponseHeader(status, [(n.decode("latin-1"), v.decode("latin-1"))
+                                       for n, v in headers])
+        try:
+            if self.p_upstream_response_filter is not None:
+                self.p_upstream_response_filter(s, resp, s.ctx)
+            if self.p_response_filter is not None:
+                r = self.p_response_filter(s, resp, s.ctx)
+                if self.a_response_filter:
+                    up.pause_reading()
+                    self.drive(self._finish_response_filter(conn, s, up, r, resp))
+                    return
+        except Exception as e:
+            self._phase_failed(conn, s, up, e)
+            return
+        self._write_filtered_head(conn, s, resp)
+
+    async def _finish_response_filter(self, conn: H1Server, s: Session, up: UpstreamConn,
+                                      pending: Any, resp: ResponseHeader) -> None:
+        try:
+            await pending
+        except Exception as e:
+            self._phase_failed(conn, s, up, e)
+            return
+        if conn.closing:
+            return
+        self._write_filtered_head(conn, s, resp)
+        if not conn.write_paused:
+            up.resume_reading()
+
+    def _write_filtered_head(self, conn: H1Server, s: Session, resp: ResponseHeader) -> None:
+        from worker.h1_server import status_line
+
+        fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in resp]
+        conn.write_head(s, status_line(resp.status, resp.reason), fields,
+                        self.p_response_body_filter is not None)
+
+    def _phase_failed(self, conn: H1Server, s: Session, up: UpstreamConn, e: Exception) -> None:
+        self.log.exception("response phase failed", exc_info=e)
+        conn.up = None
+        up.detach()
+        self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
+
+    def body_filter(self, s: Session, data: bytes, end: bool) -> bytes:
+        """Runs ``response_body_filter`` on one piece of the response body."""
+        r = self.p_response_body_filter(s, data, end, s.ctx)  # type: ignore[misc]
+        return data if r is None else r
+
+    # -- failures and the end of a request -------------------------------------------------
+
+    def upstream_failed(self, conn: H1Server, s: Session, err: ProxyError) -> None:
+        """The upstream failed before the response started."""
+        if (err.retryable() and s.method in IDEMPOTENT and not s.has_body
+                and s.retries < self.max_retries):
+            s.retries += 1
+            self.retry(conn, s)
+            return
+        if self.p_error_while_proxy is not None and s.peer is not None:
+            try:
+                err = self.p_error_while_proxy(s, s.peer, err, s.ctx)
+            except Exception:
+                self.log.exception("error_while_proxy failed")
+        self.fail(conn, s, err)
+
+    def fail(self, conn: H1Server, s: Session, err: ProxyError) -> None:
+        """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
+        s.error = err
+        if err.source is ErrorSource.DOWNSTREAM or (s.has_body and not s.body_done):
+            s.keep_alive = False
+        if err.source is not ErrorSource.DOWNSTREAM or err.kind is not ErrorKind.DOWNSTREAM_CLOSED:
+            level = logging.WARNING if err.source is ErrorSource.UPSTREAM else logging.INFO
+            self.log.log(level, "%s %s: %s", s.method.decode("latin-1"),
+                         s.url[:200].decode("latin-1"), err)
+        if self.p_fail_to_proxy is None:
+            self._default_error_response(conn, s, err)
+            conn.finish(s)
+            return
+        try:
+            r = self.p_fail_to_proxy(s, err, s.ctx)
+        except Exception:
+            self.log.exception("fail_to_proxy failed")
+            self._default_error_response(conn, s, err)
+            conn.finish(s)
+            return
+        if self.a_fail_to_proxy:
+            self.drive(self._finish_fail(conn, s, err, r))
+            return
+        conn.finish(s)
+
+    async def _finish_fail(self, conn: H1Server, s: Session, err: ProxyError, r: Any) -> None:
+        try:
+            await r
+        except Exception:
+            self.log.exception("fail_to_proxy failed")
+            self._default_error_response(conn, s, err)
+        conn.finish(s)
+
+    @staticmethod
+    def _default_error_response(conn: H1Server, s: Session, err: ProxyError) -> None:
+        if not s.response_started:
+            status = err.status
+            if err.source is ErrorSource.DOWNSTREAM:
+                s.keep_alive = False
+            conn.respond(s, status, None, f"{status} {err.kind.text}\n".encode())
+        else:
+            s.keep_alive = False
+            conn.close()
+
+    def request_done(self, s: Session) -> None:
+        """Every request ends here once: the access log and the ``logging`` phase."""
+        self.requests += 1
+        self.active_requests -= 1
+        if self.access_log is not None:
+            self.access_log.write(s)
+        if self.p_logging is not None:
+            try:
+                r = self.p_logging(s, s.error, s.ctx)
+                if self.a_logging:
+                    self.loop.create_task(r)
+            except Exception:
+                self.log.exception("logging phase failed")
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Once a second (more often while draining): idle and timed-out connections."""
+        self.pool.sweep(now)
+        for conn in list(self.connections):
+            conn.idle_check(now, self.keepalive, DRAIN_IDLE_SECONDS)
+
+    def drain(self) -> None:
+        """Graceful stop: every connection closes after its current response."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()

@@ -1,0 +1,292 @@
+"""One HTTP/1.1 connection to an upstream, and the per-worker pool of idle ones.
+
+An :class:`UpstreamConn` is either *busy* (it carries one exchange: its ``handler`` receives the
+response callbacks) or *idle* (it waits in the :class:`Pool`). An idle connection is watched:
+if the origin closes it or sends anything, it is dropped, so the pool never hands out a
+connection known to be dead (``pingora-pool`` ``idle_poll`` does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import httptools
+
+from shared.headers import RawHeaders
+
+
+class ResponseHandler(Protocol):
+    """The downstream side of one exchange: receives the upstream response."""
+
+    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_done(self, up: UpstreamConn) -> None: ...
+    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
+
+
+class _StopAfterHead(Exception):
+    """Ends parsing after the head of a response that has no body (to HEAD)."""
+
+
+class UpstreamConn(asyncio.Protocol):
+    """A client connection to one upstream server."""
+
+    __slots__ = (
+        "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
+        "got_bytes", "keep_alive", "deadline", "read_timeout", "requests", "idle_since",
+        "closed", "write_paused", "close_delimited", "chunked",
+    )
+
+    def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
+        # Per-connection
+        self.key = key
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.handler: ResponseHandler | None = None
+        self.closed = False
+        self.write_paused = False
+        self.requests = 0
+        self.idle_since = 0.0
+        self.deadline = 0.0
+        self.read_timeout = 60.0
+        # Per-exchange
+        self.headers: RawHeaders = []
+        self.status = 0
+        self.head_only = False
+        self.got_bytes = False
+        self.keep_alive = True
+        self.close_delimited = False
+        self.chunked = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            # An idle connection spoke: whatever it is, the connection can't be reused.
+            self.close()
+            return
+        self.got_bytes = True
+        self.deadline = time.monotonic() + self.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except _StopAfterHead:
+            self._finish()
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _StopAfterHead):
+                self._finish()
+            else:
+                self._fail(e.__context__ or e)
+        except httptools.HttpParserError as e:
+            self._fail(e)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        handler = self.handler
+        if handler is None:
+            self.pool.discard(self)
+            return
+        if self.close_delimited and self.status:
+            # A response without length ends when the origin closes the connection.
+            self.keep_alive = False
+            self._finish()
+            return
+        self.handler = None
+        handler.upstream_failed(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.handler is not None:
+            self.handler.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.handler is not None:
+            self.handler.upstream_writable(True)
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            # 1xx interim responses are not forwarded: the proxy answers Expect itself.
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        no_body = self.head_only or status == 204 or status == 304
+        if not no_body:
+            chunked = False
+            length = False
+            for name, value in self.headers:
+                n = name.lower()
+                if n == b"content-length":
+                    length = True
+                elif n == b"transfer-encoding" and value.lower().endswith(b"chunked"):
+                    chunked = True
+            self.chunked = chunked
+            self.close_delimited = not chunked and not length
+        handler = self.handler
+        if handler is not None:
+            handler.upstream_head(self, status, self.headers)
+        if self.head_only:
+            raise _StopAfterHead
+
+    def on_body(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is not None:
+            handler.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.status:
+            self._finish()
+
+    # -- exchange ------------------------------------------------------------------------
+
+    def start(self, handler: ResponseHandler, head: bytes, head_only: bool,
+              read_timeout: float) -> None:
+        """Sends a request head; the response goes to ``handler``."""
+        self.handler = handler
+        self.head_only = head_only
+        self.status = 0
+        self.got_bytes = False
+        self.close_delimited = False
+        self.chunked = False
+        self.requests += 1
+        self.read_timeout = read_timeout
+        self.deadline = time.monotonic() + read_timeout
+        self.pool.busy.add(self)
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        """Sends request body bytes."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _finish(self) -> None:
+        handler = self.handler
+        self.handler = None
+        self.pool.busy.discard(self)
+        if self.head_only:
+            # The parser still expects a body the origin will never send.
+            self.parser = httptools.HttpResponseParser(self)
+        if handler is not None:
+            handler.upstream_done(self)
+
+    def _fail(self, exc: BaseException) -> None:
+        handler = self.handler
+        self.handler = None
+        self.pool.busy.discard(self)
+        self.close()
+        if handler is not None:
+            handler.upstream_failed(self, exc)
+
+    def timed_out(self) -> None:
+        """Called by the sweeper when no byte arrived within the read timeout."""
+        self._fail(TimeoutError("upstream read timeout"))
+
+    def detach(self) -> None:
+        """Forgets the exchange (the client went away); the connection is closed."""
+        self.handler = None
+        self.pool.busy.discard(self)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class Pool:
+    """Idle upstream connections of one worker, by pool key, most recently used first.
+
+    Holds at most ``size`` idle connections over all keys; the oldest goes first when full.
+    """
+
+    def __init__(self, size: int, idle_timeout: float) -> None:
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[Any, ...], list[UpstreamConn]] = {}
+        self._order: OrderedDict[UpstreamConn, None] = OrderedDict()
+        #: Connections carrying an exchange now (the sweeper checks their read deadline).
+        self.busy: set[UpstreamConn] = set()
+        self.created = 0
+        self.reused = 0
+
+    def get(self, key: tuple[Any, ...]) -> UpstreamConn | None:
+        """An idle connection for ``key``, or None."""
+        stack = self._idle.get(key)
+        while stack:
+            up = stack.pop()
+            del self._order[up]
+            if not up.closed:
+                self.reused += 1
+                return up
+        return None
+
+    def put(self, up: UpstreamConn) -> None:
+        """Keeps a connection whose exchange ended cleanly; closes it if the pool is full."""
+        if up.closed or self.size <= 0:
+            up.close()
+            return
+        if len(self._order) >= self.size:
+            oldest = next(iter(self._order))
+            oldest.close()
+        up.idle_since = time.monotonic()
+        self._idle.setdefault(up.key, []).append(up)
+        self._order[up] = None
+
+    def discard(self, up: UpstreamConn) -> None:
+        """Forgets a connection that closed."""
+        self.busy.discard(up)
+        if up in self._order:
+            del self._order[up]
+            stack = self._idle.get(up.key)
+            if stack is not None:
+                stack.remove(up)
+                if not stack:
+                    del self._idle[up.key]
+
+    def sweep(self, now: float) -> None:
+        """Closes idle connections past their idle timeout, and fails exchanges whose
+        upstream missed its read deadline."""
+        limit = now - self.idle_timeout
+        for up in list(self._order):
+            if up.idle_since > limit:
+                break
+            up.close()
+        for up in [u for u in self.busy if u.deadline < now]:
+            up.timed_out()
+
+    def close_all(self) -> None:
+        for up in list(self._order):
+            up.close()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._order)
