@@ -102,6 +102,10 @@ class H1Server(asyncio.Protocol):
         self.last_active = 0.0
         self.requests = 0
         self._drain_waiter: asyncio.Future[None] | None = None
+        # Writes made while an upstream read is being parsed go out together (one syscall for
+        # a response's head and body); see begin_batch / end_batch.
+        self.batching = False
+        self.out: list[bytes] = []
         # Per-request (the head being parsed)
         self.head_size = 0
         self.pending_head = 0
@@ -364,7 +368,29 @@ class H1Server(asyncio.Protocol):
         elif keep:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+        self.send(b"".join(parts))
+
+    def send(self, data: bytes) -> None:
+        """Writes to the client now, or with the batch in progress."""
+        if self.batching:
+            self.out.append(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def begin_batch(self) -> None:
+        self.batching = True
+
+    def end_batch(self) -> None:
+        """Writes what the batch collected, in one call."""
+        self.batching = False
+        out = self.out
+        if out:
+            if not self.closing:
+                if len(out) == 1:
+                    self.transport.write(out[0])  # type: ignore[union-attr]
+                else:
+                    self.transport.writelines(out)  # type: ignore[union-attr]
+            out.clear()
 
     def write_body(self, s: Session, data: bytes) -> None:
         """Writes response body bytes in the framing chosen by :meth:`write_head`."""
@@ -373,9 +399,11 @@ class H1Server(asyncio.Protocol):
         s.resp_bytes += len(data)
         mode = s.resp_mode
         if mode == MODE_CHUNKED:
-            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+            self.send(b"%x\r\n" % len(data))
+            self.send(data)
+            self.send(b"\r\n")
         elif mode != MODE_NONE:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.send(data)
 
     def upstream_body(self, data: bytes) -> None:
         s = self.active
@@ -395,7 +423,7 @@ class H1Server(asyncio.Protocol):
         if self.engine.p_response_body_filter is not None:
             self.write_body(s, self.engine.body_filter(s, b"", True))
         if s.resp_mode == MODE_CHUNKED and not self.closing:
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            self.send(b"0\r\n\r\n")
         if up.keep_alive and (s.body_done or not s.has_body):
             self.engine.pool.put(up)
         else:
@@ -422,7 +450,7 @@ class H1Server(asyncio.Protocol):
         # The response has started: the client can only learn of it by an incomplete response.
         s.error = err
         s.keep_alive = False
-        self.transport.close()  # type: ignore[union-attr]
+        self.close()
         self.finish(s)
 
     # -- responses the proxy writes itself -----------------------------------------------
@@ -443,12 +471,12 @@ class H1Server(asyncio.Protocol):
         self.write_head(s, status_line(status), fields, False)
         if s.resp_mode != MODE_NONE and body:
             s.resp_bytes += len(body)
-            self.transport.write(body)  # type: ignore[union-attr]
+            self.send(body)
 
     def send_continue(self, s: Session) -> None:
         """Answers ``Expect: 100-continue``: the body is wanted."""
         if not self.closing and not s.response_started:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def bad_request(self, err: ProxyError) -> None:
         """The client sent something unparseable: answer it in turn, then close."""
@@ -508,7 +536,11 @@ class H1Server(asyncio.Protocol):
         self.engine.start(self, s)
 
     def close(self) -> None:
+        """Closes the connection once what was written has gone out."""
         if not self.closing:
+            if self.out:
+                self.batching = False
+                self.end_batch()
             self.closing = True
             self.transport.close()  # type: ignore[union-attr]
 

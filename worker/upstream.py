@@ -26,6 +26,8 @@ class ResponseHandler(Protocol):
     def upstream_done(self, up: UpstreamConn) -> None: ...
     def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None: ...
     def upstream_writable(self, writable: bool) -> None: ...
+    def begin_batch(self) -> None: ...
+    def end_batch(self) -> None: ...
 
 
 class _StopAfterHead(Exception):
@@ -38,7 +40,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
         "got_bytes", "keep_alive", "deadline", "read_timeout", "requests", "idle_since",
-        "closed", "write_paused", "close_delimited", "chunked",
+        "closed", "write_paused",
     )
 
     def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
@@ -60,8 +62,6 @@ class UpstreamConn(asyncio.Protocol):
         self.head_only = False
         self.got_bytes = False
         self.keep_alive = True
-        self.close_delimited = False
-        self.chunked = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -76,6 +76,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.got_bytes = True
         self.deadline = time.monotonic() + self.read_timeout
+        handler.begin_batch()
         try:
             self.parser.feed_data(data)
         except _StopAfterHead:
@@ -87,6 +88,8 @@ class UpstreamConn(asyncio.Protocol):
                 self._fail(e.__context__ or e)
         except httptools.HttpParserError as e:
             self._fail(e)
+        finally:
+            handler.end_batch()
 
     def eof_received(self) -> bool | None:
         return None
@@ -97,7 +100,7 @@ class UpstreamConn(asyncio.Protocol):
         if handler is None:
             self.pool.discard(self)
             return
-        if self.close_delimited and self.status:
+        if self.status and self._close_delimited():
             # A response without length ends when the origin closes the connection.
             self.keep_alive = False
             self._finish()
@@ -130,23 +133,20 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
-        no_body = self.head_only or status == 204 or status == 304
-        if not no_body:
-            chunked = False
-            length = False
-            for name, value in self.headers:
-                n = name.lower()
-                if n == b"content-length":
-                    length = True
-                elif n == b"transfer-encoding" and value.lower().endswith(b"chunked"):
-                    chunked = True
-            self.chunked = chunked
-            self.close_delimited = not chunked and not length
         handler = self.handler
         if handler is not None:
             handler.upstream_head(self, status, self.headers)
         if self.head_only:
             raise _StopAfterHead
+
+    def _close_delimited(self) -> bool:
+        """True when the current response's body ends only when the connection closes."""
+        if self.head_only or self.status in (204, 304):
+            return False
+        for name, _ in self.headers:
+            if name.lower() in (b"content-length", b"transfer-encoding"):
+                return False
+        return True
 
     def on_body(self, data: bytes) -> None:
         handler = self.handler
@@ -166,8 +166,6 @@ class UpstreamConn(asyncio.Protocol):
         self.head_only = head_only
         self.status = 0
         self.got_bytes = False
-        self.close_delimited = False
-        self.chunked = False
         self.requests += 1
         self.read_timeout = read_timeout
         self.deadline = time.monotonic() + read_timeout
