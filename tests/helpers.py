@@ -611,16 +611,41 @@ class HttpConn:
         return resp
 
     def _read_chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
+        self.read_chunked_into(parts.append)
+        return b"".join(parts)
+
+    def read_chunked_into(self, sink: Callable[[bytes], object]) -> int:
+        """Reads a chunked body, handing each piece to ``sink``; returns its size."""
+        total = 0
         while True:
             line = self.read_until(b"\r\n")
             size = int(line.split(b";", 1)[0].strip(), 16)
             if size == 0:
                 while self.read_until(b"\r\n") != b"\r\n":
                     pass
-                return b"".join(parts)
-            parts.append(self.read_exactly(size))
+                return total
+            left = size
+            while left:
+                if not self.buf and not self._fill():
+                    raise ConnectionError(f"connection closed inside a chunk ({left} to go)")
+                piece = bytes(self.buf[:left])
+                del self.buf[:len(piece)]
+                sink(piece)
+                left -= len(piece)
+            total += size
             assert self.read_exactly(2) == b"\r\n", "chunk not followed by CRLF"
+
+    def read_exactly_into(self, n: int, sink: Callable[[bytes], object]) -> None:
+        """Reads ``n`` body bytes, handing each piece to ``sink`` (nothing kept)."""
+        left = n
+        while left:
+            if not self.buf and not self._fill():
+                raise ConnectionError(f"connection closed with {left} of {n} bytes to go")
+            piece = bytes(self.buf[:left])
+            del self.buf[:len(piece)]
+            sink(piece)
+            left -= len(piece)
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the server closes the connection within ``timeout`` seconds without
