@@ -205,15 +205,13 @@ class Origin:
         self._loop = None
 
     def reset(self) -> None:
-        """Forgets what was counted (connections stay open) and closes the gate."""
+        """Forgets what was counted (connections and options stay) and closes the gate."""
         self.accepted = 0
         self.idle_closed = 0
         self.dropped = 0
         self.large_sent = 0
         self.sink_received = 0
         self.requests = []
-        self.close_idle_after = None
-        self.drop_reused = False
         if self._loop is not None and self._gate is not None:
             self._loop.call_soon_threadsafe(self._gate.clear)
 
@@ -334,7 +332,10 @@ class Origin:
         takes them; ``/sink`` reads the body as it comes (``?gate=1``: only once
         :meth:`open_gate` was called) and answers its size and SHA-256; ``/chunked?parts=a,b``
         answers those chunks; ``/status/NNN`` answers that status; ``/close`` answers with
-        ``Connection: close`` and closes; anything else echoes the request as JSON.
+        ``Connection: close`` and closes; ``/stall?sent=N`` sends a head promising more than N
+        body bytes, N bytes, then nothing until the peer closes; ``/garbage`` answers bytes
+        that are not HTTP; ``/hangup`` closes without answering; anything else echoes the
+        request as JSON.
         """
         url = urlsplit(req.target)
         query = parse_qs(url.query)
@@ -365,6 +366,19 @@ class Origin:
             parts.append(data)
         req.body = b"".join(parts)
 
+        if path == "/hangup":
+            return False
+        if path == "/garbage":
+            writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+            return False
+        if path == "/stall":
+            n = int(query.get("sent", ["10"])[0])
+            writer.write(_head(200, [("Content-Length", str(n + 1000)), *extra], keep)
+                         + b"s" * n)
+            await writer.drain()
+            while await reader.read(1 << 16):
+                pass
+            return False
         if path == "/large":
             size = int(query["size"][0])
             chunked = bool(query.get("chunked"))
