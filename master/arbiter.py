@@ -1,36 +1,50 @@
 """The arbiter: the master's supervision loop.
 
 Signal handlers only queue the signal and wake the loop (a self-pipe); one loop then dispatches
-``handle_<signal>`` by name, reads worker channels, reaps children, kills workers that stopped
-heartbeating, and spawns workers up to the target count. The master never blocks on a worker
-and never runs app code: workers are fresh ``python -m worker`` processes (fork+exec) that get
-their listening sockets and a channel by inheritance, and their config in a ``Boot`` message.
+``handle_<signal>`` by name, reads worker channels and control commands, reaps children, kills
+workers that stopped heartbeating, and spawns workers up to the target count. The master never
+blocks on a worker and never runs app code: workers are fresh ``python -m worker`` processes
+(fork+exec) that inherit their listening sockets and a channel, and get their config in a
+``Boot`` message.
+
+Reload and upgrade never close a listening socket that may hold unaccepted connections: a new
+generation of workers accepts on the same sockets before the old one stops accepting, and a new
+master receives the sockets themselves (SCM_RIGHTS) before the old master drains.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psutil
 import setproctitle
 
-from master.listeners import Listener, bind_all
+from master.control import ControlServer
+from master.lifecycle import Lifecycle, State
+from master.listeners import Listener, ListenError, bind_all
 from shared import ipc
-from shared.config import Config
+from shared.config import Config, ConfigError
 from shared.ipc import Channel, ChannelClosed
 
 log = logging.getLogger("tenaya")
 
-#: Longest wait for the first generation of workers to report ready.
+#: Longest wait for a generation of workers to report ready.
 BOOT_TIMEOUT_SECONDS = 60.0
+#: Longest wait for a new master (binary upgrade) to report ready.
+UPGRADE_TIMEOUT_SECONDS = 60.0
+#: Longest wait for the old master's listeners, in a new master.
+HANDOVER_TIMEOUT_SECONDS = 10.0
 #: A worker that dies younger than this counts as a boot failure and backs off.
 MIN_HEALTHY_SECONDS = 1.0
 BACKOFF_FIRST_SECONDS = 0.1
@@ -65,52 +79,101 @@ class WorkerProc:
     connections: int = 0
     active_requests: int = 0
     app_error: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+@dataclass
+class Generation:
+    """A generation of workers being started by a reload (not yet serving alone)."""
+
+    number: int
+    config: Config
+    listeners: list[Listener]
+    count: int
+    deadline: float
+    #: Listeners bound for this generation alone, and sockets added to kept listeners:
+    #: closed again if the reload fails.
+    fresh: list[Listener] = field(default_factory=list)
+    added: list[socket.socket] = field(default_factory=list)
+    failure: str = ""
+
+
+@dataclass
+class Upgrade:
+    """A new master started by SIGUSR2, until it reports ready."""
+
+    popen: subprocess.Popen[bytes]
+    channel: Channel
+    deadline: float
 
 
 class StartError(Exception):
     """The master could not start serving (the reason is the message)."""
 
 
+class _ControlConn:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+
 class Arbiter:
     """Supervises the workers of one config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
+                 argv: list[str] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
+        self.argv = argv or ["start"]
         self.num_workers = config.worker_count()
         self.generation = 1
         self.listeners: list[Listener] = []
+        self.retired: list[Listener] = []
         self.workers: dict[int, WorkerProc] = {}
         self.sel = selectors.DefaultSelector()
         self.sig_queue: list[int] = []
-        self.stopping = False
+        self.lifecycle = Lifecycle()
         self.stop_deadline = 0.0
         self.exit_code = 0
-        self.booted = False
         self.backoff: dict[int, float] = {}
         self.next_spawn: dict[int, float] = {}
+        self.pending: Generation | None = None
+        self.upgrade: Upgrade | None = None
+        self.reload_queued = False
         self.demo: subprocess.Popen[bytes] | None = None
+        self.control: ControlServer | None = None
         self.started = time.time()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def stopping(self) -> bool:
+        return self.lifecycle.state is State.STOPPING
 
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Binds the listeners, starts demo origins and the workers, writes the pid file.
+        """Binds (or, in an upgrade, receives) the listeners, starts the demo origins and the
+        workers, then writes the pid file and opens the control socket.
 
         Raises :class:`StartError` when serving is impossible (a port in use, an app that
         cannot load).
         """
         setproctitle.setproctitle("tenaya master")
-        self.listeners = bind_all(self.config.listeners, self.num_workers)
+        upgrade_fd = os.environ.pop(ipc.UPGRADE_FD_ENV, None)
+        parent: Channel | None = None
+        if upgrade_fd is not None:
+            parent = Channel(socket.socket(fileno=int(upgrade_fd)))
+            self.listeners = self._receive_listeners(parent)
+        else:
+            self.listeners = bind_all(self.config.listeners, self.num_workers)
         self._install_signals()
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
-        if self.config.demo_origins:
+        if self.config.demo_origins and parent is None:
             self._start_demo()
         for slot in range(self.num_workers):
             self.spawn(slot)
         deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-        while not all(w.ready for w in self.workers.values()) or len(self.workers) < self.num_workers:
+        while (len(self.workers) < self.num_workers
+               or not all(w.ready for w in self.workers.values())):
             if time.monotonic() > deadline:
                 raise StartError("workers did not report ready in time")
             self._tick(0.5)
@@ -118,21 +181,80 @@ class Arbiter:
             if failed or self.stopping:
                 reason = failed[0].app_error if failed else "stopped during start"
                 raise StartError(f"app failed to load: {reason}")
-        self.booted = True
+        self.lifecycle.to(State.SERVING)
         self._write_pid_file()
+        if self.config.server.control_socket:
+            self._open_control()
+        if parent is not None:
+            try:
+                parent.send(ipc.UpgradeReady(pid=os.getpid()))
+                parent.sock.setblocking(True)
+                parent.flush()
+            except (ChannelClosed, OSError):
+                log.warning("the old master is gone")
+            parent.close()
         addresses = ", ".join(f"http://{lst.bound_address}" for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
+
+    def _receive_listeners(self, channel: Channel) -> list[Listener]:
+        """Takes the listening sockets handed over by the old master, by address."""
+        deadline = time.monotonic() + HANDOVER_TIMEOUT_SECONDS
+        handover: ipc.Handover | None = None
+        while handover is None:
+            if time.monotonic() > deadline:
+                raise StartError("the old master did not hand over its listeners")
+            select.select([channel], [], [], 0.5)
+            for msg in channel.read():
+                if isinstance(msg, ipc.Handover):
+                    handover = msg
+                else:
+                    for fd in msg.fds:
+                        os.close(fd)
+        fds = list(handover.fds)
+        by_address: dict[str, list[int]] = {}
+        for address, count in zip(handover.addresses, handover.counts, strict=True):
+            by_address[address], fds = fds[:count], fds[count:]
+        listeners: list[Listener] = []
+        try:
+            for lc in self.config.listeners:
+                got = by_address.pop(lc.address, None)
+                listener = Listener.adopt(lc, got) if got else Listener(lc)
+                listeners.append(listener)
+                listener.ensure_slots(self.num_workers)
+        except ListenError:
+            for listener in listeners:
+                listener.close()
+            raise
+        finally:
+            # Addresses no longer configured: the old master keeps serving them until it goes.
+            for unused in by_address.values():
+                for fd in unused:
+                    os.close(fd)
+        log.info("took over %d listening sockets from the old master",
+                 sum(len(lst.sockets) for lst in listeners))
+        return listeners
 
     def _start_demo(self) -> None:
         self.demo = subprocess.Popen(
             [sys.executable, "-m", "master.demo", *self.config.demo_origins],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         line = self.demo.stdout.readline()  # type: ignore[union-attr]
+        self.demo.stdout.close()  # type: ignore[union-attr]
         if line.strip() != b"ready":
             self.demo.wait()
             raise StartError("demo origins could not start (see above)")
         log.info("demo origins on %s", ", ".join(self.config.demo_origins))
+
+    def _open_control(self) -> None:
+        path = self.config.server.control_socket
+        assert path
+        try:
+            self.control = ControlServer(path)
+        except OSError as e:
+            log.error("cannot open the control socket %s: %s", path, e.strerror)
+            return
+        self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
 
     def _write_pid_file(self) -> None:
         path = self.config.server.pid_file
@@ -163,31 +285,36 @@ class Arbiter:
 
     # -- workers -------------------------------------------------------------------------
 
-    def spawn(self, slot: int) -> None:
-        """Starts a worker for ``slot`` on that slot's sockets."""
+    def spawn(self, slot: int, gen: Generation | None = None) -> None:
+        """Starts a worker for ``slot`` (of the current generation, or of ``gen``)."""
+        config = gen.config if gen else self.config
+        listeners = gen.listeners if gen else self.listeners
+        count = gen.count if gen else self.num_workers
+        number = gen.number if gen else self.generation
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent.set_inheritable(False)
-        fds = [lst.sockets[slot].fileno() for lst in self.listeners]
+        pairs = [(sock.fileno(), index) for index, lst in enumerate(listeners)
+                 for sock in lst.sockets_for(slot, count)]
         cmd = [sys.executable, "-m", "worker", "--channel-fd", str(child.fileno()),
-               "--listen-fds", ",".join(map(str, fds))]
+               "--listen-fds", ",".join(f"{fd}@{index}" for fd, index in pairs)]
         env = dict(os.environ)
-        if self.config.source and os.path.isfile(self.config.source):
+        if config.source and os.path.isfile(config.source):
             # An app module beside its config file is importable, as with gunicorn --chdir.
-            here = os.path.dirname(os.path.abspath(self.config.source))
+            here = os.path.dirname(os.path.abspath(config.source))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         try:
-            popen = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds],
+            popen = subprocess.Popen(cmd, pass_fds=[child.fileno(), *(fd for fd, _ in pairs)],
                                      stdin=subprocess.DEVNULL, env=env)
         finally:
             child.close()
         now = time.monotonic()
         channel = Channel(parent)
-        w = WorkerProc(popen.pid, slot, self.generation, channel, popen, now, now)
+        w = WorkerProc(popen.pid, slot, number, channel, popen, now, now)
         self.workers[w.pid] = w
         self.sel.register(channel.sock, selectors.EVENT_READ, w)
-        channel.send(ipc.Boot(slot=slot, generation=self.generation,
-                              config=self.config.raw, source=self.config.source))
-        log.debug("spawned worker %d (pid %d)", slot, w.pid)
+        channel.send(ipc.Boot(slot=slot, generation=number, config=config.raw,
+                              source=config.source))
+        log.debug("spawned worker %d of generation %d (pid %d)", slot, number, w.pid)
 
     def _on_worker_message(self, w: WorkerProc, msg: ipc.Message) -> None:
         w.last_seen = time.monotonic()
@@ -200,13 +327,25 @@ class Arbiter:
             w.active_requests = msg.active_requests
         elif isinstance(msg, ipc.AppFailed):
             w.app_error = msg.reason
+        for fd in msg.fds:
+            os.close(fd)
 
-    def _forget(self, w: WorkerProc) -> None:
+    def _unregister(self, sock: socket.socket) -> None:
         try:
-            self.sel.unregister(w.channel.sock)
+            self.sel.unregister(sock)
         except (KeyError, ValueError):
             pass
+
+    def _forget(self, w: WorkerProc) -> None:
+        self._unregister(w.channel.sock)
         w.channel.close()
+
+    def _drain_worker(self, w: WorkerProc, grace: float) -> None:
+        w.draining = True
+        try:
+            w.channel.send(ipc.Drain(grace_seconds=grace))
+        except (ChannelClosed, OSError):
+            self._kill(w.pid, signal.SIGTERM)
 
     def reap(self) -> None:
         """Collects exited children; a worker that exited is replaced by manage_workers."""
@@ -223,46 +362,62 @@ class Arbiter:
                 if not self.stopping:
                     log.error("demo origins exited (%s)", code)
                 continue
+            if self.upgrade is not None and pid == self.upgrade.popen.pid:
+                self.upgrade.popen.returncode = code
+                self._upgrade_failed(f"the new master exited with {code}")
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
-            w.popen.returncode = code
-            # Messages sent just before exit (AppFailed) are still in the channel.
+            w.popen.returncode = w.exit_code = code
+            # Messages sent just before exit (AppFailed) may still wait in the channel.
             try:
                 for msg in w.channel.read():
                     self._on_worker_message(w, msg)
             except (ChannelClosed, OSError):
                 pass
             self._forget(w)
-            if self.stopping or w.draining:
-                log.debug("worker %d (pid %d) exited", w.slot, pid)
-                continue
-            young = time.monotonic() - w.started < MIN_HEALTHY_SECONDS
-            if code == ipc.EXIT_APP_LOAD:
-                log.error("worker %d could not load the app: %s", w.slot,
-                          w.app_error or "see its log")
-                if not self.booted:
-                    w.app_error = w.app_error or "see the log above"
-                    self.workers[pid] = w  # start() reads the reason
-                    return
-            else:
-                log.error("worker %d (pid %d) exited with %s; respawning", w.slot, pid,
-                          f"signal {-code}" if code < 0 else f"code {code}")
-            if young or code == ipc.EXIT_APP_LOAD:
-                delay = self.backoff.get(w.slot, BACKOFF_FIRST_SECONDS / 2) * 2
-                self.backoff[w.slot] = min(delay, BACKOFF_MAX_SECONDS)
-                self.next_spawn[w.slot] = time.monotonic() + self.backoff[w.slot]
+            self._worker_exited(w, code)
+
+    def _worker_exited(self, w: WorkerProc, code: int) -> None:
+        if self.stopping or w.draining:
+            log.debug("worker %d (pid %d) exited", w.slot, w.pid)
+            return
+        gen = self.pending
+        if gen is not None and w.generation == gen.number:
+            gen.failure = w.app_error or f"a new worker exited with {code}"
+            return
+        if self.lifecycle.state is State.BOOTING:
+            w.app_error = w.app_error or f"worker exited with {code} while booting"
+            self.workers[w.pid] = w  # start() reads the reason
+            return
+        young = time.monotonic() - w.started < MIN_HEALTHY_SECONDS
+        if code == ipc.EXIT_APP_LOAD:
+            log.error("worker %d could not load the app: %s", w.slot, w.app_error or "see above")
+        else:
+            log.error("worker %d (pid %d) exited with %s; respawning", w.slot, w.pid,
+                      f"signal {-code}" if code < 0 else f"code {code}")
+        if young or code == ipc.EXIT_APP_LOAD:
+            delay = self.backoff.get(w.slot, BACKOFF_FIRST_SECONDS / 2) * 2
+            self.backoff[w.slot] = min(delay, BACKOFF_MAX_SECONDS)
+            self.next_spawn[w.slot] = time.monotonic() + self.backoff[w.slot]
 
     def manage_workers(self) -> None:
-        """Spawns a worker for every slot that has none (respecting back-off)."""
-        if self.stopping:
+        """Spawns a worker for every slot of the current generation that has none."""
+        if not self.lifecycle.serving:
             return
-        taken = {w.slot for w in self.workers.values() if not w.draining}
+        taken = {w.slot for w in self.workers.values()
+                 if w.generation == self.generation and not w.draining}
         now = time.monotonic()
         for slot in range(self.num_workers):
             if slot not in taken and self.next_spawn.get(slot, 0) <= now:
                 self.next_spawn.pop(slot, None)
                 self.spawn(slot)
+        if self.retired and not any(w.draining for w in self.workers.values()):
+            for listener in self.retired:
+                log.info("closing listener %s", listener.bound_address)
+                listener.close()
+            self.retired.clear()
 
     def murder_stuck(self) -> None:
         """Kills workers that stopped heartbeating (SIGABRT, then SIGKILL)."""
@@ -285,26 +440,236 @@ class Arbiter:
         except ProcessLookupError:
             pass
 
+    # -- reload: a new generation ----------------------------------------------------------
+
+    def begin_generation(self, config: Config, count: int, why: str) -> None:
+        """Starts ``count`` workers of a new generation on ``config``; the old generation
+        drains once they are all ready (see :meth:`_check_generation`)."""
+        old = {lst.config.address: lst for lst in self.listeners}
+        gen = Generation(self.generation + 1, config, [], count,
+                         time.monotonic() + BOOT_TIMEOUT_SECONDS)
+        try:
+            for lc in config.listeners:
+                listener = old.get(lc.address)
+                if listener is None:
+                    listener = Listener(lc)
+                    gen.fresh.append(listener)
+                before = len(listener.sockets)
+                listener.ensure_slots(count)
+                if listener not in gen.fresh:
+                    gen.added.extend(listener.sockets[before:])
+                gen.listeners.append(listener)
+        except ListenError as e:
+            self._undo_listeners(gen)
+            log.error("%s refused, still serving as before: %s", why, e)
+            return
+        self.pending = gen
+        self.lifecycle.to(State.RELOADING)
+        log.info("%s: starting generation %d with %d workers", why, gen.number, count)
+        for slot in range(count):
+            self.spawn(slot, gen)
+
+    def _undo_listeners(self, gen: Generation) -> None:
+        for listener in gen.fresh:
+            listener.close()
+        for sock in gen.added:
+            for listener in self.listeners:
+                if sock in listener.sockets:
+                    listener.sockets.remove(sock)
+            sock.close()
+
+    def _check_generation(self) -> None:
+        gen = self.pending
+        if gen is None:
+            return
+        new = [w for w in self.workers.values() if w.generation == gen.number]
+        if not gen.failure and time.monotonic() > gen.deadline:
+            gen.failure = "the new workers did not report ready in time"
+        if not gen.failure:
+            failed = [w for w in new if w.app_error]
+            if failed:
+                gen.failure = f"app failed to load: {failed[0].app_error}"
+        if gen.failure:
+            log.error("reload failed, still serving generation %d: %s", self.generation,
+                      gen.failure)
+            for w in new:
+                self._drain_worker(w, 0.0)
+            self._undo_listeners(gen)
+            self.pending = None
+            self.lifecycle.to(State.SERVING)
+            return
+        if len(new) < gen.count or not all(w.ready for w in new):
+            return
+        grace = self.config.server.grace_period_seconds
+        for w in list(self.workers.values()):
+            if w.generation != gen.number and not w.draining:
+                self._drain_worker(w, grace)
+        kept = set(map(id, gen.listeners))
+        self.retired.extend(lst for lst in self.listeners if id(lst) not in kept)
+        self.config, self.listeners = gen.config, gen.listeners
+        self.num_workers, self.generation = gen.count, gen.number
+        self.pending = None
+        self.backoff.clear()
+        self.next_spawn.clear()
+        self.lifecycle.to(State.SERVING)
+        log.info("generation %d serving; the old workers drain", gen.number)
+        if self.reload_queued:
+            self.reload_queued = False
+            self.handle_hup()
+
+    # -- upgrade: a new master -------------------------------------------------------------
+
+    def begin_upgrade(self) -> None:
+        """Starts a new master from the code on disk and hands it the listening sockets."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent.set_inheritable(False)
+        env = dict(os.environ)
+        env[ipc.UPGRADE_FD_ENV] = str(child.fileno())
+        try:
+            popen = subprocess.Popen([sys.executable, "-m", "master", *self.argv],
+                                     pass_fds=[child.fileno()], env=env,
+                                     stdin=subprocess.DEVNULL)
+        except OSError as e:
+            log.error("upgrade failed: cannot start a new master: %s", e)
+            parent.close()
+            return
+        finally:
+            child.close()
+        channel = Channel(parent)
+        fds = tuple(s.fileno() for lst in self.listeners for s in lst.sockets)
+        try:
+            channel.send(ipc.Handover(addresses=[lst.config.address for lst in self.listeners],
+                                      counts=[len(lst.sockets) for lst in self.listeners],
+                                      fds=fds))
+        except (ChannelClosed, OSError) as e:
+            log.error("upgrade failed: cannot hand over the listeners: %s", e)
+            channel.close()
+            popen.kill()
+            return
+        self.upgrade = Upgrade(popen, channel, time.monotonic() + UPGRADE_TIMEOUT_SECONDS)
+        self.sel.register(channel.sock, selectors.EVENT_READ, self.upgrade)
+        self.lifecycle.to(State.UPGRADING)
+        log.info("upgrade: started a new master (pid %d)", popen.pid)
+
+    def _on_upgrade_readable(self, up: Upgrade) -> None:
+        try:
+            messages = up.channel.read()
+        except (ChannelClosed, OSError):
+            self._upgrade_failed("the new master closed the upgrade channel")
+            return
+        for msg in messages:
+            if isinstance(msg, ipc.UpgradeReady):
+                log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
+                self._unregister(up.channel.sock)
+                up.channel.close()
+                self.upgrade = None
+                self.stop(graceful=True)
+                return
+
+    def _upgrade_failed(self, reason: str) -> None:
+        up = self.upgrade
+        if up is None:
+            return
+        self.upgrade = None
+        log.error("upgrade failed, still serving: %s", reason)
+        self._unregister(up.channel.sock)
+        up.channel.close()
+        if up.popen.returncode is None:
+            self._kill(up.popen.pid, signal.SIGKILL)
+        if self.lifecycle.state is State.UPGRADING:
+            self.lifecycle.to(State.SERVING)
+        self._write_pid_file()
+
+    # -- control socket ------------------------------------------------------------------
+
+    def _on_control(self, conn: _ControlConn) -> None:
+        try:
+            messages = conn.channel.read()
+        except (ChannelClosed, OSError):
+            self._unregister(conn.channel.sock)
+            conn.channel.close()
+            return
+        for msg in messages:
+            if not isinstance(msg, ipc.ControlRequest):
+                continue
+            reply = self._control_command(msg.command)
+            try:
+                conn.channel.sock.setblocking(True)
+                conn.channel.sock.settimeout(2.0)
+                conn.channel.send(reply)
+                conn.channel.flush()
+            except (ChannelClosed, OSError):
+                pass
+            self._unregister(conn.channel.sock)
+            conn.channel.close()
+            return
+
+    def _control_command(self, command: str) -> ipc.ControlReply:
+        handlers: dict[str, Callable[[], None]] = {
+            "reload": self.handle_hup, "upgrade": self.handle_usr2,
+            "reopen": self.handle_usr1, "stop": self.handle_term,
+        }
+        if command == "status":
+            return ipc.ControlReply(ok=True, data=self.status())
+        handler = handlers.get(command)
+        if handler is None:
+            return ipc.ControlReply(ok=False, error=f"unknown command {command!r}")
+        handler()
+        return ipc.ControlReply(ok=True)
+
+    def status(self) -> dict[str, Any]:
+        """The master's and each worker's numbers, for ``python -m master status``."""
+        now = time.monotonic()
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot)):
+            rss = cpu = 0.0
+            try:
+                p = psutil.Process(w.pid)
+                rss = p.memory_info().rss
+                t = p.cpu_times()
+                cpu = t.user + t.system
+            except psutil.Error:
+                pass
+            workers.append({
+                "pid": w.pid, "slot": w.slot, "generation": w.generation,
+                "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
+                "cpu_seconds": round(cpu, 2), "connections": w.connections,
+                "requests": w.requests, "active_requests": w.active_requests,
+                "ready": w.ready, "draining": w.draining,
+            })
+        return {
+            "pid": os.getpid(), "uptime_seconds": round(time.time() - self.started, 1),
+            "state": self.lifecycle.state.value, "generation": self.generation,
+            "config": self.config.source,
+            "listeners": [lst.bound_address for lst in self.listeners],
+            "workers": workers,
+        }
+
     # -- the loop ------------------------------------------------------------------------
 
     def _tick(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
-            w = key.data
-            if w is None:
+            data = key.data
+            if data is None:
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
-                continue
-            try:
-                for msg in w.channel.read():
-                    self._on_worker_message(w, msg)
-            except ChannelClosed:
-                self._forget(w)
-            except OSError as e:
-                if e.errno != errno.EAGAIN:
-                    self._forget(w)
+            elif isinstance(data, WorkerProc):
+                try:
+                    for msg in data.channel.read():
+                        self._on_worker_message(data, msg)
+                except (ChannelClosed, OSError):
+                    self._forget(data)
+            elif isinstance(data, Upgrade):
+                self._on_upgrade_readable(data)
+            elif isinstance(data, ControlServer):
+                channel = data.accept()
+                if channel is not None:
+                    self.sel.register(channel.sock, selectors.EVENT_READ, _ControlConn(channel))
+            elif isinstance(data, _ControlConn):
+                self._on_control(data)
         while self.sig_queue:
             signum = self.sig_queue.pop(0)
             handler = getattr(self, f"handle_{_SIGNALS[signum]}", None)
@@ -316,7 +681,7 @@ class Arbiter:
         """Supervises until stopped; returns the exit code."""
         try:
             while True:
-                self._tick(0.25 if self.stopping else 1.0)
+                self._tick(0.25 if self.lifecycle.state is not State.SERVING else 1.0)
                 if self.stopping:
                     if not self.workers:
                         break
@@ -324,6 +689,10 @@ class Arbiter:
                         for w in self.workers.values():
                             self._kill(w.pid, signal.SIGKILL)
                     continue
+                self._check_generation()
+                up = self.upgrade
+                if up is not None and time.monotonic() > up.deadline:
+                    self._upgrade_failed("the new master did not report ready in time")
                 self.murder_stuck()
                 self.manage_workers()
         finally:
@@ -332,11 +701,13 @@ class Arbiter:
 
     def shutdown(self) -> None:
         """Closes the listeners, stops the demo origins, removes the pid file."""
-        for lst in self.listeners:
+        for lst in [*self.listeners, *self.retired]:
             lst.close()
         for w in list(self.workers.values()):
             self._kill(w.pid, signal.SIGKILL)
             self._forget(w)
+        if self.control is not None:
+            self.control.close()
         if self.demo is not None and self.demo.returncode is None:
             self.demo.terminate()
             try:
@@ -356,18 +727,22 @@ class Arbiter:
                 self._kill(w.pid, signal.SIGKILL)
             self.stop_deadline = 0.0
             return
-        self.stopping = True
+        if self.upgrade is not None:
+            self._upgrade_failed("stopping")
+        if self.pending is not None:
+            for w in self.workers.values():
+                if w.generation == self.pending.number:
+                    w.draining = True
+            self.pending = None
+        self.lifecycle.to(State.STOPPING)
         grace = self.config.server.grace_period_seconds if graceful else 0.0
         self.stop_deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
         log.info("%s stop", "graceful" if graceful else "fast")
         for w in self.workers.values():
-            w.draining = True
             if graceful:
-                try:
-                    w.channel.send(ipc.Drain(grace_seconds=grace))
-                except ChannelClosed:
-                    self._kill(w.pid, signal.SIGTERM)
+                self._drain_worker(w, grace)
             else:
+                w.draining = True
                 self._kill(w.pid, signal.SIGINT)
 
     def handle_term(self) -> None:
@@ -378,6 +753,51 @@ class Arbiter:
 
     def handle_int(self) -> None:
         self.stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        """Reload: re-read the config; if valid, start a new generation of workers."""
+        if self.lifecycle.state in (State.RELOADING, State.UPGRADING):
+            self.reload_queued = self.lifecycle.state is State.RELOADING
+            if not self.reload_queued:
+                log.warning("reload ignored: an upgrade is in progress")
+            return
+        if not self.lifecycle.serving:
+            return
+        try:
+            config = self.reload_config() if self.reload_config else self.config
+        except ConfigError as e:
+            log.error("reload refused, still serving the old config: %s", e)
+            return
+        self.begin_generation(config, config.worker_count(), "reload")
+
+    def handle_usr2(self) -> None:
+        """Upgrade: a new master from the code on disk takes over the listeners."""
+        if not self.lifecycle.serving:
+            log.warning("upgrade ignored while %s", self.lifecycle.state.value)
+            return
+        self.begin_upgrade()
+
+    def handle_ttin(self) -> None:
+        """One worker more."""
+        if self.lifecycle.serving:
+            self.begin_generation(self.config, self.num_workers + 1, "one worker more")
+
+    def handle_ttou(self) -> None:
+        """One worker fewer (never fewer than one)."""
+        if self.lifecycle.serving and self.num_workers > 1:
+            self.begin_generation(self.config, self.num_workers - 1, "one worker fewer")
+
+    def handle_usr1(self) -> None:
+        """Reopen log files, here and in every worker."""
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+        for w in self.workers.values():
+            try:
+                w.channel.send(ipc.ReopenLogs())
+            except (ChannelClosed, OSError):
+                pass
+        log.info("log files reopened")
 
     def handle_chld(self) -> None:
         """Children are reaped after every tick."""

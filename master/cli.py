@@ -1,20 +1,29 @@
-"""``python -m master``: start, check and config-reference."""
+"""``python -m master``: start, check, and the commands that talk to a running master."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-from typing import Any
+import time
 
+from master import control
 from master.arbiter import Arbiter, StartError
 from master.listeners import ListenError
-from shared.config import ConfigError, from_mapping, load, reference
+from shared.config import Config, ConfigError, from_mapping, load, reference
+
+#: Signal sent for each command when the master has no control socket.
+_COMMAND_SIGNALS = {
+    "stop": signal.SIGTERM, "reload": signal.SIGHUP, "upgrade": signal.SIGUSR2,
+    "reopen": signal.SIGUSR1,
+}
 
 
-def _load_with_overrides(args: argparse.Namespace) -> Any:
+def _load_with_overrides(args: argparse.Namespace) -> Config:
     config = load(args.config)
     raw = dict(config.raw)
     if getattr(args, "app", None):
@@ -36,25 +45,25 @@ def _setup_master_log(level: str, target: str) -> None:
     root.propagate = False
 
 
-def cmd_start(args: argparse.Namespace) -> int:
+def cmd_start(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         config = _load_with_overrides(args)
     except ConfigError as e:
         print(f"tenaya: invalid config: {e}", file=sys.stderr)
         return 1
     _setup_master_log(config.logging.level, config.logging.error_log)
-    arbiter = Arbiter(config)
+    arbiter = Arbiter(config, reload_config=lambda: _load_with_overrides(args), argv=argv)
     try:
         arbiter.start()
     except (StartError, ListenError) as e:
         logging.getLogger("tenaya").error("cannot start: %s", e)
-        arbiter.stopping = True
+        arbiter.lifecycle.state = arbiter.lifecycle.state.STOPPING
         arbiter.shutdown()
         return 1
     return arbiter.run()
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         config = _load_with_overrides(args)
     except ConfigError as e:
@@ -77,9 +86,99 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_reference(args: argparse.Namespace) -> int:
+def cmd_config_reference(args: argparse.Namespace, argv: list[str]) -> int:
     sys.stdout.write(reference())
     return 0
+
+
+def _master_pid(config: Config) -> int:
+    path = config.server.pid_file
+    if not path:
+        raise LookupError(f"{config.source}: neither server.control_socket nor "
+                          "server.pid_file is set, so the master cannot be found")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError) as e:
+        raise LookupError(f"no running master found through {path}: {e}") from None
+    return pid
+
+
+def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
+    """stop / reload / upgrade / reopen / status."""
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(f"tenaya: invalid config: {e}", file=sys.stderr)
+        return 1
+    command = args.command
+    path = config.server.control_socket
+    if path and os.path.exists(path):
+        try:
+            reply = control.request(path, command)
+        except (OSError, TimeoutError) as e:
+            print(f"tenaya: {path}: {e}", file=sys.stderr)
+            return 1
+        if not reply.ok:
+            print(f"tenaya: {reply.error}", file=sys.stderr)
+            return 1
+        if command == "status":
+            _print_status(reply.data, args.json)
+        else:
+            print(f"{command}: sent")
+        return 0
+    try:
+        pid = _master_pid(config)
+    except LookupError as e:
+        print(f"tenaya: {e}", file=sys.stderr)
+        return 1
+    if command == "status":
+        _print_status(_status_from_pid(pid), args.json)
+        return 0
+    os.kill(pid, _COMMAND_SIGNALS[command])
+    print(f"{command}: sent {signal.Signals(_COMMAND_SIGNALS[command]).name} to {pid}")
+    return 0
+
+
+def _status_from_pid(pid: int) -> dict[str, object]:
+    """What psutil can tell without the control socket (no request counters)."""
+    import psutil
+
+    master = psutil.Process(pid)
+    workers = []
+    for child in master.children():
+        try:
+            title = " ".join(child.cmdline())
+            if not title.startswith("tenaya worker"):
+                continue
+            t = child.cpu_times()
+            workers.append({"pid": child.pid, "slot": title.split()[2] if len(title.split()) > 2
+                            else "?", "age_seconds": round(time.time() - child.create_time(), 1),
+                            "rss_bytes": child.memory_info().rss,
+                            "cpu_seconds": round(t.user + t.system, 2)})
+        except psutil.Error:
+            continue
+    return {"pid": pid, "uptime_seconds": round(time.time() - master.create_time(), 1),
+            "workers": workers}
+
+
+def _print_status(data: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    print(f"master {data['pid']}  up {data['uptime_seconds']}s  "
+          f"state {data.get('state', '?')}  generation {data.get('generation', '?')}")
+    if data.get("listeners"):
+        print("listening on " + ", ".join(data["listeners"]))  # type: ignore[arg-type]
+    print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'age s':>8} {'rss MiB':>8} {'cpu s':>8} "
+          f"{'conns':>6} {'requests':>9}  state")
+    for w in data.get("workers", []):  # type: ignore[union-attr]
+        state = "draining" if w.get("draining") else ("ready" if w.get("ready", True)
+                                                      else "starting")
+        print(f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "
+              f"{w['age_seconds']:>8} {w['rss_bytes'] / 2**20:>8.1f} {w['cpu_seconds']:>8} "
+              f"{w.get('connections', '-'):>6} {w.get('requests', '-'):>9}  {state}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--app")
     check.set_defaults(func=cmd_check)
 
+    helps = {
+        "stop": "graceful stop (SIGTERM)", "reload": "re-read the config, new workers "
+        "(SIGHUP)", "upgrade": "start a new master from the code on disk (SIGUSR2)",
+        "reopen": "reopen log files (SIGUSR1)", "status": "the master's and workers' numbers",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config", help="the config the master runs (to find its "
+                       "control socket or pid file; default: the embedded config)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_control, json=False)
+
     ref = sub.add_parser("config-reference", help="print every setting as a Markdown table")
     ref.set_defaults(func=cmd_config_reference)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return int(args.func(args, argv))

@@ -61,6 +61,25 @@ class Listener:
                 self.port = sock.getsockname()[1]
             self.sockets.append(sock)
 
+    @classmethod
+    def adopt(cls, config: ListenerConfig, fds: list[int]) -> Listener:
+        """A listener made of sockets handed over by an old master (binary upgrade)."""
+        listener = cls(config)
+        listener.sockets = [socket.socket(fileno=fd) for fd in fds]
+        for sock in listener.sockets:
+            sock.set_inheritable(False)
+        if listener.sockets:
+            listener.port = listener.sockets[0].getsockname()[1]
+        return listener
+
+    def sockets_for(self, slot: int, workers: int) -> list[socket.socket]:
+        """The sockets a worker in ``slot`` of ``workers`` accepts on.
+
+        There may be more sockets than workers (after the worker count went down): a socket is
+        never closed while the master runs, so each one is served by slot ``index % workers``.
+        """
+        return [sock for i, sock in enumerate(self.sockets) if i % workers == slot]
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()

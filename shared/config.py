@@ -188,7 +188,8 @@ class Config:
 _NOT_SETTINGS = {"source", "raw"}
 
 EMBEDDED_DEFAULT: dict[str, Any] = {
-    "server": {"workers": 2, "grace_period_seconds": 10},
+    "server": {"workers": 2, "grace_period_seconds": 10, "pid_file": "/tmp/tenaya-6188.pid",
+               "control_socket": "/tmp/tenaya-6188.sock"},
     "listeners": [{"address": "127.0.0.1:6188"}],
     "upstreams": {"demo": {"servers": ["127.0.0.1:6190", "127.0.0.1:6191"]}},
     "demo_origins": ["127.0.0.1:6190", "127.0.0.1:6191"],

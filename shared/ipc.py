@@ -90,9 +90,64 @@ class Heartbeat(Message):
     active_requests: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ReopenLogs(Message):
+    """Reopen the access and error log files (after logrotate moved them)."""
+
+    TYPE = "reopen_logs"
+
+
+# old master <-> new master (binary upgrade)
+
+@dataclass(frozen=True, slots=True)
+class Handover(Message):
+    """From the old master to the new one: every listening socket, in ``fds``.
+
+    ``addresses[i]`` is the configured address of listener ``i`` and ``counts[i]`` how many of
+    the descriptors (one per worker slot, in order) belong to it.
+    """
+
+    TYPE = "handover"
+    addresses: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeReady(Message):
+    """From the new master: its workers serve; the old master may drain and exit."""
+
+    TYPE = "upgrade_ready"
+    pid: int = 0
+
+
+# control socket (python -m master status / reload / ...)
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest(Message):
+    """A command for the master: ``status``, ``reload``, ``upgrade``, ``reopen`` or ``stop``."""
+
+    TYPE = "control_request"
+    command: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReply(Message):
+    """The master's answer: ``ok`` and, for ``status``, the numbers in ``data``."""
+
+    TYPE = "control_reply"
+    ok: bool = True
+    error: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Boot, Drain, Ready, AppFailed, Heartbeat)
+    cls.TYPE: cls for cls in (Boot, Drain, Ready, AppFailed, Heartbeat, ReopenLogs, Handover,
+                              UpgradeReady, ControlRequest, ControlReply)
 }
+
+#: Environment variable naming the inherited descriptor of the upgrade channel; a master
+#: started with it takes its listeners from the old master instead of binding them.
+UPGRADE_FD_ENV = "TENAYA_UPGRADE_FD"
 
 #: Exit codes with fixed meanings, which the master acts on.
 EXIT_OK = 0
@@ -196,23 +251,25 @@ class Channel:
             del self._out[:sent]
 
     def read(self) -> list[Message]:
-        """Reads what is available; raises :class:`ChannelClosed` at end of stream."""
-        while True:
+        """Reads until the socket has nothing more; returns the complete messages.
+
+        Messages that arrived before the end of the stream are returned first; the next call
+        raises :class:`ChannelClosed`.
+        """
+        eof = False
+        while not self.closed:
             try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, 65536, MAX_FDS_PER_READ)
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, MAX_FDS_PER_READ)
             except (BlockingIOError, InterruptedError):
                 break
-            except ConnectionResetError as e:
-                self.closed = True
-                raise ChannelClosed from e
+            except ConnectionResetError:
+                eof = True
+                break
             self._in_fds.extend(fds)
             if not data:
-                self.closed = True
-                self.close()
-                raise ChannelClosed
-            self._in += data
-            if len(data) < 65536:
+                eof = True
                 break
+            self._in += data
         out: list[Message] = []
         while len(self._in) >= 4:
             (n,) = _LEN.unpack_from(self._in)
@@ -226,6 +283,9 @@ class Channel:
             msg = decode(body, self._in_fds)
             if msg is not None:
                 out.append(msg)
+        if (eof or self.closed) and not out:
+            self.close()
+            raise ChannelClosed
         return out
 
     def close(self) -> None:

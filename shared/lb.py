@@ -16,6 +16,14 @@ from shared.peer import HttpPeer
 from shared.session import Session
 
 
+def _strip_port(host: str) -> str:
+    """``example.com:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[:end + 1] if end > 0 else host
+    return host.rsplit(":", 1)[0]
+
+
 class RoundRobin:
     """Cycles over a fixed list of peers."""
 
@@ -55,7 +63,7 @@ class LoadBalancer(ProxyHttp):
         if self._route:
             host = session.host
             if host:
-                rr = self.by_host.get(host.rsplit(":", 1)[0].lower(), rr)
+                rr = self.by_host.get(_strip_port(host).lower(), rr)
         if rr is None:
             raise upstream_error(ErrorKind.NO_PEER, "no upstream servers configured")
         return rr.select()

@@ -38,7 +38,7 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         if default_port is None:
             raise ValueError(f"{text!r}: missing ':PORT'")
         return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
 

@@ -58,7 +58,8 @@ def setup_logging(config: Config, name: str) -> logging.Logger:
 class Worker:
     """Runs once the process has its boot message."""
 
-    def __init__(self, boot: ipc.Boot, listen_fds: list[int], channel: Channel) -> None:
+    def __init__(self, boot: ipc.Boot, listen_fds: list[tuple[int, int]],
+                 channel: Channel) -> None:
         self.boot = boot
         self.slot = boot.slot
         self.listen_fds = listen_fds
@@ -87,7 +88,8 @@ class Worker:
         self.access_log = None if target == "off" else AccessLog(
             target, config.logging.access_log_format)
         engine = self.engine = Engine(app, config, self.access_log, log)
-        for fd, listener in zip(self.listen_fds, config.listeners, strict=True):
+        for fd, index in self.listen_fds:
+            listener = config.listeners[index]
             sock = socket.socket(fileno=fd)
             server = loop.run_until_complete(loop.create_server(
                 partial(H1Server, engine), sock=sock, backlog=listener.backlog))
@@ -141,6 +143,8 @@ class Worker:
         for msg in messages:
             if isinstance(msg, ipc.Drain):
                 self.drain(msg.grace_seconds)
+            elif isinstance(msg, ipc.ReopenLogs):
+                self.reopen_logs()
 
     def _master_gone(self) -> None:
         if not self.channel.closed or not self.stopping:
@@ -236,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker",
                                      description="A Tenaya worker (started by the master).")
     parser.add_argument("--channel-fd", type=int)
-    parser.add_argument("--listen-fds", default="")
+    parser.add_argument("--listen-fds", default="",
+                        help="FD@LISTENER_INDEX,... of the sockets to accept on")
     parser.add_argument("--check", action="store_true",
                         help="load the config and the app, then exit")
     parser.add_argument("-c", "--config")
@@ -248,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--channel-fd is required (workers are started by the master)")
     try:
         channel = Channel(socket.socket(fileno=args.channel_fd))
-        listen_fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
+        listen_fds = []
+        for item in filter(None, args.listen_fds.split(",")):
+            fd, _, index = item.partition("@")
+            listen_fds.append((int(fd), int(index or 0)))
         boot = _wait_boot(channel)
     except (OSError, ValueError, TimeoutError, ChannelClosed) as e:
         print(f"tenaya worker: cannot boot: {e}", file=sys.stderr)

@@ -143,8 +143,13 @@ class UpstreamConn(asyncio.Protocol):
         """True when the current response's body ends only when the connection closes."""
         if self.head_only or self.status in (204, 304):
             return False
-        for name, _ in self.headers:
-            if name.lower() in (b"content-length", b"transfer-encoding"):
+        for name, value in self.headers:
+            n = name.lower()
+            if n == b"content-length":
+                return False
+            # A transfer coding that does not end in chunked is delimited by the close
+            # (RFC 9112 6.3).
+            if n == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
                 return False
         return True
 
