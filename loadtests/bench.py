@@ -96,6 +96,10 @@ NGINX_KEEPALIVE_REQUESTS = 1_000_000
 NGINX_MIN_WORKER_CONNECTIONS = 4096
 NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
+#: Longest process title kept in a run's per-process CPU figures.
+LABEL_CHARS = 40
+#: CPU times are ticks of 10 ms; more digits would be noise.
+CPU_DIGITS = 2
 #: wrk prints times with these units.
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _RE_REQUESTS = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", re.MULTILINE)
@@ -143,6 +147,7 @@ class Run:
     socket_errors: int  #: sum of wrk's socket error counts
     non_2xx: int  #: wrk's non-2xx/3xx count
     problems: list[str] = field(default_factory=list)  #: why the run is flagged; empty if clean
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  #: "PID TITLE" -> CPU seconds
 
     @property
     def flagged(self) -> bool:
@@ -273,24 +278,33 @@ class Server:
             self._seen.setdefault(p.pid, p)
         return procs
 
-    def cpu_seconds(self) -> tuple[float, frozenset[int]]:
-        """CPU seconds (user + system) the group has used so far, and the pids counted.
+    def cpu_seconds(self) -> tuple[float, dict[int, float]]:
+        """CPU seconds (user + system) the group has used so far, in total and per pid.
 
-        The leader's ``children_*`` times are included: they hold the CPU of descendants it
-        has reaped, so a worker that dies between two readings is still counted.
+        The total includes the leader's ``children_*`` times: they hold the CPU of descendants
+        it has reaped, so a worker that dies between two readings is still counted.
         """
         total = 0.0
-        pids = []
+        by_pid: dict[int, float] = {}
         for p in self.processes():
             try:
                 t = p.cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            total += t.user + t.system
+            by_pid[p.pid] = t.user + t.system
+            total += by_pid[p.pid]
             if p.pid == self.root.pid:
                 total += t.children_user + t.children_system
-            pids.append(p.pid)
-        return total, frozenset(pids)
+        return total, by_pid
+
+    def label(self, pid: int) -> str:
+        """``PID TITLE`` of a process seen in the group (its title as ps shows it)."""
+        try:
+            # setproctitle pads the title with spaces; nginx's master shows its whole command.
+            title = " ".join(" ".join(self._seen[pid].cmdline()).split())[:LABEL_CHARS]
+        except (KeyError, psutil.Error):
+            title = "?"
+        return f"{pid} {title}"
 
     def exited(self) -> int | None:
         """The leader's exit status, or None while it runs."""
@@ -503,7 +517,7 @@ def measure(
     proxy: str, server: Server, port: int, round_no: int, args: argparse.Namespace, wrk: str
 ) -> Run:
     """One counted run: wrk against the proxy with its CPU time read before and after."""
-    cpu_before, pids_before = server.cpu_seconds()
+    cpu_before, by_pid_before = server.cpu_seconds()
     result, note = run_wrk(
         wrk,
         port,
@@ -512,17 +526,21 @@ def measure(
         connections=args.connections,
         duration=args.duration,
     )
-    cpu_after, pids_after = server.cpu_seconds()
-    cpu = cpu_after - cpu_before
+    cpu_after, by_pid_after = server.cpu_seconds()
+    cpu = round(cpu_after - cpu_before, CPU_DIGITS)
+    cpu_by_process = {
+        server.label(pid): round(after - by_pid_before.get(pid, 0.0), CPU_DIGITS)
+        for pid, after in sorted(by_pid_after.items())
+    }
     problems = [note] if note else []
-    if pids_after != pids_before:
+    if by_pid_after.keys() != by_pid_before.keys():
         problems.append(
-            f"processes changed during the run: {sorted(pids_before)} -> {sorted(pids_after)}"
+            f"processes changed during the run: {sorted(by_pid_before)} -> {sorted(by_pid_after)}"
         )
     if server.exited() is not None:
         problems.append(f"{proxy} exited with status {server.exited()}")
     if result is None:
-        return Run(proxy, round_no, 0, 0.0, None, cpu, None, 0, 0, problems)
+        return Run(proxy, round_no, 0, 0.0, None, cpu, None, 0, 0, problems, cpu_by_process)
     ok = result.requests - result.non_2xx
     socket_errors = sum(result.socket_errors.values())
     if socket_errors:
@@ -532,16 +550,17 @@ def measure(
     if result.non_2xx:
         problems.append(f"{result.non_2xx} responses with status >= 400")
     return Run(
-        proxy,
-        round_no,
-        ok,
-        ok / result.elapsed_seconds if result.elapsed_seconds else 0.0,
-        result.p99_ms,
-        cpu,
-        ok / cpu if cpu > 0 else None,
-        socket_errors,
-        result.non_2xx,
-        problems,
+        proxy=proxy,
+        round=round_no,
+        ok_requests=ok,
+        rps=ok / result.elapsed_seconds if result.elapsed_seconds else 0.0,
+        p99_ms=result.p99_ms,
+        cpu_seconds=cpu,
+        requests_per_cpu_second=ok / cpu if cpu > 0 else None,
+        socket_errors=socket_errors,
+        non_2xx=result.non_2xx,
+        problems=problems,
+        cpu_by_process=cpu_by_process,
     )
 
 
