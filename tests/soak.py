@@ -1,0 +1,167 @@
+"""Steady load through a real master while it reloads or upgrades; counts every loss.
+
+Run inside a private network namespace so the kernel counters are this run's alone::
+
+    unshare -rn python tests/soak.py --action reload --count 20 --mode keepalive
+
+It brings up loopback, starts an nginx origin and a master (2 workers), runs wrk against the
+master, performs ``--count`` reloads (SIGHUP, each awaited until its generation serves) or
+upgrades (SIGUSR2, each awaited until the new master has taken over), worker count changes
+(``resize``: SIGTTIN and SIGTTOU in turn), or kills every worker with
+SIGKILL (``kill-workers``: the negative control, which must show losses), then prints one JSON
+object: wrk's requests and errors and the namespace's TCP reset and listen-drop counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import Master, config_for, free_port, wait_for  # noqa: E402
+
+COUNTERS = ("TcpOutRsts", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpEstabResets")
+#: Longest wait for one reload or upgrade to complete.
+STEP_SECONDS = 30.0
+#: Load after the last step, before the counters are read.
+SETTLE_SECONDS = 1.0
+
+
+def nstat() -> dict[str, int]:
+    out = subprocess.run(["nstat", "-az", *COUNTERS], capture_output=True, text=True,
+                         check=True).stdout
+    values = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in COUNTERS:
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def parse_wrk(out: str) -> dict[str, int]:
+    m = re.search(r"(\d+) requests in", out)
+    result = {"requests": int(m.group(1)) if m else 0, "connect": 0, "read": 0, "write": 0,
+              "timeout": 0, "non2xx": 0}
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        for key, value in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True):
+            result[key] = int(value)
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        result["non2xx"] = int(m.group(1))
+    return result
+
+
+def master_pid(pid_file: Path) -> int:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--action",
+                        choices=("reload", "upgrade", "resize", "kill-workers", "none"),
+                        required=True)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--mode", choices=("keepalive", "close"), default="keepalive")
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--duration", type=int, default=60,
+                        help="longest run of wrk, in seconds; it is stopped after the steps")
+    args = parser.parse_args()
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    work = Path(tempfile.mkdtemp(prefix="tenaya-soak-"))
+    # The built-in demo origin: a separate process, fast enough not to be the bottleneck.
+    origin_address = f"127.0.0.1:{free_port()}"
+    origin = subprocess.Popen([sys.executable, "-m", "master.demo", origin_address],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert origin.stdout is not None and origin.stdout.readline().strip() == b"ready"
+    pid_file = work / "tenaya.pid"
+    master = Master(work / "master", config_for(
+        {"origin": [origin_address]},
+        server={"workers": 2, "grace_period_seconds": 10, "pid_file": str(pid_file)},
+        logging={"access_log": "off"}))
+    wrk: subprocess.Popen[str] | None = None
+    result: dict[str, object] = {"action": args.action, "mode": args.mode, "done": 0}
+    try:
+        master.start()
+        before = nstat()
+        cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "5s"]
+        if args.mode == "close":
+            cmd += ["-H", "Connection: close"]
+        wrk = subprocess.Popen([*cmd, f"{master.url}/"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)  # let the load reach a steady state before the first step
+        pid = master.pid
+        for i in range(args.count):
+            if wrk.poll() is not None:
+                break
+            if args.action == "reload":
+                os.kill(pid, signal.SIGHUP)
+                wait_for(lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
+                         timeout=STEP_SECONDS)
+            elif args.action == "upgrade":
+                old = pid
+                os.kill(old, signal.SIGUSR2)
+                pid = wait_for(lambda old=old: (p := master_pid(pid_file)) != old and p,
+                               timeout=STEP_SECONDS)
+                wait_for(lambda old=old: not _alive(old), timeout=STEP_SECONDS)
+            elif args.action == "resize":
+                # One worker more, then one fewer, and so on.
+                os.kill(pid, signal.SIGTTIN if i % 2 == 0 else signal.SIGTTOU)
+                wait_for(lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
+                         timeout=STEP_SECONDS)
+            elif args.action == "kill-workers":
+                for w in master.workers():
+                    w.kill()
+                time.sleep(0.5)
+            result["done"] = i + 1
+        # Counters are read while the load still runs: the end of wrk itself resets the
+        # connections it has in flight, which is no loss of the proxy's.
+        time.sleep(SETTLE_SECONDS)
+        after = nstat()
+        result["load_running_at_end"] = wrk.poll() is None
+        wrk.send_signal(signal.SIGINT)
+        out, _ = wrk.communicate(timeout=30)
+        result["wrk"] = parse_wrk(out)
+        result["counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTERS}
+        result["final_pid"] = master_pid(pid_file)
+    finally:
+        if wrk is not None and wrk.poll() is None:
+            wrk.kill()
+        final = master_pid(pid_file)
+        if final and final != master.pid and _alive(final):
+            os.kill(final, signal.SIGTERM)
+            wait_for(lambda: not _alive(final), timeout=30)
+        master.stop()
+        origin.terminate()
+        origin.wait(10)
+    print(json.dumps(result))
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
