@@ -120,6 +120,9 @@ class RecordedRequest:
     body: bytes = b""
     #: "chunked", "length" or "none".
     framing: str = "none"
+    #: True once the whole body (if any) was read: a request the proxy gave up on while
+    #: streaming it stays incomplete.
+    complete: bool = False
 
     def header(self, name: str) -> str | None:
         values = self.header_all(name)
@@ -357,6 +360,7 @@ class Origin:
                 h.update(data)
                 n += len(data)
                 self.sink_received += len(data)
+            req.complete = True
             body = json.dumps({"bytes": n, "sha256": h.hexdigest(),
                                "framing": req.framing}).encode()
             await self._send(writer, 200, extra, body, keep, head_only)
@@ -365,6 +369,7 @@ class Origin:
         async for data in self._read_body(req, reader):
             parts.append(data)
         req.body = b"".join(parts)
+        req.complete = True
 
         if path == "/hangup":
             return False
