@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -909,7 +910,10 @@ class Nginx:
             self.port = free_port()
             conf = self.workdir / "nginx.conf"
             w = self.workdir
+            # As root, nginx's workers would switch to a user that cannot read tmp_path.
+            user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
             conf.write_text(f"""
+{user}
 worker_processes 1;
 daemon off;
 pid {w}/nginx.pid;
