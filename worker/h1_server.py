@@ -106,6 +106,9 @@ class H1Server(asyncio.Protocol):
         # a response's head and body); see begin_batch / end_batch.
         self.batching = False
         self.out: list[bytes] = []
+        # While an async response phase runs, the response body waits here.
+        self.held: list[bytes] | None = None
+        self.held_done: UpstreamConn | None = None
         # Per-request (the head being parsed)
         self.head_size = 0
         self.pending_head = 0
@@ -222,12 +225,14 @@ class H1Server(asyncio.Protocol):
         s.version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
         fwd = s.fwd
+        hosts = 0
         for name, value in s.raw_headers:
             n = name.lower()
             if n not in _REQ_SPECIAL:
                 fwd += (name, b": ", value, b"\r\n")
             elif n == b"host":
                 s.host_b = value
+                hosts += 1
                 fwd += (name, b": ", value, b"\r\n")
             elif n == b"content-length":
                 s.content_length = int(value)
@@ -252,6 +257,11 @@ class H1Server(asyncio.Protocol):
                 if fwd[i].lower() not in drop:
                     kept += fwd[i:i + 4]
             s.fwd = kept
+        if hosts > 1 or (hosts == 0 and s.version == "1.1"):
+            # RFC 9112 3.2: a server MUST respond with 400 to an HTTP/1.1 request without a
+            # Host header field, and to any request with more than one.
+            s.error = downstream_error(ErrorKind.BAD_REQUEST,
+                                       "no Host header" if hosts == 0 else "several Host headers")
         s.max_body = max_body = self.engine.max_body
         if max_body and s.content_length is not None and s.content_length > max_body:
             s.error = downstream_error(ErrorKind.BODY_TOO_LARGE)
@@ -340,15 +350,30 @@ class H1Server(asyncio.Protocol):
         status = s.status = int(line[9:12])
         parts = [line]
         has_length = False
+        named: list[bytes] | None = None
         for name, value in headers:
             n = name.lower()
             if n in _RESP_DROP:
+                if n == b"connection":
+                    for token in value.lower().split(b","):
+                        token = token.strip()
+                        if token not in _KEEP_TOKENS:
+                            named = [*(named or ()), token]
                 continue
             if n == b"content-length":
                 if rechunk:
                     continue
                 has_length = True
             parts += (name, b": ", value, b"\r\n")
+        if named:
+            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            kept = [line]
+            for i in range(1, len(parts), 4):
+                if parts[i].lower() not in named:
+                    kept += parts[i:i + 4]
+                elif parts[i].lower() == b"content-length":
+                    has_length = False
+            parts = kept
         if s.method == b"HEAD" or status < 200 or status == 204 or status == 304:
             mode = MODE_NONE
         elif has_length:
@@ -409,12 +434,18 @@ class H1Server(asyncio.Protocol):
         s = self.active
         if s is None:
             return
+        if self.held is not None:
+            self.held.append(data)
+            return
         bf = self.engine.p_response_body_filter
         if bf is not None:
             data = self.engine.body_filter(s, data, False)
         self.write_body(s, data)
 
     def upstream_done(self, up: UpstreamConn) -> None:
+        if self.held is not None:
+            self.held_done = up
+            return
         s = self.active
         self.up = None
         if s is None:
@@ -430,9 +461,19 @@ class H1Server(asyncio.Protocol):
             up.close()
         self.finish(s)
 
+    def release_held(self) -> None:
+        """The response head went out: send the body that waited for it."""
+        held, self.held = self.held, None
+        for data in held or ():
+            self.upstream_body(data)
+        up, self.held_done = self.held_done, None
+        if up is not None:
+            self.upstream_done(up)
+
     def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
         s = self.active
         self.up = None
+        self.held = self.held_done = None
         up.close()
         if s is None:
             return

@@ -314,6 +314,7 @@ class Engine:
                 r = self.p_response_filter(s, resp, s.ctx)
                 if self.a_response_filter:
                     up.pause_reading()
+                    conn.held = []
                     self.drive(self._finish_response_filter(conn, s, up, r, resp))
                     return
         except Exception as e:
@@ -329,10 +330,12 @@ class Engine:
             self._phase_failed(conn, s, up, e)
             return
         if conn.closing:
+            conn.held = conn.held_done = None
             return
         self._write_filtered_head(conn, s, resp)
-        if not conn.write_paused:
+        if conn.held_done is not None or not conn.write_paused:
             up.resume_reading()
+        conn.release_held()
 
     def _write_filtered_head(self, conn: H1Server, s: Session, resp: ResponseHeader) -> None:
         from worker.h1_server import status_line
@@ -344,6 +347,7 @@ class Engine:
     def _phase_failed(self, conn: H1Server, s: Session, up: UpstreamConn, e: Exception) -> None:
         self.log.exception("response phase failed", exc_info=e)
         conn.up = None
+        conn.held = conn.held_done = None
         up.detach()
         self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
@@ -371,6 +375,11 @@ class Engine:
     def fail(self, conn: H1Server, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
         s.error = err
+        up = conn.up
+        if up is not None and conn.active is s:
+            # The upstream exchange can't complete (its request body, say, was refused).
+            conn.up = None
+            up.detach()
         if err.source is ErrorSource.DOWNSTREAM or (s.has_body and not s.body_done):
             s.keep_alive = False
         if err.source is not ErrorSource.DOWNSTREAM or err.kind is not ErrorKind.DOWNSTREAM_CLOSED:
