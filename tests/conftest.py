@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import Master, Nginx, Origin
 
 _LIVE_MASTERS: list[Master] = []

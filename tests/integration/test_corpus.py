@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-
 from helpers import HttpConn, Master, Origin, RecordedRequest, config_for
 
 if TYPE_CHECKING:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-
 from helpers import HttpConn, Master, Origin, config_for
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-
 from helpers import HttpConn, Master, build_request, config_for, get, wait_for
 
 if TYPE_CHECKING:
@@ -64,9 +63,9 @@ def test_killed_worker_is_respawned_and_serves(fleet: Fleet) -> None:
     master = fleet.master(config_for(upstreams={"o": [origin.address]}, app="pidapp:PidApp"),
                           files={"pidapp.py": PID_APP})
 
-    def pids(exclude: int = 0) -> set[int] | None:
+    def pids(exclude: int = 0) -> set[int]:
         found = worker_pids(master)
-        return found if len(found) == 2 and exclude not in found else None
+        return found if len(found) == 2 and exclude not in found else set()
 
     old = wait_for(pids, what="two workers")
     victim = min(old)

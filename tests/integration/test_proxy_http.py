@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
 from helpers import (
     HttpConn,
     Master,
@@ -85,7 +84,7 @@ def test_round_robin_cycles_over_every_server(env: Env) -> None:
         for i in range(9):
             resp = conn.request("GET", f"/rr/{i}")
             assert resp.status == 200
-            served.append(resp.header("X-Origin"))
+            served.append(resp.header("X-Origin") or "")
     assert sorted(served) == sorted(["rr0", "rr1", "rr2"] * 3), served
     cycle = served[:3]
     assert len(set(cycle)) == 3, served
