@@ -30,12 +30,14 @@ from typing import Any
 import psutil
 import setproctitle
 
+from master.broker import Broker, IdleConn
 from master.control import ControlServer
 from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
 from shared import ipc
 from shared.config import Config, ConfigError
-from shared.ipc import Channel, ChannelClosed
+from shared.ipc import MAX_FDS_PER_MESSAGE, Channel, ChannelClosed
+from shared.poolindex import PoolIndex
 
 log = logging.getLogger("tenaya")
 
@@ -80,6 +82,7 @@ class WorkerProc:
     active_requests: int = 0
     app_error: str = ""
     exit_code: int | None = None
+    pool: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +119,18 @@ class _ControlConn:
         self.channel = channel
 
 
+class _Predecessor:
+    """The channel from the old master after an upgrade: its idle connections come here."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+
+#: Counters a worker reports about its upstream connections.
+POOL_COUNTERS = ("upstream_requests", "connections_created", "reused_local", "reused_shared",
+                 "donated")
+
+
 class Arbiter:
     """Supervises the workers of one config."""
 
@@ -141,6 +156,11 @@ class Arbiter:
         self.reload_queued = False
         self.demo: subprocess.Popen[bytes] | None = None
         self.control: ControlServer | None = None
+        self.broker: Broker | None = None
+        #: After an upgrade: the new master, to which the broker's connections go at exit.
+        self.successor: Channel | None = None
+        #: Counters of workers that have exited, so totals survive reloads.
+        self.retired_counts: dict[str, int] = dict.fromkeys(POOL_COUNTERS, 0)
         self.started = time.time()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -167,6 +187,9 @@ class Arbiter:
             self.listeners = bind_all(self.config.listeners, self.num_workers)
         self._install_signals()
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.config.pool.shared:
+            self.broker = Broker(self.sel, PoolIndex.create(), self.config.pool.size_shared,
+                                 self.config.pool.idle_timeout_seconds)
         if self.config.demo_origins and parent is None:
             self._start_demo()
         for slot in range(self.num_workers):
@@ -188,11 +211,12 @@ class Arbiter:
         if parent is not None:
             try:
                 parent.send(ipc.UpgradeReady(pid=os.getpid()))
-                parent.sock.setblocking(True)
                 parent.flush()
+                # The old master's idle upstream connections follow once its workers are gone.
+                self.sel.register(parent.sock, selectors.EVENT_READ, _Predecessor(parent))
             except (ChannelClosed, OSError):
                 log.warning("the old master is gone")
-            parent.close()
+                parent.close()
         addresses = ", ".join(f"http://{lst.bound_address}" for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
@@ -302,8 +326,12 @@ class Arbiter:
             # An app module beside its config file is importable, as with gunicorn --chdir.
             here = os.path.dirname(os.path.abspath(config.source))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        index_fd = (self.broker.index.fd if self.broker is not None and config.pool.shared
+                    else -1)
+        extra = [index_fd] if index_fd >= 0 else []
         try:
-            popen = subprocess.Popen(cmd, pass_fds=[child.fileno(), *(fd for fd, _ in pairs)],
+            popen = subprocess.Popen(cmd, pass_fds=[child.fileno(), *(fd for fd, _ in pairs),
+                                                    *extra],
                                      stdin=subprocess.DEVNULL, env=env)
         finally:
             child.close()
@@ -313,7 +341,7 @@ class Arbiter:
         self.workers[w.pid] = w
         self.sel.register(channel.sock, selectors.EVENT_READ, w)
         channel.send(ipc.Boot(slot=slot, generation=number, config=config.raw,
-                              source=config.source))
+                              source=config.source, pool_index_fd=index_fd))
         log.debug("spawned worker %d of generation %d (pid %d)", slot, number, w.pid)
 
     def _on_worker_message(self, w: WorkerProc, msg: ipc.Message) -> None:
@@ -325,10 +353,35 @@ class Arbiter:
             w.requests = msg.requests
             w.connections = msg.connections
             w.active_requests = msg.active_requests
+            w.pool = {name: getattr(msg, name) for name in POOL_COUNTERS}
+        elif isinstance(msg, ipc.Borrow):
+            self._lend(w, msg)
+        elif isinstance(msg, ipc.Donate):
+            self._take_donations(msg)
+            return
         elif isinstance(msg, ipc.AppFailed):
             w.app_error = msg.reason
         for fd in msg.fds:
             os.close(fd)
+
+    def _take_donations(self, msg: ipc.Message) -> None:
+        assert isinstance(msg, ipc.Donate)
+        for i, fd in enumerate(msg.fds):
+            if self.broker is not None and i < len(msg.keys):
+                self.broker.donate(msg.keys[i], fd)
+            else:
+                os.close(fd)
+
+    def _lend(self, w: WorkerProc, msg: ipc.Borrow) -> None:
+        sock = self.broker.lend(msg.key) if self.broker is not None else None
+        try:
+            w.channel.send(ipc.Lend(request=msg.request,
+                                    fds=(sock.fileno(),) if sock is not None else ()))
+        except (ChannelClosed, OSError):
+            pass
+        finally:
+            if sock is not None:
+                sock.close()
 
     def _unregister(self, sock: socket.socket) -> None:
         try:
@@ -377,6 +430,8 @@ class Arbiter:
             except (ChannelClosed, OSError):
                 pass
             self._forget(w)
+            for name, value in w.pool.items():
+                self.retired_counts[name] += value
             self._worker_exited(w, code)
 
     def _worker_exited(self, w: WorkerProc, code: int) -> None:
@@ -507,6 +562,9 @@ class Arbiter:
         kept = set(map(id, gen.listeners))
         self.retired.extend(lst for lst in self.listeners if id(lst) not in kept)
         self.config, self.listeners = gen.config, gen.listeners
+        if self.broker is not None:
+            self.broker.size = gen.config.pool.size_shared
+            self.broker.idle_timeout = gen.config.pool.idle_timeout_seconds
         self.num_workers, self.generation = gen.count, gen.number
         self.pending = None
         self.backoff.clear()
@@ -561,7 +619,7 @@ class Arbiter:
             if isinstance(msg, ipc.UpgradeReady):
                 log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
                 self._unregister(up.channel.sock)
-                up.channel.close()
+                self.successor = up.channel
                 self.upgrade = None
                 self.stop(graceful=True)
                 return
@@ -635,14 +693,22 @@ class Arbiter:
                 "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
                 "cpu_seconds": round(cpu, 2), "connections": w.connections,
                 "requests": w.requests, "active_requests": w.active_requests,
-                "ready": w.ready, "draining": w.draining,
+                "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
             })
+        totals = dict(self.retired_counts)
+        for w in self.workers.values():
+            for name, value in w.pool.items():
+                totals[name] += value
+        reused = totals["reused_local"] + totals["reused_shared"]
+        totals["reuse_ratio"] = round(reused / totals["upstream_requests"], 5) if totals[
+            "upstream_requests"] else 0.0
         return {
             "pid": os.getpid(), "uptime_seconds": round(time.time() - self.started, 1),
             "state": self.lifecycle.state.value, "generation": self.generation,
             "config": self.config.source,
             "listeners": [lst.bound_address for lst in self.listeners],
-            "workers": workers,
+            "workers": workers, "pool": totals,
+            "broker": self.broker.stats() if self.broker is not None else None,
         }
 
     # -- the loop ------------------------------------------------------------------------
@@ -668,8 +734,15 @@ class Arbiter:
                 channel = data.accept()
                 if channel is not None:
                     self.sel.register(channel.sock, selectors.EVENT_READ, _ControlConn(channel))
+            elif isinstance(data, IdleConn):
+                if self.broker is not None:
+                    self.broker.on_readable(data)
             elif isinstance(data, _ControlConn):
                 self._on_control(data)
+            elif isinstance(data, _Predecessor):
+                self._on_predecessor(data)
+        if self.broker is not None:
+            self.broker.sweep(time.monotonic())
         while self.sig_queue:
             signum = self.sig_queue.pop(0)
             handler = getattr(self, f"handle_{_SIGNALS[signum]}", None)
@@ -699,8 +772,49 @@ class Arbiter:
             self.shutdown()
         return self.exit_code
 
+    def _on_predecessor(self, pred: _Predecessor) -> None:
+        try:
+            messages = pred.channel.read()
+        except (ChannelClosed, OSError):
+            self._unregister(pred.channel.sock)
+            pred.channel.close()
+            return
+        for msg in messages:
+            if isinstance(msg, ipc.Donate):
+                self._take_donations(msg)
+                log.info("took %d idle upstream connections from the old master", len(msg.fds))
+            else:
+                for fd in msg.fds:
+                    os.close(fd)
+
+    def _hand_pool_to_successor(self) -> None:
+        """After an upgrade: the broker's idle connections go to the new master."""
+        channel, self.successor = self.successor, None
+        if channel is None:
+            return
+        conns = self.broker.take_all() if self.broker is not None else []
+        try:
+            channel.sock.setblocking(True)
+            channel.sock.settimeout(5.0)
+            for i in range(0, len(conns), MAX_FDS_PER_MESSAGE):
+                batch = conns[i:i + MAX_FDS_PER_MESSAGE]
+                channel.send(ipc.Donate(keys=[k for k, _ in batch],
+                                        fds=tuple(sock.fileno() for _, sock in batch)))
+            channel.flush()
+            if conns:
+                log.info("handed %d idle upstream connections to the new master", len(conns))
+        except (ChannelClosed, OSError) as e:
+            log.warning("could not hand the idle connections over: %s", e)
+        finally:
+            for _, sock in conns:
+                sock.close()
+            channel.close()
+
     def shutdown(self) -> None:
         """Closes the listeners, stops the demo origins, removes the pid file."""
+        self._hand_pool_to_successor()
+        if self.broker is not None:
+            self.broker.close()
         for lst in [*self.listeners, *self.retired]:
             lst.close()
         for w in list(self.workers.values()):

@@ -124,6 +124,12 @@ class PoolConfig:
         60.0, "An idle upstream connection unused for this long is closed.", _positive)
     size_per_worker: int = setting(
         128, "Most idle upstream connections one worker keeps (over all peers).", _not_negative)
+    shared: bool = setting(
+        True, "Share idle plaintext HTTP/1.1 upstream connections between workers through "
+        "the master's pool broker.")
+    size_shared: int = setting(
+        1024, "Most idle upstream connections the pool broker holds (over all peers).",
+        _not_negative)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,8 @@ _LEN = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
 #: Most descriptors one recvmsg accepts.
 MAX_FDS_PER_READ = 64
+#: Most descriptors a sender puts in one message.
+MAX_FDS_PER_MESSAGE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,8 @@ class Boot(Message):
     #: The validated config mapping and where it came from.
     config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    #: The inherited descriptor of the shared-memory pool index; -1 without a broker.
+    pool_index_fd: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,40 @@ class Heartbeat(Message):
     requests: int = 0
     connections: int = 0
     active_requests: int = 0
+    #: Requests sent upstream, and how their connections were had.
+    upstream_requests: int = 0
+    connections_created: int = 0
+    reused_local: int = 0
+    reused_shared: int = 0
+    donated: int = 0
+
+
+# pool broker (worker <-> master; old master -> new master)
+
+@dataclass(frozen=True, slots=True)
+class Donate(Message):
+    """Idle upstream connections given to the broker: ``fds[i]`` is a connection for the
+    pool key ``keys[i]`` (msgpack bytes of the key). The sender closes its own descriptors."""
+
+    TYPE = "donate"
+    keys: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Borrow(Message):
+    """A worker asks for an idle connection for ``key``; answered by :class:`Lend`."""
+
+    TYPE = "borrow"
+    request: int = 0
+    key: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Lend(Message):
+    """The broker's answer to :class:`Borrow` number ``request``: one descriptor, or none."""
+
+    TYPE = "lend"
+    request: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +180,7 @@ class ControlReply(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Boot, Drain, Ready, AppFailed, Heartbeat, ReopenLogs, Handover,
-                              UpgradeReady, ControlRequest, ControlReply)
+                              UpgradeReady, ControlRequest, ControlReply, Donate, Borrow, Lend)
 }
 
 #: Environment variable naming the inherited descriptor of the upgrade channel; a master

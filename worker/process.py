@@ -28,7 +28,9 @@ from shared import ipc
 from shared.app import AppLoadError, load_app
 from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
+from shared.poolindex import PoolIndex
 from worker.accesslog import AccessLog
+from worker.broker_client import BrokerClient
 from worker.h1_server import H1Server
 from worker.proxy import Engine
 
@@ -88,6 +90,11 @@ class Worker:
         self.access_log = None if target == "off" else AccessLog(
             target, config.logging.access_log_format)
         engine = self.engine = Engine(app, config, self.access_log, log)
+        self.broker: BrokerClient | None = None
+        if self.boot.pool_index_fd >= 0 and config.pool.shared:
+            self.broker = BrokerClient(self.channel.send, PoolIndex.attach(self.boot.pool_index_fd))
+            engine.broker = self.broker
+            engine.pool.donor = self.broker.donate
         for fd, index in self.listen_fds:
             listener = config.listeners[index]
             sock = socket.socket(fileno=fd)
@@ -109,12 +116,25 @@ class Worker:
         finally:
             for conn in list(engine.connections):
                 conn.close()
+            if self.channel.closed:
+                engine.pool.donor = None
             engine.pool.close_all()
+            self._flush_channel()
             if self.access_log is not None:
                 self.access_log.close()
             loop.run_until_complete(asyncio.sleep(0))
             loop.close()
         return ipc.EXIT_OK
+
+    def _flush_channel(self) -> None:
+        """Before exit: what waits for the master (donated connections) goes out."""
+        deadline = time.monotonic() + 2
+        try:
+            while self.channel.wants_write and time.monotonic() < deadline:
+                select.select([], [self.channel], [], 0.1)
+                self.channel.flush()
+        except (ChannelClosed, OSError):
+            pass
 
     def _app_failed(self, reason: str) -> int:
         logging.getLogger("tenaya").error("app failed to load: %s", reason)
@@ -145,6 +165,12 @@ class Worker:
                 self.drain(msg.grace_seconds)
             elif isinstance(msg, ipc.ReopenLogs):
                 self.reopen_logs()
+            elif isinstance(msg, ipc.Lend):
+                if self.broker is not None:
+                    self.broker.on_lend(msg)
+                else:
+                    for fd in msg.fds:
+                        os.close(fd)
 
     def _master_gone(self) -> None:
         if not self.channel.closed or not self.stopping:
@@ -157,8 +183,12 @@ class Worker:
         if self.channel.closed:
             return
         e = self.engine
+        p = e.pool
         self._send(ipc.Heartbeat(requests=e.requests, connections=len(e.connections),
-                                 active_requests=e.active_requests))
+                                 active_requests=e.active_requests,
+                                 upstream_requests=p.requests, connections_created=p.created,
+                                 reused_local=p.reused, reused_shared=p.reused_shared,
+                                 donated=p.donated))
         self.loop.call_later(HEARTBEAT_SECONDS, self._heartbeat)
 
     def _sweep(self) -> None:

@@ -30,6 +30,7 @@ from shared.headers import RawHeaders, RequestHeader, ResponseHeader
 from shared.peer import HttpPeer, format_address
 from shared.session import Session
 from worker.accesslog import AccessLog
+from worker.broker_client import BrokerClient
 from worker.upstream import Pool, UpstreamConn
 
 if TYPE_CHECKING:
@@ -101,6 +102,8 @@ class Engine:
         self.max_body = config.limits.max_body_bytes
         self.max_retries = config.server.max_retries
         self.pool = Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds)
+        #: The pool broker's client, when upstream connections are shared between workers.
+        self.broker: BrokerClient | None = None
         self.connections: set[H1Server] = set()
         self.draining = False
         # Counters
@@ -162,6 +165,12 @@ class Engine:
             if up is not None:
                 reused = True
                 break
+            broker = self.broker
+            if broker is not None and not peer.tls and broker.may_have(peer.pool_key):
+                up = await self.borrow(peer)
+                if up is not None:
+                    reused = True
+                    break
             try:
                 up = await self.connect(peer)
             except ProxyError as e:
@@ -204,6 +213,20 @@ class Engine:
         except Exception as e:
             self.log.exception("app error on retry")
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
+
+    async def borrow(self, peer: HttpPeer) -> UpstreamConn | None:
+        """An idle connection to ``peer`` from the pool broker, or None."""
+        sock = await self.broker.borrow(peer.pool_key)  # type: ignore[union-attr]
+        if sock is None:
+            return None
+        up = UpstreamConn(peer.pool_key, self.pool)
+        try:
+            await self.loop.create_connection(lambda: up, sock=sock)
+        except OSError:
+            sock.close()
+            return None
+        self.pool.reused_shared += 1
+        return up
 
     async def connect(self, peer: HttpPeer) -> UpstreamConn:
         """A new connection to ``peer``; raises :class:`ProxyError` on failure."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httptools
@@ -172,6 +173,7 @@ class UpstreamConn(asyncio.Protocol):
         self.status = 0
         self.got_bytes = False
         self.requests += 1
+        self.pool.requests += 1
         self.read_timeout = read_timeout
         self.deadline = time.monotonic() + read_timeout
         self.pool.busy.add(self)
@@ -224,6 +226,24 @@ class UpstreamConn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def donatable(self) -> bool:
+        """True when the connection may move to another process: idle, plaintext HTTP/1.1,
+        nothing buffered either way."""
+        t = self.transport
+        return (not self.closed and self.handler is None and t is not None
+                and not t.is_closing() and t.get_write_buffer_size() == 0
+                and t.get_extra_info("sslcontext") is None)
+
+    def fileno(self) -> int:
+        return self.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
+
+
+#: A connection idle this long in a worker's pool goes to the broker, where any worker can
+#: use it (seconds).
+DONATE_AFTER_SECONDS = 1.0
+
+Donor = Callable[[list["UpstreamConn"]], int]
+
 
 class Pool:
     """Idle upstream connections of one worker, by pool key, most recently used first.
@@ -238,8 +258,14 @@ class Pool:
         self._order: OrderedDict[UpstreamConn, None] = OrderedDict()
         #: Connections carrying an exchange now (the sweeper checks their read deadline).
         self.busy: set[UpstreamConn] = set()
+        #: Gives connections to the pool broker; None when the pool is not shared.
+        self.donor: Donor | None = None
+        # Counters
+        self.requests = 0
         self.created = 0
         self.reused = 0
+        self.reused_shared = 0
+        self.donated = 0
 
     def get(self, key: tuple[Any, ...]) -> UpstreamConn | None:
         """An idle connection for ``key``, or None."""
@@ -254,12 +280,15 @@ class Pool:
 
     def put(self, up: UpstreamConn) -> None:
         """Keeps a connection whose exchange ended cleanly; closes it if the pool is full."""
-        if up.closed or self.size <= 0:
-            up.close()
+        if up.closed:
+            return
+        if self.size <= 0:
+            self._give_away([up])
             return
         if len(self._order) >= self.size:
             oldest = next(iter(self._order))
-            oldest.close()
+            self.discard(oldest)
+            self._give_away([oldest])
         up.idle_since = time.monotonic()
         self._idle.setdefault(up.key, []).append(up)
         self._order[up] = None
@@ -275,20 +304,40 @@ class Pool:
                 if not stack:
                     del self._idle[up.key]
 
+    def _give_away(self, conns: list[UpstreamConn]) -> None:
+        """Donates connections to the broker (when shared), else closes them."""
+        if self.donor is not None:
+            self.donated += self.donor(conns)
+        else:
+            for up in conns:
+                up.close()
+
     def sweep(self, now: float) -> None:
-        """Closes idle connections past their idle timeout, and fails exchanges whose
-        upstream missed its read deadline."""
+        """Closes idle connections past their idle timeout, gives to the broker those idle
+        for a while (when shared), and fails exchanges whose upstream missed its read
+        deadline."""
         limit = now - self.idle_timeout
+        donate_limit = now - DONATE_AFTER_SECONDS if self.donor is not None else limit
+        spare = []
         for up in list(self._order):
-            if up.idle_since > limit:
+            if up.idle_since > donate_limit:
                 break
-            up.close()
+            if up.idle_since <= limit:
+                up.close()
+            else:
+                self.discard(up)
+                spare.append(up)
+        if spare:
+            self._give_away(spare)
         for up in [u for u in self.busy if u.deadline < now]:
             up.timed_out()
 
     def close_all(self) -> None:
-        for up in list(self._order):
-            up.close()
+        """Worker exit: idle connections go to the broker (when shared) or are closed."""
+        conns = list(self._order)
+        for up in conns:
+            self.discard(up)
+        self._give_away(conns)
 
     @property
     def idle_count(self) -> int:

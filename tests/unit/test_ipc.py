@@ -101,8 +101,11 @@ def non_default(cls: type[Message]) -> Message:
             values[name] = 2.5
         elif tp is str:
             values[name] = "value \u00e9"
+        elif tp is bytes:
+            values[name] = b"\x00key\xff"
         elif origin is list:
-            values[name] = [3, 4] if args[0] is int else ["a", "b"]
+            samples = {int: [3, 4], bytes: [b"\x00a", b"b\xff"]}
+            values[name] = samples.get(args[0], ["a", "b"])
         elif origin is dict:
             values[name] = {"nested": {"list": [1, "two"], "none": None}}
         else:
