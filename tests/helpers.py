@@ -336,7 +336,8 @@ class Origin:
         takes them; ``/sink`` reads the body as it comes (``?gate=1``: only once
         :meth:`open_gate` was called) and answers its size and SHA-256; ``/chunked?parts=a,b``
         answers those chunks; ``/status/NNN`` answers that status; ``/close`` answers with
-        ``Connection: close`` and closes; ``/stall?sent=N`` sends a head promising more than N
+        ``Connection: close`` and closes; ``/eof?body=TEXT`` answers a body without length
+        or chunking, delimited by closing; ``/stall?sent=N`` sends a head promising more than N
         body bytes, N bytes, then nothing until the peer closes; ``/garbage`` answers bytes
         that are not HTTP; ``/hangup`` closes without answering; anything else echoes the
         request as JSON.
@@ -373,6 +374,11 @@ class Origin:
         req.complete = True
 
         if path == "/hangup":
+            return False
+        if path == "/eof":
+            body = query.get("body", ["until the end"])[0].encode()
+            writer.write(_head(200, [("Content-Type", "text/plain"), *extra], True)
+                         + (b"" if head_only else body))
             return False
         if path == "/garbage":
             writer.write(b"THIS IS NOT HTTP\r\n\r\n")

@@ -86,6 +86,27 @@ def test_connect_refused_is_502_and_connection_kept(env: Env) -> None:
     assert "refused" in env.master.read_error_log()
 
 
+@pytest.mark.parametrize("sent", ["whole", "part"])
+def test_connect_refused_with_unread_body(env: Env, sent: str) -> None:
+    """A POST whose upstream refuses: 502, and the body the proxy did not forward never
+    desynchronises the connection: either the response says close and the connection
+    closes, or the next request on it is answered as itself."""
+    body = b"q" * 50_000
+    with HttpConn(env.port) as conn:
+        head = build_request("POST", "/post", [("Host", "refused.test"),
+                                               ("Content-Length", str(len(body)))])
+        conn.send(head + (body if sent == "whole" else body[:1000]))
+        resp = conn.read_response()
+        assert resp.status == 502
+        if (resp.header("Connection") or "").lower() == "close":
+            assert conn.closed_by_peer()
+        else:
+            assert sent == "whole", "kept a connection whose body is still to come"
+            again = conn.request("GET", "/after-post")
+            assert again.status == 200
+            assert again.json()["target"] == "/after-post"
+
+
 def test_upstream_read_timeout_is_504(env: Env) -> None:
     """An origin slower than timeouts.upstream_read_seconds gets 504, in about that time; the
     client connection stays usable."""
@@ -159,11 +180,13 @@ def test_request_on_dropped_pooled_connection_is_retried(env: Env) -> None:
 # -- bad requests ---------------------------------------------------------------------------
 
 def test_malformed_request_is_400_and_closed(env: Env) -> None:
-    """A request the parser rejects gets 400, then the connection closes."""
+    """A request the parser rejects gets 400 saying Connection: close, then the connection
+    closes."""
     with HttpConn(env.port) as conn:
         conn.send(b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")
         resp = conn.read_response()
         assert resp.status == 400
+        assert (resp.header("Connection") or "").lower() == "close"
         assert conn.closed_by_peer()
     assert env.main.requests == []
 
@@ -193,6 +216,7 @@ def test_headers_too_large_is_431_and_closed(env: Env, where: str) -> None:
         conn.send(head)
         resp = conn.read_response()
         assert resp.status == 431
+        assert (resp.header("Connection") or "").lower() == "close"
         assert conn.closed_by_peer()
     assert env.main.requests == []
 
@@ -204,6 +228,7 @@ def test_unterminated_huge_head_is_431(env: Env) -> None:
         conn.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"e" * (MAX_HEADER * 3))
         resp = conn.read_response()
         assert resp.status == 431
+        assert (resp.header("Connection") or "").lower() == "close"
         assert conn.closed_by_peer()
 
 
@@ -221,6 +246,7 @@ def test_declared_body_too_large_is_413_and_closed(env: Env) -> None:
         conn.send(build_request("POST", "/upload", [("Content-Length", str(MAX_BODY + 1))]))
         resp = conn.read_response()
         assert resp.status == 413
+        assert (resp.header("Connection") or "").lower() == "close"
         assert conn.closed_by_peer()
     assert env.main.requests == []
 
@@ -249,6 +275,7 @@ def test_chunked_body_too_large_is_413_and_closed(env: Env) -> None:
             pass  # the proxy may answer and close before it has read all of it
         resp = conn.read_response()
         assert resp.status == 413
+        assert (resp.header("Connection") or "").lower() == "close"
         assert conn.closed_by_peer()
 
 

@@ -157,6 +157,21 @@ def test_sigint_stops_at_once(fleet: Fleet) -> None:
     assert not master.workers()
 
 
+def test_idle_client_connection_closed_after_keepalive_timeout(fleet: Fleet) -> None:
+    """timeouts.keepalive_seconds: an idle client connection is closed after about that
+    long; a busy one is not."""
+    origin = fleet.origin()
+    master = fleet.master(config_for(upstreams={"o": [origin.address]},
+                                     timeouts={"keepalive_seconds": 1}))
+    with HttpConn(master.port) as idle, HttpConn(master.port) as busy:
+        assert idle.request("GET", "/once").status == 200
+        started = time.monotonic()
+        assert busy.request("GET", "/sleep?s=2").status == 200
+        assert idle.closed_by_peer(timeout=5)
+        assert 0.9 <= time.monotonic() - started < 4.5
+        assert busy.request("GET", "/still-busy").status == 200
+
+
 BROKEN_APPS = {
     "import_error": ("brokenapp:App", {"brokenapp.py": "import no_such_module_here\n"},
                      "no_such_module_here"),

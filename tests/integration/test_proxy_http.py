@@ -244,6 +244,18 @@ def test_chunked_response_to_http11_client(env: Env, single: Origin) -> None:
         assert conn.request("GET", "/again", [("Host", SINGLE)]).status == 200
 
 
+def test_close_delimited_response_reframed_for_http11_client(env: Env, single: Origin) -> None:
+    """An origin response without length or chunking (ended by closing) reaches an HTTP/1.1
+    client whole, framed so that the client's connection can carry on."""
+    with HttpConn(env.port) as conn:
+        resp = conn.request("GET", "/eof?body=read-to-the-end", [("Host", SINGLE)])
+        assert resp.status == 200
+        assert resp.body == b"read-to-the-end"
+        if (resp.header("Connection") or "").lower() != "close":
+            assert resp.chunked or resp.header("Content-Length") is not None
+            assert conn.request("GET", "/after-eof", [("Host", SINGLE)]).status == 200
+
+
 def test_chunked_request_body_forwarded(env: Env, single: Origin) -> None:
     """A chunked request body reaches the origin chunked (not buffered into a length)."""
     pieces = [b"hello ", b"chunked ", b"x" * 70000, b" world"]
