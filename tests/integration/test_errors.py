@@ -232,6 +232,35 @@ def test_unterminated_huge_head_is_431(env: Env) -> None:
         assert conn.closed_by_peer()
 
 
+def test_pipelined_heads_split_across_reads_are_not_too_large(env: Env) -> None:
+    """Pipelined requests, each well under the head limit, arriving in reads that together
+    pass the limit and that end inside a head, are all served (only one head counts)."""
+    pad = "p" * (MAX_HEADER // 3)
+    reqs = [build_request("GET", f"/split/{i}", [("X-Pad", pad)]) for i in range(4)]
+    first = b"".join(reqs[:3]) + reqs[3][:200]
+    assert len(first) > MAX_HEADER
+    with HttpConn(env.port) as conn:
+        conn.send(first)
+        wait_for(lambda: env.main.requests, what="the first request at the origin")
+        conn.send(reqs[3][200:])
+        for i in range(4):
+            resp = conn.read_response()
+            assert resp.status == 200, (i, resp.status, resp.body[:100])
+            assert resp.json()["target"] == f"/split/{i}"
+
+
+def test_head_sent_byte_by_byte(env: Env) -> None:
+    """A request whose head arrives one byte per write is parsed like any other."""
+    data = build_request("GET", "/trickle", [("X-One", "1"), ("X-Two", "2")])
+    with HttpConn(env.port) as conn:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            conn.send(data[i:i + 1])
+        resp = conn.read_response()
+    assert resp.status == 200
+    assert resp.json()["target"] == "/trickle"
+
+
 def test_head_just_under_limit_is_served(env: Env) -> None:
     """A head a little under the limit is not refused."""
     with HttpConn(env.port) as conn:
