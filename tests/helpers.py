@@ -336,7 +336,8 @@ class Origin:
         takes them; ``/sink`` reads the body as it comes (``?gate=1``: only once
         :meth:`open_gate` was called) and answers its size and SHA-256; ``/chunked?parts=a,b``
         answers those chunks; ``/status/NNN`` answers that status; ``/close`` answers with
-        ``Connection: close`` and closes; ``/eof?body=TEXT`` answers a body without length
+        ``Connection: close`` and closes; ``/interim?code=1xx`` sends that interim response
+        first, then echoes; ``/eof?body=TEXT`` answers a body without length
         or chunking, delimited by closing; ``/stall?sent=N`` sends a head promising more than N
         body bytes, N bytes, then nothing until the peer closes; ``/garbage`` answers bytes
         that are not HTTP; ``/hangup`` closes without answering; anything else echoes the
@@ -373,6 +374,11 @@ class Origin:
         req.body = b"".join(parts)
         req.complete = True
 
+        if path == "/interim":
+            code = int(query.get("code", ["100"])[0])
+            writer.write(f"HTTP/1.1 {code} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                         .encode())
+            await writer.drain()
         if path == "/hangup":
             return False
         if path == "/eof":

@@ -220,11 +220,13 @@ def test_head_of_chunked_response(env: Env, single: Origin) -> None:
     assert after.body == b"xy"
 
 
-@pytest.mark.parametrize("status", [204, 304])
-def test_no_body_statuses(env: Env, single: Origin, status: int) -> None:
-    """204 and 304 go out without a body or chunked framing; the next response follows."""
+@pytest.mark.parametrize("status, extra", [(204, ""), (304, ""), (304, "?rh=Content-Length:1234"),
+                                           (204, "?rh=Content-Length:0")])
+def test_no_body_statuses(env: Env, single: Origin, status: int, extra: str) -> None:
+    """204 and 304 go out without a body or chunked framing, even when the 304 gives the
+    length of the representation; the next response follows."""
     with HttpConn(env.port) as conn:
-        resp = conn.request("GET", f"/status/{status}", [("Host", SINGLE)])
+        resp = conn.request("GET", f"/status/{status}{extra}", [("Host", SINGLE)])
         assert resp.status == status
         assert resp.header("ETag") == '"v1"'
         assert not resp.has("Transfer-Encoding")
@@ -312,6 +314,18 @@ def test_expect_100_continue(env: Env, single: Origin) -> None:
     echoed = resp.json()
     assert echoed["body"].encode() == body
     assert "expect" not in headers_of(echoed)
+
+
+@pytest.mark.parametrize("code", [100, 103])
+def test_interim_response_from_origin(env: Env, single: Origin, code: int) -> None:
+    """An origin's 1xx before its final response does not confuse the proxy: the client gets
+    the final response (1xx may be passed on or not) and the connection stays in sync."""
+    with HttpConn(env.port) as conn:
+        resp = conn.request("GET", f"/interim?code={code}", [("Host", SINGLE)])
+        assert resp.status == 200
+        assert resp.json()["target"] == f"/interim?code={code}"
+        assert set(resp.interim) <= {code}
+        assert conn.request("GET", "/after-interim", [("Host", SINGLE)]).status == 200
 
 
 def test_http10_close_delimited(env: Env) -> None:
