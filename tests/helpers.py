@@ -336,7 +336,8 @@ class Origin:
         takes them; ``/sink`` reads the body as it comes (``?gate=1``: only once
         :meth:`open_gate` was called) and answers its size and SHA-256; ``/chunked?parts=a,b``
         answers those chunks; ``/status/NNN`` answers that status; ``/close`` answers with
-        ``Connection: close`` and closes; ``/interim?code=1xx`` sends that interim response
+        ``Connection: close`` and closes; ``/early`` answers 401 before reading the request
+        body and closes; ``/interim?code=1xx`` sends that interim response
         first, then echoes; ``/eof?body=TEXT`` answers a body without length
         or chunking, delimited by closing; ``/stall?sent=N`` sends a head promising more than N
         body bytes, N bytes, then nothing until the peer closes; ``/garbage`` answers bytes
@@ -379,6 +380,14 @@ class Origin:
             writer.write(f"HTTP/1.1 {code} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n"
                          .encode())
             await writer.drain()
+        if path == "/early":
+            # Answers before reading the body, then drains it until the peer closes (a
+            # lingering close, so that the answer is not lost to a reset).
+            writer.write(_head(401, [("Content-Length", "7")], False) + b"no way\n")
+            await writer.drain()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_drain_reader(reader), 30)
+            return False
         if path == "/hangup":
             return False
         if path == "/eof":
@@ -450,6 +459,11 @@ class Origin:
                   ("X-Origin", self.name), *extra]
         writer.write(_head(status, fields, keep) + (b"" if head_only else body))
         await writer.drain()
+
+
+async def _drain_reader(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
 
 
 def _parse_head(head: bytes, conn_id: int, seq: int) -> RecordedRequest:

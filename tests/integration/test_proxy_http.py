@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,6 +187,14 @@ def test_hop_by_hop_response_headers_removed(env: Env, single: Origin) -> None:
         assert conn.request("GET", "/after", [("Host", SINGLE)]).status == 200
 
 
+def test_repeated_response_headers_kept_apart(env: Env, single: Origin) -> None:
+    """Repeated response fields (Set-Cookie) reach the client as separate lines, in order."""
+    with HttpConn(env.port) as conn:
+        resp = conn.request("GET", "/cookies?rh=Set-Cookie:a=1;%20Path=/&rh=Set-Cookie:b=2"
+                            "&rh=Set-Cookie:c=3", [("Host", SINGLE)])
+    assert resp.header_all("Set-Cookie") == ["a=1; Path=/", "b=2", "c=3"]
+
+
 def test_origin_error_statuses_passed_through(env: Env, single: Origin) -> None:
     """An origin's own 404/500/503 reach the client as they are (not as proxy errors)."""
     with HttpConn(env.port) as conn:
@@ -296,6 +305,40 @@ def test_content_length_body_forwarded(env: Env, single: Origin) -> None:
     assert echoed["framing"] == "length"
     assert headers_of(echoed)["content-length"] == [str(len(body))]
     assert echoed["body"].encode() == body
+
+
+def test_origin_answers_before_reading_the_body(env: Env, single: Origin) -> None:
+    """An origin that refuses an upload (401) before reading its body: the client gets the
+    401 (not a 502 and not a reset); then either the response said Connection: close and the
+    connection closes, or the rest of the body is read and the connection serves on."""
+    body = b"u" * (8 * 1024 * 1024)
+    conn = HttpConn(env.port)
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            conn.send(build_request("POST", "/early", [("Host", SINGLE)], body=body))
+        except OSError as e:
+            errors.append(e)
+
+    sender = threading.Thread(target=upload, name="early-upload", daemon=True)
+    try:
+        sender.start()
+        resp = conn.read_response()
+        assert resp.status == 401
+        assert resp.body == b"no way\n"
+        if (resp.header("Connection") or "").lower() == "close":
+            assert conn.closed_by_peer()
+            sender.join(20)
+            assert not sender.is_alive()
+        else:
+            sender.join(20)
+            assert not sender.is_alive()
+            assert not errors, f"the connection broke without Connection: close: {errors}"
+            assert conn.request("GET", "/after-early", [("Host", SINGLE)]).status == 200
+    finally:
+        conn.close()
+        sender.join(10)
 
 
 def test_expect_100_continue(env: Env, single: Origin) -> None:
