@@ -160,6 +160,22 @@ def test_upstream_request_filter_rewrites_request(env: Env) -> None:
     assert req.header("X-Forwarded-Host") == "app.test"
 
 
+def test_hop_by_hop_headers_removed_on_rewritten_requests(env: Env) -> None:
+    """With upstream_request_filter the request head is rebuilt: hop-by-hop fields are still
+    removed, a client's X-Forwarded-For is still extended."""
+    with HttpConn(env.port) as conn:
+        resp = conn.request("GET", "/hop", [
+            ("Connection", "keep-alive, X-Private"), ("X-Private", "1"),
+            ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Proxy-Connection", "keep-alive"),
+            ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https")])
+    assert resp.status == 200
+    (req,) = env.origin.requests
+    for name in ("Connection", "X-Private", "Keep-Alive", "TE", "Proxy-Connection"):
+        assert req.header(name) is None, f"{name} reached the origin"
+    assert req.header_all("X-Forwarded-For") == ["10.0.0.1, 127.0.0.1"]
+    assert req.header_all("X-Forwarded-Proto") == ["http"]
+
+
 def test_upstream_request_filter_with_body(env: Env) -> None:
     """A request body still arrives whole after the head was rewritten."""
     body = b"0123456789" * 5000
