@@ -217,7 +217,8 @@ class Arbiter:
             except (ChannelClosed, OSError):
                 log.warning("the old master is gone")
                 parent.close()
-        addresses = ", ".join(f"http://{lst.bound_address}" for lst in self.listeners)
+        addresses = ", ".join(f"{'https' if lst.config.tls else 'http'}://{lst.bound_address}"
+                              for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
 

@@ -103,10 +103,32 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertConfig:
+    cert: str = setting("", "PEM certificate chain (a path, relative to the config file).")
+    key: str = setting("", "PEM private key of that certificate.")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: str = setting("", "PEM certificate chain of the default certificate (used when the "
+                        "client sends no SNI or an unknown name).")
+    key: str = setting("", "PEM private key of the default certificate.")
+    certificates: list[CertConfig] = setting(
+        [], "More certificates, each chosen by SNI for the DNS names in its subjectAltName.")
+    client_ca: str | None = setting(
+        None, "PEM CA bundle: when set, clients must present a certificate it signed (mTLS).")
+    min_version: str = setting("1.2", "Oldest TLS version accepted.", _one_of("1.2", "1.3"))
+    ciphers: str | None = setting(
+        None, "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); unset: "
+        "ECDHE with AES-GCM or ChaCha20 only.")
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     address: str = setting("127.0.0.1:6188", "HOST:PORT to listen on ([::1]:PORT for IPv6).",
                            _address)
     backlog: int = setting(2048, "Length of each socket's accept queue.", _positive)
+    tls: TlsConfig | None = setting(None, "Terminate TLS on this listener (see tls.*).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +207,12 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
     #: The raw mapping it was loaded from, to hand to workers; not a setting.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def resolve(self, path: str) -> str:
+        """A path from the config, relative to the config file's folder."""
+        if os.path.isabs(path) or not os.path.isfile(self.source):
+            return path
+        return os.path.join(os.path.dirname(os.path.abspath(self.source)), path)
 
     def worker_count(self) -> int:
         """The number of workers to run: ``server.workers``, or one per CPU when 0."""
@@ -302,10 +330,29 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
             raise ConfigError(source, f"listeners[{i}].address",
                               f"{listener.address} is listed twice")
         seen.add(listener.address)
+    for i, listener in enumerate(config.listeners):
+        if listener.tls is not None:
+            _check_tls(config, source, f"listeners[{i}].tls", listener.tls)
     if config.app is None and not any(u.servers for u in config.upstreams.values()):
         raise ConfigError(source, "upstreams",
                           "the built-in load balancer needs at least one upstream with servers")
     return dataclasses.replace(config, source=source, raw=raw)
+
+
+def _check_tls(config: Config, source: str, where: str, tls: TlsConfig) -> None:
+    """The files a TLS listener names must be readable (a worker would fail later)."""
+    pairs = [(f"{where}.cert", tls.cert), (f"{where}.key", tls.key)]
+    for i, c in enumerate(tls.certificates):
+        pairs += [(f"{where}.certificates[{i}].cert", c.cert),
+                  (f"{where}.certificates[{i}].key", c.key)]
+    if tls.client_ca:
+        pairs.append((f"{where}.client_ca", tls.client_ca))
+    for key, path in pairs:
+        if not path:
+            raise ConfigError(source, key, "a file is needed")
+        full = dataclasses.replace(config, source=source).resolve(path)
+        if not os.access(full, os.R_OK):
+            raise ConfigError(source, key, f"cannot read {path}")
 
 
 def load(path: str | None) -> Config:
@@ -339,6 +386,13 @@ def reference() -> str:
             tp = hints[f.name]
             args = typing.get_args(tp)
             inner = args[0] if typing.get_origin(tp) is list and args else None
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):
+                inner = [a for a in args if a is not type(None)]
+                if inner and dataclasses.is_dataclass(inner[0]):
+                    rows.append(f"| `{prefix}{f.name}` | a mapping or unset | `unset` | "
+                                f"{f.metadata.get('doc', '')} |")
+                    walk(inner[0], f"{prefix}{f.name}.")
+                    continue
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
                 continue

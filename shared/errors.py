@@ -34,6 +34,7 @@ class ErrorKind(enum.Enum):
     CONNECT_REFUSED = ("connect refused", 502)
     CONNECT_TIMEOUT = ("connect timeout", 504)
     CONNECT_ERROR = ("connect error", 502)
+    TLS_ERROR = ("upstream TLS handshake failed", 502)
     NO_PEER = ("no upstream peer", 502)
     READ_TIMEOUT = ("read timeout", 504)
     WRITE_TIMEOUT = ("write timeout", 504)

@@ -114,6 +114,19 @@ class Session:
         return self.conn.client_addr
 
     @property
+    def tls(self) -> Any:
+        """The downstream ``ssl.SSLObject`` (``.version()``, ``.selected_alpn_protocol()``,
+        ``.server_hostname``), or None for a plaintext connection."""
+        return getattr(self.conn, "tls", None)
+
+    @property
+    def client_cert(self) -> dict[str, Any] | None:
+        """The client's verified certificate (``ssl.SSLSocket.getpeercert()`` form) when the
+        listener requires one (``tls.client_ca``), else None."""
+        tls = self.tls
+        return tls.getpeercert() if tls is not None else None
+
+    @property
     def server_addr(self) -> tuple[str, int]:
         """The (ip, port) the client connected to."""
         return self.conn.server_addr

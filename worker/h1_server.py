@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,9 @@ class H1Server(asyncio.Protocol):
         self.client_addr: tuple[str, int] = ("", 0)
         self.server_addr: tuple[str, int] = ("", 0)
         self.client_ip = b""
+        #: The TLS connection, when the listener terminates TLS.
+        self.tls: ssl.SSLObject | None = None
+        self.scheme = b"http"
         self.current: Session | None = None
         self.active: Session | None = None
         self.pipeline: deque[Session] | None = None
@@ -125,6 +129,10 @@ class H1Server(asyncio.Protocol):
             self.client_ip = peer[0].encode()
         if sock:
             self.server_addr = sock[:2]
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self.tls = tls
+            self.scheme = b"https"
         self.last_active = time.monotonic()
         self.engine.connections.add(self)
         if self.engine.draining:

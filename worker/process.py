@@ -33,6 +33,10 @@ from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
 from worker.h1_server import H1Server
 from worker.proxy import Engine
+from worker.tls import ServerTls
+
+#: ALPN protocols the listeners offer (HTTP/2 comes with its downstream protocol).
+SERVER_ALPN = ("http/1.1",)
 
 HEARTBEAT_SECONDS = 1.0
 SWEEP_SECONDS = 1.0
@@ -95,11 +99,17 @@ class Worker:
             self.broker = BrokerClient(self.channel.send, PoolIndex.attach(self.boot.pool_index_fd))
             engine.broker = self.broker
             engine.pool.donor = self.broker.donate
+        self.tls: dict[int, ServerTls] = {}
         for fd, index in self.listen_fds:
             listener = config.listeners[index]
+            ctx = None
+            if listener.tls is not None:
+                if index not in self.tls:
+                    self.tls[index] = ServerTls(config, listener.tls, alpn=SERVER_ALPN)
+                ctx = self.tls[index].context
             sock = socket.socket(fileno=fd)
             server = loop.run_until_complete(loop.create_server(
-                partial(H1Server, engine), sock=sock, backlog=listener.backlog))
+                partial(H1Server, engine), sock=sock, backlog=listener.backlog, ssl=ctx))
             self.servers.append(server)
         self.stopped = loop.create_future()
         loop.add_reader(self.channel.fileno(), self._on_channel)
@@ -194,6 +204,8 @@ class Worker:
     def _sweep(self) -> None:
         now = time.monotonic()
         self.engine.sweep(now)
+        for tls in self.tls.values():
+            tls.reload_if_changed()
         if self.access_log is not None:
             self.access_log.flush()
         if self.stopping:

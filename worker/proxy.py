@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from shared.peer import HttpPeer, format_address
 from shared.session import Session
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
+from worker.tls import ClientTls
 from worker.upstream import Pool, UpstreamConn
 
 if TYPE_CHECKING:
@@ -104,6 +106,7 @@ class Engine:
         self.pool = Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds)
         #: The pool broker's client, when upstream connections are shared between workers.
         self.broker: BrokerClient | None = None
+        self.client_tls = ClientTls()
         self.connections: set[H1Server] = set()
         self.draining = False
         # Counters
@@ -233,7 +236,14 @@ class Engine:
         loop = self.loop
         up = UpstreamConn(peer.pool_key, self.pool)
         timeout = peer.options.connect_timeout or self.connect_timeout
-        task = loop.create_task(loop.create_connection(lambda: up, peer.host, peer.port))
+        if peer.tls:
+            ctx = self.client_tls.context(peer)
+            conn_coro = loop.create_connection(lambda: up, peer.host, peer.port, ssl=ctx,
+                                               server_hostname=peer.sni or peer.host,
+                                               ssl_handshake_timeout=timeout)
+        else:
+            conn_coro = loop.create_connection(lambda: up, peer.host, peer.port)
+        task = loop.create_task(conn_coro)
         timer = loop.call_later(timeout, task.cancel)
         try:
             await task
@@ -243,6 +253,8 @@ class Engine:
         except ConnectionRefusedError as e:
             raise upstream_error(ErrorKind.CONNECT_REFUSED, f"{peer}: {e.strerror}",
                                  RetryType.ALWAYS) from None
+        except ssl.SSLError as e:
+            raise upstream_error(ErrorKind.TLS_ERROR, f"{peer}: {e.reason or e}") from None
         except OSError as e:
             raise upstream_error(ErrorKind.CONNECT_ERROR, f"{peer}: {e.strerror or e}",
                                  RetryType.ALWAYS) from None
@@ -265,10 +277,11 @@ class Engine:
         host = s.host_b
         if host is None:
             tail = [b"Host: ", str(peer).encode(), b"\r\nX-Forwarded-For: ", xff,
-                    b"\r\nX-Forwarded-Proto: http\r\n", self._framing(s), b"\r\n"]
+                    b"\r\nX-Forwarded-Proto: ", conn.scheme, b"\r\n", self._framing(s),
+                    b"\r\n"]
         else:
-            tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n"
-                    b"X-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
+            tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", conn.scheme,
+                    b"\r\nX-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
         return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
 
     async def filtered_request_head(self, conn: H1Server, s: Session, peer: HttpPeer) -> bytes:
@@ -281,7 +294,7 @@ class Engine:
         client = conn.client_addr[0]
         prior = src.get_all("x-forwarded-for")
         req.append("X-Forwarded-For", ", ".join([*prior, client]))
-        req.append("X-Forwarded-Proto", "http")
+        req.append("X-Forwarded-Proto", conn.scheme.decode())
         host = src.get("host")
         if host is None:
             req.append("Host", format_address(peer.host, peer.port))

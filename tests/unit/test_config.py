@@ -360,6 +360,11 @@ def declared_settings(cls: Any = Config, prefix: str = "") -> dict[str, dataclas
             out.update(declared_settings(args[0], f"{prefix}{f.name}[]."))
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(args[1]):
             out.update(declared_settings(args[1], f"{prefix}{f.name}.<name>."))
+        elif any(dataclasses.is_dataclass(a) for a in args):
+            # An optional section: its own row, then its settings.
+            out[prefix + f.name] = f
+            inner = next(a for a in args if dataclasses.is_dataclass(a))
+            out.update(declared_settings(inner, f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = f
     return out

@@ -16,6 +16,7 @@ from shared.errors import (
 STATUS = {
     ErrorKind.CONNECT_REFUSED: 502,
     ErrorKind.CONNECT_ERROR: 502,
+    ErrorKind.TLS_ERROR: 502,
     ErrorKind.NO_PEER: 502,
     ErrorKind.CONNECTION_CLOSED: 502,
     ErrorKind.INVALID_RESPONSE: 502,
