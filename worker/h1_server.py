@@ -117,6 +117,8 @@ class H1Server(asyncio.Protocol):
         self.head_size = 0
         self.pending_head = 0
         self.in_head = False
+        #: Bytes of the requests completed so far (the head's size estimated from its parts).
+        self.consumed = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -142,6 +144,8 @@ class H1Server(asyncio.Protocol):
         self.last_active = time.monotonic()
         if self.closing or self.stop_parsing:
             return
+        continuing_head = self.in_head
+        consumed = self.consumed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -166,7 +170,13 @@ class H1Server(asyncio.Protocol):
             self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, e))
             return
         if self.in_head:
-            self.pending_head += len(data)
+            # The head is still incomplete after this read (a long header line the parser
+            # has not delivered yet): count its bytes, but not those of the requests this
+            # read completed before it.
+            if continuing_head:
+                self.pending_head += len(data)
+            else:
+                self.pending_head = max(0, len(data) - (self.consumed - consumed))
             if self.pending_head > self.max_head:
                 self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
         else:
@@ -295,6 +305,8 @@ class H1Server(asyncio.Protocol):
         s = self.current
         self.current = None
         if s is not None:
+            # Request line and final CRLF, the header lines, and the body.
+            self.consumed += len(s.method) + 13 + self.head_size + s.body_bytes
             s.end_body()
 
     # -- flow control ----------------------------------------------------------------------
