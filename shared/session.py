@@ -43,6 +43,7 @@ class Session:
         # Set by the connection.
         "conn", "method", "url", "version", "raw_headers", "fwd", "host_b", "keep_alive",
         "content_length", "chunked", "expect_continue", "conn_tokens", "xff", "start_time",
+        "upgrade",
         "max_body",
         # Request body.
         "_body", "_body_size", "body_done", "body_bytes", "_body_waiter", "_body_error",
@@ -69,6 +70,8 @@ class Session:
         self.expect_continue = False
         self.conn_tokens: list[bytes] | None = None
         self.xff: bytes | None = None
+        #: The Upgrade header of an upgrade request (``b"websocket"``), else None.
+        self.upgrade: bytes | None = None
         self.start_time = 0.0
         self.max_body = 0
         self._body: deque[bytes] | None = None

@@ -61,6 +61,9 @@ _RESP_DROP = frozenset({
     b"transfer-encoding", b"upgrade",
 })
 _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+#: Client bytes sent after an upgrade request, kept until the tunnel opens, before reading
+#: pauses.
+EARLY_TUNNEL_BYTES = 256 * 1024
 
 
 def status_line(status: int, reason: str | None = None) -> bytes:
@@ -113,6 +116,9 @@ class H1Server(asyncio.Protocol):
         # While an async response phase runs, the response body waits here.
         self.held: list[bytes] | None = None
         self.held_done: UpstreamConn | None = None
+        # Upgrade (WebSocket): client bytes that came before the tunnel, then the tunnel.
+        self.early: list[bytes] | None = None
+        self.tunnel: asyncio.Transport | None = None
         # Per-request (the head being parsed)
         self.head_size = 0
         self.pending_head = 0
@@ -142,21 +148,33 @@ class H1Server(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        if self.closing or self.stop_parsing:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        if self.closing:
+            return
+        if self.stop_parsing:
+            if self.early is not None:
+                self._hold_early(data)
             return
         continuing_head = self.in_head
         consumed = self.consumed
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # CONNECT, or an Upgrade this proxy does not tunnel: what follows the head is not
-            # HTTP, so nothing more is read; the connection closes after the response.
+        except httptools.HttpParserUpgrade as e:
+            # An Upgrade (WebSocket) or CONNECT: what follows the head is not HTTP. Nothing
+            # more is parsed; for an upgrade the bytes wait for the tunnel, and without one
+            # the connection closes after the response.
             self.stop_parsing = True
+            s = self.current or self.active
             if self.current is not None:
-                self.current.keep_alive = False
                 self._message_complete()
-            elif self.active is not None:
-                self.active.keep_alive = False
+            if s is not None:
+                s.keep_alive = False
+                if s.upgrade is not None:
+                    self.early = []
+                    self._hold_early(data[e.args[0]:])
             return
         except httptools.HttpParserCallbackError as e:
             if isinstance(e.__context__, _HeadTooLarge):
@@ -185,6 +203,14 @@ class H1Server(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.engine.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+            s = self.active
+            self.up = None
+            if s is not None:
+                self.finish(s)
+            return
         up = self.up
         if up is not None:
             self.up = None
@@ -242,6 +268,10 @@ class H1Server(asyncio.Protocol):
         s.method = p.get_method()
         s.version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
+        if p.should_upgrade() and s.method != b"CONNECT":
+            for name, value in s.raw_headers:
+                if name.lower() == b"upgrade":
+                    s.upgrade = value
         fwd = s.fwd
         hosts = 0
         for name, value in s.raw_headers:
@@ -329,6 +359,12 @@ class H1Server(asyncio.Protocol):
             self._resume_reading()
 
     def upstream_writable(self, writable: bool) -> None:
+        if self.tunnel is not None:
+            if writable:
+                self._resume_reading()
+            else:
+                self._pause_reading()
+            return
         if writable:
             w = self._drain_waiter
             if w is not None and not w.done():
@@ -355,6 +391,9 @@ class H1Server(asyncio.Protocol):
     def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
         s = self.active
         if s is None:
+            return
+        if status == 101:
+            self._switching_protocols(s, headers)
             return
         engine = self.engine
         if engine.response_phases:
@@ -480,6 +519,51 @@ class H1Server(asyncio.Protocol):
         else:
             up.close()
         self.finish(s)
+
+    # -- upgrades: a byte tunnel after 101 -------------------------------------------------
+
+    def _switching_protocols(self, s: Session, headers: RawHeaders) -> None:
+        """The origin accepted the upgrade: pass its 101 on, with the upgrade headers."""
+        if s.upgrade is None:
+            return  # the parser then reports an upgrade the client never asked for: 502
+        s.response_started = True
+        s.status = 101
+        parts = [STATUS_LINES[101]]
+        for name, value in headers:
+            n = name.lower()
+            if n == b"connection" or n == b"keep-alive" or n == b"transfer-encoding":
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Connection: Upgrade\r\n\r\n")
+        self.send(b"".join(parts))
+
+    def tunnel_started(self, up: UpstreamConn) -> None:
+        """From now on bytes pass unparsed both ways."""
+        self.tunnel = up.transport
+        early, self.early = self.early, None
+        for data in early or ():
+            up.transport.write(data)  # type: ignore[union-attr]
+        self._resume_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        s = self.active
+        if s is not None:
+            s.resp_bytes += len(data)
+        self.send(data)
+
+    def tunnel_closed(self) -> None:
+        """The origin closed the tunnel: close the client's side once written."""
+        self.up = None
+        s = self.active
+        self.close()
+        if s is not None:
+            self.finish(s)
+
+    def _hold_early(self, data: bytes) -> None:
+        if data:
+            self.early.append(data)  # type: ignore[union-attr]
+            if sum(map(len, self.early)) > EARLY_TUNNEL_BYTES:  # type: ignore[arg-type]
+                self._pause_reading()
 
     def release_held(self) -> None:
         """The response head went out: send the body that waited for it."""

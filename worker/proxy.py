@@ -264,6 +264,8 @@ class Engine:
         return up
 
     def _framing(self, s: Session) -> bytes:
+        if s.upgrade is not None:
+            return b"Connection: Upgrade\r\nUpgrade: " + s.upgrade + b"\r\n"
         if s.chunked or (self.p_request_body_filter is not None and s.has_body):
             return b"Transfer-Encoding: chunked\r\n"
         if s.content_length is not None:

@@ -29,6 +29,9 @@ class ResponseHandler(Protocol):
     def upstream_writable(self, writable: bool) -> None: ...
     def begin_batch(self) -> None: ...
     def end_batch(self) -> None: ...
+    def tunnel_started(self, up: UpstreamConn) -> None: ...
+    def tunnel_data(self, data: bytes) -> None: ...
+    def tunnel_closed(self) -> None: ...
 
 
 class _StopAfterHead(Exception):
@@ -41,7 +44,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
         "got_bytes", "keep_alive", "deadline", "read_timeout", "requests", "idle_since",
-        "closed", "write_paused",
+        "closed", "write_paused", "tunnel",
     )
 
     def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
@@ -57,6 +60,8 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.deadline = 0.0
         self.read_timeout = 60.0
+        #: After a 101 response: the downstream side of the byte tunnel.
+        self.tunnel: ResponseHandler | None = None
         # Per-exchange
         self.headers: RawHeaders = []
         self.status = 0
@@ -70,6 +75,10 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.tunnel_data(data)
+            return
         handler = self.handler
         if handler is None:
             # An idle connection spoke: whatever it is, the connection can't be reused.
@@ -80,6 +89,8 @@ class UpstreamConn(asyncio.Protocol):
         handler.begin_batch()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._start_tunnel(handler, data[e.args[0]:])
         except _StopAfterHead:
             self._finish()
         except httptools.HttpParserCallbackError as e:
@@ -97,6 +108,11 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.tunnel_closed()
+            return
         handler = self.handler
         if handler is None:
             self.pool.discard(self)
@@ -111,13 +127,15 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.handler is not None:
-            self.handler.upstream_writable(False)
+        h = self.handler or self.tunnel
+        if h is not None:
+            h.upstream_writable(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.handler is not None:
-            self.handler.upstream_writable(True)
+        h = self.handler or self.tunnel
+        if h is not None:
+            h.upstream_writable(True)
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -129,6 +147,13 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status == 101 and self.handler is not None:
+            # Switching protocols: the handler sends the head on; the tunnel starts once the
+            # parser stops (HttpParserUpgrade).
+            self.status = 101
+            self.keep_alive = False
+            self.handler.upstream_head(self, 101, self.headers)
+            return
         if status < 200:
             # 1xx interim responses are not forwarded: the proxy answers Expect itself.
             return
@@ -160,8 +185,20 @@ class UpstreamConn(asyncio.Protocol):
             handler.upstream_body(data)
 
     def on_message_complete(self) -> None:
-        if self.status:
+        if self.status and self.status != 101:
             self._finish()
+
+    def _start_tunnel(self, handler: ResponseHandler, rest: bytes) -> None:
+        """After a 101 response: bytes go both ways unparsed until either side closes."""
+        self.pool.busy.discard(self)
+        self.handler = None
+        if self.status != 101:
+            self._fail(httptools.HttpParserError("upgrade without 101"))
+            return
+        self.tunnel = handler
+        handler.tunnel_started(self)
+        if rest:
+            handler.tunnel_data(rest)
 
     # -- exchange ------------------------------------------------------------------------
 
