@@ -16,7 +16,6 @@ itself must read; status lines are precomputed.
 from __future__ import annotations
 
 import asyncio
-import http
 import ssl
 import time
 from collections import deque
@@ -28,12 +27,11 @@ from shared.errors import (
     ErrorKind,
     ErrorSource,
     ProxyError,
-    RetryType,
     downstream_error,
-    upstream_error,
 )
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
+from worker.exchange import STATUS_LINES, Exchange, status_line
 
 if TYPE_CHECKING:
     from worker.proxy import Engine
@@ -44,10 +42,6 @@ MODE_NONE = 0      # no body (HEAD, 1xx, 204, 304)
 MODE_LENGTH = 1    # Content-Length: body bytes pass as they arrive
 MODE_CHUNKED = 2   # chunked transfer coding toward the client
 MODE_CLOSE = 3     # delimited by closing the connection (HTTP/1.0 clients)
-
-STATUS_LINES: dict[int, bytes] = {
-    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
-}
 
 # Request headers the proxy reads itself; all but Host are hop-by-hop or rewritten by it.
 _REQ_SPECIAL = frozenset({
@@ -66,21 +60,11 @@ _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 EARLY_TUNNEL_BYTES = 256 * 1024
 
 
-def status_line(status: int, reason: str | None = None) -> bytes:
-    """``HTTP/1.1 <status> <reason>`` with CRLF."""
-    if reason is None:
-        line = STATUS_LINES.get(status)
-        if line is not None:
-            return line
-        reason = ""
-    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-
-
 class _HeadTooLarge(Exception):
     """Raised from a parser callback when the request head passes the limit."""
 
 
-class H1Server(asyncio.Protocol):
+class H1Server(Exchange, asyncio.Protocol):
     """One client connection speaking HTTP/1.x."""
 
     def __init__(self, engine: Engine) -> None:
@@ -365,41 +349,13 @@ class H1Server(asyncio.Protocol):
             else:
                 self._pause_reading()
             return
-        if writable:
-            w = self._drain_waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+        super().upstream_writable(writable)
 
-    async def wait_upstream_writable(self) -> None:
-        """Waits until the upstream connection takes writes again (or the exchange ends)."""
-        up = self.up
-        while up is not None and up.write_paused and not up.closed and not self.closing:
-            w = self._drain_waiter = asyncio.get_running_loop().create_future()
-            await w
-            self._drain_waiter = None
-            up = self.up
+    def end_body(self, s: Session) -> None:
+        if s.resp_mode == MODE_CHUNKED and not self.closing:
+            self.send(b"0\r\n\r\n")
 
     # -- the exchange --------------------------------------------------------------------
-
-    def attach(self, s: Session, up: UpstreamConn, head: bytes, read_timeout: float) -> None:
-        """Sends the request head on ``up``; its response comes back to this connection."""
-        self.up = up
-        up.start(self, head, s.method == b"HEAD", read_timeout)
-        if self.write_paused:
-            up.pause_reading()
-
-    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
-        s = self.active
-        if s is None:
-            return
-        if status == 101:
-            self._switching_protocols(s, headers)
-            return
-        engine = self.engine
-        if engine.response_phases:
-            engine.response_head(self, s, up, status, headers)
-            return
-        self.write_head(s, status_line(status), headers, False)
 
     def write_head(self, s: Session, line: bytes, headers: RawHeaders, rechunk: bool) -> None:
         """Writes a response head for ``s``: the status line, the end-to-end headers, and the
@@ -489,40 +445,9 @@ class H1Server(asyncio.Protocol):
         elif mode != MODE_NONE:
             self.send(data)
 
-    def upstream_body(self, data: bytes) -> None:
-        s = self.active
-        if s is None:
-            return
-        if self.held is not None:
-            self.held.append(data)
-            return
-        bf = self.engine.p_response_body_filter
-        if bf is not None:
-            data = self.engine.body_filter(s, data, False)
-        self.write_body(s, data)
-
-    def upstream_done(self, up: UpstreamConn) -> None:
-        if self.held is not None:
-            self.held_done = up
-            return
-        s = self.active
-        self.up = None
-        if s is None:
-            up.close()
-            return
-        if self.engine.p_response_body_filter is not None:
-            self.write_body(s, self.engine.body_filter(s, b"", True))
-        if s.resp_mode == MODE_CHUNKED and not self.closing:
-            self.send(b"0\r\n\r\n")
-        if up.keep_alive and (s.body_done or not s.has_body):
-            self.engine.pool.put(up)
-        else:
-            up.close()
-        self.finish(s)
-
     # -- upgrades: a byte tunnel after 101 -------------------------------------------------
 
-    def _switching_protocols(self, s: Session, headers: RawHeaders) -> None:
+    def switching_protocols(self, s: Session, headers: RawHeaders) -> None:
         """The origin accepted the upgrade: pass its 101 on, with the upgrade headers."""
         if s.upgrade is None:
             return  # the parser then reports an upgrade the client never asked for: 502
@@ -564,39 +489,6 @@ class H1Server(asyncio.Protocol):
             self.early.append(data)  # type: ignore[union-attr]
             if sum(map(len, self.early)) > EARLY_TUNNEL_BYTES:  # type: ignore[arg-type]
                 self._pause_reading()
-
-    def release_held(self) -> None:
-        """The response head went out: send the body that waited for it."""
-        held, self.held = self.held, None
-        for data in held or ():
-            self.upstream_body(data)
-        up, self.held_done = self.held_done, None
-        if up is not None:
-            self.upstream_done(up)
-
-    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
-        s = self.active
-        self.up = None
-        self.held = self.held_done = None
-        up.close()
-        if s is None:
-            return
-        if isinstance(exc, TimeoutError):
-            err = upstream_error(ErrorKind.READ_TIMEOUT, exc)
-        elif isinstance(exc, httptools.HttpParserError):
-            err = upstream_error(ErrorKind.INVALID_RESPONSE, exc)
-        else:
-            err = upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
-                                 RetryType.IF_REUSED if not up.got_bytes else RetryType.NEVER)
-        err.reused = s.upstream_reused
-        if not s.response_started:
-            self.engine.upstream_failed(self, s, err)
-            return
-        # The response has started: the client can only learn of it by an incomplete response.
-        s.error = err
-        s.keep_alive = False
-        self.close()
-        self.finish(s)
 
     # -- responses the proxy writes itself -----------------------------------------------
 

@@ -1,0 +1,185 @@
+"""What every downstream exchange does with its upstream, whatever the protocol.
+
+An *exchange* is one request and its response on the client's side: an HTTP/1.1 connection
+(one exchange at a time) or one HTTP/2 stream. The engine hands it an upstream connection
+(:meth:`Exchange.attach`); the upstream connection calls back with the response
+(``upstream_head`` / ``upstream_body`` / ``upstream_done`` / ``upstream_failed``). What differs
+between protocols is how a response is written (``write_head``, ``write_body``, ``end_body``,
+``respond``) and what ends an exchange (``finish``, ``close``); subclasses supply those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from shared.errors import ErrorKind, RetryType, upstream_error
+from shared.headers import RawHeaders
+from shared.session import Session
+
+if TYPE_CHECKING:
+    from worker.proxy import Engine
+    from worker.upstream import UpstreamConn
+
+STATUS_LINES: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
+}
+
+
+def status_line(status: int, reason: str | None = None) -> bytes:
+    """``HTTP/1.1 <status> <reason>`` with CRLF."""
+    if reason is None:
+        line = STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+
+class Exchange:
+    """The upstream side of an exchange; subclasses write responses in their protocol."""
+
+    engine: Engine
+    active: Session | None
+    up: UpstreamConn | None
+    closing: bool
+    write_paused: bool
+    held: list[bytes] | None
+    held_done: UpstreamConn | None
+    _drain_waiter: asyncio.Future[None] | None
+
+    # -- what a protocol supplies ----------------------------------------------------------
+
+    def write_head(self, s: Session, line: bytes, headers: RawHeaders, rechunk: bool) -> None:
+        raise NotImplementedError
+
+    def write_body(self, s: Session, data: bytes) -> None:
+        raise NotImplementedError
+
+    def end_body(self, s: Session) -> None:
+        """The response body is complete."""
+
+    def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:
+        raise NotImplementedError
+
+    def finish(self, s: Session) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def switching_protocols(self, s: Session, headers: RawHeaders) -> None:
+        """A 101 from the upstream; only HTTP/1.1 tunnels it."""
+
+    def begin_batch(self) -> None:
+        """Writes until :meth:`end_batch` may be collected into one."""
+
+    def end_batch(self) -> None:
+        """Writes what the batch collected."""
+
+    # -- flow control ----------------------------------------------------------------------
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            w = self._drain_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    async def wait_upstream_writable(self) -> None:
+        """Waits until the upstream connection takes writes again (or the exchange ends)."""
+        up = self.up
+        while up is not None and up.write_paused and not up.closed and not self.closing:
+            w = self._drain_waiter = asyncio.get_running_loop().create_future()
+            await w
+            self._drain_waiter = None
+            up = self.up
+
+    # -- the exchange --------------------------------------------------------------------
+
+    def attach(self, s: Session, up: UpstreamConn, head: bytes, read_timeout: float) -> None:
+        """Sends the request head on ``up``; its response comes back to this connection."""
+        self.up = up
+        up.start(self, head, s.method == b"HEAD", read_timeout)
+        if self.write_paused:
+            up.pause_reading()
+
+    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
+        s = self.active
+        if s is None:
+            return
+        if status == 101:
+            self.switching_protocols(s, headers)
+            return
+        engine = self.engine
+        if engine.response_phases:
+            engine.response_head(self, s, up, status, headers)
+            return
+        self.write_head(s, status_line(status), headers, False)
+
+    def upstream_body(self, data: bytes) -> None:
+        s = self.active
+        if s is None:
+            return
+        if self.held is not None:
+            self.held.append(data)
+            return
+        bf = self.engine.p_response_body_filter
+        if bf is not None:
+            data = self.engine.body_filter(s, data, False)
+        self.write_body(s, data)
+
+    def upstream_done(self, up: UpstreamConn) -> None:
+        if self.held is not None:
+            self.held_done = up
+            return
+        s = self.active
+        self.up = None
+        if s is None:
+            up.close()
+            return
+        if self.engine.p_response_body_filter is not None:
+            self.write_body(s, self.engine.body_filter(s, b"", True))
+        self.end_body(s)
+        if up.keep_alive and (s.body_done or not s.has_body):
+            self.engine.pool.put(up)
+        else:
+            up.close()
+        self.finish(s)
+
+    def release_held(self) -> None:
+        """The response head went out: send the body that waited for it."""
+        held, self.held = self.held, None
+        for data in held or ():
+            self.upstream_body(data)
+        up, self.held_done = self.held_done, None
+        if up is not None:
+            self.upstream_done(up)
+
+    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
+        s = self.active
+        self.up = None
+        self.held = self.held_done = None
+        up.close()
+        if s is None:
+            return
+        if isinstance(exc, TimeoutError):
+            err = upstream_error(ErrorKind.READ_TIMEOUT, exc)
+        elif isinstance(exc, httptools.HttpParserError):
+            err = upstream_error(ErrorKind.INVALID_RESPONSE, exc)
+        else:
+            err = upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
+                                 RetryType.IF_REUSED if not up.got_bytes else RetryType.NEVER)
+        err.reused = s.upstream_reused
+        if not s.response_started:
+            self.engine.upstream_failed(self, s, err)
+            return
+        # The response has started: the client can only learn of it by an incomplete response.
+        s.error = err
+        s.keep_alive = False
+        self.close()
+        self.finish(s)
+
