@@ -46,7 +46,8 @@ class Session:
         "upgrade",
         "max_body",
         # Request body.
-        "_body", "_body_size", "body_done", "body_bytes", "_body_waiter", "_body_error",
+        "_body", "_body_size", "body_done", "body_sent", "body_bytes", "_body_waiter",
+        "_body_error",
         "_continue_sent",
         # Proxy state.
         "ctx", "_req_header", "peer", "upstream_reused", "retries",
@@ -77,6 +78,8 @@ class Session:
         self._body: deque[bytes] | None = None
         self._body_size = 0
         self.body_done = False
+        #: The whole request body has been written to the upstream.
+        self.body_sent = False
         self.body_bytes = 0
         self._body_waiter: asyncio.Future[None] | None = None
         self._body_error: ProxyError | None = None

@@ -144,7 +144,8 @@ class Exchange:
         if self.engine.p_response_body_filter is not None:
             self.write_body(s, self.engine.body_filter(s, b"", True))
         self.end_body(s)
-        if up.keep_alive and (s.body_done or not s.has_body):
+        # Reusable only if the whole request body went up (an origin may answer first).
+        if up.keep_alive and (s.body_sent or not s.has_body):
             self.engine.pool.put(up)
         else:
             up.close()

@@ -32,6 +32,7 @@ from shared.errors import (
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
 from worker.exchange import STATUS_LINES, Exchange, status_line
+from worker.h2_server import PREFACE, H2Server
 
 if TYPE_CHECKING:
     from worker.proxy import Engine
@@ -125,6 +126,9 @@ class H1Server(Exchange, asyncio.Protocol):
         if tls is not None:
             self.tls = tls
             self.scheme = b"https"
+            if tls.selected_alpn_protocol() == "h2":
+                self._switch_to_h2(transport, b"")  # type: ignore[arg-type]
+                return
         self.last_active = time.monotonic()
         self.engine.connections.add(self)
         if self.engine.draining:
@@ -141,6 +145,12 @@ class H1Server(Exchange, asyncio.Protocol):
         if self.stop_parsing:
             if self.early is not None:
                 self._hold_early(data)
+            return
+        if not self.requests and self.current is None and data[:4] == b"PRI " and data.startswith(
+                PREFACE):
+            # HTTP/2 with prior knowledge (h2c) on a plaintext listener.
+            self.engine.connections.discard(self)
+            self._switch_to_h2(self.transport, data)  # type: ignore[arg-type]
             return
         continuing_head = self.in_head
         consumed = self.consumed
@@ -183,6 +193,15 @@ class H1Server(Exchange, asyncio.Protocol):
                 self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
         else:
             self.pending_head = 0
+
+    def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Hands the connection to the HTTP/2 protocol."""
+        h2 = H2Server(self.engine)
+        self.closing = True
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

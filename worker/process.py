@@ -35,8 +35,8 @@ from worker.h1_server import H1Server
 from worker.proxy import Engine
 from worker.tls import ServerTls
 
-#: ALPN protocols the listeners offer (HTTP/2 comes with its downstream protocol).
-SERVER_ALPN = ("http/1.1",)
+#: ALPN protocols the listeners offer, preferred first.
+SERVER_ALPN = ("h2", "http/1.1")
 
 HEARTBEAT_SECONDS = 1.0
 SWEEP_SECONDS = 1.0

@@ -334,6 +334,7 @@ class Engine:
             if end:
                 if chunked:
                     up.write(b"0\r\n\r\n")
+                s.body_sent = True
                 return
             if up.write_paused:
                 await conn.wait_upstream_writable()

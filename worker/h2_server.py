@@ -1,0 +1,487 @@
+"""The downstream HTTP/2 connection (the ``h2`` package): streams as exchanges.
+
+Theory of operation. :class:`H2Server` owns the connection and its ``H2Connection`` state
+machine; every request stream becomes an :class:`H2Stream`, an exchange like an HTTP/1.1
+connection, so the engine and the upstream side are the same for both protocols (an HTTP/2
+request goes upstream as HTTP/1.1). Response bodies respect HTTP/2 flow control: what the
+client's window does not take waits in the stream, and the stream's upstream stops being read
+until a WINDOW_UPDATE arrives. Request bodies are acknowledged (the client's window reopened)
+only as fast as they are sent on, so a slow upstream slows the client.
+
+Limits: at most ``MAX_CONCURRENT_STREAMS`` streams at once, a header list no larger than
+``limits.max_header_bytes``, and at most ``MAX_RESETS_PER_SECOND`` streams reset by the client
+per second: past that (the "rapid reset" attack, CVE-2023-44487) the connection gets GOAWAY
+ENHANCE_YOUR_CALM and is closed. On drain, GOAWAY tells the client to open no new streams;
+the connection closes once its streams are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import h2.events as ev
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+from shared.errors import ErrorKind, downstream_error
+from shared.headers import RawHeaders, ResponseHeader
+from shared.session import Session
+from worker.exchange import Exchange, status_line
+
+if TYPE_CHECKING:
+    from worker.proxy import Engine
+
+#: The client connection preface of HTTP/2 (RFC 9113 3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_CONCURRENT_STREAMS = 128
+#: Streams the client may reset per second before the connection is closed.
+MAX_RESETS_PER_SECOND = 200
+#: Response headers that are connection-specific, not allowed in HTTP/2 (RFC 9113 8.2.2).
+_H2_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+    b"te", b"trailer",
+})
+_MODE_NONE = 0
+_MODE_DATA = 1
+
+
+class H2Stream(Exchange):
+    """One request stream: the exchange the engine drives."""
+
+    def __init__(self, server: H2Server, stream_id: int) -> None:
+        # Global
+        self.engine = server.engine
+        self.server = server
+        # Per-stream
+        self.stream_id = stream_id
+        self.client_addr = server.client_addr
+        self.server_addr = server.server_addr
+        self.client_ip = server.client_ip
+        self.scheme = server.scheme
+        self.tls = server.tls
+        self.active: Session | None = None
+        self.up = None
+        self.closing = False
+        self.write_paused = server.write_paused
+        self.held: list[bytes] | None = None
+        self.held_done = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.pending: list[bytes] = []
+        self.pending_end = False
+        self.ended = False
+        self.body_paused = False
+        self.unacked = 0
+
+    # -- what the session needs ------------------------------------------------------------
+
+    def pause_body(self) -> None:
+        self.body_paused = True
+
+    def resume_body(self) -> None:
+        self.body_paused = False
+        if self.unacked and not self.closing:
+            self.server.ack(self.stream_id, self.unacked)
+            self.unacked = 0
+            self.server.flush()
+
+    def send_continue(self, s: Session) -> None:
+        """HTTP/2 clients send their body without waiting for 100 Continue."""
+
+    # -- writing the response ----------------------------------------------------------------
+
+    def write_head(self, s: Session, line: bytes, headers: RawHeaders, rechunk: bool) -> None:
+        s.response_started = True
+        status = s.status = int(line[9:12])
+        fields = [(b":status", b"%d" % status)]
+        for name, value in headers:
+            n = name.lower()
+            if n in _H2_DROP or (rechunk and n == b"content-length"):
+                continue
+            fields.append((n, value))
+        no_body = s.method == b"HEAD" or status == 204 or status == 304
+        s.resp_mode = _MODE_NONE if no_body else _MODE_DATA
+        if self.closing:
+            return
+        self.server.conn.send_headers(self.stream_id, fields, end_stream=no_body)
+        self.ended = no_body
+        self.server.flush()
+
+    def write_body(self, s: Session, data: bytes) -> None:
+        if not data or s.resp_mode == _MODE_NONE or self.closing:
+            return
+        s.resp_bytes += len(data)
+        if self.pending:
+            self.pending.append(data)
+            return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Sends what the flow-control window takes; keeps the rest and stops reading the
+        upstream until the window opens."""
+        conn = self.server.conn
+        sid = self.stream_id
+        frame = conn.max_outbound_frame_size
+        while data:
+            window = conn.local_flow_control_window(sid)
+            if window <= 0:
+                self.pending.append(data)
+                if self.up is not None:
+                    self.up.pause_reading()
+                break
+            n = min(window, frame, len(data))
+            conn.send_data(sid, data[:n])
+            data = data[n:]
+        self.server.flush()
+
+    def window_opened(self) -> None:
+        """WINDOW_UPDATE: send what waited."""
+        if not self.pending or self.closing:
+            return
+        pending, self.pending = self.pending, []
+        for i, data in enumerate(pending):
+            self._send(data)
+            if self.pending:
+                self.pending.extend(pending[i + 1:])
+                return
+        if self.pending_end:
+            self._end()
+        elif self.up is not None and not self.server.write_paused:
+            self.up.resume_reading()
+
+    def end_body(self, s: Session) -> None:
+        if self.ended or self.closing:
+            return
+        if self.pending:
+            self.pending_end = True
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.pending_end = False
+        self.server.conn.end_stream(self.stream_id)
+        self.server.flush()
+
+    def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:
+        if headers is None:
+            fields: RawHeaders = []
+        else:
+            h = ResponseHeader.build(status, headers)
+            fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in h
+                      if n.lower() != "content-length"]
+        fields.append((b"content-length", b"%d" % len(body)))
+        self.write_head(s, status_line(status), fields, False)
+        self.write_body(s, body)
+        self.end_body(s)
+
+    def begin_batch(self) -> None:
+        self.server.batching += 1
+
+    def end_batch(self) -> None:
+        self.server.batching -= 1
+        self.server.flush()
+
+    # -- the end of the exchange -----------------------------------------------------------
+
+    def finish(self, s: Session) -> None:
+        if s.response_done:
+            return
+        s.response_done = True
+        self.active = None
+        self.engine.request_done(s)
+        if not self.ended and not self.closing and not self.pending_end:
+            self.end_body(s)
+        self.server.stream_done(self)
+
+    def close(self) -> None:
+        """The response can't complete: reset the stream."""
+        if not self.closing:
+            self.closing = True
+            if not self.ended:
+                self.server.reset(self.stream_id)
+            self.pending.clear()
+
+    def reset_by_client(self) -> None:
+        """The client reset the stream (or the connection went away)."""
+        self.closing = True
+        self.pending.clear()
+        up, self.up = self.up, None
+        if up is not None:
+            up.detach()
+        s = self.active
+        if s is not None:
+            gone = downstream_error(ErrorKind.DOWNSTREAM_CLOSED, "stream reset")
+            s.fail_body(gone)
+            if not s.response_done:
+                s.error = s.error or gone
+                s.response_done = True
+                self.active = None
+                self.engine.request_done(s)
+        self.server.stream_done(self)
+
+
+class H2Server(asyncio.Protocol):
+    """One client connection speaking HTTP/2."""
+
+    def __init__(self, engine: Engine) -> None:
+        # Global
+        self.engine = engine
+        # Per-connection
+        self.transport: asyncio.Transport | None = None
+        config = H2Configuration(client_side=False, header_encoding=None)
+        self.conn = H2Connection(config=config)
+        self.streams: dict[int, H2Stream] = {}
+        self.client_addr: tuple[str, int] = ("", 0)
+        self.server_addr: tuple[str, int] = ("", 0)
+        self.client_ip = b""
+        self.tls: Any = None
+        self.scheme = b"http"
+        self.closing = False
+        self.draining = False
+        self.write_paused = False
+        self.batching = 0
+        self.last_active = 0.0
+        self.requests = 0
+        self._resets = 0
+        self._reset_second = 0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if peer:
+            self.client_addr = peer[:2]
+            self.client_ip = peer[0].encode()
+        if sock:
+            self.server_addr = sock[:2]
+        self.tls = transport.get_extra_info("ssl_object")
+        if self.tls is not None:
+            self.scheme = b"https"
+        self.last_active = time.monotonic()
+        self.engine.connections.add(self)  # type: ignore[arg-type]
+        self.conn.local_settings.max_concurrent_streams = MAX_CONCURRENT_STREAMS
+        self.conn.local_settings.max_header_list_size = self.engine.max_head
+        self.conn.initiate_connection()
+        self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                                   SettingCodes.MAX_HEADER_LIST_SIZE: self.engine.max_head})
+        if self.engine.draining:
+            self.drain()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.closing:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError:
+            self._abort(ErrorCodes.PROTOCOL_ERROR)
+            return
+        self.batching += 1
+        try:
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self.batching -= 1
+            self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.engine.connections.discard(self)  # type: ignore[arg-type]
+        for stream in list(self.streams.values()):
+            stream.reset_by_client()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            stream.write_paused = True
+            if stream.up is not None:
+                stream.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in self.streams.values():
+            stream.write_paused = False
+            if stream.up is not None and not stream.pending:
+                stream.up.resume_reading()
+
+    # -- events --------------------------------------------------------------------------
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RequestReceived):
+            self._request(event)
+        elif isinstance(event, ev.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            s = stream.active if stream is not None else None
+            if s is None or stream is None:
+                self.ack(event.stream_id, event.flow_controlled_length)
+                return
+            s.feed_body(event.data)
+            if stream.body_paused:
+                stream.unacked += event.flow_controlled_length
+            else:
+                self.ack(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, ev.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.active is not None:
+                stream.active.end_body()
+        elif isinstance(event, ev.StreamReset):
+            self._count_reset()
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.reset_by_client()
+        elif isinstance(event, ev.WindowUpdated):
+            if event.stream_id == 0:
+                for stream in list(self.streams.values()):
+                    stream.window_opened()
+            else:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.window_opened()
+        elif isinstance(event, ev.ConnectionTerminated):
+            self.close()
+
+    def _request(self, event: ev.RequestReceived) -> None:
+        sid = event.stream_id
+        if self.draining:
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, sid)
+        s = Session(stream)
+        s.start_time = time.time()
+        s.version = "2"
+        s.max_body = max_body = self.engine.max_body
+        fwd = s.fwd
+        raw = s.raw_headers
+        cookies: list[bytes] = []
+        authority = None
+        for name, value in event.headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    s.method = value
+                elif name == b":path":
+                    s.url = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"cookie":
+                cookies.append(value)
+                continue
+            raw.append((name, value))
+            if name == b"host":
+                authority = authority or value
+            elif name == b"content-length":
+                s.content_length = int(value)
+            elif name == b"x-forwarded-for":
+                s.xff = value if s.xff is None else s.xff + b", " + value
+            elif name in (b"te", b"x-forwarded-proto", b"x-forwarded-host", b"expect"):
+                pass
+            else:
+                fwd += (name, b": ", value, b"\r\n")
+        if cookies:
+            # HTTP/2 may split cookies; HTTP/1.1 wants one field (RFC 9113 8.2.3).
+            joined = b"; ".join(cookies)
+            raw.append((b"cookie", joined))
+            fwd += (b"cookie", b": ", joined, b"\r\n")
+        if authority is not None:
+            s.host_b = authority
+            fwd[:0] = (b"host", b": ", authority, b"\r\n")
+        ended = event.stream_ended is not None
+        if not ended and s.content_length is None:
+            s.chunked = True  # a body of unknown length goes upstream chunked
+        if max_body and s.content_length is not None and s.content_length > max_body:
+            s.error = downstream_error(ErrorKind.BODY_TOO_LARGE)
+        if not s.method or not s.url:
+            self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream.active = s
+        self.streams[sid] = stream
+        self.requests += 1
+        if ended:
+            s.end_body()
+        self.engine.start(stream, s)  # type: ignore[arg-type]
+
+    def _count_reset(self) -> None:
+        second = int(time.monotonic())
+        if second != self._reset_second:
+            self._reset_second = second
+            self._resets = 0
+        self._resets += 1
+        if self._resets > MAX_RESETS_PER_SECOND:
+            self.engine.log.warning("%s reset over %d streams in a second; closing",
+                                    self.client_addr[0], MAX_RESETS_PER_SECOND)
+            self._abort(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    # -- helpers for streams ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.batching or self.transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def ack(self, stream_id: int, size: int) -> None:
+        if size and not self.closing:
+            try:
+                self.conn.acknowledge_received_data(size, stream_id)
+            except ProtocolError:
+                pass
+
+    def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        try:
+            self.conn.reset_stream(stream_id, code)
+        except ProtocolError:
+            pass
+        self.flush()
+
+    def stream_done(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self.last_active = time.monotonic()
+        if self.draining and not self.streams:
+            self.close()
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _abort(self, code: ErrorCodes) -> None:
+        try:
+            self.conn.close_connection(code)
+        except ProtocolError:
+            pass
+        self.batching = 0
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def drain(self) -> None:
+        """GOAWAY: no new streams; close once the open ones are done."""
+        if self.draining or self.closing:
+            return
+        self.draining = True
+        try:
+            self.conn.close_connection(ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            pass
+        self.flush()
+        if not self.streams:
+            self.close()
+
+    def is_idle(self) -> bool:
+        return not self.streams
+
+    def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
+        if self.is_idle() and now - self.last_active >= (drain_idle if self.draining
+                                                          else keepalive):
+            self.close()
