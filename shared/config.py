@@ -138,6 +138,8 @@ class UpstreamConfig:
     hosts: list[str] = setting(
         [], "Host header values routed to this upstream by the load balancer; the first "
         "upstream also takes every other host.")
+    http2: bool = setting(
+        False, "Speak HTTP/2 to these servers (h2c prior knowledge; needed for gRPC).")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any
 from shared.app import ProxyHttp
 from shared.config import Config
 from shared.errors import ErrorKind, upstream_error
-from shared.peer import HttpPeer
+from shared.peer import HttpPeer, PeerOptions
 from shared.session import Session
 
 
@@ -51,7 +51,9 @@ class LoadBalancer(ProxyHttp):
         for upstream in config.upstreams.values():
             if not upstream.servers:
                 continue
-            rr = RoundRobin([HttpPeer(s) for s in upstream.servers], start=self.worker_id)
+            options = PeerOptions(http2=upstream.http2)
+            rr = RoundRobin([HttpPeer(s, options=options) for s in upstream.servers],
+                            start=self.worker_id)
             if self.default is None:
                 self.default = rr
             for host in upstream.hosts:

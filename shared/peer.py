@@ -60,7 +60,10 @@ class PeerOptions:
     write_timeout: float | None = None
     #: How long an idle connection to this peer may wait in the pool; None: the pool's setting.
     idle_timeout: float | None = None
-    #: ALPN protocols offered on a TLS connection.
+    #: Speak HTTP/2 to this peer: with ALPN h2 over TLS, with prior knowledge (h2c) without.
+    #: Requests are multiplexed on one connection; needed for gRPC (trailers).
+    http2: bool = False
+    #: ALPN protocols offered on a TLS connection (``("h2",)`` when ``http2``).
     alpn: tuple[str, ...] = ("http/1.1",)
     #: Verify the upstream certificate and host name (TLS only).
     verify_cert: bool = True
@@ -104,7 +107,7 @@ class HttpPeer:
             o = self.options
             key = self._key = (
                 self.host, self.port, self.tls, self.sni, o.verify_cert, o.verify_hostname,
-                o.ca_file, o.client_cert, o.client_key, o.alpn, self.group_key,
+                o.ca_file, o.client_cert, o.client_key, o.alpn, o.http2, self.group_key,
             )
         return key
 

@@ -53,6 +53,7 @@ class Session:
         "ctx", "_req_header", "peer", "upstream_reused", "retries",
         # Response state.
         "response_started", "response_done", "status", "resp_bytes", "error", "resp_mode",
+        "trailers",
         "__weakref__",
     )
 
@@ -95,6 +96,8 @@ class Session:
         self.resp_bytes = 0
         self.error: ProxyError | None = None
         self.resp_mode = 0
+        #: Trailer fields of the upstream response, if it had any.
+        self.trailers: RawHeaders | None = None
 
     # -- the request, for phases ---------------------------------------------------------
 

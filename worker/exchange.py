@@ -72,6 +72,12 @@ class Exchange:
     def close(self) -> None:
         raise NotImplementedError
 
+    def upstream_trailers(self, headers: RawHeaders) -> None:
+        """Trailer fields after the upstream's body (gRPC's status); sent with the end."""
+        s = self.active
+        if s is not None:
+            s.trailers = list(headers)
+
     def switching_protocols(self, s: Session, headers: RawHeaders) -> None:
         """A 101 from the upstream; only HTTP/1.1 tunnels it."""
 

@@ -372,7 +372,14 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def end_body(self, s: Session) -> None:
         if s.resp_mode == MODE_CHUNKED and not self.closing:
-            self.send(b"0\r\n\r\n")
+            if s.trailers:
+                lines = [b"0\r\n"]
+                for name, value in s.trailers:
+                    lines += (name, b": ", value, b"\r\n")
+                lines.append(b"\r\n")
+                self.send(b"".join(lines))
+            else:
+                self.send(b"0\r\n\r\n")
 
     # -- the exchange --------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class H2Stream(Exchange):
         self.ended = False
         self.body_paused = False
         self.unacked = 0
+        self.trailers: RawHeaders | None = None
 
     # -- what the session needs ------------------------------------------------------------
 
@@ -103,7 +104,8 @@ class H2Stream(Exchange):
             if n in _H2_DROP or (rechunk and n == b"content-length"):
                 continue
             fields.append((n, value))
-        no_body = s.method == b"HEAD" or status == 204 or status == 304
+        no_body = (s.method == b"HEAD" or status == 204 or status == 304
+                   or getattr(self.up, "ended_with_head", False))
         s.resp_mode = _MODE_NONE if no_body else _MODE_DATA
         if self.closing:
             return
@@ -156,6 +158,7 @@ class H2Stream(Exchange):
     def end_body(self, s: Session) -> None:
         if self.ended or self.closing:
             return
+        self.trailers = s.trailers
         if self.pending:
             self.pending_end = True
         else:
@@ -164,7 +167,12 @@ class H2Stream(Exchange):
     def _end(self) -> None:
         self.ended = True
         self.pending_end = False
-        self.server.conn.end_stream(self.stream_id)
+        trailers = self.trailers
+        if trailers:
+            fields = [(n.lower(), v) for n, v in trailers if n.lower() not in _H2_DROP]
+            self.server.conn.send_headers(self.stream_id, fields, end_stream=True)
+        else:
+            self.server.conn.end_stream(self.stream_id)
         self.server.flush()
 
     def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:

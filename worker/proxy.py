@@ -34,6 +34,7 @@ from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
 from worker.tls import ClientTls
 from worker.upstream import Pool, UpstreamConn
+from worker.upstream_h2 import UpstreamH2Conn
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -46,6 +47,10 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 _UPSTREAM_DROP = ("connection", "keep-alive", "proxy-connection", "te", "trailer",
                   "transfer-encoding", "upgrade", "expect", "content-length",
                   "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for")
+#: Request headers not sent to an HTTP/2 upstream (connection-specific, RFC 9113 8.2.2;
+#: Host becomes :authority).
+_H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te",
+                               "transfer-encoding", "upgrade", "content-length"})
 #: An idle connection of a draining worker is closed after idling this long (seconds).
 DRAIN_IDLE_SECONDS = 1.0
 
@@ -164,12 +169,19 @@ class Engine:
             peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
             if self.a_upstream_peer:
                 peer = await peer
-            up = pool.get(peer.pool_key)
-            if up is not None:
-                reused = True
-                break
+            if peer.options.http2:
+                up = pool.h2.stream(peer.pool_key)
+                if up is not None:
+                    reused = True
+                    break
+            else:
+                up = pool.get(peer.pool_key)
+                if up is not None:
+                    reused = True
+                    break
             broker = self.broker
-            if broker is not None and not peer.tls and broker.may_have(peer.pool_key):
+            if (broker is not None and not peer.tls and not peer.options.http2
+                    and broker.may_have(peer.pool_key)):
                 up = await self.borrow(peer)
                 if up is not None:
                     reused = True
@@ -187,7 +199,10 @@ class Engine:
             reused = False
             break
         if conn.closing:
-            pool.put(up)
+            if peer.options.http2:
+                up.close()
+            else:
+                pool.put(up)
             return
         s.peer = peer
         s.upstream_reused = reused
@@ -195,8 +210,13 @@ class Engine:
             r = self.p_connected_to_upstream(s, reused, peer, ctx)
             if self.a_connected:
                 await r
+        head: Any
         if self.p_upstream_request_filter is not None or s._req_header is not None:
-            head = await self.filtered_request_head(conn, s, peer)
+            req = await self.filtered_request(conn, s, peer)
+            head = (self.h2_fields(req, s, peer) if peer.options.http2
+                    else req.encode_head()[:-2] + self._framing(s) + b"\r\n")
+        elif peer.options.http2:
+            head = self.h2_fields(self.plain_request(conn, s, peer), s, peer)
         else:
             head = self.request_head(conn, s, peer)
         read_timeout = peer.options.read_timeout or self.read_timeout
@@ -232,9 +252,14 @@ class Engine:
         return up
 
     async def connect(self, peer: HttpPeer) -> UpstreamConn:
-        """A new connection to ``peer``; raises :class:`ProxyError` on failure."""
+        """A new connection to ``peer`` (for HTTP/2: a stream on a new connection); raises
+        :class:`ProxyError` on failure."""
         loop = self.loop
-        up = UpstreamConn(peer.pool_key, self.pool)
+        up: Any
+        if peer.options.http2:
+            up = UpstreamH2Conn(peer.pool_key, self.pool)
+        else:
+            up = UpstreamConn(peer.pool_key, self.pool)
         timeout = peer.options.connect_timeout or self.connect_timeout
         if peer.tls:
             ctx = self.client_tls.context(peer)
@@ -261,6 +286,13 @@ class Engine:
         finally:
             timer.cancel()
         self.pool.created += 1
+        if peer.options.http2:
+            if peer.tls and up.transport.get_extra_info("ssl_object").selected_alpn_protocol(
+                    ) != "h2":
+                up.close()
+                raise upstream_error(ErrorKind.TLS_ERROR, f"{peer} did not agree to HTTP/2")
+            self.pool.h2.add(up)
+            return up.open_stream()  # type: ignore[no-any-return]
         return up
 
     def _framing(self, s: Session) -> bytes:
@@ -286,8 +318,8 @@ class Engine:
                     b"\r\nX-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
         return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
 
-    async def filtered_request_head(self, conn: H1Server, s: Session, peer: HttpPeer) -> bytes:
-        """The upstream request head through ``upstream_request_filter``."""
+    def plain_request(self, conn: H1Server, s: Session, peer: HttpPeer) -> RequestHeader:
+        """The upstream request as an object (hop-by-hop headers out, X-Forwarded-* in)."""
         src = s.req_header
         req = RequestHeader(src.method, src.path, "1.1", src.items())
         tokens = [t.decode("latin-1") for t in s.conn_tokens or ()]
@@ -302,17 +334,45 @@ class Engine:
             req.append("Host", format_address(peer.host, peer.port))
         else:
             req.append("X-Forwarded-Host", host)
+        return req
+
+    async def filtered_request(self, conn: H1Server, s: Session, peer: HttpPeer
+                               ) -> RequestHeader:
+        """The upstream request through ``upstream_request_filter``."""
+        req = self.plain_request(conn, s, peer)
         if self.p_upstream_request_filter is not None:
             r = self.p_upstream_request_filter(s, req, s.ctx)
             if self.a_upstream_request:
                 await r
         for name in ("content-length", "transfer-encoding"):
             req.remove(name)
-        return req.encode_head()[:-2] + self._framing(s) + b"\r\n"
+        return req
+
+    @staticmethod
+    def h2_fields(req: RequestHeader, s: Session, peer: HttpPeer) -> list[tuple[bytes, bytes]]:
+        """The upstream request as HTTP/2 header fields (lower-case names, pseudo-headers)."""
+        authority = req.get("host") or format_address(peer.host, peer.port)
+        fields = [(b":method", req.method.encode()), (b":scheme", b"https" if peer.tls
+                                                       else b"http"),
+                  (b":authority", authority.encode("latin-1")),
+                  (b":path", req.path.encode("latin-1"))]
+        for name, value in req:
+            n = name.lower()
+            if n not in _H2_UPSTREAM_DROP:
+                fields.append((n.encode("latin-1"), value.encode("latin-1")))
+        # gRPC needs to know that trailers will be read (RFC 9113 8.2.2 allows te: trailers).
+        for name, value in s.raw_headers:
+            if name.lower() == b"te" and b"trailers" in value.lower():
+                fields.append((b"te", b"trailers"))
+                break
+        if s.content_length is not None:
+            fields.append((b"content-length", b"%d" % s.content_length))
+        return fields
 
     async def send_body(self, conn: H1Server, s: Session, up: UpstreamConn) -> None:
         """Streams the request body upstream, pausing while the upstream is not writable."""
-        chunked = s.chunked or self.p_request_body_filter is not None
+        h2 = up.h2
+        chunked = not h2 and (s.chunked or self.p_request_body_filter is not None)
         body_filter = self.p_request_body_filter
         while True:
             chunk = await s.read_body_chunk()
@@ -334,6 +394,8 @@ class Engine:
             if end:
                 if chunked:
                     up.write(b"0\r\n\r\n")
+                elif h2:
+                    up.end()  # type: ignore[attr-defined]
                 s.body_sent = True
                 return
             if up.write_paused:

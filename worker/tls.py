@@ -136,7 +136,8 @@ class ClientTls:
 
     def context(self, peer: HttpPeer) -> ssl.SSLContext:
         o = peer.options
-        key = (o.verify_cert, o.verify_hostname, o.ca_file, o.client_cert, o.client_key, o.alpn)
+        alpn = ("h2",) if o.http2 else o.alpn
+        key = (o.verify_cert, o.verify_hostname, o.ca_file, o.client_cert, o.client_key, alpn)
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(cafile=o.ca_file)
@@ -148,7 +149,7 @@ class ClientTls:
                 ctx.verify_mode = ssl.CERT_NONE
             if o.client_cert:
                 ctx.load_cert_chain(o.client_cert, o.client_key)
-            if o.alpn:
-                ctx.set_alpn_protocols(list(o.alpn))
+            if alpn:
+                ctx.set_alpn_protocols(list(alpn))
             self._contexts[key] = ctx
         return ctx

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import httptools
 
 from shared.headers import RawHeaders
+from worker.upstream_h2 import H2Pool, UpstreamH2Conn
 
 
 class ResponseHandler(Protocol):
@@ -40,6 +41,9 @@ class _StopAfterHead(Exception):
 
 class UpstreamConn(asyncio.Protocol):
     """A client connection to one upstream server."""
+
+    #: Not an HTTP/2 stream (see worker/upstream_h2.py).
+    h2 = False
 
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
@@ -297,6 +301,8 @@ class Pool:
         self.busy: set[UpstreamConn] = set()
         #: Gives connections to the pool broker; None when the pool is not shared.
         self.donor: Donor | None = None
+        #: Upstream HTTP/2 connections (shared by many requests at once).
+        self.h2 = H2Pool()
         # Counters
         self.requests = 0
         self.created = 0
@@ -341,6 +347,9 @@ class Pool:
                 if not stack:
                     del self._idle[up.key]
 
+    def h2_closed(self, conn: UpstreamH2Conn) -> None:
+        self.h2.remove(conn)
+
     def _give_away(self, conns: list[UpstreamConn]) -> None:
         """Donates connections to the broker (when shared), else closes them."""
         if self.donor is not None:
@@ -371,6 +380,7 @@ class Pool:
 
     def close_all(self) -> None:
         """Worker exit: idle connections go to the broker (when shared) or are closed."""
+        self.h2.close_all()
         conns = list(self._order)
         for up in conns:
             self.discard(up)

@@ -1,0 +1,335 @@
+"""HTTP/2 to upstreams: one connection per origin per worker, many requests multiplexed on it.
+
+An :class:`UpstreamH2Conn` is one connection; each request on it is an :class:`UpstreamH2Stream`,
+which offers the engine the same interface as an HTTP/1.1 :class:`~worker.upstream.UpstreamConn`
+(``start``, ``write``, ``end``, ``pause_reading``, ``detach`` ...), so the engine and the
+downstream exchanges need not know which protocol the upstream speaks. Trailers (gRPC's
+``grpc-status``) reach the exchange through ``upstream_trailers``.
+
+The pool tells a connection with free streams from a full one: :class:`H2Pool` hands out a new
+stream on the least busy live connection for the key while it has room under the server's
+SETTINGS_MAX_CONCURRENT_STREAMS, and a new connection is made only when none has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import h2.events as ev
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+
+if TYPE_CHECKING:
+    from worker.upstream import Pool, ResponseHandler
+
+#: Streams opened on one upstream connection when the server sets no limit.
+DEFAULT_MAX_STREAMS = 100
+
+
+class UpstreamH2Stream:
+    """One request on an upstream HTTP/2 connection."""
+
+    h2 = True
+
+    def __init__(self, conn: UpstreamH2Conn, stream_id: int) -> None:
+        self.conn = conn
+        self.key = conn.key
+        self.stream_id = stream_id
+        self.handler: ResponseHandler | None = None
+        self.closed = False
+        self.write_paused = False
+        self.got_bytes = False
+        self.keep_alive = True
+        self.status = 0
+        self.deadline = 0.0
+        self.read_timeout = 60.0
+        self.pending: list[bytes] = []
+        self.pending_end = False
+        self.paused = False
+        self.held: list[ev.Event] = []
+        self.transport = conn.transport
+        #: The response was headers only, ended at once (gRPC's "trailers-only" errors).
+        self.ended_with_head = False
+
+    # -- what the engine and the exchange call ---------------------------------------------
+
+    def start(self, handler: ResponseHandler, head: Any, head_only: bool,
+              read_timeout: float) -> None:
+        """Sends the request headers (``head``: a list of byte pairs with pseudo-headers)."""
+        self.handler = handler
+        self.read_timeout = read_timeout
+        self.deadline = time.monotonic() + read_timeout
+        self.conn.pool.requests += 1
+        self.conn.pool.busy.add(self)  # type: ignore[arg-type]
+        end = not handler.active.has_body  # type: ignore[attr-defined]
+        self.conn.h2.send_headers(self.stream_id, head, end_stream=end)
+        self.conn.flush()
+
+    def write(self, data: bytes) -> None:
+        """Sends request body bytes (within the flow-control window; the rest waits)."""
+        if self.closed:
+            return
+        if self.pending:
+            self.pending.append(data)
+            return
+        self._send(data)
+
+    def end(self) -> None:
+        """The request body is complete."""
+        if self.closed:
+            return
+        if self.pending:
+            self.pending_end = True
+            return
+        try:
+            self.conn.h2.end_stream(self.stream_id)
+        except ProtocolError:
+            pass
+        self.conn.flush()
+
+    def _send(self, data: bytes) -> None:
+        h2 = self.conn.h2
+        while data:
+            window = min(h2.local_flow_control_window(self.stream_id),
+                         h2.max_outbound_frame_size)
+            if window <= 0:
+                self.pending.append(data)
+                self.write_paused = True
+                break
+            h2.send_data(self.stream_id, data[:window])
+            data = data[window:]
+        self.conn.flush()
+
+    def window_opened(self) -> None:
+        pending, self.pending = self.pending, []
+        for i, data in enumerate(pending):
+            self._send(data)
+            if self.pending:
+                self.pending.extend(pending[i + 1:])
+                return
+        self.write_paused = False
+        if self.pending_end:
+            self.pending_end = False
+            self.end()
+        if self.handler is not None:
+            self.handler.upstream_writable(True)
+
+    def pause_reading(self) -> None:
+        """Stops acknowledging response data, so the server's window closes."""
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            held, self.held = self.held, []
+            for event in held:
+                self.on_event(event)
+
+    def detach(self) -> None:
+        """The client went away: reset the stream."""
+        self.handler = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.conn.pool.busy.discard(self)  # type: ignore[arg-type]
+            self.conn.stream_closed(self, reset=True)
+
+    def timed_out(self) -> None:
+        self._fail(TimeoutError("upstream read timeout"))
+
+    def donatable(self) -> bool:
+        return False
+
+    # -- events from the connection ----------------------------------------------------------
+
+    def on_event(self, event: ev.Event) -> None:
+        if self.paused and isinstance(event, (ev.DataReceived, ev.TrailersReceived,
+                                              ev.StreamEnded)):
+            self.held.append(event)
+            return
+        handler = self.handler
+        self.got_bytes = True
+        self.deadline = time.monotonic() + self.read_timeout
+        if isinstance(event, ev.ResponseReceived):
+            status = 0
+            headers = []
+            for name, value in event.headers:
+                if name == b":status":
+                    status = int(value)
+                elif name[:1] != b":":
+                    headers.append((name, value))
+            if status < 200:
+                return
+            self.status = status
+            self.ended_with_head = event.stream_ended is not None
+            if handler is not None:
+                handler.upstream_head(self, status, headers)  # type: ignore[arg-type]
+        elif isinstance(event, ev.DataReceived):
+            self.conn.ack(self.stream_id, event.flow_controlled_length)
+            if handler is not None:
+                handler.upstream_body(event.data)
+        elif isinstance(event, ev.TrailersReceived):
+            if handler is not None:
+                handler.upstream_trailers(event.headers)  # type: ignore[attr-defined]
+        elif isinstance(event, ev.StreamEnded):
+            self._finish()
+        elif isinstance(event, ev.StreamReset):
+            self._fail(ConnectionResetError(f"stream reset by the upstream ({event.error_code})"))
+
+    def _finish(self) -> None:
+        handler = self.handler
+        self.handler = None
+        self.closed = True
+        self.conn.pool.busy.discard(self)  # type: ignore[arg-type]
+        self.conn.stream_closed(self, reset=False)
+        if handler is not None:
+            handler.upstream_done(self)  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        handler = self.handler
+        self.handler = None
+        self.close()
+        if handler is not None:
+            handler.upstream_failed(self, exc)  # type: ignore[arg-type]
+
+
+class UpstreamH2Conn(asyncio.Protocol):
+    """One HTTP/2 client connection to an upstream."""
+
+    def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
+        self.key = key
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
+        self.streams: dict[int, UpstreamH2Stream] = {}
+        self.closed = False
+        self.batching = 0
+
+    @property
+    def capacity(self) -> int:
+        limit = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
+        return min(limit, DEFAULT_MAX_STREAMS) - len(self.streams)
+
+    def open_stream(self) -> UpstreamH2Stream:
+        stream = UpstreamH2Stream(self, self.h2.get_next_available_stream_id())
+        stream.transport = self.transport
+        self.streams[stream.stream_id] = stream
+        return stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:
+            self._fail_all(e)
+            return
+        handlers = {s.handler for s in self.streams.values() if s.handler is not None}
+        for h in handlers:
+            h.begin_batch()
+        try:
+            for event in events:
+                sid = getattr(event, "stream_id", 0)
+                if isinstance(event, ev.WindowUpdated):
+                    targets = list(self.streams.values()) if sid == 0 else [
+                        s for s in (self.streams.get(sid),) if s is not None]
+                    for stream in targets:
+                        if stream.pending:
+                            stream.window_opened()
+                elif isinstance(event, ev.ConnectionTerminated):
+                    self._goaway(event)
+                elif sid and sid in self.streams:
+                    self.streams[sid].on_event(event)
+        finally:
+            self.flush()
+            for h in handlers:
+                h.end_batch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.h2_closed(self)
+        self._fail_all(exc or ConnectionResetError("upstream closed the connection"))
+
+    def _goaway(self, event: ev.ConnectionTerminated) -> None:
+        # Streams above the last one the server will process can be retried elsewhere.
+        self.closed = True
+        self.pool.h2_closed(self)
+        last = event.last_stream_id or 0
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                stream._fail(ConnectionResetError("GOAWAY from the upstream"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in list(self.streams.values()):
+            stream._fail(exc)
+        self.streams.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def stream_closed(self, stream: UpstreamH2Stream, reset: bool) -> None:
+        self.streams.pop(stream.stream_id, None)
+        if reset:
+            try:
+                self.h2.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
+            except ProtocolError:
+                pass
+            self.flush()
+
+    def ack(self, stream_id: int, size: int) -> None:
+        if size:
+            try:
+                self.h2.acknowledge_received_data(size, stream_id)
+            except ProtocolError:
+                pass
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.h2_closed(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class H2Pool:
+    """Live upstream HTTP/2 connections by pool key (a worker's)."""
+
+    def __init__(self) -> None:
+        self._conns: dict[tuple[Any, ...], list[UpstreamH2Conn]] = {}
+
+    def stream(self, key: tuple[Any, ...]) -> UpstreamH2Stream | None:
+        """A new stream on a live connection with room, or None."""
+        best = None
+        for conn in self._conns.get(key, ()):
+            if not conn.closed and conn.capacity > 0 and (
+                    best is None or conn.capacity > best.capacity):
+                best = conn
+        return best.open_stream() if best is not None else None
+
+    def add(self, conn: UpstreamH2Conn) -> None:
+        self._conns.setdefault(conn.key, []).append(conn)
+
+    def remove(self, conn: UpstreamH2Conn) -> None:
+        conns = self._conns.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[conn.key]
+
+    def close_all(self) -> None:
+        for conns in list(self._conns.values()):
+            for conn in list(conns):
+                conn.close()
