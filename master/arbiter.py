@@ -56,7 +56,7 @@ KILL_GRACE_SECONDS = 2.0
 #: After the grace period of a stop, how long to wait for workers before SIGKILL.
 STOP_MARGIN_SECONDS = 2.0
 
-_SIGNALS = {
+_SIGNALS: dict[int, str] = {
     signal.SIGTERM: "term", signal.SIGQUIT: "quit", signal.SIGINT: "int",
     signal.SIGHUP: "hup", signal.SIGUSR1: "usr1", signal.SIGUSR2: "usr2",
     signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGCHLD: "chld",
@@ -696,7 +696,7 @@ class Arbiter:
                 "requests": w.requests, "active_requests": w.active_requests,
                 "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
             })
-        totals = dict(self.retired_counts)
+        totals: dict[str, Any] = dict(self.retired_counts)
         for w in self.workers.values():
             for name, value in w.pool.items():
                 totals[name] += value

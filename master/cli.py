@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from master import control
 from master.arbiter import Arbiter, StartError
@@ -163,7 +164,7 @@ def _status_from_pid(pid: int) -> dict[str, object]:
             "workers": workers}
 
 
-def _print_status(data: dict[str, object], as_json: bool) -> None:
+def _print_status(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return
@@ -173,7 +174,8 @@ def _print_status(data: dict[str, object], as_json: bool) -> None:
         print("listening on " + ", ".join(data["listeners"]))  # type: ignore[arg-type]
     print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'age s':>8} {'rss MiB':>8} {'cpu s':>8} "
           f"{'conns':>6} {'requests':>9}  state")
-    for w in data.get("workers", []):  # type: ignore[union-attr]
+    workers: list[dict[str, Any]] = data.get("workers", [])  # type: ignore[assignment]
+    for w in workers:
         state = "draining" if w.get("draining") else ("ready" if w.get("ready", True)
                                                       else "starting")
         print(f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "

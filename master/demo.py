@@ -8,6 +8,7 @@ has something to balance. They speak keep-alive HTTP/1.1 and answer any request 
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 
@@ -56,14 +57,19 @@ class DemoOrigin(asyncio.Protocol):
 
 async def serve(addresses: list[str]) -> None:
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def on_signal() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, on_signal)
     servers = []
     for address in addresses:
         host, port = parse_address(address)
         servers.append(await loop.create_server(
-            lambda a=address: DemoOrigin(a), host, port, reuse_address=True))
+            functools.partial(DemoOrigin, address), host, port, reuse_address=True))
     print("ready", flush=True)
     await stop
     for server in servers:

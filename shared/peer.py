@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``"127.0.0.1:80"``, ``"[::1]:80"`` or ``"localhost:80"`` as ``(host, port)``.
 

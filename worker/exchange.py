@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import http
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import httptools
 
 from shared.errors import ErrorKind, RetryType, upstream_error
 from shared.headers import RawHeaders
 from shared.session import Session
+from worker.upstream import UpstreamConn
 
 if TYPE_CHECKING:
     from worker.proxy import Engine
-    from worker.upstream import UpstreamConn
+    from worker.upstream_h2 import UpstreamH2Stream
+
+    #: An upstream exchange: an HTTP/1.1 connection or an HTTP/2 stream.
+    Upstream: TypeAlias = UpstreamConn | UpstreamH2Stream
 
 STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
@@ -45,11 +49,14 @@ class Exchange:
 
     engine: Engine
     active: Session | None
-    up: UpstreamConn | None
+    up: Upstream | None
     closing: bool
+    client_ip: bytes
+    client_addr: tuple[str, int]
+    scheme: bytes
     write_paused: bool
     held: list[bytes] | None
-    held_done: UpstreamConn | None
+    held_done: Upstream | None
     _drain_waiter: asyncio.Future[None] | None
 
     # -- what a protocol supplies ----------------------------------------------------------
@@ -81,6 +88,16 @@ class Exchange:
     def switching_protocols(self, s: Session, headers: RawHeaders) -> None:
         """A 101 from the upstream; only HTTP/1.1 tunnels it."""
 
+    def tunnel_started(self, up: UpstreamConn) -> None:
+        """After a 101: only HTTP/1.1 tunnels."""
+        raise NotImplementedError
+
+    def tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def tunnel_closed(self) -> None:
+        raise NotImplementedError
+
     def begin_batch(self) -> None:
         """Writes until :meth:`end_batch` may be collected into one."""
 
@@ -106,14 +123,14 @@ class Exchange:
 
     # -- the exchange --------------------------------------------------------------------
 
-    def attach(self, s: Session, up: UpstreamConn, head: bytes, read_timeout: float) -> None:
+    def attach(self, s: Session, up: Upstream, head: Any, read_timeout: float) -> None:
         """Sends the request head on ``up``; its response comes back to this connection."""
         self.up = up
         up.start(self, head, s.method == b"HEAD", read_timeout)
         if self.write_paused:
             up.pause_reading()
 
-    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
+    def upstream_head(self, up: Upstream, status: int, headers: RawHeaders) -> None:
         s = self.active
         if s is None:
             return
@@ -138,7 +155,7 @@ class Exchange:
             data = self.engine.body_filter(s, data, False)
         self.write_body(s, data)
 
-    def upstream_done(self, up: UpstreamConn) -> None:
+    def upstream_done(self, up: Upstream) -> None:
         if self.held is not None:
             self.held_done = up
             return
@@ -151,7 +168,7 @@ class Exchange:
             self.write_body(s, self.engine.body_filter(s, b"", True))
         self.end_body(s)
         # Reusable only if the whole request body went up (an origin may answer first).
-        if up.keep_alive and (s.body_sent or not s.has_body):
+        if isinstance(up, UpstreamConn) and up.keep_alive and (s.body_sent or not s.has_body):
             self.engine.pool.put(up)
         else:
             up.close()
@@ -166,7 +183,7 @@ class Exchange:
         if up is not None:
             self.upstream_done(up)
 
-    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
+    def upstream_failed(self, up: Upstream, exc: BaseException | None) -> None:
         s = self.active
         self.up = None
         self.held = self.held_done = None

@@ -35,6 +35,7 @@ from worker.exchange import STATUS_LINES, Exchange, status_line
 from worker.h2_server import PREFACE, H2Server
 
 if TYPE_CHECKING:
+    from worker.exchange import Upstream
     from worker.proxy import Engine
     from worker.upstream import UpstreamConn
 
@@ -84,7 +85,7 @@ class H1Server(Exchange, asyncio.Protocol):
         self.current: Session | None = None
         self.active: Session | None = None
         self.pipeline: deque[Session] | None = None
-        self.up: UpstreamConn | None = None
+        self.up: Upstream | None = None
         self.closing = False
         self.draining = False
         self.reading_paused = False
@@ -100,7 +101,7 @@ class H1Server(Exchange, asyncio.Protocol):
         self.out: list[bytes] = []
         # While an async response phase runs, the response body waits here.
         self.held: list[bytes] | None = None
-        self.held_done: UpstreamConn | None = None
+        self.held_done: Upstream | None = None
         # Upgrade (WebSocket): client bytes that came before the tunnel, then the tunnel.
         self.early: list[bytes] | None = None
         self.tunnel: asyncio.Transport | None = None

@@ -34,11 +34,12 @@ from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
 from worker.tls import ClientTls
 from worker.upstream import Pool, UpstreamConn
-from worker.upstream_h2 import UpstreamH2Conn
+from worker.upstream_h2 import UpstreamH2Conn, UpstreamH2Stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
+    from worker.exchange import Exchange, Upstream
     from worker.h1_server import H1Server
 
 #: Methods whose request may be sent twice without changing its meaning (RFC 9110 9.2.2).
@@ -126,14 +127,14 @@ class Engine:
         else:
             _step(coro)
 
-    def start(self, conn: H1Server, s: Session) -> None:
+    def start(self, conn: Exchange, s: Session) -> None:
         """A request head is complete and its turn has come."""
         self.active_requests += 1
         self.drive(self.run(conn, s))
 
     # -- the request side ----------------------------------------------------------------
 
-    async def run(self, conn: H1Server, s: Session) -> None:
+    async def run(self, conn: Exchange, s: Session) -> None:
         try:
             ctx = s.ctx = self.new_ctx() if self.new_ctx is not None else None
             if s.error is not None:
@@ -161,10 +162,11 @@ class Engine:
             self.log.exception("app error on %s %s", s.method.decode(), s.url[:200])
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
-    async def proxy_to_upstream(self, conn: H1Server, s: Session) -> None:
+    async def proxy_to_upstream(self, conn: Exchange, s: Session) -> None:
         """Chooses a peer, gets a connection and sends the request (retrying what may be)."""
         ctx = s.ctx
         pool = self.pool
+        up: Upstream | None
         while True:
             peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
             if self.a_upstream_peer:
@@ -199,10 +201,10 @@ class Engine:
             reused = False
             break
         if conn.closing:
-            if peer.options.http2:
-                up.close()
-            else:
+            if isinstance(up, UpstreamConn):
                 pool.put(up)
+            else:
+                up.close()
             return
         s.peer = peer
         s.upstream_reused = reused
@@ -224,11 +226,11 @@ class Engine:
         if s.has_body:
             await self.send_body(conn, s, up)
 
-    def retry(self, conn: H1Server, s: Session) -> None:
+    def retry(self, conn: Exchange, s: Session) -> None:
         """Sends the request again after its reused connection died before answering."""
         self.drive(self._retry(conn, s))
 
-    async def _retry(self, conn: H1Server, s: Session) -> None:
+    async def _retry(self, conn: Exchange, s: Session) -> None:
         try:
             await self.proxy_to_upstream(conn, s)
         except ProxyError as e:
@@ -304,7 +306,7 @@ class Engine:
             return b"Content-Length: %d\r\n" % s.content_length
         return b""
 
-    def request_head(self, conn: H1Server, s: Session, peer: HttpPeer) -> bytes:
+    def request_head(self, conn: Exchange, s: Session, peer: HttpPeer) -> bytes:
         """The upstream request head, from the request as parsed (fast path)."""
         ip = conn.client_ip
         xff = ip if s.xff is None else s.xff + b", " + ip
@@ -318,7 +320,7 @@ class Engine:
                     b"\r\nX-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
         return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
 
-    def plain_request(self, conn: H1Server, s: Session, peer: HttpPeer) -> RequestHeader:
+    def plain_request(self, conn: Exchange, s: Session, peer: HttpPeer) -> RequestHeader:
         """The upstream request as an object (hop-by-hop headers out, X-Forwarded-* in)."""
         src = s.req_header
         req = RequestHeader(src.method, src.path, "1.1", src.items())
@@ -336,7 +338,7 @@ class Engine:
             req.append("X-Forwarded-Host", host)
         return req
 
-    async def filtered_request(self, conn: H1Server, s: Session, peer: HttpPeer
+    async def filtered_request(self, conn: Exchange, s: Session, peer: HttpPeer
                                ) -> RequestHeader:
         """The upstream request through ``upstream_request_filter``."""
         req = self.plain_request(conn, s, peer)
@@ -361,15 +363,15 @@ class Engine:
             if n not in _H2_UPSTREAM_DROP:
                 fields.append((n.encode("latin-1"), value.encode("latin-1")))
         # gRPC needs to know that trailers will be read (RFC 9113 8.2.2 allows te: trailers).
-        for name, value in s.raw_headers:
-            if name.lower() == b"te" and b"trailers" in value.lower():
+        for raw_name, raw_value in s.raw_headers:
+            if raw_name.lower() == b"te" and b"trailers" in raw_value.lower():
                 fields.append((b"te", b"trailers"))
                 break
         if s.content_length is not None:
             fields.append((b"content-length", b"%d" % s.content_length))
         return fields
 
-    async def send_body(self, conn: H1Server, s: Session, up: UpstreamConn) -> None:
+    async def send_body(self, conn: Exchange, s: Session, up: Upstream) -> None:
         """Streams the request body upstream, pausing while the upstream is not writable."""
         h2 = up.h2
         chunked = not h2 and (s.chunked or self.p_request_body_filter is not None)
@@ -394,8 +396,8 @@ class Engine:
             if end:
                 if chunked:
                     up.write(b"0\r\n\r\n")
-                elif h2:
-                    up.end()  # type: ignore[attr-defined]
+                elif isinstance(up, UpstreamH2Stream):
+                    up.end()
                 s.body_sent = True
                 return
             if up.write_paused:
@@ -403,7 +405,7 @@ class Engine:
 
     # -- the response side ---------------------------------------------------------------
 
-    def response_head(self, conn: H1Server, s: Session, up: UpstreamConn, status: int,
+    def response_head(self, conn: Exchange, s: Session, up: Upstream, status: int,
                       headers: RawHeaders) -> None:
         """The upstream response head, through the response phases the app overrides."""
         resp = ResponseHeader(status, [(n.decode("latin-1"), v.decode("latin-1"))
@@ -423,7 +425,7 @@ class Engine:
             return
         self._write_filtered_head(conn, s, resp)
 
-    async def _finish_response_filter(self, conn: H1Server, s: Session, up: UpstreamConn,
+    async def _finish_response_filter(self, conn: Exchange, s: Session, up: Upstream,
                                       pending: Any, resp: ResponseHeader) -> None:
         try:
             await pending
@@ -438,14 +440,14 @@ class Engine:
             up.resume_reading()
         conn.release_held()
 
-    def _write_filtered_head(self, conn: H1Server, s: Session, resp: ResponseHeader) -> None:
+    def _write_filtered_head(self, conn: Exchange, s: Session, resp: ResponseHeader) -> None:
         from worker.h1_server import status_line
 
         fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in resp]
         conn.write_head(s, status_line(resp.status, resp.reason), fields,
                         self.p_response_body_filter is not None)
 
-    def _phase_failed(self, conn: H1Server, s: Session, up: UpstreamConn, e: Exception) -> None:
+    def _phase_failed(self, conn: Exchange, s: Session, up: Upstream, e: Exception) -> None:
         self.log.exception("response phase failed", exc_info=e)
         conn.up = None
         conn.held = conn.held_done = None
@@ -459,7 +461,7 @@ class Engine:
 
     # -- failures and the end of a request -------------------------------------------------
 
-    def upstream_failed(self, conn: H1Server, s: Session, err: ProxyError) -> None:
+    def upstream_failed(self, conn: Exchange, s: Session, err: ProxyError) -> None:
         """The upstream failed before the response started."""
         if (err.retryable() and s.method in IDEMPOTENT and not s.has_body
                 and s.retries < self.max_retries):
@@ -473,7 +475,7 @@ class Engine:
                 self.log.exception("error_while_proxy failed")
         self.fail(conn, s, err)
 
-    def fail(self, conn: H1Server, s: Session, err: ProxyError) -> None:
+    def fail(self, conn: Exchange, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
         s.error = err
         up = conn.up
@@ -503,7 +505,7 @@ class Engine:
             return
         conn.finish(s)
 
-    async def _finish_fail(self, conn: H1Server, s: Session, err: ProxyError, r: Any) -> None:
+    async def _finish_fail(self, conn: Exchange, s: Session, err: ProxyError, r: Any) -> None:
         try:
             await r
         except Exception:
@@ -512,7 +514,7 @@ class Engine:
         conn.finish(s)
 
     @staticmethod
-    def _default_error_response(conn: H1Server, s: Session, err: ProxyError) -> None:
+    def _default_error_response(conn: Exchange, s: Session, err: ProxyError) -> None:
         if not s.response_started:
             status = err.status
             if err.source is ErrorSource.DOWNSTREAM:

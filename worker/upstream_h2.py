@@ -24,7 +24,8 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 if TYPE_CHECKING:
-    from worker.upstream import Pool, ResponseHandler
+    from worker.exchange import Exchange as ResponseHandler
+    from worker.upstream import Pool
 
 #: Streams opened on one upstream connection when the server sets no limit.
 DEFAULT_MAX_STREAMS = 100
@@ -65,7 +66,8 @@ class UpstreamH2Stream:
         self.deadline = time.monotonic() + read_timeout
         self.conn.pool.requests += 1
         self.conn.pool.busy.add(self)  # type: ignore[arg-type]
-        end = not handler.active.has_body  # type: ignore[attr-defined]
+        s = handler.active
+        end = s is None or not s.has_body
         self.conn.h2.send_headers(self.stream_id, head, end_stream=end)
         self.conn.flush()
 
