@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -45,7 +46,10 @@ CLIENT_TIMEOUT = 10.0
 
 T = TypeVar("T")
 
-_SERVING = re.compile(r"serving on http://127\.0\.0\.1:(\d+) with (\d+) workers \(pid (\d+)\)")
+#: The master's ``serving on`` line: one ``http://`` or ``https://`` (TLS) address per listener.
+_SERVING = re.compile(r"serving on (https?://127\.0\.0\.1:\d+(?:, https?://127\.0\.0\.1:\d+)*)"
+                      r" with (\d+) workers \(pid (\d+)\)")
+_SERVING_ADDRESS = re.compile(r"(https?)://127\.0\.0\.1:(\d+)")
 
 
 # -- waiting -------------------------------------------------------------------------------
@@ -145,11 +149,13 @@ class Origin:
     ``close_idle_after``: close a keep-alive connection idle this long after a response.
     ``drop_reused``: close, without an answer, every request that is not the first on its
     connection (the race of an origin closing an idle connection as a request arrives).
+    ``tls``: a server ``ssl.SSLContext`` to serve HTTPS instead of plaintext.
     """
 
     name: str = "origin"
     close_idle_after: float | None = None
     drop_reused: bool = False
+    tls: ssl.SSLContext | None = None
     # Counters, read by the tests.
     accepted: int = 0
     open_connections: int = 0
@@ -177,7 +183,7 @@ class Origin:
             try:
                 self._gate = asyncio.Event()
                 self._server = loop.run_until_complete(asyncio.start_server(
-                    self._handle, "127.0.0.1", 0, limit=1 << 20))
+                    self._handle, "127.0.0.1", 0, limit=1 << 20, ssl=self.tls))
                 self.port = self._server.sockets[0].getsockname()[1]
             except BaseException as e:  # pragma: no cover - reported to the starter
                 errors.append(e)
@@ -771,6 +777,8 @@ class Master:
         self.access_log = Path(logging_cfg["access_log"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        #: (scheme, port) of each listener, in the config's order; ``port`` is the first's.
+        self.listeners: list[tuple[str, int]] = []
         self.workers_count = 0
         self._known_children: set[int] = set()
 
@@ -798,7 +806,9 @@ class Master:
         while True:
             m = _SERVING.search(self.read_error_log())
             if m:
-                self.port = int(m.group(1))
+                found = _SERVING_ADDRESS.findall(m.group(1))
+                self.listeners = [(scheme, int(port)) for scheme, port in found]
+                self.port = self.listeners[0][1]
                 self.workers_count = int(m.group(2))
                 assert int(m.group(3)) == proc.pid
                 return self
@@ -861,7 +871,8 @@ class Master:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = self.listeners[0][0] if self.listeners else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def workers(self) -> list[psutil.Process]:
         """The live worker processes, children of the master."""
