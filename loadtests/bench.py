@@ -453,28 +453,44 @@ def start_nginx(
     return server
 
 
+#: The repository this file is in: Tenaya's commands run from it (see ``tenaya_env``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tenaya_env() -> dict[str, str]:
+    """The environment of a Tenaya command: this one with REPO_ROOT first on PYTHONPATH, so
+    the code that runs is this checkout's even when the project is not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def launch_tenaya(conf: Path, config: dict[str, Any], *, port: int, workers: int) -> Server:
+    """Write ``config`` to ``conf``, start ``python -m master start -c conf`` from REPO_ROOT
+    (its output in ``conf`` with the suffix ``.out``) and wait until it proxies BODY on
+    ``port``; the server is named after the file's stem."""
+    conf.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "master", "start", "-c", str(conf)]
+    server = Server(
+        conf.stem,
+        cmd,
+        conf.with_suffix(".out"),
+        cwd=REPO_ROOT,
+        env=tenaya_env(),
+        stop_timeout=TENAYA_GRACE_SECONDS + STOP_MARGIN_SECONDS,
+    )
+    wait_ready(server, port, workers=workers, probes=PROBES_PER_WORKER * workers)
+    return server
+
+
 def start_tenaya(tmp: Path, *, port: int, origin_port: int, workers: int) -> Server:
     """Start ``python -m master start`` with a generated config; wait until it proxies BODY.
 
     It runs from the repository this file is in (also put on PYTHONPATH), so the code measured
     is this checkout's even when the project is not installed.
     """
-    conf = tmp / "tenaya.yaml"
-    conf.write_text(yaml.safe_dump(tenaya_config(tmp, port, origin_port, workers)))
-    repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "master", "start", "-c", str(conf)]
-    server = Server(
-        "tenaya",
-        cmd,
-        tmp / "tenaya.out",
-        cwd=repo,
-        env=env,
-        stop_timeout=TENAYA_GRACE_SECONDS + STOP_MARGIN_SECONDS,
-    )
-    wait_ready(server, port, workers=workers, probes=PROBES_PER_WORKER * workers)
-    return server
+    config = tenaya_config(tmp, port, origin_port, workers)
+    return launch_tenaya(tmp / "tenaya.yaml", config, port=port, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------
