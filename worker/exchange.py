@@ -44,6 +44,17 @@ def status_line(status: int, reason: str | None = None) -> bytes:
 
 
 
+def peer_info(transport: asyncio.BaseTransport
+              ) -> tuple[tuple[str, int], bytes, tuple[str, int], Any]:
+    """A new client connection's (client address, client IP as bytes, server address, TLS
+    object or None)."""
+    peer = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("sockname")
+    client = tuple(peer[:2]) if peer else ("", 0)
+    server = tuple(sock[:2]) if sock else ("", 0)
+    return client, client[0].encode(), server, transport.get_extra_info("ssl_object")  # type: ignore[return-value]
+
+
 class Exchange:
     """The upstream side of an exchange; subclasses write responses in their protocol."""
 

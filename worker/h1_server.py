@@ -31,7 +31,7 @@ from shared.errors import (
 )
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
-from worker.exchange import STATUS_LINES, Exchange, status_line
+from worker.exchange import STATUS_LINES, Exchange, peer_info, status_line
 from worker.h2_server import PREFACE, H2Server
 
 if TYPE_CHECKING:
@@ -116,14 +116,7 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        if peer:
-            self.client_addr = peer[:2]
-            self.client_ip = peer[0].encode()
-        if sock:
-            self.server_addr = sock[:2]
-        tls = transport.get_extra_info("ssl_object")
+        self.client_addr, self.client_ip, self.server_addr, tls = peer_info(transport)
         if tls is not None:
             self.tls = tls
             self.scheme = b"https"

@@ -26,12 +26,14 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from shared.errors import ErrorKind, downstream_error
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
-from worker.exchange import Exchange, status_line
+from worker.exchange import Exchange, peer_info, status_line
+from worker.h2_flow import WindowedSender
 
 if TYPE_CHECKING:
     from worker.proxy import Engine
@@ -71,7 +73,7 @@ class H2Stream(Exchange):
         self.held: list[bytes] | None = None
         self.held_done = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        self.pending: list[bytes] = []
+        self.out = WindowedSender(server.conn, stream_id)
         self.pending_end = False
         self.ended = False
         self.body_paused = False
@@ -117,39 +119,19 @@ class H2Stream(Exchange):
         if not data or s.resp_mode == _MODE_NONE or self.closing:
             return
         s.resp_bytes += len(data)
-        if self.pending:
-            self.pending.append(data)
-            return
-        self._send(data)
-
-    def _send(self, data: bytes) -> None:
-        """Sends what the flow-control window takes; keeps the rest and stops reading the
-        upstream until the window opens."""
-        conn = self.server.conn
-        sid = self.stream_id
-        frame = conn.max_outbound_frame_size
-        while data:
-            window = conn.local_flow_control_window(sid)
-            if window <= 0:
-                self.pending.append(data)
-                if self.up is not None:
-                    self.up.pause_reading()
-                break
-            n = min(window, frame, len(data))
-            conn.send_data(sid, data[:n])
-            data = data[n:]
+        if not self.out.send(data) and self.up is not None:
+            # The client's window is full: stop reading the upstream until it opens.
+            self.up.pause_reading()
         self.server.flush()
 
     def window_opened(self) -> None:
         """WINDOW_UPDATE: send what waited."""
-        if not self.pending or self.closing:
+        if not self.out.blocked or self.closing:
             return
-        pending, self.pending = self.pending, []
-        for i, data in enumerate(pending):
-            self._send(data)
-            if self.pending:
-                self.pending.extend(pending[i + 1:])
-                return
+        done = self.out.resume()
+        self.server.flush()
+        if not done:
+            return
         if self.pending_end:
             self._end()
         elif self.up is not None and not self.server.write_paused:
@@ -159,7 +141,7 @@ class H2Stream(Exchange):
         if self.ended or self.closing:
             return
         self.trailers = s.trailers
-        if self.pending:
+        if self.out.blocked:
             self.pending_end = True
         else:
             self._end()
@@ -174,6 +156,9 @@ class H2Stream(Exchange):
         else:
             self.server.conn.end_stream(self.stream_id)
         self.server.flush()
+        if self.active is None:
+            # The exchange finished while its body waited for the window.
+            self.server.stream_done(self)
 
     def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:
         if headers is None:
@@ -204,7 +189,9 @@ class H2Stream(Exchange):
         self.engine.request_done(s)
         if not self.ended and not self.closing and not self.pending_end:
             self.end_body(s)
-        self.server.stream_done(self)
+        if self.ended or self.closing:
+            self.server.stream_done(self)
+        # else: the body still waits for the client's window; _end lets the stream go.
 
     def close(self) -> None:
         """The response can't complete: reset the stream."""
@@ -212,12 +199,12 @@ class H2Stream(Exchange):
             self.closing = True
             if not self.ended:
                 self.server.reset(self.stream_id)
-            self.pending.clear()
+            self.out.clear()
 
     def reset_by_client(self) -> None:
         """The client reset the stream (or the connection went away)."""
         self.closing = True
-        self.pending.clear()
+        self.out.clear()
         up, self.up = self.up, None
         if up is not None:
             up.detach()
@@ -262,23 +249,16 @@ class H2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
-        if peer:
-            self.client_addr = peer[:2]
-            self.client_ip = peer[0].encode()
-        if sock:
-            self.server_addr = sock[:2]
-        self.tls = transport.get_extra_info("ssl_object")
+        self.client_addr, self.client_ip, self.server_addr, self.tls = peer_info(transport)
         if self.tls is not None:
             self.scheme = b"https"
         self.last_active = time.monotonic()
         self.engine.connections.add(self)  # type: ignore[arg-type]
-        self.conn.local_settings.max_concurrent_streams = MAX_CONCURRENT_STREAMS
-        self.conn.local_settings.max_header_list_size = self.engine.max_head
+        # The first SETTINGS frame carries the limits (none of h2's defaults in between).
+        self.conn.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: self.engine.max_head})
         self.conn.initiate_connection()
-        self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                                   SettingCodes.MAX_HEADER_LIST_SIZE: self.engine.max_head})
         if self.engine.draining:
             self.drain()
         self.flush()
@@ -295,6 +275,8 @@ class H2Server(asyncio.Protocol):
         self.batching += 1
         try:
             for event in events:
+                if self.closing:
+                    break
                 self._dispatch(event)
         finally:
             self.batching -= 1
@@ -317,7 +299,7 @@ class H2Server(asyncio.Protocol):
         self.write_paused = False
         for stream in self.streams.values():
             stream.write_paused = False
-            if stream.up is not None and not stream.pending:
+            if stream.up is not None and not stream.out.blocked:
                 stream.up.resume_reading()
 
     # -- events --------------------------------------------------------------------------
@@ -468,9 +450,13 @@ class H2Server(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Closes the connection once what h2 has to send (even mid-batch) went out."""
         if not self.closing:
             self.closing = True
             if self.transport is not None:
+                data = self.conn.data_to_send()
+                if data and not self.transport.is_closing():
+                    self.transport.write(data)
                 self.transport.close()
 
     def drain(self) -> None:
@@ -478,11 +464,14 @@ class H2Server(asyncio.Protocol):
         if self.draining or self.closing:
             return
         self.draining = True
-        try:
-            self.conn.close_connection(ErrorCodes.NO_ERROR)
-        except ProtocolError:
-            pass
+        # h2's close_connection() would also close its state machine, and the open streams
+        # could no longer answer: the GOAWAY frame goes out directly instead.
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self.conn.highest_inbound_stream_id
+        goaway.error_code = ErrorCodes.NO_ERROR
         self.flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(goaway.serialize())
         if not self.streams:
             self.close()
 

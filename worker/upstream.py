@@ -36,7 +36,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
         "got_bytes", "keep_alive", "deadline", "read_timeout", "requests", "idle_since",
-        "closed", "write_paused", "tunnel",
+        "closed", "write_paused", "tunnel", "reading_paused",
     )
 
     def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
@@ -48,6 +48,8 @@ class UpstreamConn(asyncio.Protocol):
         self.handler: ResponseHandler | None = None
         self.closed = False
         self.write_paused = False
+        #: Reading was paused for the client's sake (backpressure); undone before reuse.
+        self.reading_paused = False
         self.requests = 0
         self.idle_since = 0.0
         self.deadline = 0.0
@@ -213,11 +215,13 @@ class UpstreamConn(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def pause_reading(self) -> None:
-        if not self.closed:
+        if not self.closed and not self.reading_paused:
+            self.reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_reading(self) -> None:
-        if not self.closed:
+        if not self.closed and self.reading_paused:
+            self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _finish(self) -> None:
@@ -313,6 +317,9 @@ class Pool:
         """Keeps a connection whose exchange ended cleanly; closes it if the pool is full."""
         if up.closed:
             return
+        if up.reading_paused:
+            # An idle connection is watched: it must be read to notice the origin closing.
+            up.resume_reading()
         if self.size <= 0:
             self._give_away([up])
             return

@@ -23,6 +23,8 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from worker.h2_flow import WindowedSender
+
 if TYPE_CHECKING:
     from worker.exchange import Exchange as ResponseHandler
     from worker.upstream import Pool
@@ -48,7 +50,7 @@ class UpstreamH2Stream:
         self.status = 0
         self.deadline = 0.0
         self.read_timeout = 60.0
-        self.pending: list[bytes] = []
+        self.out = WindowedSender(conn.h2, stream_id)
         self.pending_end = False
         self.paused = False
         self.held: list[ev.Event] = []
@@ -75,16 +77,15 @@ class UpstreamH2Stream:
         """Sends request body bytes (within the flow-control window; the rest waits)."""
         if self.closed:
             return
-        if self.pending:
-            self.pending.append(data)
-            return
-        self._send(data)
+        if not self.out.send(data):
+            self.write_paused = True
+        self.conn.flush()
 
     def end(self) -> None:
         """The request body is complete."""
         if self.closed:
             return
-        if self.pending:
+        if self.out.blocked:
             self.pending_end = True
             return
         try:
@@ -93,26 +94,12 @@ class UpstreamH2Stream:
             pass
         self.conn.flush()
 
-    def _send(self, data: bytes) -> None:
-        h2 = self.conn.h2
-        while data:
-            window = min(h2.local_flow_control_window(self.stream_id),
-                         h2.max_outbound_frame_size)
-            if window <= 0:
-                self.pending.append(data)
-                self.write_paused = True
-                break
-            h2.send_data(self.stream_id, data[:window])
-            data = data[window:]
-        self.conn.flush()
-
     def window_opened(self) -> None:
-        pending, self.pending = self.pending, []
-        for i, data in enumerate(pending):
-            self._send(data)
-            if self.pending:
-                self.pending.extend(pending[i + 1:])
-                return
+        """WINDOW_UPDATE: send what waited; the engine may write again once it is out."""
+        done = self.out.resume()
+        self.conn.flush()
+        if not done:
+            return
         self.write_paused = False
         if self.pending_end:
             self.pending_end = False
@@ -245,7 +232,7 @@ class UpstreamH2Conn(asyncio.Protocol):
                     targets = list(self.streams.values()) if sid == 0 else [
                         s for s in (self.streams.get(sid),) if s is not None]
                     for stream in targets:
-                        if stream.pending:
+                        if stream.out.blocked:
                             stream.window_opened()
                 elif isinstance(event, ev.ConnectionTerminated):
                     self._goaway(event)

@@ -1,0 +1,57 @@
+"""HTTP/2 flow control on the sending side, shared by the downstream and upstream streams."""
+
+from __future__ import annotations
+
+from h2.connection import H2Connection
+
+
+class WindowedSender:
+    """Data for one stream, sent as far as its flow-control window allows; the rest waits,
+    in order, until :meth:`resume` after a WINDOW_UPDATE."""
+
+    __slots__ = ("conn", "stream_id", "pending")
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.pending: list[bytes] = []
+
+    @property
+    def blocked(self) -> bool:
+        """True while data waits for the window."""
+        return bool(self.pending)
+
+    def send(self, data: bytes) -> bool:
+        """Sends ``data`` or queues what the window does not take; True if all went out."""
+        if self.pending:
+            self.pending.append(data)
+            return False
+        rest = self._push(data)
+        if rest:
+            self.pending.append(rest)
+            return False
+        return True
+
+    def resume(self) -> bool:
+        """Sends what waited; True once nothing waits any more."""
+        while self.pending:
+            rest = self._push(self.pending[0])
+            if rest:
+                self.pending[0] = rest
+                return False
+            self.pending.pop(0)
+        return True
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+    def _push(self, data: bytes) -> bytes:
+        conn = self.conn
+        sid = self.stream_id
+        while data:
+            n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if n <= 0:
+                return data
+            conn.send_data(sid, data[:n])
+            data = data[n:]
+        return b""
