@@ -274,6 +274,9 @@ class UpstreamConn(asyncio.Protocol):
 #: A connection idle this long in a worker's pool goes to the broker, where any worker can
 #: use it (seconds).
 DONATE_AFTER_SECONDS = 1.0
+#: A key whose connection came back to this worker within this long before is hot: the
+#: worker keeps its connection instead of giving it to the broker (seconds).
+HOT_KEY_SECONDS = 0.05
 
 Donor = Callable[[list["UpstreamConn"]], int]
 
@@ -293,6 +296,8 @@ class Pool:
         self.busy: set[UpstreamConn] = set()
         #: Gives connections to the pool broker; None when the pool is not shared.
         self.donor: Donor | None = None
+        #: When this worker last returned a connection of each key (to tell hot keys).
+        self._last_put: dict[tuple[Any, ...], float] = {}
         #: Upstream HTTP/2 connections (shared by many requests at once).
         self.h2 = H2Pool()
         # Counters
@@ -320,6 +325,17 @@ class Pool:
         if up.reading_paused:
             # An idle connection is watched: it must be read to notice the origin closing.
             up.resume_reading()
+        now = time.monotonic()
+        if self.donor is not None:
+            # A key this worker used a moment ago is hot: its next request is likely here, so
+            # the connection stays local (no round trip). A cold key's connection goes to the
+            # broker at once, where the next request for it finds it, whichever worker it
+            # reaches: with sparse traffic spread over many workers, that is most of the reuse.
+            last = self._last_put.get(up.key, 0.0)
+            self._last_put[up.key] = now
+            if now - last > HOT_KEY_SECONDS:
+                self._give_away([up])
+                return
         if self.size <= 0:
             self._give_away([up])
             return
@@ -327,7 +343,7 @@ class Pool:
             oldest = next(iter(self._order))
             self.discard(oldest)
             self._give_away([oldest])
-        up.idle_since = time.monotonic()
+        up.idle_since = now
         self._idle.setdefault(up.key, []).append(up)
         self._order[up] = None
 
