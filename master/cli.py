@@ -95,6 +95,8 @@ def cmd_config_reference(args: argparse.Namespace, argv: list[str]) -> int:
 def _master_pid(config: Config) -> int:
     path = config.server.pid_file
     if not path:
+        if config.server.control_socket:
+            raise LookupError(f"no master is listening on {config.server.control_socket}")
         raise LookupError(f"{config.source}: neither server.control_socket nor "
                           "server.pid_file is set, so the master cannot be found")
     try:
