@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -25,28 +24,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import psutil
 import setproctitle
 
 from master.broker import Broker, IdleConn
-from master.control import ControlServer
+from master.control import ControlConn, ControlMixin, ControlServer
 from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
+from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
 from shared import ipc
 from shared.config import Config, ConfigError
-from shared.ipc import MAX_FDS_PER_MESSAGE, Channel, ChannelClosed
+from shared.ipc import Channel, ChannelClosed
 from shared.poolindex import PoolIndex
 
 log = logging.getLogger("tenaya")
 
 #: Longest wait for a generation of workers to report ready.
 BOOT_TIMEOUT_SECONDS = 60.0
-#: Longest wait for a new master (binary upgrade) to report ready.
-UPGRADE_TIMEOUT_SECONDS = 60.0
-#: Longest wait for the old master's listeners, in a new master.
-HANDOVER_TIMEOUT_SECONDS = 10.0
 #: A worker that dies younger than this counts as a boot failure and backs off.
 MIN_HEALTHY_SECONDS = 1.0
 BACKOFF_FIRST_SECONDS = 0.1
@@ -101,37 +95,12 @@ class Generation:
     failure: str = ""
 
 
-@dataclass
-class Upgrade:
-    """A new master started by SIGUSR2, until it reports ready."""
-
-    popen: subprocess.Popen[bytes]
-    channel: Channel
-    deadline: float
-
-
-class StartError(Exception):
-    """The master could not start serving (the reason is the message)."""
-
-
-class _ControlConn:
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-
-class _Predecessor:
-    """The channel from the old master after an upgrade: its idle connections come here."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-
 #: Counters a worker reports about its upstream connections.
 POOL_COUNTERS = ("upstream_requests", "connections_created", "reused_local", "reused_shared",
                  "donated")
 
 
-class Arbiter:
+class Arbiter(UpgradeMixin, ControlMixin):
     """Supervises the workers of one config."""
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
@@ -213,7 +182,7 @@ class Arbiter:
                 parent.send(ipc.UpgradeReady(pid=os.getpid()))
                 parent.flush()
                 # The old master's idle upstream connections follow once its workers are gone.
-                self.sel.register(parent.sock, selectors.EVENT_READ, _Predecessor(parent))
+                self.sel.register(parent.sock, selectors.EVENT_READ, Predecessor(parent))
             except (ChannelClosed, OSError):
                 log.warning("the old master is gone")
                 parent.close()
@@ -221,44 +190,6 @@ class Arbiter:
                               for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
-
-    def _receive_listeners(self, channel: Channel) -> list[Listener]:
-        """Takes the listening sockets handed over by the old master, by address."""
-        deadline = time.monotonic() + HANDOVER_TIMEOUT_SECONDS
-        handover: ipc.Handover | None = None
-        while handover is None:
-            if time.monotonic() > deadline:
-                raise StartError("the old master did not hand over its listeners")
-            select.select([channel], [], [], 0.5)
-            for msg in channel.read():
-                if isinstance(msg, ipc.Handover):
-                    handover = msg
-                else:
-                    for fd in msg.fds:
-                        os.close(fd)
-        fds = list(handover.fds)
-        by_address: dict[str, list[int]] = {}
-        for address, count in zip(handover.addresses, handover.counts, strict=True):
-            by_address[address], fds = fds[:count], fds[count:]
-        listeners: list[Listener] = []
-        try:
-            for lc in self.config.listeners:
-                got = by_address.pop(lc.address, None)
-                listener = Listener.adopt(lc, got) if got else Listener(lc)
-                listeners.append(listener)
-                listener.ensure_slots(self.num_workers)
-        except ListenError:
-            for listener in listeners:
-                listener.close()
-            raise
-        finally:
-            # Addresses no longer configured: the old master keeps serving them until it goes.
-            for unused in by_address.values():
-                for fd in unused:
-                    os.close(fd)
-        log.info("took over %d listening sockets from the old master",
-                 sum(len(lst.sockets) for lst in listeners))
-        return listeners
 
     def _start_demo(self) -> None:
         self.demo = subprocess.Popen(
@@ -270,16 +201,6 @@ class Arbiter:
             self.demo.wait()
             raise StartError("demo origins could not start (see above)")
         log.info("demo origins on %s", ", ".join(self.config.demo_origins))
-
-    def _open_control(self) -> None:
-        path = self.config.server.control_socket
-        assert path
-        try:
-            self.control = ControlServer(path)
-        except OSError as e:
-            log.error("cannot open the control socket %s: %s", path, e.strerror)
-            return
-        self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
 
     def _write_pid_file(self) -> None:
         path = self.config.server.pid_file
@@ -576,142 +497,6 @@ class Arbiter:
             self.reload_queued = False
             self.handle_hup()
 
-    # -- upgrade: a new master -------------------------------------------------------------
-
-    def begin_upgrade(self) -> None:
-        """Starts a new master from the code on disk and hands it the listening sockets."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        parent.set_inheritable(False)
-        env = dict(os.environ)
-        env[ipc.UPGRADE_FD_ENV] = str(child.fileno())
-        try:
-            popen = subprocess.Popen([sys.executable, "-m", "master", *self.argv],
-                                     pass_fds=[child.fileno()], env=env,
-                                     stdin=subprocess.DEVNULL)
-        except OSError as e:
-            log.error("upgrade failed: cannot start a new master: %s", e)
-            parent.close()
-            return
-        finally:
-            child.close()
-        channel = Channel(parent)
-        fds = tuple(s.fileno() for lst in self.listeners for s in lst.sockets)
-        try:
-            channel.send(ipc.Handover(addresses=[lst.config.address for lst in self.listeners],
-                                      counts=[len(lst.sockets) for lst in self.listeners],
-                                      fds=fds))
-        except (ChannelClosed, OSError) as e:
-            log.error("upgrade failed: cannot hand over the listeners: %s", e)
-            channel.close()
-            popen.kill()
-            return
-        self.upgrade = Upgrade(popen, channel, time.monotonic() + UPGRADE_TIMEOUT_SECONDS)
-        self.sel.register(channel.sock, selectors.EVENT_READ, self.upgrade)
-        self.lifecycle.to(State.UPGRADING)
-        log.info("upgrade: started a new master (pid %d)", popen.pid)
-
-    def _on_upgrade_readable(self, up: Upgrade) -> None:
-        try:
-            messages = up.channel.read()
-        except (ChannelClosed, OSError):
-            self._upgrade_failed("the new master closed the upgrade channel")
-            return
-        for msg in messages:
-            if isinstance(msg, ipc.UpgradeReady):
-                log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
-                self._unregister(up.channel.sock)
-                self.successor = up.channel
-                self.upgrade = None
-                self.stop(graceful=True)
-                return
-
-    def _upgrade_failed(self, reason: str) -> None:
-        up = self.upgrade
-        if up is None:
-            return
-        self.upgrade = None
-        log.error("upgrade failed, still serving: %s", reason)
-        self._unregister(up.channel.sock)
-        up.channel.close()
-        if up.popen.returncode is None:
-            self._kill(up.popen.pid, signal.SIGKILL)
-        if self.lifecycle.state is State.UPGRADING:
-            self.lifecycle.to(State.SERVING)
-        self._write_pid_file()
-
-    # -- control socket ------------------------------------------------------------------
-
-    def _on_control(self, conn: _ControlConn) -> None:
-        try:
-            messages = conn.channel.read()
-        except (ChannelClosed, OSError):
-            self._unregister(conn.channel.sock)
-            conn.channel.close()
-            return
-        for msg in messages:
-            if not isinstance(msg, ipc.ControlRequest):
-                continue
-            reply = self._control_command(msg.command)
-            try:
-                conn.channel.sock.setblocking(True)
-                conn.channel.sock.settimeout(2.0)
-                conn.channel.send(reply)
-                conn.channel.flush()
-            except (ChannelClosed, OSError):
-                pass
-            self._unregister(conn.channel.sock)
-            conn.channel.close()
-            return
-
-    def _control_command(self, command: str) -> ipc.ControlReply:
-        handlers: dict[str, Callable[[], None]] = {
-            "reload": self.handle_hup, "upgrade": self.handle_usr2,
-            "reopen": self.handle_usr1, "stop": self.handle_term,
-        }
-        if command == "status":
-            return ipc.ControlReply(ok=True, data=self.status())
-        handler = handlers.get(command)
-        if handler is None:
-            return ipc.ControlReply(ok=False, error=f"unknown command {command!r}")
-        handler()
-        return ipc.ControlReply(ok=True)
-
-    def status(self) -> dict[str, Any]:
-        """The master's and each worker's numbers, for ``python -m master status``."""
-        now = time.monotonic()
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot)):
-            rss = cpu = 0.0
-            try:
-                p = psutil.Process(w.pid)
-                rss = p.memory_info().rss
-                t = p.cpu_times()
-                cpu = t.user + t.system
-            except psutil.Error:
-                pass
-            workers.append({
-                "pid": w.pid, "slot": w.slot, "generation": w.generation,
-                "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
-                "cpu_seconds": round(cpu, 2), "connections": w.connections,
-                "requests": w.requests, "active_requests": w.active_requests,
-                "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
-            })
-        totals: dict[str, Any] = dict(self.retired_counts)
-        for w in self.workers.values():
-            for name, value in w.pool.items():
-                totals[name] += value
-        reused = totals["reused_local"] + totals["reused_shared"]
-        totals["reuse_ratio"] = round(reused / totals["upstream_requests"], 5) if totals[
-            "upstream_requests"] else 0.0
-        return {
-            "pid": os.getpid(), "uptime_seconds": round(time.time() - self.started, 1),
-            "state": self.lifecycle.state.value, "generation": self.generation,
-            "config": self.config.source,
-            "listeners": [lst.bound_address for lst in self.listeners],
-            "workers": workers, "pool": totals,
-            "broker": self.broker.stats() if self.broker is not None else None,
-        }
-
     # -- the loop ------------------------------------------------------------------------
 
     def _tick(self, timeout: float) -> None:
@@ -734,13 +519,13 @@ class Arbiter:
             elif isinstance(data, ControlServer):
                 channel = data.accept()
                 if channel is not None:
-                    self.sel.register(channel.sock, selectors.EVENT_READ, _ControlConn(channel))
+                    self.sel.register(channel.sock, selectors.EVENT_READ, ControlConn(channel))
             elif isinstance(data, IdleConn):
                 if self.broker is not None:
                     self.broker.on_readable(data)
-            elif isinstance(data, _ControlConn):
+            elif isinstance(data, ControlConn):
                 self._on_control(data)
-            elif isinstance(data, _Predecessor):
+            elif isinstance(data, Predecessor):
                 self._on_predecessor(data)
         if self.broker is not None:
             self.broker.sweep(time.monotonic())
@@ -772,44 +557,6 @@ class Arbiter:
         finally:
             self.shutdown()
         return self.exit_code
-
-    def _on_predecessor(self, pred: _Predecessor) -> None:
-        try:
-            messages = pred.channel.read()
-        except (ChannelClosed, OSError):
-            self._unregister(pred.channel.sock)
-            pred.channel.close()
-            return
-        for msg in messages:
-            if isinstance(msg, ipc.Donate):
-                self._take_donations(msg)
-                log.info("took %d idle upstream connections from the old master", len(msg.fds))
-            else:
-                for fd in msg.fds:
-                    os.close(fd)
-
-    def _hand_pool_to_successor(self) -> None:
-        """After an upgrade: the broker's idle connections go to the new master."""
-        channel, self.successor = self.successor, None
-        if channel is None:
-            return
-        conns = self.broker.take_all() if self.broker is not None else []
-        try:
-            channel.sock.setblocking(True)
-            channel.sock.settimeout(5.0)
-            for i in range(0, len(conns), MAX_FDS_PER_MESSAGE):
-                batch = conns[i:i + MAX_FDS_PER_MESSAGE]
-                channel.send(ipc.Donate(keys=[k for k, _ in batch],
-                                        fds=tuple(sock.fileno() for _, sock in batch)))
-            channel.flush()
-            if conns:
-                log.info("handed %d idle upstream connections to the new master", len(conns))
-        except (ChannelClosed, OSError) as e:
-            log.warning("could not hand the idle connections over: %s", e)
-        finally:
-            for _, sock in conns:
-                sock.close()
-            channel.close()
 
     def shutdown(self) -> None:
         """Closes the listeners, stops the demo origins, removes the pid file."""
