@@ -87,6 +87,15 @@ class Exchange:
     def finish(self, s: Session) -> None:
         raise NotImplementedError
 
+    def end_exchange(self, s: Session) -> bool:
+        """Marks ``s`` answered and logs it (once); False if it already was."""
+        if s.response_done:
+            return False
+        s.response_done = True
+        self.active = None
+        self.engine.request_done(s)
+        return True
+
     def close(self) -> None:
         raise NotImplementedError
 

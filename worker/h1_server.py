@@ -561,11 +561,8 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def finish(self, s: Session) -> None:
         """The response to ``s`` is complete: log it, then serve the next request or close."""
-        if s.response_done:
+        if not self.end_exchange(s):
             return
-        s.response_done = True
-        self.active = None
-        self.engine.request_done(s)
         if self.closing:
             return
         if not s.keep_alive or (s.has_body and not s.body_done) or (

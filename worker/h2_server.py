@@ -182,11 +182,8 @@ class H2Stream(Exchange):
     # -- the end of the exchange -----------------------------------------------------------
 
     def finish(self, s: Session) -> None:
-        if s.response_done:
+        if not self.end_exchange(s):
             return
-        s.response_done = True
-        self.active = None
-        self.engine.request_done(s)
         if not self.ended and not self.closing and not self.pending_end:
             self.end_body(s)
         if self.ended or self.closing:
