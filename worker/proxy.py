@@ -113,6 +113,8 @@ class Engine:
         #: The pool broker's client, when upstream connections are shared between workers.
         self.broker: BrokerClient | None = None
         self.client_tls = ClientTls()
+        #: Upstream HTTP/2 connections being made, by pool key.
+        self._h2_connecting: dict[tuple[Any, ...], asyncio.Future[None]] = {}
         self.connections: set[H1Server] = set()
         self.draining = False
         # Counters
@@ -173,6 +175,13 @@ class Engine:
                 peer = await peer
             if peer.options.http2:
                 up = pool.h2.stream(peer.pool_key)
+                if up is None:
+                    # One connection at a time per key: requests that find none while one is
+                    # being made wait for it and share it.
+                    pending = self._h2_connecting.get(peer.pool_key)
+                    if pending is not None:
+                        await pending
+                        up = pool.h2.stream(peer.pool_key)
                 if up is not None:
                     reused = True
                     break
@@ -258,8 +267,10 @@ class Engine:
         :class:`ProxyError` on failure."""
         loop = self.loop
         up: Any
+        done: asyncio.Future[None] | None = None
         if peer.options.http2:
             up = UpstreamH2Conn(peer.pool_key, self.pool)
+            done = self._h2_connecting[peer.pool_key] = loop.create_future()
         else:
             up = UpstreamConn(peer.pool_key, self.pool)
         timeout = peer.options.connect_timeout or self.connect_timeout
@@ -287,6 +298,10 @@ class Engine:
                                  RetryType.ALWAYS) from None
         finally:
             timer.cancel()
+            if done is not None:
+                if self._h2_connecting.get(peer.pool_key) is done:
+                    del self._h2_connecting[peer.pool_key]
+                done.set_result(None)
         self.pool.created += 1
         if peer.options.http2:
             if peer.tls and up.transport.get_extra_info("ssl_object").selected_alpn_protocol(

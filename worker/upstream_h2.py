@@ -29,8 +29,12 @@ if TYPE_CHECKING:
     from worker.exchange import Exchange as ResponseHandler
     from worker.upstream import Pool
 
-#: Streams opened on one upstream connection when the server sets no limit.
+#: Streams open at once on one upstream connection when the server sets no lower limit.
 DEFAULT_MAX_STREAMS = 100
+#: Streams one upstream connection carries in all before a new one replaces it: below common
+#: server limits (nginx's http2_max_requests is 1000), so that a GOAWAY, which h2 lets no
+#: stream outlive, rarely arrives with streams in flight.
+MAX_STREAMS_PER_CONNECTION = 900
 
 
 class UpstreamH2Stream:
@@ -70,7 +74,12 @@ class UpstreamH2Stream:
         self.conn.pool.busy.add(self)  # type: ignore[arg-type]
         s = handler.active
         end = s is None or not s.has_body
-        self.conn.h2.send_headers(self.stream_id, head, end_stream=end)
+        try:
+            self.conn.h2.send_headers(self.stream_id, head, end_stream=end)
+        except ProtocolError as e:
+            # The connection closed under us: fail as an unanswered reused connection does.
+            asyncio.get_running_loop().call_soon(self._fail, ConnectionResetError(str(e)))
+            return
         self.conn.flush()
 
     def write(self, data: bytes) -> None:
@@ -198,14 +207,19 @@ class UpstreamH2Conn(asyncio.Protocol):
         self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
         self.streams: dict[int, UpstreamH2Stream] = {}
         self.closed = False
+        #: Streams opened so far; past MAX_STREAMS_PER_CONNECTION the connection retires.
+        self.opened = 0
         self.batching = 0
 
     @property
     def capacity(self) -> int:
+        if self.closed or self.opened >= MAX_STREAMS_PER_CONNECTION:
+            return 0
         limit = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
         return min(limit, DEFAULT_MAX_STREAMS) - len(self.streams)
 
     def open_stream(self) -> UpstreamH2Stream:
+        self.opened += 1
         stream = UpstreamH2Stream(self, self.h2.get_next_available_stream_id())
         stream.transport = self.transport
         self.streams[stream.stream_id] = stream
@@ -258,6 +272,8 @@ class UpstreamH2Conn(asyncio.Protocol):
                 stream._fail(ConnectionResetError("GOAWAY from the upstream"))
 
     def _fail_all(self, exc: BaseException) -> None:
+        self.closed = True
+        self.pool.h2_closed(self)
         for stream in list(self.streams.values()):
             stream._fail(exc)
         self.streams.clear()
@@ -266,12 +282,15 @@ class UpstreamH2Conn(asyncio.Protocol):
 
     def stream_closed(self, stream: UpstreamH2Stream, reset: bool) -> None:
         self.streams.pop(stream.stream_id, None)
-        if reset:
+        if reset and not self.closed:
             try:
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
             except ProtocolError:
                 pass
             self.flush()
+        if not self.streams and self.opened >= MAX_STREAMS_PER_CONNECTION:
+            # Retired before the server's own limit (nginx: 1000) sends GOAWAY mid-flight.
+            self.close()
 
     def ack(self, stream_id: int, size: int) -> None:
         if size:
