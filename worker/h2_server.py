@@ -11,8 +11,9 @@ only as fast as they are sent on, so a slow upstream slows the client.
 Limits: at most ``MAX_CONCURRENT_STREAMS`` streams at once, a header list no larger than
 ``limits.max_header_bytes``, and at most ``MAX_RESETS_PER_SECOND`` streams reset by the client
 per second: past that (the "rapid reset" attack, CVE-2023-44487) the connection gets GOAWAY
-ENHANCE_YOUR_CALM and is closed. On drain, GOAWAY tells the client to open no new streams;
-the connection closes once its streams are done.
+ENHANCE_YOUR_CALM and is closed, as is a connection that has reset more than
+``MIN_RESETS_FOR_RATIO`` streams and most of its streams. On drain, GOAWAY tells the client
+to open no new streams; the connection closes once its streams are done.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 128
 #: Streams the client may reset per second before the connection is closed.
 MAX_RESETS_PER_SECOND = 200
+#: Past this many resets on one connection, resetting most of its streams closes it too.
+MIN_RESETS_FOR_RATIO = 100
 #: Response headers that are connection-specific, not allowed in HTTP/2 (RFC 9113 8.2.2).
 _H2_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
@@ -241,6 +244,7 @@ class H2Server(asyncio.Protocol):
         self.requests = 0
         self._resets = 0
         self._reset_second = 0
+        self.total_resets = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -401,10 +405,18 @@ class H2Server(asyncio.Protocol):
             self._reset_second = second
             self._resets = 0
         self._resets += 1
+        self.total_resets += 1
+        # Too many resets a second, or a connection whose streams are mostly reset (however
+        # slowly the client manages it): either way the pattern of the rapid reset attack.
         if self._resets > MAX_RESETS_PER_SECOND:
-            self.engine.log.warning("%s reset over %d streams in a second; closing",
-                                    self.client_addr[0], MAX_RESETS_PER_SECOND)
-            self._abort(ErrorCodes.ENHANCE_YOUR_CALM)
+            why = f"over {MAX_RESETS_PER_SECOND} streams in a second"
+        elif (self.total_resets > MIN_RESETS_FOR_RATIO
+              and self.total_resets * 2 > self.requests):
+            why = f"{self.total_resets} of its {self.requests} streams"
+        else:
+            return
+        self.engine.log.warning("%s reset %s; closing", self.client_addr[0], why)
+        self._abort(ErrorCodes.ENHANCE_YOUR_CALM)
 
     # -- helpers for streams ---------------------------------------------------------------
 

@@ -71,6 +71,8 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 128
 #: Streams the proxy lets a client reset per second (worker/h2_server.py).
 MAX_RESETS_PER_SECOND = 200
+#: Resets on one connection past which resetting most of its streams closes it.
+MIN_RESETS_FOR_RATIO = 100
 LARGE = 20 * 1024 * 1024
 TOOL_SECONDS = 60.0
 
@@ -713,15 +715,15 @@ def test_rapid_reset_gets_enhance_your_calm(fresh: Stack) -> None:
         assert raw.eof, "the connection stayed open after GOAWAY"
     elapsed = time.monotonic() - started
     assert sent < limit and elapsed < 20
-    assert sent >= MAX_RESETS_PER_SECOND  # not closed before the limit was reached
+    assert sent > MIN_RESETS_FOR_RATIO  # not closed before a limit was reached
     assert fresh.worker_pids() == before
     with fresh.client("http") as c:
         assert c.get("/after-attack").status == 200
-    warning = "reset over 200 streams in a second; closing"
-    wait_for(lambda: warning in fresh.master.read_error_log(), what="the warning in the log")
+    warning = re.compile(r"127\.0\.0\.1 reset .*; closing")
+    wait_for(lambda: warning.search(fresh.master.read_error_log()), what="the warning in the log")
     # One attack, one warning: the events read with the reset that tripped the limit are not
     # handled (nor logged) once the connection is closing.
-    assert fresh.master.read_error_log().count(warning) == 1
+    assert len(warning.findall(fresh.master.read_error_log())) == 1
 
 
 def test_streams_over_the_limit_are_refused(fresh: Stack) -> None:
