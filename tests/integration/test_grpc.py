@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psutil
 import pytest
 import trustme
 from helpers import Master, config_for, free_port, wait_for
@@ -305,6 +306,23 @@ def test_many_concurrent_calls(channel: grpc.Channel, stack: Stack) -> None:
     served = {o.name: o.calls["Unary"] - before[o.name] for o in stack.origins}
     assert sum(served.values()) == 200
     assert all(served.values()), served
+
+
+def test_upstream_http2_multiplexes_one_connection_per_origin_per_worker(
+        channel: grpc.Channel, stack: Stack) -> None:
+    """After 200 concurrent calls, each worker holds at most one upstream connection to each
+    gRPC server: the calls were multiplexed, not spread over new connections."""
+    call = method(channel, "uu", "Unary")
+    pending = [call.future(b"m%d" % i, timeout=CALL_SECONDS) for i in range(200)]
+    assert all(f.result() == b"echo:m%d" % i for i, f in enumerate(pending))
+    ports = {o.port for o in stack.origins}
+    workers = stack.master.workers()
+    assert workers
+    for w in workers:
+        conns = [c for c in w.net_connections("tcp")
+                 if c.raddr and c.raddr.port in ports and c.status == psutil.CONN_ESTABLISHED]
+        per_origin = {port: sum(1 for c in conns if c.raddr.port == port) for port in ports}
+        assert all(n <= 1 for n in per_origin.values()), (w.pid, per_origin)
 
 
 def test_streams_in_parallel_on_one_channel(stack: Stack) -> None:
