@@ -1,24 +1,40 @@
 """Benchmark: Tenaya against nginx as a reverse proxy, in the same run, on loopback.
 
 Theory of operation. One nginx process serves as the origin: it answers every request with the
-same fixed 100-byte body. Two proxies stand in front of it, each with the same worker count:
-Tenaya (``python -m master start``) and nginx with upstream keep-alive. wrk then loads them in
-turns, and the order flips every round (T N, N T, T N, ...) so that a slow drift of the shared,
-noisy machine weighs on both alike. For every run we keep:
+same fixed 100-byte body over plaintext HTTP/1.1. Two proxies stand in front of it, each with the
+same worker count: Tenaya (``python -m master start``) and nginx with upstream keep-alive. A load
+generator then loads them in turns, and the order flips every round (T N, N T, T N, ...) so that
+a slow drift of the shared, noisy machine weighs on both alike. The case decides what the
+clients speak to the proxies (the proxies always speak HTTP/1.1 to the origin):
 
-- requests/s of *successful* responses (wrk's count minus its non-2xx/3xx count), so a proxy
-  that answers quickly with errors does not look fast;
-- the p99 latency from ``wrk --latency``;
-- socket errors and non-2xx responses (a run with any is flagged, and the exit status says so);
+- ``keepalive``: wrk, HTTP/1.1, keep-alive; ``close``: the same with a new connection per request;
+- ``tls``: wrk over HTTPS (HTTP/1.1, keep-alive). Both proxies use the same certificate (ECDSA
+  P-256, generated at run time into the temporary directory), TLS 1.2 and 1.3 with TLS 1.3
+  preferred, Tenaya's default TLS 1.2 cipher list and the server's order of cipher suites;
+- ``h2c``: h2load, cleartext HTTP/2 with prior knowledge (nginx ``listen ... http2``);
+- ``h2tls``: h2load, HTTP/2 over TLS chosen by ALPN (nginx ``listen ... ssl http2``).
+
+The readiness probe speaks the case's protocol, and the report shows what a TLS handshake with
+each proxy negotiated (version, cipher suite, ALPN). For every run we keep:
+
+- requests/s of *successful* responses (wrk's count minus its non-2xx/3xx count; h2load's 2xx
+  count), so a proxy that answers quickly with errors does not look fast;
+- latency: the p99 from ``wrk --latency``; h2load prints no percentiles, only the min, max, mean
+  and standard deviation of its "time for request", so its cases show the mean and the max (wrk's
+  cases show its mean and max too);
+- errors: wrk's socket errors and non-2xx/3xx responses; h2load's failed, errored and timed-out
+  requests and non-2xx responses, and an application protocol other than the case's (a run with
+  any is flagged, and the exit status says so);
 - the CPU seconds the proxy's own processes used during the run (user + system of the master and
-  its workers, measured with psutil just before and just after wrk), hence requests per
-  CPU-second, the figure DESIGN.md section 8 sets the goal on.
+  its workers, measured with psutil just before and just after the load generator), hence
+  requests per CPU-second, the figure DESIGN.md section 8 sets the goal on.
 
 The table shows the median over rounds for each proxy and the Tenaya/nginx ratios. Every child
 runs in its own process group and is stopped in a ``finally`` (also on Ctrl-C or SIGTERM); every
 wait has a deadline; readiness is polled (a GET through the proxy must return the origin's body).
 
-Usage: ``scripts/bench`` or ``python -m loadtests.bench --rounds 5 --duration 5 --case close``.
+Usage: ``scripts/bench`` or ``python -m loadtests.bench --rounds 5 --duration 5 --case close``
+(``--case tls``, ``--case h2c``, ``--case h2tls``).
 """
 
 from __future__ import annotations
@@ -37,13 +53,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
+
+from loadtests.clients import (
+    ALPN_H2,
+    H2C,
+    H2loadResult,
+    ProbeError,
+    get_h1,
+    get_h2,
+    h2load_command,
+    parse_h2load,
+    probe_ok,
+    write_certificate,
+)
 
 DESCRIPTION = "Benchmark Tenaya against nginx as a reverse proxy (requests/s, p99, req/CPU-s)."
 LOOPBACK = "127.0.0.1"
@@ -54,15 +83,65 @@ BODY = ("tenaya-bench-origin-" + "0123456789" * 10)[:BODY_BYTES].encode("ascii")
 
 CASE_KEEPALIVE = "keepalive"
 CASE_CLOSE = "close"
-#: Extra wrk arguments per case: ``close`` opens a new connection for every request.
-CASE_WRK_ARGS: dict[str, list[str]] = {
-    CASE_KEEPALIVE: [],
-    CASE_CLOSE: ["-H", "Connection: close"],
+CASE_TLS = "tls"
+CASE_H2C = "h2c"
+CASE_H2TLS = "h2tls"
+TOOL_WRK = "wrk"
+TOOL_H2LOAD = "h2load"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """What the clients of one case speak to the proxies, and with which tool."""
+
+    name: str
+    tool: str  #: TOOL_WRK or TOOL_H2LOAD
+    tls: bool  #: TLS on the proxies' listeners
+    http2: bool  #: HTTP/2 from the clients to the proxies
+    help: str  #: one line for --help
+    wrk_args: tuple[str, ...] = ()  #: extra wrk arguments
+
+    @property
+    def scheme(self) -> str:
+        """The URL scheme the load generator uses."""
+        return "https" if self.tls else "http"
+
+    @property
+    def protocol(self) -> str:
+        """The application protocol h2load must report ("" for wrk's cases)."""
+        if not self.http2:
+            return ""
+        return ALPN_H2 if self.tls else H2C
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case(CASE_KEEPALIVE, TOOL_WRK, False, False, "wrk, HTTP/1.1 keep-alive"),
+        Case(
+            CASE_CLOSE,
+            TOOL_WRK,
+            False,
+            False,
+            "wrk, HTTP/1.1, a new connection per request",
+            ("-H", "Connection: close"),
+        ),
+        Case(CASE_TLS, TOOL_WRK, True, False, "wrk, HTTPS (HTTP/1.1 keep-alive)"),
+        Case(CASE_H2C, TOOL_H2LOAD, False, True, "h2load, cleartext HTTP/2 (prior knowledge)"),
+        Case(CASE_H2TLS, TOOL_H2LOAD, True, True, "h2load, HTTP/2 over TLS (ALPN h2)"),
+    )
 }
 
 DEFAULT_ROUNDS = 5
 DEFAULT_DURATION_SECONDS = 5
 DEFAULT_CONNECTIONS = 50
+#: h2load's defaults: this many connections with up to H2_DEFAULT_STREAMS requests in flight on
+#: each, as many requests in flight as wrk's DEFAULT_CONNECTIONS.
+H2_DEFAULT_CONNECTIONS = 5
+H2_DEFAULT_STREAMS = 10
+#: Both proxies allow this many concurrent streams per HTTP/2 connection (Tenaya's fixed limit,
+#: nginx's http2_max_concurrent_streams default); more would only queue in h2load.
+H2_MAX_STREAMS = 128
 DEFAULT_THREADS = 1
 DEFAULT_WORKERS = 1
 #: Length of the uncounted run that warms each proxy (upstream pool, caches) before round 1.
@@ -77,24 +156,34 @@ PROBE_TIMEOUT_SECONDS = 1.0
 #: How many fresh-connection GETs per worker must succeed before a proxy counts as ready, so
 #: that every worker's SO_REUSEPORT socket has had a chance to be probed.
 PROBES_PER_WORKER = 4
-#: A wrk run longer than its duration plus this is killed and recorded as failed.
+#: A wrk or h2load run longer than its duration plus this is killed and recorded as failed.
 WRK_OVERRUN_SECONDS = 30.0
 #: Tenaya's graceful-stop window; on stop we wait for it plus STOP_MARGIN_SECONDS, then SIGKILL.
 TENAYA_GRACE_SECONDS = 5.0
 STOP_MARGIN_SECONDS = 5.0
-#: How much of wrk's output a failed run quotes.
+#: How much of wrk's (or h2load's) output a failed run quotes.
 WRK_ERROR_CHARS = 500
 #: Lines of a server's log shown when it fails or complains.
 LOG_TAIL_LINES = 20
 
-#: nginx settings: the proxy keeps this many idle upstream connections per worker; both nginx
-#: servers allow this many requests per connection (the default 1000 would add reconnects).
+#: nginx settings: the proxy keeps at least this many idle upstream connections per worker (more
+#: when more requests are in flight, so that no upstream connection is closed for lack of room);
+#: both nginx servers allow this many requests per connection, HTTP/2 streams included (the
+#: default 1000 would add reconnects, and h2load does not reconnect).
 NGINX_UPSTREAM_KEEPALIVE = 64
 NGINX_KEEPALIVE_REQUESTS = 1_000_000
 #: Floor of nginx's worker_connections; raised with --connections (each proxied request holds a
 #: downstream and an upstream connection).
 NGINX_MIN_WORKER_CONNECTIONS = 4096
 NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+#: TLS settings of both proxies: nginx 1.22's default protocols lack TLS 1.3, and Tenaya's TLS
+#: 1.2 cipher list and server preference are written into nginx's config. TLS 1.3 suites are
+#: OpenSSL's defaults on both sides (neither sets them).
+TLS_MIN_VERSION = "1.2"
+NGINX_SSL_PROTOCOLS = "TLSv1.2 TLSv1.3"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+#: Tenaya's idle upstream connections per worker by default; raised like nginx's keep-alive.
+TENAYA_POOL_SIZE = 128
 
 #: Longest process title kept in a run's per-process CPU figures.
 LABEL_CHARS = 40
@@ -108,6 +197,10 @@ _RE_SOCKET_ERRORS = re.compile(
     r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
 )
 _RE_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_RE_LATENCY = re.compile(
+    r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)",
+    re.MULTILINE,
+)
 
 EXIT_OK = 0
 EXIT_RUN_ERRORS = 1
@@ -131,6 +224,24 @@ class WrkResult:
     p99_ms: float | None  #: 99th percentile latency; None if wrk printed none
     socket_errors: dict[str, int]  #: connect / read / write / timeout counts
     non_2xx: int  #: responses with a status of 400 or more (wrk's "Non-2xx or 3xx")
+    mean_ms: float | None = None  #: mean latency (wrk's thread stats); None if not printed
+    max_ms: float | None = None  #: longest latency (wrk's thread stats); None if not printed
+
+
+@dataclass(slots=True)
+class Load:
+    """One run of a load generator (wrk or h2load), in the terms a Run needs."""
+
+    ok_requests: int  #: responses that count: below 400 (wrk), 2xx (h2load)
+    elapsed_seconds: float  #: the run's length as the tool measured it
+    p99_ms: float | None  #: 99th percentile latency (wrk only)
+    mean_ms: float | None  #: mean latency
+    max_ms: float | None  #: longest latency
+    errors: dict[str, int]  #: transport errors by kind (wrk's socket errors, h2load's
+    #: errored and timed-out requests)
+    non_2xx: int  #: responses with an error status (wrk: 400 or more; h2load: not 2xx)
+    problems: list[str]  #: anything else wrong (h2load's failures, a wrong protocol)
+    negotiated: str  #: what h2load says the connections negotiated; "" for wrk
 
 
 @dataclass(slots=True)
@@ -141,13 +252,16 @@ class Run:
     round: int  #: 1-based round number
     ok_requests: int  #: responses below 400
     rps: float  #: ok_requests per second of the run
-    p99_ms: float | None  #: wrk's 99th percentile latency
+    p99_ms: float | None  #: wrk's 99th percentile latency (None with h2load)
     cpu_seconds: float  #: user + system CPU of the proxy's processes during the run
     requests_per_cpu_second: float | None  #: ok_requests / cpu_seconds
-    socket_errors: int  #: sum of wrk's socket error counts
-    non_2xx: int  #: wrk's non-2xx/3xx count
+    socket_errors: int  #: wrk's socket errors, h2load's errored and timed-out requests
+    non_2xx: int  #: responses with an error status (see Load.non_2xx)
     problems: list[str] = field(default_factory=list)  #: why the run is flagged; empty if clean
     cpu_by_process: dict[str, float] = field(default_factory=dict)  #: "PID TITLE" -> CPU seconds
+    mean_ms: float | None = None  #: mean latency
+    max_ms: float | None = None  #: longest latency
+    negotiated: str = ""  #: h2load's protocol, TLS version, cipher suite and key exchange
 
     @property
     def flagged(self) -> bool:
@@ -167,6 +281,8 @@ class Summary:
     median_requests_per_cpu_second: float | None
     total_socket_errors: int
     total_non_2xx: int
+    median_mean_ms: float | None = None
+    median_max_ms: float | None = None
 
 
 def parse_wrk(output: str) -> WrkResult:
@@ -183,7 +299,14 @@ def parse_wrk(output: str) -> WrkResult:
     if s is not None:
         errors = dict(zip(errors, (int(g) for g in s.groups()), strict=True))
     n = _RE_NON_2XX.search(output)
-    return WrkResult(requests, elapsed, p99_ms, errors, int(n.group(1)) if n else 0)
+    lat = _RE_LATENCY.search(output)
+    mean_ms = max_ms = None
+    if lat is not None:
+        mean_ms = float(lat.group(1)) * _TIME_UNITS[lat.group(2)] * 1e3
+        max_ms = float(lat.group(5)) * _TIME_UNITS[lat.group(6)] * 1e3
+    return WrkResult(
+        requests, elapsed, p99_ms, errors, int(n.group(1)) if n else 0, mean_ms, max_ms
+    )
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -204,6 +327,8 @@ def summarize(proxy: str, runs: Sequence[Run]) -> Summary:
         median_requests_per_cpu_second=_median([r.requests_per_cpu_second for r in mine]),
         total_socket_errors=sum(r.socket_errors for r in mine),
         total_non_2xx=sum(r.non_2xx for r in mine),
+        median_mean_ms=_median([r.mean_ms for r in mine]),
+        median_max_ms=_median([r.max_ms for r in mine]),
     )
 
 
@@ -343,8 +468,47 @@ def probe(port: int) -> bool:
         conn.close()
 
 
-def wait_ready(server: Server, port: int, *, workers: int = 1, probes: int = 1) -> None:
-    """Poll until the server has ``workers`` children and ``probes`` GETs in a row succeed.
+def case_probe(case: Case) -> Callable[[int], bool]:
+    """The readiness probe of a proxy in this case: GET / in the case's protocol (HTTP/1.1 or
+    HTTP/2, TLS or not) on a fresh connection must answer 200 with the origin's body."""
+    if not case.tls and not case.http2:
+        return probe
+
+    def check(port: int) -> bool:
+        return probe_ok(
+            LOOPBACK,
+            port,
+            BODY,
+            http2=case.http2,
+            tls=case.tls,
+            timeout=PROBE_TIMEOUT_SECONDS,
+        )
+
+    return check
+
+
+def handshake_summary(case: Case, port: int) -> str:
+    """What a TLS handshake with the proxy negotiates for the case's client (version, cipher
+    suite, ALPN), or "" for a plaintext case. Raises BenchError if the probe fails."""
+    if not case.tls:
+        return ""
+    get = get_h2 if case.http2 else get_h1
+    try:
+        return get(LOOPBACK, port, tls=True, timeout=PROBE_TIMEOUT_SECONDS).negotiated
+    except (OSError, ProbeError) as e:
+        raise BenchError(f"TLS probe of port {port} failed: {e}") from e
+
+
+def wait_ready(
+    server: Server,
+    port: int,
+    *,
+    workers: int = 1,
+    probes: int = 1,
+    check: Callable[[int], bool] = probe,
+) -> None:
+    """Poll until the server has ``workers`` children and ``probes`` checks in a row succeed
+    (``check(port)``: by default an HTTP/1.1 GET that must return BODY).
 
     Raises BenchError, with the tail of the server's log, if the server exits or the deadline
     (READY_TIMEOUT_SECONDS) passes first.
@@ -358,7 +522,7 @@ def wait_ready(server: Server, port: int, *, workers: int = 1, probes: int = 1) 
                 f"{server.name} exited with status {status} before it was ready:\n"
                 f"{_tail(server.log)}"
             )
-        if len(server.processes()) > workers and probe(port):
+        if len(server.processes()) > workers and check(port):
             streak += 1
             if streak >= probes:
                 return
@@ -401,18 +565,46 @@ def origin_config(tmp: Path, port: int) -> str:
 
 
 def nginx_proxy_config(
-    tmp: Path, port: int, origin_port: int, workers: int, connections: int
+    tmp: Path,
+    port: int,
+    origin_port: int,
+    workers: int,
+    connections: int,
+    *,
+    case: Case = CASES[CASE_KEEPALIVE],
+    tls_files: tuple[Path, Path] | None = None,
 ) -> str:
-    """nginx config of the reverse proxy: ``workers`` workers, keep-alive to the origin."""
+    """nginx config of the reverse proxy: ``workers`` workers, keep-alive to the origin, a
+    listener speaking the case's protocol (``ssl`` with ``tls_files`` = (cert, key), ``http2``).
+
+    ``connections`` is the most requests in flight at once; it sizes worker_connections and the
+    upstream keep-alive cache.
+    """
     worker_connections = max(NGINX_MIN_WORKER_CONNECTIONS, 4 * connections)
+    keepalive = max(NGINX_UPSTREAM_KEEPALIVE, connections)
+    listen = f"{LOOPBACK}:{port} reuseport" + (" ssl" if case.tls else "")
+    listen += " http2" if case.http2 else ""
+    ssl = ""
+    if case.tls:
+        if tls_files is None:
+            raise ValueError(f"case {case.name} needs a certificate and key")
+        cert, key = tls_files
+        ssl = (
+            f"        ssl_certificate {cert};\n"
+            f"        ssl_certificate_key {key};\n"
+            f"        ssl_protocols {NGINX_SSL_PROTOCOLS};\n"
+            f"        ssl_ciphers {TLS12_CIPHERS};\n"
+            f"        ssl_prefer_server_ciphers on;\n"
+        )
     return (
         _nginx_common(tmp, "nginx-proxy", workers, worker_connections) + f"    upstream o {{\n"
         f"        server {LOOPBACK}:{origin_port};\n"
-        f"        keepalive {NGINX_UPSTREAM_KEEPALIVE};\n"
+        f"        keepalive {keepalive};\n"
         f"        keepalive_requests {NGINX_KEEPALIVE_REQUESTS};\n"
         f"    }}\n"
         f"    server {{\n"
-        f"        listen {LOOPBACK}:{port} reuseport;\n"
+        f"        listen {listen};\n"
+        f"{ssl}"
         f"        location / {{\n"
         f"            proxy_pass http://o;\n"
         f"            proxy_http_version 1.1;\n"
@@ -423,12 +615,36 @@ def nginx_proxy_config(
     )
 
 
-def tenaya_config(tmp: Path, port: int, origin_port: int, workers: int) -> dict[str, Any]:
-    """Tenaya's config: the built-in load balancer with one upstream, access log off."""
+def tenaya_config(
+    tmp: Path,
+    port: int,
+    origin_port: int,
+    workers: int,
+    *,
+    tls_files: tuple[Path, Path] | None = None,
+    connections: int = DEFAULT_CONNECTIONS,
+) -> dict[str, Any]:
+    """Tenaya's config: the built-in load balancer with one upstream, access log off; TLS on
+    the listener with ``tls_files`` = (cert, key). HTTP/2 needs no setting: every listener
+    takes h2c with prior knowledge, and a TLS listener offers h2 by ALPN.
+
+    ``connections`` is the most requests in flight at once; the pool keeps at least as many idle
+    upstream connections.
+    """
+    listener: dict[str, Any] = {"address": f"{LOOPBACK}:{port}"}
+    if tls_files is not None:
+        cert, key = tls_files
+        listener["tls"] = {
+            "cert": str(cert),
+            "key": str(key),
+            "min_version": TLS_MIN_VERSION,
+            "ciphers": TLS12_CIPHERS,
+        }
     return {
         "server": {"workers": workers, "grace_period_seconds": TENAYA_GRACE_SECONDS},
-        "listeners": [{"address": f"{LOOPBACK}:{port}"}],
+        "listeners": [listener],
         "upstreams": {"origin": {"servers": [f"{LOOPBACK}:{origin_port}"]}},
+        "pool": {"size_per_worker": max(TENAYA_POOL_SIZE, connections)},
         "logging": {
             "access_log": "off",
             "level": "warning",
@@ -438,9 +654,18 @@ def tenaya_config(tmp: Path, port: int, origin_port: int, workers: int) -> dict[
 
 
 def start_nginx(
-    nginx: str, tmp: Path, name: str, config: str, *, port: int, workers: int, probes: int
+    nginx: str,
+    tmp: Path,
+    name: str,
+    config: str,
+    *,
+    port: int,
+    workers: int,
+    probes: int,
+    check: Callable[[int], bool] = probe,
 ) -> Server:
-    """Write the config, start nginx in the foreground and wait until it serves BODY."""
+    """Write the config, start nginx in the foreground and wait until it serves BODY (as
+    ``check`` asks for it: by default over plaintext HTTP/1.1)."""
     for kind in NGINX_TEMP_DIRS:
         (tmp / name / kind).mkdir(parents=True, exist_ok=True)
     conf = tmp / f"{name}.conf"
@@ -449,7 +674,7 @@ def start_nginx(
     cmd = [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / f"{name}-error.log")]
     # SIGQUIT is nginx's graceful stop; it has nothing in flight when we stop it.
     server = Server(name, cmd, tmp / f"{name}.out", stop_signal=signal.SIGQUIT)
-    wait_ready(server, port, workers=workers, probes=probes)
+    wait_ready(server, port, workers=workers, probes=probes, check=check)
     return server
 
 
@@ -465,10 +690,17 @@ def tenaya_env() -> dict[str, str]:
     return env
 
 
-def launch_tenaya(conf: Path, config: dict[str, Any], *, port: int, workers: int) -> Server:
+def launch_tenaya(
+    conf: Path,
+    config: dict[str, Any],
+    *,
+    port: int,
+    workers: int,
+    check: Callable[[int], bool] = probe,
+) -> Server:
     """Write ``config`` to ``conf``, start ``python -m master start -c conf`` from REPO_ROOT
     (its output in ``conf`` with the suffix ``.out``) and wait until it proxies BODY on
-    ``port``; the server is named after the file's stem."""
+    ``port`` (as ``check`` asks for it); the server is named after the file's stem."""
     conf.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "-m", "master", "start", "-c", str(conf)]
     server = Server(
@@ -479,69 +711,174 @@ def launch_tenaya(conf: Path, config: dict[str, Any], *, port: int, workers: int
         env=tenaya_env(),
         stop_timeout=TENAYA_GRACE_SECONDS + STOP_MARGIN_SECONDS,
     )
-    wait_ready(server, port, workers=workers, probes=PROBES_PER_WORKER * workers)
+    wait_ready(server, port, workers=workers, probes=PROBES_PER_WORKER * workers, check=check)
     return server
 
 
-def start_tenaya(tmp: Path, *, port: int, origin_port: int, workers: int) -> Server:
-    """Start ``python -m master start`` with a generated config; wait until it proxies BODY.
+def start_tenaya(
+    tmp: Path,
+    *,
+    port: int,
+    origin_port: int,
+    workers: int,
+    case: Case = CASES[CASE_KEEPALIVE],
+    tls_files: tuple[Path, Path] | None = None,
+    connections: int = DEFAULT_CONNECTIONS,
+) -> Server:
+    """Start ``python -m master start`` with a generated config; wait until it proxies BODY in
+    the case's protocol.
 
     It runs from the repository this file is in (also put on PYTHONPATH), so the code measured
     is this checkout's even when the project is not installed.
     """
-    config = tenaya_config(tmp, port, origin_port, workers)
-    return launch_tenaya(tmp / "tenaya.yaml", config, port=port, workers=workers)
+    config = tenaya_config(
+        tmp, port, origin_port, workers, tls_files=tls_files, connections=connections
+    )
+    return launch_tenaya(
+        tmp / "tenaya.yaml", config, port=port, workers=workers, check=case_probe(case)
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Runs
 
 
+def _run_tool(name: str, cmd: list[str], duration: int) -> tuple[str | None, str]:
+    """Run a load generator with a deadline (``duration`` + WRK_OVERRUN_SECONDS); returns its
+    output (None on failure) and a note saying why it failed."""
+    limit = duration + WRK_OVERRUN_SECONDS
+    try:
+        done = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"{name} did not finish within {limit:g}s"
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip())[-WRK_ERROR_CHARS:]
+        return None, f"{name} exited with {done.returncode}: {said}"
+    return done.stdout, ""
+
+
 def run_wrk(
-    wrk: str, port: int, *, case: str, threads: int, connections: int, duration: int
+    wrk: str,
+    port: int,
+    *,
+    case: Case | str,
+    threads: int,
+    connections: int,
+    duration: int,
 ) -> tuple[WrkResult | None, str]:
-    """Run wrk once against the port; returns the parsed result (None on failure) and a note."""
+    """Run wrk once against the port (HTTPS in the tls case); returns the parsed result (None
+    on failure) and a note."""
+    c = CASES[case] if isinstance(case, str) else case
     cmd = [
         wrk,
         f"-t{threads}",
         f"-c{connections}",
         f"-d{duration}s",
         "--latency",
-        *CASE_WRK_ARGS[case],
-        f"http://{LOOPBACK}:{port}/",
+        *c.wrk_args,
+        f"{c.scheme}://{LOOPBACK}:{port}/",
     ]
+    output, note = _run_tool(TOOL_WRK, cmd, duration)
+    if output is None:
+        return None, note
     try:
-        done = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=duration + WRK_OVERRUN_SECONDS,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"wrk did not finish within {duration + WRK_OVERRUN_SECONDS:g}s"
-    if done.returncode != 0:
-        said = (done.stderr.strip() or done.stdout.strip())[-WRK_ERROR_CHARS:]
-        return None, f"wrk exited with {done.returncode}: {said}"
-    try:
-        return parse_wrk(done.stdout), ""
+        return parse_wrk(output), ""
     except ValueError as e:
-        return None, f"{e}: {done.stdout.strip()[-WRK_ERROR_CHARS:]}"
+        return None, f"{e}: {output.strip()[-WRK_ERROR_CHARS:]}"
+
+
+def run_h2load(
+    h2load: str,
+    port: int,
+    *,
+    case: Case,
+    threads: int,
+    connections: int,
+    streams: int,
+    duration: int,
+) -> tuple[H2loadResult | None, str]:
+    """Run h2load once against the port (h2c, or h2 over TLS); returns the parsed result (None
+    on failure) and a note."""
+    url = f"{case.scheme}://{LOOPBACK}:{port}/"
+    cmd = h2load_command(
+        h2load, url, clients=connections, streams=streams, threads=threads, duration=duration
+    )
+    output, note = _run_tool(TOOL_H2LOAD, cmd, duration)
+    if output is None:
+        return None, note
+    try:
+        return parse_h2load(output), ""
+    except ValueError as e:
+        return None, f"{e}: {output.strip()[-WRK_ERROR_CHARS:]}"
+
+
+def run_load(
+    tool: str, port: int, case: Case, args: argparse.Namespace, duration: int
+) -> tuple[Load | None, str]:
+    """One run of the case's load generator (its path is ``tool``) against the port."""
+    if case.tool == TOOL_WRK:
+        wrk, note = run_wrk(
+            tool,
+            port,
+            case=case,
+            threads=args.threads,
+            connections=args.connections,
+            duration=duration,
+        )
+        if wrk is None:
+            return None, note
+        return Load(
+            ok_requests=wrk.requests - wrk.non_2xx,
+            elapsed_seconds=wrk.elapsed_seconds,
+            p99_ms=wrk.p99_ms,
+            mean_ms=wrk.mean_ms,
+            max_ms=wrk.max_ms,
+            errors=wrk.socket_errors,
+            non_2xx=wrk.non_2xx,
+            problems=[],
+            negotiated="",
+        ), ""
+    h2, note = run_h2load(
+        tool,
+        port,
+        case=case,
+        threads=args.threads,
+        connections=args.connections,
+        streams=args.streams,
+        duration=duration,
+    )
+    if h2 is None:
+        return None, note
+    problems = []
+    if h2.protocol != case.protocol:
+        problems.append(f"h2load spoke {h2.protocol or 'nothing'}, not {case.protocol}")
+    if h2.failed:
+        problems.append(f"h2load: {h2.failed} requests failed")
+    if not h2.done:
+        problems.append("h2load: no request completed")
+    return Load(
+        ok_requests=h2.ok,
+        elapsed_seconds=h2.elapsed_seconds,
+        p99_ms=None,
+        mean_ms=h2.mean_ms,
+        max_ms=h2.max_ms,
+        errors={"errored": h2.errored, "timeout": h2.timeout},
+        non_2xx=h2.not_2xx,
+        problems=problems,
+        negotiated=" ".join(filter(None, (h2.protocol, h2.tls))),
+    ), ""
 
 
 def measure(
-    proxy: str, server: Server, port: int, round_no: int, args: argparse.Namespace, wrk: str
+    proxy: str, server: Server, port: int, round_no: int, args: argparse.Namespace, tool: str
 ) -> Run:
-    """One counted run: wrk against the proxy with its CPU time read before and after."""
+    """One counted run: the case's load generator (its path is ``tool``) against the proxy,
+    with the proxy's CPU time read before and after."""
+    case = CASES[args.case]
     cpu_before, by_pid_before = server.cpu_seconds()
-    result, note = run_wrk(
-        wrk,
-        port,
-        case=args.case,
-        threads=args.threads,
-        connections=args.connections,
-        duration=args.duration,
-    )
+    load, note = run_load(tool, port, case, args, args.duration)
     cpu_after, by_pid_after = server.cpu_seconds()
     cpu = round(cpu_after - cpu_before, CPU_DIGITS)
     cpu_by_process = {
@@ -555,28 +892,44 @@ def measure(
         )
     if server.exited() is not None:
         problems.append(f"{proxy} exited with status {server.exited()}")
-    if result is None:
-        return Run(proxy, round_no, 0, 0.0, None, cpu, None, 0, 0, problems, cpu_by_process)
-    ok = result.requests - result.non_2xx
-    socket_errors = sum(result.socket_errors.values())
-    if socket_errors:
-        problems.append(
-            "socket errors " + ", ".join(f"{k} {v}" for k, v in result.socket_errors.items() if v)
+    if load is None:
+        return Run(
+            proxy=proxy,
+            round=round_no,
+            ok_requests=0,
+            rps=0.0,
+            p99_ms=None,
+            cpu_seconds=cpu,
+            requests_per_cpu_second=None,
+            socket_errors=0,
+            non_2xx=0,
+            problems=problems,
+            cpu_by_process=cpu_by_process,
         )
-    if result.non_2xx:
-        problems.append(f"{result.non_2xx} responses with status >= 400")
+    ok = load.ok_requests
+    errors = sum(load.errors.values())
+    if errors:
+        kind = "socket errors " if case.tool == TOOL_WRK else "h2load: "
+        problems.append(kind + ", ".join(f"{k} {v}" for k, v in load.errors.items() if v))
+    if load.non_2xx:
+        limit = "status >= 400" if case.tool == TOOL_WRK else "a status other than 2xx"
+        problems.append(f"{load.non_2xx} responses with {limit}")
+    problems += load.problems
     return Run(
         proxy=proxy,
         round=round_no,
         ok_requests=ok,
-        rps=ok / result.elapsed_seconds if result.elapsed_seconds else 0.0,
-        p99_ms=result.p99_ms,
+        rps=ok / load.elapsed_seconds if load.elapsed_seconds else 0.0,
+        p99_ms=load.p99_ms,
         cpu_seconds=cpu,
         requests_per_cpu_second=ok / cpu if cpu > 0 else None,
-        socket_errors=socket_errors,
-        non_2xx=result.non_2xx,
+        socket_errors=errors,
+        non_2xx=load.non_2xx,
         problems=problems,
         cpu_by_process=cpu_by_process,
+        mean_ms=load.mean_ms,
+        max_ms=load.max_ms,
+        negotiated=load.negotiated,
     )
 
 
@@ -589,38 +942,52 @@ def describe_run(run: Run) -> str:
     """One progress line for a run."""
     line = (
         f"round {run.round} {run.proxy:<6}  {run.rps:>9.0f} req/s  p99 "
-        f"{_fmt(run.p99_ms, '.2f')} ms  cpu {run.cpu_seconds:.2f}s  "
+        f"{_fmt(run.p99_ms, '.2f')} mean {_fmt(run.mean_ms, '.2f')} max "
+        f"{_fmt(run.max_ms, '.2f')} ms  cpu {run.cpu_seconds:.2f}s  "
         f"{_fmt(run.requests_per_cpu_second, '.0f')} req/CPU-s"
     )
     return line + (f"  FLAGGED: {'; '.join(run.problems)}" if run.problems else "")
 
 
-def render_table(summaries: dict[str, Summary], header: str) -> str:
-    """The human-readable result: one row per proxy, then the Tenaya/nginx ratios."""
+def render_table(summaries: dict[str, Summary], header: str, notes: Sequence[str] = ()) -> str:
+    """The human-readable result: one row per proxy, the Tenaya/nginx ratios, then notes."""
     rows = [
         header,
         "",
-        f"{'proxy':<8}{'req/s':>12}{'p99 ms':>10}{'req/CPU-s':>12}"
-        f"{'sock err':>10}{'non-2xx':>9}{'flagged':>9}",
+        f"{'proxy':<8}{'req/s':>10}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}{'req/CPU-s':>11}"
+        f"{'errors':>8}{'non-2xx':>9}{'flagged':>9}",
     ]
     for s in summaries.values():
         rows.append(
-            f"{s.proxy:<8}{_fmt(s.median_rps, '.0f'):>12}"
-            f"{_fmt(s.median_p99_ms, '.2f'):>10}"
-            f"{_fmt(s.median_requests_per_cpu_second, '.0f'):>12}"
-            f"{s.total_socket_errors:>10}{s.total_non_2xx:>9}"
+            f"{s.proxy:<8}{_fmt(s.median_rps, '.0f'):>10}"
+            f"{_fmt(s.median_p99_ms, '.2f'):>9}"
+            f"{_fmt(s.median_mean_ms, '.2f'):>9}"
+            f"{_fmt(s.median_max_ms, '.2f'):>9}"
+            f"{_fmt(s.median_requests_per_cpu_second, '.0f'):>11}"
+            f"{s.total_socket_errors:>8}{s.total_non_2xx:>9}"
             f"{s.flagged_runs:>6}/{s.runs}"
         )
-    t, n = summaries["tenaya"], summaries["nginx"]
-    rps = _ratio(t.median_rps, n.median_rps)
-    per_cpu = _ratio(t.median_requests_per_cpu_second, n.median_requests_per_cpu_second)
-    p99 = _ratio(t.median_p99_ms, n.median_p99_ms)
+    ratios = ratios_of(summaries)
     rows += [
         "",
-        f"tenaya/nginx (ratio of medians): req/s {_fmt(rps, '.2f')}, "
-        f"req/CPU-s {_fmt(per_cpu, '.2f')}, p99 {_fmt(p99, '.2f')}",
+        "tenaya/nginx (ratio of medians): "
+        + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in ratios.items() if v is not None),
     ]
-    return "\n".join(rows)
+    return "\n".join([*rows, *notes])
+
+
+def ratios_of(summaries: dict[str, Summary]) -> dict[str, float | None]:
+    """Tenaya's medians over nginx's: req/s, req/CPU-s and the latencies."""
+    t, n = summaries["tenaya"], summaries["nginx"]
+    return {
+        "rps": _ratio(t.median_rps, n.median_rps),
+        "requests_per_cpu_second": _ratio(
+            t.median_requests_per_cpu_second, n.median_requests_per_cpu_second
+        ),
+        "p99": _ratio(t.median_p99_ms, n.median_p99_ms),
+        "mean_latency": _ratio(t.median_mean_ms, n.median_mean_ms),
+        "max_latency": _ratio(t.median_max_ms, n.median_max_ms),
+    }
 
 
 def find_tool(name: str, given: str | None, extra_dirs: Sequence[str] = ()) -> str:
@@ -648,14 +1015,23 @@ def _terminate_on_sigterm() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def in_flight(case: Case, args: argparse.Namespace) -> int:
+    """The most requests the load generator keeps in flight at once."""
+    connections: int = args.connections
+    return connections * (args.streams if case.http2 else 1)
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Start the origin and both proxies, run the rounds, stop everything; returns the report."""
-    wrk = find_tool("wrk", args.wrk)
+    case = CASES[args.case]
+    tool = find_tool(case.tool, args.wrk if case.tool == TOOL_WRK else args.h2load)
     nginx = find_tool("nginx", args.nginx, ["/usr/sbin", "/usr/local/sbin"])
+    concurrency = in_flight(case, args)
     origin_port, tenaya_port, nginx_port = free_ports(3)
     runs: list[Run] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tenaya-bench-")))
+        tls_files = write_certificate(tmp, LOOPBACK) if case.tls else None
         origin = start_nginx(
             nginx,
             tmp,
@@ -666,37 +1042,48 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             probes=1,
         )
         stack.callback(origin.stop)
-        tenaya = start_tenaya(tmp, port=tenaya_port, origin_port=origin_port, workers=args.workers)
+        tenaya = start_tenaya(
+            tmp,
+            port=tenaya_port,
+            origin_port=origin_port,
+            workers=args.workers,
+            case=case,
+            tls_files=tls_files,
+            connections=concurrency,
+        )
         stack.callback(tenaya.stop)
         proxy = start_nginx(
             nginx,
             tmp,
             "nginx-proxy",
-            nginx_proxy_config(tmp, nginx_port, origin_port, args.workers, args.connections),
+            nginx_proxy_config(
+                tmp,
+                nginx_port,
+                origin_port,
+                args.workers,
+                concurrency,
+                case=case,
+                tls_files=tls_files,
+            ),
             port=nginx_port,
             workers=args.workers,
             probes=PROBES_PER_WORKER * args.workers,
+            check=case_probe(case),
         )
         stack.callback(proxy.stop)
         targets = {"tenaya": (tenaya, tenaya_port), "nginx": (proxy, nginx_port)}
+        handshakes = {name: handshake_summary(case, port) for name, (_, port) in targets.items()}
 
         if args.warmup > 0:
             for name, (_, port) in targets.items():
-                result, note = run_wrk(
-                    wrk,
-                    port,
-                    case=args.case,
-                    threads=args.threads,
-                    connections=args.connections,
-                    duration=args.warmup,
-                )
-                if result is None:
+                load, note = run_load(tool, port, case, args, args.warmup)
+                if load is None:
                     print(f"warm-up of {name} failed: {note}", file=sys.stderr)
         order = list(targets)
         for round_no in range(1, args.rounds + 1):
             for name in order if round_no % 2 else reversed(order):
                 server, port = targets[name]
-                run = measure(name, server, port, round_no, args, wrk)
+                run = measure(name, server, port, round_no, args, tool)
                 runs.append(run)
                 print(describe_run(run), file=sys.stderr, flush=True)
         tenaya_log = "\n".join(
@@ -704,29 +1091,57 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for log in (tmp / "tenaya-error.log", tenaya.log)
             if log.is_file() and log.stat().st_size
         )
-        tenaya_alive = tenaya.exited() is None
+        tenaya_status = tenaya.exited()
     summaries = {name: summarize(name, runs) for name in ("tenaya", "nginx")}
     return {
-        "case": args.case,
+        "case": case.name,
+        "tool": case.tool,
         "workers": args.workers,
         "rounds": args.rounds,
         "duration_seconds": args.duration,
         "connections": args.connections,
+        "streams_per_connection": args.streams if case.http2 else 1,
         "threads": args.threads,
         "body_bytes": BODY_BYTES,
+        "tls_handshake_by_probe": handshakes,
         "runs": [asdict(r) | {"flagged": r.flagged} for r in runs],
         "summary": {name: asdict(s) for name, s in summaries.items()},
-        "ratios_tenaya_over_nginx": {
-            "rps": _ratio(summaries["tenaya"].median_rps, summaries["nginx"].median_rps),
-            "requests_per_cpu_second": _ratio(
-                summaries["tenaya"].median_requests_per_cpu_second,
-                summaries["nginx"].median_requests_per_cpu_second,
-            ),
-            "p99": _ratio(summaries["tenaya"].median_p99_ms, summaries["nginx"].median_p99_ms),
-        },
-        "tenaya_alive_at_end": tenaya_alive,
+        "ratios_tenaya_over_nginx": ratios_of(summaries),
+        "tenaya_alive_at_end": tenaya_status is None,
+        "tenaya_exit_status": tenaya_status,  # negative: killed by that signal
         "tenaya_log_tail": tenaya_log,
     }
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """Lines under the table: what the TLS handshakes negotiated (by the readiness probe, and
+    as h2load saw it), whether both proxies agree, and how to read h2load's latencies."""
+    notes: list[str] = []
+    probe = report["tls_handshake_by_probe"]
+    if any(probe.values()):
+        notes += [
+            "",
+            "TLS by probe (Python's ssl client): "
+            + "; ".join(f"{name} {what}" for name, what in probe.items()),
+        ]
+        if len(set(probe.values())) > 1:
+            notes.append("WARNING: the proxies negotiated different TLS parameters")
+    seen: dict[str, set[str]] = {}
+    for run in report["runs"]:
+        if run["negotiated"]:
+            seen.setdefault(run["proxy"], set()).add(run["negotiated"])
+    if seen:
+        notes.append(
+            "h2load negotiated: "
+            + "; ".join(f"{name} {' | '.join(sorted(what))}" for name, what in seen.items())
+        )
+        if len({frozenset(v) for v in seen.values()}) > 1:
+            notes.append("WARNING: h2load negotiated different parameters with the two proxies")
+    if report["tool"] == TOOL_H2LOAD:
+        notes.append(
+            "latency: h2load prints no percentiles; mean and max are its 'time for request'"
+        )
+    return notes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -734,9 +1149,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=DESCRIPTION)
     p.add_argument(
         "--case",
-        choices=sorted(CASE_WRK_ARGS),
+        choices=list(CASES),
         default=CASE_KEEPALIVE,
-        help="keepalive: reuse connections; close: a new connection per request",
+        help="; ".join(f"{c.name}: {c.help}" for c in CASES.values()),
     )
     p.add_argument(
         "--workers",
@@ -754,16 +1169,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--duration",
         type=int,
         default=DEFAULT_DURATION_SECONDS,
-        help="whole seconds per run, as wrk takes them (default %(default)s)",
+        help="whole seconds per run, as wrk and h2load take them (default %(default)s)",
     )
     p.add_argument(
         "--connections",
         type=int,
-        default=DEFAULT_CONNECTIONS,
-        help="wrk connections (default %(default)s)",
+        help=f"connections of wrk or h2load (default {DEFAULT_CONNECTIONS} for wrk, "
+        f"{H2_DEFAULT_CONNECTIONS} for h2load)",
     )
     p.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS, help="wrk threads (default %(default)s)"
+        "--streams",
+        type=int,
+        default=H2_DEFAULT_STREAMS,
+        help="h2load's concurrent streams per connection, its -m (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="wrk or h2load threads (default %(default)s)",
     )
     p.add_argument(
         "--warmup",
@@ -773,15 +1197,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--wrk", help="path of wrk (default: found on PATH)")
+    p.add_argument("--h2load", help="path of h2load (default: found on PATH)")
     p.add_argument("--nginx", help="path of nginx (default: found on PATH or in /usr/sbin)")
     args = p.parse_args(argv)
-    for name in ("workers", "rounds", "connections", "threads"):
+    if args.connections is None:
+        http2 = CASES[args.case].tool == TOOL_H2LOAD
+        args.connections = H2_DEFAULT_CONNECTIONS if http2 else DEFAULT_CONNECTIONS
+    for name in ("workers", "rounds", "connections", "threads", "streams"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.duration < 1 or args.warmup < 0:
         p.error("--duration must be at least 1 and --warmup at least 0")
     if args.threads > args.connections:
-        p.error("--threads cannot exceed --connections (wrk needs a connection per thread)")
+        p.error("--threads cannot exceed --connections (each thread needs a connection)")
+    if args.streams > H2_MAX_STREAMS:
+        p.error(f"--streams cannot exceed {H2_MAX_STREAMS}, the proxies' stream limit")
     return args
 
 
@@ -801,17 +1231,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        case = CASES[args.case]
+        load = f"wrk -t{args.threads} -c{args.connections}"
+        if case.tool == TOOL_H2LOAD:
+            load = f"h2load -t{args.threads} -c{args.connections} -m{args.streams}"
         header = (
             f"case {args.case}, {args.workers} worker(s) per proxy, {args.rounds} rounds "
-            f"x {args.duration}s, wrk -t{args.threads} -c{args.connections}, "
-            f"{BODY_BYTES}-byte body; medians over rounds"
+            f"x {args.duration}s, {load}, {BODY_BYTES}-byte body; medians over rounds"
         )
         summaries = {k: Summary(**v) for k, v in report["summary"].items()}
-        print(render_table(summaries, header))
+        print(render_table(summaries, header, report_notes(report)))
     if report["tenaya_log_tail"].strip():
         print(f"tenaya's log (tail):\n{report['tenaya_log_tail']}", file=sys.stderr)
     if not report["tenaya_alive_at_end"]:
-        print("bench: tenaya's master exited during the benchmark", file=sys.stderr)
+        status = report["tenaya_exit_status"]
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        print(f"bench: tenaya's master exited during the benchmark ({how})", file=sys.stderr)
     if flagged:
         print(
             f"bench: {flagged} run(s) flagged (errors or process changes); see above",
