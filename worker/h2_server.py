@@ -19,6 +19,7 @@ to open no new streams; the connection closes once its streams are done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ class H2Stream(Exchange):
         self.body_paused = False
         self.unacked = 0
         self.trailers: RawHeaders | None = None
+        #: The response's Content-Length, if it has one.
+        self.length: int | None = None
 
     # -- what the session needs ------------------------------------------------------------
 
@@ -108,6 +111,8 @@ class H2Stream(Exchange):
             n = name.lower()
             if n in _H2_DROP or (rechunk and n == b"content-length"):
                 continue
+            if n == b"content-length":
+                self.length = int(value)
             fields.append((n, value))
         no_body = (s.method == b"HEAD" or status == 204 or status == 304
                    or getattr(self.up, "ended_with_head", False))
@@ -122,6 +127,11 @@ class H2Stream(Exchange):
         if not data or s.resp_mode == _MODE_NONE or self.closing:
             return
         s.resp_bytes += len(data)
+        if s.resp_bytes == self.length and self.out.send_last(data):
+            # The whole declared body: END_STREAM rides on its last frame.
+            self.ended = True
+            self.server.flush()
+            return
         if not self.out.send(data) and self.up is not None:
             # The client's window is full: stop reading the upstream until it opens.
             self.up.pause_reading()
@@ -228,8 +238,17 @@ class H2Server(asyncio.Protocol):
         self.engine = engine
         # Per-connection
         self.transport: asyncio.Transport | None = None
-        config = H2Configuration(client_side=False, header_encoding=None)
+        # Inbound headers are validated (a malformed request must not reach an HTTP/1.1
+        # upstream); outbound ones are built here already lower-case and connection-free, so
+        # h2's second pass over them is skipped: it is a good part of the per-request cost.
+        config = H2Configuration(client_side=False, header_encoding=None,
+                                 validate_outbound_headers=False,
+                                 normalize_outbound_headers=False)
         self.conn = H2Connection(config=config)
+        # Huffman coding in pure Python costs more CPU than the bytes it saves on a proxy's
+        # links; header names and repeated values are still indexed by HPACK.
+        self.conn.encoder.encode = functools.partial(  # type: ignore[method-assign]
+            self.conn.encoder.encode, huffman=False)
         self.streams: dict[int, H2Stream] = {}
         self.client_addr: tuple[str, int] = ("", 0)
         self.server_addr: tuple[str, int] = ("", 0)
