@@ -80,6 +80,17 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What a process's descriptors point at, to show a leak when there is one."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -> None:
     """5 000 requests with no local pool (10 000 hand-offs between workers and the broker)
     leave the master and the workers with the descriptors they had."""
@@ -97,7 +108,11 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
         for i in range(5000):
             assert clients[i % 4].request("GET", "/").status == 200
         # Same client connections open as before: the workers hold what they held.
-        wait_for(lambda: {pid: _fds(pid) for pid in workers} == before, timeout=10)
+        try:
+            wait_for(lambda: {pid: _fds(pid) for pid in workers} == before, timeout=15)
+        except AssertionError:
+            now = {pid: (_fds(pid), _fd_targets(pid)) for pid in workers}
+            raise AssertionError(f"worker descriptors before {before}, now {now}") from None
     finally:
         for c in clients:
             c.close()
