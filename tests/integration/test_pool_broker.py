@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from conftest import Fleet
 from helpers import HttpConn, Master, config_for, get, wait_for
 
