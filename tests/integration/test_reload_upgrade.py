@@ -15,7 +15,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from conftest import Fleet
 from helpers import Master, config_for, get, wait_for
 
