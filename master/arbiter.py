@@ -31,6 +31,7 @@ from master.broker import Broker, IdleConn
 from master.control import ControlConn, ControlMixin, ControlServer
 from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
+from master.notify import report_start, sd_notify
 from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
 from shared import ipc
 from shared.config import Config, ConfigError
@@ -186,6 +187,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
             except (ChannelClosed, OSError):
                 log.warning("the old master is gone")
                 parent.close()
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
+        report_start(True)
         addresses = ", ".join(f"{'https' if lst.config.tls else 'http'}://{lst.bound_address}"
                               for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
@@ -442,6 +445,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
             return
         self.pending = gen
         self.lifecycle.to(State.RELOADING)
+        sd_notify("RELOADING=1")
         log.info("%s: starting generation %d with %d workers", why, gen.number, count)
         for slot in range(count):
             self.spawn(slot, gen)
@@ -474,6 +478,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
             self._undo_listeners(gen)
             self.pending = None
             self.lifecycle.to(State.SERVING)
+            sd_notify("READY=1")
             return
         if len(new) < gen.count or not all(w.ready for w in new):
             return
@@ -492,6 +497,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.backoff.clear()
         self.next_spawn.clear()
         self.lifecycle.to(State.SERVING)
+        sd_notify("READY=1")
         log.info("generation %d serving; the old workers drain", gen.number)
         if self.reload_queued:
             self.reload_queued = False
@@ -597,6 +603,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
                     w.draining = True
             self.pending = None
         self.lifecycle.to(State.STOPPING)
+        if self.successor is None:
+            sd_notify("STOPPING=1")
         grace = self.config.server.grace_period_seconds if graceful else 0.0
         self.stop_deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
         log.info("%s stop", "graceful" if graceful else "fast")

@@ -15,6 +15,7 @@ from typing import Any
 from master import control
 from master.arbiter import Arbiter, StartError
 from master.listeners import ListenError
+from master.notify import READY_FD_ENV, report_start
 from shared.config import Config, ConfigError, from_mapping, load, reference
 
 #: Signal sent for each command when the master has no control socket.
@@ -52,16 +53,42 @@ def cmd_start(args: argparse.Namespace, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"tenaya: invalid config: {e}", file=sys.stderr)
         return 1
+    if args.daemon:
+        return _daemonize(argv)
     _setup_master_log(config.logging.level, config.logging.error_log)
     arbiter = Arbiter(config, reload_config=lambda: _load_with_overrides(args), argv=argv)
     try:
         arbiter.start()
     except (StartError, ListenError) as e:
+        report_start(False, str(e))
         logging.getLogger("tenaya").error("cannot start: %s", e)
         arbiter.lifecycle.state = arbiter.lifecycle.state.STOPPING
         arbiter.shutdown()
         return 1
     return arbiter.run()
+
+
+def _daemonize(argv: list[str]) -> int:
+    """``start --daemon``: starts the master in its own session and returns once it serves
+    (exit 0), or once it failed (exit 1, with the reason). The daemon's standard streams go
+    to /dev/null: give ``logging.error_log`` and ``logging.access_log`` files."""
+    child_argv = [a for a in argv if a not in ("-d", "--daemon")]
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[READY_FD_ENV] = str(write_fd)
+    with open(os.devnull, "r+b") as devnull:
+        proc = subprocess.Popen([sys.executable, "-m", "master", *child_argv], env=env,
+                                pass_fds=[write_fd], stdin=devnull, stdout=devnull,
+                                stderr=devnull, start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "ready":
+        print(f"tenaya: serving (master pid {proc.pid})")
+        return 0
+    code = proc.wait()
+    print(f"tenaya: did not start ({line or f'exit {code}'})", file=sys.stderr)
+    return 1
 
 
 def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
@@ -197,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--app", help="the app as MODULE:ATTRIBUTE (overrides app:)")
     start.add_argument("--workers", type=int, help="worker processes (overrides "
                        "server.workers)")
+    start.add_argument("-d", "--daemon", action="store_true",
+                       help="run in the background; return once serving (exit 0) or failed")
     start.set_defaults(func=cmd_start)
 
     check = sub.add_parser("check", help="validate a config and import its app")

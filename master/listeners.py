@@ -36,6 +36,18 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def _check_free(host: str, port: int, address: str) -> None:
+    """Refuses an address another process listens on. SO_REUSEPORT would let this master join
+    that process's sockets (any of the same user's), so a plain bind is tried first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ListenError(f"cannot listen on {address}: {e.strerror}") from e
+
+
 class Listener:
     """The sockets of one configured address, one per worker slot."""
 
@@ -51,6 +63,8 @@ class Listener:
 
     def ensure_slots(self, count: int) -> None:
         """Binds sockets until there is one per slot up to ``count``."""
+        if not self.sockets and self.port != 0:
+            _check_free(self.host, self.port, self.config.address)
         while len(self.sockets) < count:
             try:
                 sock = _bind(self.host, self.port, self.config.backlog)
