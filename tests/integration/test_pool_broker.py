@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 from conftest import Fleet
-from helpers import HttpConn, Master, config_for, get, wait_for
+from helpers import HttpConn, Master, config_for, get, wait_for, wait_until_stable
 
 TAG_APP = '''
 import os
@@ -101,14 +101,16 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
         for c in clients:
             assert c.request("GET", "/").status == 200
         workers = [w.pid for w in m.workers()]
-        before = {pid: _fds(pid) for pid in workers}
+        # A connection handed off a moment ago may still be closing: count once settled.
+        before = {pid: wait_until_stable(lambda pid=pid: _fds(pid), settle=0.5)
+                  for pid in workers}
         idle_before = status(m)["broker"]["idle"]
-        master_before = _fds(m.pid) - idle_before
+        master_before = wait_until_stable(lambda: _fds(m.pid), settle=0.5) - idle_before
         for i in range(5000):
             assert clients[i % 4].request("GET", "/").status == 200
-        # Same client connections open as before: the workers hold what they held.
+        # Same client connections open as before: the workers hold no more than they held.
         try:
-            wait_for(lambda: {pid: _fds(pid) for pid in workers} == before, timeout=15)
+            wait_for(lambda: all(_fds(pid) <= n for pid, n in before.items()), timeout=15)
         except AssertionError:
             now = {pid: (_fds(pid), _fd_targets(pid)) for pid in workers}
             raise AssertionError(f"worker descriptors before {before}, now {now}") from None
@@ -128,7 +130,7 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
     assert data["pool"]["reused_shared"] >= 4900
     # The broker's idle connections are the only descriptors the master gained (a donation
     # may still be in flight when the first status is read, hence the poll).
-    wait_for(lambda: _fds(m.pid) - status(m)["broker"]["idle"] == master_before, timeout=10,
+    wait_for(lambda: _fds(m.pid) - status(m)["broker"]["idle"] <= master_before, timeout=10,
              interval=0.2)
 
 
