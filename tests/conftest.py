@@ -8,6 +8,7 @@ are attached to its report.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,14 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture(scope="module")
+def refusing_address() -> Iterator[str]:
+    """A loopback port bound but not listening: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")

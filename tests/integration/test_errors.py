@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,14 +36,6 @@ class Env:
     @property
     def port(self) -> int:
         return self.master.port
-
-
-@pytest.fixture(scope="module")
-def refusing_address() -> Iterator[str]:
-    """A loopback port bound but not listening: connecting to it is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")

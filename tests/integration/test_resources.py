@@ -10,10 +10,8 @@ count is a fixed baseline.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,13 +48,6 @@ class Env:
     @property
     def port(self) -> int:
         return self.master.port
-
-
-@pytest.fixture(scope="module")
-def refusing_address() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
