@@ -623,6 +623,7 @@ def tenaya_config(
     *,
     tls_files: tuple[Path, Path] | None = None,
     connections: int = DEFAULT_CONNECTIONS,
+    pool_shared: bool = True,
 ) -> dict[str, Any]:
     """Tenaya's config: the built-in load balancer with one upstream, access log off; TLS on
     the listener with ``tls_files`` = (cert, key). HTTP/2 needs no setting: every listener
@@ -644,7 +645,7 @@ def tenaya_config(
         "server": {"workers": workers, "grace_period_seconds": TENAYA_GRACE_SECONDS},
         "listeners": [listener],
         "upstreams": {"origin": {"servers": [f"{LOOPBACK}:{origin_port}"]}},
-        "pool": {"size_per_worker": max(TENAYA_POOL_SIZE, connections)},
+        "pool": {"size_per_worker": max(TENAYA_POOL_SIZE, connections), "shared": pool_shared},
         "logging": {
             "access_log": "off",
             "level": "warning",
@@ -724,6 +725,7 @@ def start_tenaya(
     case: Case = CASES[CASE_KEEPALIVE],
     tls_files: tuple[Path, Path] | None = None,
     connections: int = DEFAULT_CONNECTIONS,
+    pool_shared: bool = True,
 ) -> Server:
     """Start ``python -m master start`` with a generated config; wait until it proxies BODY in
     the case's protocol.
@@ -732,7 +734,8 @@ def start_tenaya(
     is this checkout's even when the project is not installed.
     """
     config = tenaya_config(
-        tmp, port, origin_port, workers, tls_files=tls_files, connections=connections
+        tmp, port, origin_port, workers, tls_files=tls_files, connections=connections,
+        pool_shared=pool_shared,
     )
     return launch_tenaya(
         tmp / "tenaya.yaml", config, port=port, workers=workers, check=case_probe(case)
@@ -1050,6 +1053,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             case=case,
             tls_files=tls_files,
             connections=concurrency,
+            pool_shared=not args.no_pool_sharing,
         )
         stack.callback(tenaya.stop)
         proxy = start_nginx(
@@ -1194,6 +1198,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_WARMUP_SECONDS,
         help="whole seconds of uncounted load per proxy before round 1 (0: none)",
+    )
+    p.add_argument(
+        "--no-pool-sharing",
+        action="store_true",
+        help="run Tenaya with pool.shared: false (to compare the cost of sharing)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--wrk", help="path of wrk (default: found on PATH)")
