@@ -677,14 +677,7 @@ class HttpConn:
                 while self.read_until(b"\r\n") != b"\r\n":
                     pass
                 return total
-            left = size
-            while left:
-                if not self.buf and not self._fill():
-                    raise ConnectionError(f"connection closed inside a chunk ({left} to go)")
-                piece = bytes(self.buf[:left])
-                del self.buf[:len(piece)]
-                sink(piece)
-                left -= len(piece)
+            self.read_exactly_into(size, sink)
             total += size
             assert self.read_exactly(2) == b"\r\n", "chunk not followed by CRLF"
 
@@ -726,6 +719,26 @@ def get(port: int, target: str = "/", headers: Iterable[tuple[str, str]] = (),
 
 
 # -- the master ----------------------------------------------------------------------------
+
+_ORIGIN_APP = '''
+import os
+from shared import HttpPeer, ProxyHttp
+
+class App(ProxyHttp):
+    def configure(self, config):
+        super().configure(config)
+        self.peer = HttpPeer(config.app_options["origin"])
+
+    def upstream_peer(self, session, ctx):
+        return self.peer
+'''
+
+
+def origin_app(phases: str = "") -> str:
+    """Source of an app module ``App`` proxying to ``app_options.origin``, with ``phases``
+    (more methods, indented as in the class body) added."""
+    return _ORIGIN_APP + phases
+
 
 def config_for(upstreams: dict[str, list[str]] | None = None, **sections: Any) -> dict[str, Any]:
     """A config mapping listening on 127.0.0.1:0; ``sections`` are merged over it."""

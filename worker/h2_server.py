@@ -115,7 +115,7 @@ class H2Stream(Exchange):
                 self.length = int(value)
             fields.append((n, value))
         no_body = (s.method == b"HEAD" or status == 204 or status == 304
-                   or getattr(self.up, "ended_with_head", False))
+                   or (self.up is not None and self.up.ended_with_head))
         s.resp_mode = _MODE_NONE if no_body else _MODE_DATA
         if self.closing:
             return

@@ -32,6 +32,8 @@ class UpstreamConn(asyncio.Protocol):
 
     #: Not an HTTP/2 stream (see worker/upstream_h2.py).
     h2 = False
+    #: An HTTP/1.1 response always says its own framing (HTTP/2 may end with its head).
+    ended_with_head = False
 
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",

@@ -14,23 +14,12 @@ from typing import Any
 
 import psutil
 from conftest import Fleet
-from helpers import HttpConn, Master, config_for, get, wait_for, wait_until_stable
+from helpers import HttpConn, Master, config_for, get, origin_app, wait_for, wait_until_stable
 
-TAG_APP = '''
-import os
-from shared import HttpPeer, ProxyHttp
-
-class App(ProxyHttp):
-    def configure(self, config):
-        super().configure(config)
-        self.peer = HttpPeer(config.app_options["origin"])
-
-    def upstream_peer(self, session, ctx):
-        return self.peer
-
+TAG_APP = origin_app('''
     def upstream_request_filter(self, session, req, ctx):
         req.set("X-Worker", str(os.getpid()))
-'''
+''')
 
 
 def status(m: Master) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import Fleet
-from helpers import Master, config_for, get, wait_for
+from helpers import Master, config_for, get, origin_app, wait_for
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
@@ -94,20 +94,10 @@ def test_reload_with_broken_config_keeps_serving(fleet: Fleet) -> None:
     assert get(m.port, "/").status == 200
 
 
-APP = '''
-from shared import HttpPeer, ProxyHttp
-
-class App(ProxyHttp):
-    def configure(self, config):
-        super().configure(config)
-        self.peer = HttpPeer(config.app_options["origin"])
-
-    def upstream_peer(self, session, ctx):
-        return self.peer
-
+APP = origin_app('''
     def response_filter(self, session, resp, ctx):
         resp.set("X-App-Version", "VERSION")
-'''
+''')
 
 
 def test_reload_with_syntax_error_in_app_keeps_serving(fleet: Fleet) -> None:
@@ -178,23 +168,13 @@ def test_upgrade_with_broken_code_on_disk_keeps_the_old_master(fleet: Fleet,
                  psutil.Process(new).status() == psutil.STATUS_ZOMBIE, timeout=30)
 
 
-SPIN_APP = '''
-from shared import HttpPeer, ProxyHttp
-
-class App(ProxyHttp):
-    def configure(self, config):
-        super().configure(config)
-        self.peer = HttpPeer(config.app_options["origin"])
-
+SPIN_APP = origin_app('''
     def request_filter(self, session, ctx):
         if session.req_header.path == "/spin":
             while True:
                 pass
         return False
-
-    def upstream_peer(self, session, ctx):
-        return self.peer
-'''
+''')
 
 
 def test_stuck_worker_is_killed_and_replaced(fleet: Fleet) -> None:
