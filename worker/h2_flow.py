@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from h2.connection import H2Connection
+from typing import Protocol
+
+
+class FlowConnection(Protocol):
+    """What a sender needs of a connection: ``h2``'s ``H2Connection`` (upstreams) and the
+    downstream codec (worker/h2_codec.py) both have it."""
+
+    @property
+    def max_outbound_frame_size(self) -> int: ...
+
+    def local_flow_control_window(self, stream_id: int) -> int: ...
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
 
 
 class WindowedSender:
@@ -11,7 +23,7 @@ class WindowedSender:
 
     __slots__ = ("conn", "stream_id", "pending")
 
-    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+    def __init__(self, conn: FlowConnection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.pending: list[bytes] = []

@@ -1,7 +1,8 @@
-"""The downstream HTTP/2 connection (the ``h2`` package): streams as exchanges.
+"""The downstream HTTP/2 connection: streams as exchanges.
 
-Theory of operation. :class:`H2Server` owns the connection and its ``H2Connection`` state
-machine; every request stream becomes an :class:`H2Stream`, an exchange like an HTTP/1.1
+Theory of operation. :class:`H2Server` owns the connection and its codec (worker/h2_codec.py:
+framing, HPACK, stream states and windows); every request stream becomes an
+:class:`H2Stream`, an exchange like an HTTP/1.1
 connection, so the engine and the upstream side are the same for both protocols (an HTTP/2
 request goes upstream as HTTP/1.1). Response bodies respect HTTP/2 flow control: what the
 client's window does not take waits in the stream, and the stream's upstream stops being read
@@ -12,36 +13,33 @@ Limits: at most ``MAX_CONCURRENT_STREAMS`` streams at once, a header list no lar
 ``limits.max_header_bytes``, and at most ``MAX_RESETS_PER_SECOND`` streams reset by the client
 per second: past that (the "rapid reset" attack, CVE-2023-44487) the connection gets GOAWAY
 ENHANCE_YOUR_CALM and is closed, as is a connection that has reset more than
-``MIN_RESETS_FOR_RATIO`` streams and most of its streams. On drain, GOAWAY tells the client
-to open no new streams; the connection closes once its streams are done.
+``MIN_RESETS_FOR_RATIO`` streams and most of its streams. A stream over the concurrency limit
+is refused (RST_STREAM REFUSED_STREAM); a header list over the limit is answered 431. On
+drain, GOAWAY tells the client to open no new streams; the connection closes once its streams
+are done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from typing import TYPE_CHECKING, Any
 
-import h2.events as ev
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
 
 from shared.errors import ErrorKind, downstream_error
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
 from worker.exchange import Exchange, peer_info, status_line
+from worker.h2_codec import PREFACE, H2Codec
 from worker.h2_flow import WindowedSender
+from worker.h2_hpack import Fields
 
 if TYPE_CHECKING:
     from worker.proxy import Engine
 
-#: The client connection preface of HTTP/2 (RFC 9113 3.4).
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+__all__ = ["PREFACE", "H2Server", "H2Stream"]
+
 MAX_CONCURRENT_STREAMS = 128
 #: Streams the client may reset per second before the connection is closed.
 MAX_RESETS_PER_SECOND = 200
@@ -238,17 +236,10 @@ class H2Server(asyncio.Protocol):
         self.engine = engine
         # Per-connection
         self.transport: asyncio.Transport | None = None
-        # Inbound headers are validated (a malformed request must not reach an HTTP/1.1
-        # upstream); outbound ones are built here already lower-case and connection-free, so
-        # h2's second pass over them is skipped: it is a good part of the per-request cost.
-        config = H2Configuration(client_side=False, header_encoding=None,
-                                 validate_outbound_headers=False,
-                                 normalize_outbound_headers=False)
-        self.conn = H2Connection(config=config)
-        # Huffman coding in pure Python costs more CPU than the bytes it saves on a proxy's
-        # links; header names and repeated values are still indexed by HPACK.
-        self.conn.encoder.encode = functools.partial(  # type: ignore[method-assign]
-            self.conn.encoder.encode, huffman=False)
+        # Inbound headers are validated by the codec (a malformed request must not reach an
+        # HTTP/1.1 upstream); outbound ones are built here already lower-case and
+        # connection-free.
+        self.conn = H2Codec(self, MAX_CONCURRENT_STREAMS, engine.max_head)
         self.streams: dict[int, H2Stream] = {}
         self.client_addr: tuple[str, int] = ("", 0)
         self.server_addr: tuple[str, int] = ("", 0)
@@ -274,10 +265,6 @@ class H2Server(asyncio.Protocol):
             self.scheme = b"https"
         self.last_active = time.monotonic()
         self.engine.connections.add(self)  # type: ignore[arg-type]
-        # The first SETTINGS frame carries the limits (none of h2's defaults in between).
-        self.conn.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            SettingCodes.MAX_HEADER_LIST_SIZE: self.engine.max_head})
         self.conn.initiate_connection()
         if self.engine.draining:
             self.drain()
@@ -287,20 +274,15 @@ class H2Server(asyncio.Protocol):
         self.last_active = time.monotonic()
         if self.closing:
             return
-        try:
-            events = self.conn.receive_data(data)
-        except ProtocolError:
-            self._abort(ErrorCodes.PROTOCOL_ERROR)
-            return
         self.batching += 1
         try:
-            for event in events:
-                if self.closing:
-                    break
-                self._dispatch(event)
+            ok = self.conn.receive_data(data)
         finally:
             self.batching -= 1
+        if ok:
             self.flush()
+        else:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -322,47 +304,45 @@ class H2Server(asyncio.Protocol):
             if stream.up is not None and not stream.out.blocked:
                 stream.up.resume_reading()
 
-    # -- events --------------------------------------------------------------------------
+    # -- what the codec reports -----------------------------------------------------------
 
-    def _dispatch(self, event: ev.Event) -> None:
-        if isinstance(event, ev.RequestReceived):
-            self._request(event)
-        elif isinstance(event, ev.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            s = stream.active if stream is not None else None
-            if s is None or stream is None:
-                self.ack(event.stream_id, event.flow_controlled_length)
-                return
-            s.feed_body(event.data)
-            if stream.body_paused:
-                stream.unacked += event.flow_controlled_length
-            else:
-                self.ack(event.stream_id, event.flow_controlled_length)
-        elif isinstance(event, ev.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.active is not None:
-                stream.active.end_body()
-        elif isinstance(event, ev.StreamReset):
-            self._count_reset()
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.reset_by_client()
-        elif isinstance(event, ev.WindowUpdated):
-            if event.stream_id == 0:
-                for stream in list(self.streams.values()):
-                    stream.window_opened()
-            else:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.window_opened()
-        elif isinstance(event, ev.ConnectionTerminated):
-            self.close()
-
-    def _request(self, event: ev.RequestReceived) -> None:
-        sid = event.stream_id
-        if self.draining:
-            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+    def on_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
+        s = stream.active if stream is not None else None
+        if s is None or stream is None:
+            self.ack(stream_id, flow)
             return
+        if data:
+            s.feed_body(data)
+        if flow:
+            if stream.body_paused:
+                stream.unacked += flow
+            else:
+                self.ack(stream_id, flow)
+        if end_stream and stream.active is not None:
+            stream.active.end_body()
+
+    def on_reset(self, stream_id: int, code: int, by_client: bool) -> None:
+        if by_client:
+            self._count_reset()
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.reset_by_client()
+
+    def on_window(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for stream in list(self.streams.values()):
+                stream.window_opened()
+        else:
+            one = self.streams.get(stream_id)
+            if one is not None:
+                one.window_opened()
+
+    def on_goaway(self, code: int) -> None:
+        """The client leaves: its open streams finish, then the connection closes."""
+        self.drain()
+
+    def on_request(self, sid: int, fields: Fields, end_stream: bool, too_large: bool) -> None:
         stream = H2Stream(self, sid)
         s = Session(stream)
         s.start_time = time.time()
@@ -372,7 +352,7 @@ class H2Server(asyncio.Protocol):
         raw = s.raw_headers
         cookies: list[bytes] = []
         authority = None
-        for name, value in event.headers:
+        for name, value in fields:
             if name[:1] == b":":
                 if name == b":method":
                     s.method = value
@@ -403,14 +383,13 @@ class H2Server(asyncio.Protocol):
         if authority is not None:
             s.host_b = authority
             fwd[:0] = (b"host", b": ", authority, b"\r\n")
-        ended = event.stream_ended is not None
+        ended = end_stream
         if not ended and s.content_length is None:
             s.chunked = True  # a body of unknown length goes upstream chunked
-        if max_body and s.content_length is not None and s.content_length > max_body:
+        if too_large:
+            s.error = downstream_error(ErrorKind.HEADERS_TOO_LARGE)
+        elif max_body and s.content_length is not None and s.content_length > max_body:
             s.error = downstream_error(ErrorKind.BODY_TOO_LARGE)
-        if not s.method or not s.url:
-            self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
-            return
         stream.active = s
         self.streams[sid] = stream
         self.requests += 1
@@ -448,20 +427,15 @@ class H2Server(asyncio.Protocol):
 
     def ack(self, stream_id: int, size: int) -> None:
         if size and not self.closing:
-            try:
-                self.conn.acknowledge_received_data(size, stream_id)
-            except ProtocolError:
-                pass
+            self.conn.acknowledge_received_data(size, stream_id)
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
-        try:
-            self.conn.reset_stream(stream_id, code)
-        except ProtocolError:
-            pass
+        self.conn.reset_stream(stream_id, code)
         self.flush()
 
     def stream_done(self, stream: H2Stream) -> None:
         self.streams.pop(stream.stream_id, None)
+        self.conn.finished(stream.stream_id)
         self.last_active = time.monotonic()
         if self.draining and not self.streams:
             self.close()
@@ -469,10 +443,7 @@ class H2Server(asyncio.Protocol):
     # -- closing -------------------------------------------------------------------------
 
     def _abort(self, code: ErrorCodes) -> None:
-        try:
-            self.conn.close_connection(code)
-        except ProtocolError:
-            pass
+        self.conn.close_connection(code)
         self.batching = 0
         self.flush()
         self.close()
@@ -492,14 +463,8 @@ class H2Server(asyncio.Protocol):
         if self.draining or self.closing:
             return
         self.draining = True
-        # h2's close_connection() would also close its state machine, and the open streams
-        # could no longer answer: the GOAWAY frame goes out directly instead.
-        goaway = GoAwayFrame(0)
-        goaway.last_stream_id = self.conn.highest_inbound_stream_id
-        goaway.error_code = ErrorCodes.NO_ERROR
+        self.conn.goaway(ErrorCodes.NO_ERROR)
         self.flush()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(goaway.serialize())
         if not self.streams:
             self.close()
 

@@ -1,0 +1,565 @@
+"""The server side of an HTTP/2 connection (RFC 9113): frames in, callbacks out, frames back.
+
+Theory of operation. :class:`H2Codec` parses what the client sends, keeps the state of the
+connection (settings, flow-control windows, the streams and their halves) and calls its
+handler once per meaningful thing: a request's header block, a piece of body, a reset, a
+window that opened, a GOAWAY. What the handler sends goes through the codec's ``send_*``
+methods into one output buffer, taken with :meth:`data_to_send`. No I/O happens here, so the
+codec is tested by feeding it bytes (the ``h2`` package's client is the reference in tests).
+
+It replaces the ``h2`` package on the downstream hot path because h2's general state machine,
+event objects and header checks cost ~55 us per request in CPython, more than the rest of the
+proxy together; ``h2`` still speaks HTTP/2 to upstreams (worker/upstream_h2.py). This codec is
+only what a server needs: client-initiated streams, no server push, no priorities (parsed and
+ignored, as RFC 9113 deprecates them).
+
+A stream's state is its two halves: ``remote_open`` (the client may still send) and
+``local_open`` (we may still send). idle -> open (HEADERS) -> half-closed (END_STREAM from one
+side) -> closed (END_STREAM from both, or RST_STREAM either way); closed streams are dropped.
+
+Errors follow RFC 9113 5.4: a malformed request or a stream's own flow-control fault resets that
+stream; anything that breaks the connection's shared state (framing, HPACK, the connection
+window, an unexpected frame) sends GOAWAY and :meth:`receive_data` returns False.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Protocol
+
+from h2.errors import ErrorCodes
+
+from worker.h2_hpack import DecodeError, Decoder, Fields, encode
+
+#: The client connection preface of HTTP/2 (RFC 9113 3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types (RFC 9113 6).
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+# Flags.
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# Settings (RFC 9113 6.5.2).
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME_SIZE = 16_384
+MAX_FRAME_SIZE_LIMIT = (1 << 24) - 1
+MAX_WINDOW = (1 << 31) - 1
+#: A header block (HEADERS and its CONTINUATIONs) longer than this many times the header
+#: list limit ends the connection (the CONTINUATION flood, CVE-2024-27316).
+MAX_BLOCK_FACTOR = 4
+
+_FRAME = struct.Struct(">HBBBL")
+_SETTING = struct.Struct(">HL")
+_U32 = struct.Struct(">L")
+_GOAWAY = struct.Struct(">LL")
+
+#: Characters allowed in a field name: tchar (RFC 9110 5.6.2), lower case only.
+_BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+.^_`|~-]")
+#: A value may not hold NUL, CR or LF, nor start or end with whitespace (RFC 9113 8.2.1).
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_CONNECTION_FIELDS = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+
+
+class Handler(Protocol):
+    """What the codec calls; each call is about one stream (0: the connection)."""
+
+    def on_request(self, stream_id: int, fields: Fields, end_stream: bool,
+                   too_large: bool) -> None:
+        """A request's validated header fields (``too_large``: over the header list limit)."""
+
+    def on_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
+        """Body bytes (``flow`` of the window to acknowledge), or the end of the body."""
+
+    def on_reset(self, stream_id: int, code: int, by_client: bool) -> None:
+        """The stream was reset by the client, or by the codec for a stream error."""
+
+    def on_window(self, stream_id: int) -> None:
+        """A flow-control window opened (0: the connection's or all streams')."""
+
+    def on_goaway(self, code: int) -> None:
+        """The client sent GOAWAY."""
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: ErrorCodes, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _StreamError(Exception):
+    def __init__(self, code: ErrorCodes, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _Stream:
+    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open")
+
+    def __init__(self, send_window: int, recv_window: int, remote_open: bool) -> None:
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.unacked = 0
+        self.remote_open = remote_open
+        self.local_open = True
+
+
+def check_request(fields: Fields) -> str | None:
+    """Why a request's header list is malformed (RFC 9113 8.2, 8.3), or None."""
+    pseudo: set[bytes] = set()
+    regular = False
+    method = b""
+    for name, value in fields:
+        if _BAD_VALUE.search(value):
+            return f"invalid value of {name!r}"
+        if name[:1] == b":":
+            if regular:
+                return f"{name!r} after a regular field"
+            if name not in _REQUEST_PSEUDO or name in pseudo:
+                return f"unexpected or repeated {name!r}"
+            if name == b":method":
+                method = value
+            elif name == b":path" and not value:
+                return "empty :path"
+            pseudo.add(name)
+            continue
+        regular = True
+        if not name or _BAD_NAME.search(name):
+            return f"invalid field name {name!r}"
+        if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+            return f"connection-specific field {name!r}"
+    if method == b"CONNECT":
+        if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
+            return "CONNECT needs :authority alone"
+    elif not method or b":scheme" not in pseudo or b":path" not in pseudo:
+        return "missing :method, :scheme or :path"
+    return None
+
+
+def check_trailers(fields: Fields) -> str | None:
+    for name, value in fields:
+        if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
+            return f"invalid trailer {name!r}"
+        if name in _CONNECTION_FIELDS:
+            return f"connection-specific trailer {name!r}"
+    return None
+
+
+def header_list_size(fields: Fields) -> int:
+    """The size SETTINGS_MAX_HEADER_LIST_SIZE limits (RFC 9113 6.5.2)."""
+    return sum(len(n) + len(v) + 32 for n, v in fields)
+
+
+class H2Codec:
+    """One server connection's HTTP/2 state and framing."""
+
+    def __init__(self, handler: Handler, max_streams: int, max_header_list: int) -> None:
+        self.handler = handler
+        self.max_streams = max_streams
+        self.max_header_list = max_header_list
+        self.streams: dict[int, _Stream] = {}
+        #: The highest stream the client opened (what a GOAWAY reports).
+        self.highest_inbound_stream_id = 0
+        self.decoder = Decoder()
+        self.max_outbound_frame_size = DEFAULT_FRAME_SIZE
+        self.initial_send_window = DEFAULT_WINDOW
+        self.send_window = DEFAULT_WINDOW
+        self.recv_window = DEFAULT_WINDOW
+        self.unacked = 0
+        self.goaway_sent = False
+        self.closed = False
+        self._out = bytearray()
+        self._buf = b""
+        self._preface = False
+        self._settings_seen = False
+        #: A header block waiting for its CONTINUATION frames: (stream, flags, parts, length).
+        self._block: tuple[int, int, list[bytes], int] | None = None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        out = self._out
+        out += _FRAME.pack(n >> 8, n & 0xFF, ftype, flags, sid)
+        if n:
+            out += payload
+
+    def initiate_connection(self) -> None:
+        """Our SETTINGS, the first frame the server sends."""
+        self._frame(SETTINGS, 0, 0, _SETTING.pack(MAX_CONCURRENT_STREAMS, self.max_streams)
+                    + _SETTING.pack(MAX_HEADER_LIST_SIZE, self.max_header_list))
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        data = bytes(out)
+        out.clear()
+        return data
+
+    def send_headers(self, sid: int, fields: Fields, end_stream: bool = False) -> None:
+        """A response head or trailers (lower-case names, pseudo-fields first)."""
+        st = self.streams.get(sid)
+        if st is None or not st.local_open or self.closed:
+            return
+        block = encode(fields)
+        size = self.max_outbound_frame_size
+        flags = END_STREAM if end_stream else 0
+        if len(block) <= size:
+            self._frame(HEADERS, flags | END_HEADERS, sid, block)
+        else:
+            self._frame(HEADERS, flags, sid, block[:size])
+            for i in range(size, len(block), size):
+                last = i + size >= len(block)
+                self._frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i:i + size])
+        if end_stream:
+            self._close_local(sid, st)
+
+    def local_flow_control_window(self, sid: int) -> int:
+        """How much DATA the stream may send now."""
+        st = self.streams.get(sid)
+        if st is None:
+            return 0
+        return min(st.send_window, self.send_window)
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        """One DATA frame; the caller keeps it within the window and the frame size."""
+        st = self.streams.get(sid)
+        if st is None or not st.local_open or self.closed:
+            return
+        n = len(data)
+        st.send_window -= n
+        self.send_window -= n
+        self._frame(DATA, END_STREAM if end_stream else 0, sid, data)
+        if end_stream:
+            self._close_local(sid, st)
+
+    def end_stream(self, sid: int) -> None:
+        self.send_data(sid, b"", end_stream=True)
+
+    def reset_stream(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
+        if self.streams.pop(sid, None) is not None and not self.closed:
+            self._frame(RST_STREAM, 0, sid, _U32.pack(code))
+
+    def finished(self, sid: int) -> None:
+        """Our response is complete: if the client is still sending a body nobody reads,
+        ask it to stop (RST_STREAM NO_ERROR, RFC 9113 8.1)."""
+        st = self.streams.get(sid)
+        if st is not None and not st.local_open and st.remote_open:
+            self.reset_stream(sid, ErrorCodes.NO_ERROR)
+
+    def acknowledge_received_data(self, size: int, sid: int) -> None:
+        """Gives ``size`` bytes of window back (once half a window has been consumed)."""
+        self.unacked += size
+        if self.unacked >= DEFAULT_WINDOW // 2 and not self.closed:
+            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked))
+            self.recv_window += self.unacked
+            self.unacked = 0
+        st = self.streams.get(sid)
+        if st is None or not st.remote_open:
+            return
+        st.unacked += size
+        if st.unacked >= DEFAULT_WINDOW // 2:
+            self._frame(WINDOW_UPDATE, 0, sid, _U32.pack(st.unacked))
+            st.recv_window += st.unacked
+            st.unacked = 0
+
+    def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY: no new streams (the open ones go on unless the connection closes)."""
+        if not self.closed:
+            self._frame(GOAWAY, 0, 0, _GOAWAY.pack(self.highest_inbound_stream_id, code))
+        self.goaway_sent = True
+
+    def close_connection(self, code: int) -> None:
+        self.goaway(code)
+        self.closed = True
+
+    def _close_local(self, sid: int, st: _Stream) -> None:
+        st.local_open = False
+        if not st.remote_open:
+            self.streams.pop(sid, None)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> bool:
+        """Takes what the client sent; False once the connection must close (a GOAWAY with
+        the error is queued)."""
+        if self.closed:
+            return False
+        try:
+            self._receive(data)
+        except _ConnectionError as e:
+            self._buf = b""
+            self.close_connection(e.code)
+            return False
+        return True
+
+    def _receive(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        if not self._preface:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(buf):
+                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "no preface")
+                self._buf = buf
+                return
+            if not buf.startswith(PREFACE):
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "no preface")
+            self._preface = True
+            pos = len(PREFACE)
+        end = len(buf)
+        unpack = _FRAME.unpack_from
+        while end - pos >= 9:
+            hi, lo, ftype, flags, sid = unpack(buf, pos)
+            length = hi << 8 | lo
+            if length > DEFAULT_FRAME_SIZE:
+                raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "frame too large")
+            stop = pos + 9 + length
+            if stop > end:
+                break
+            payload = buf[pos + 9:stop]
+            pos = stop
+            sid &= 0x7FFFFFFF
+            if not self._settings_seen and (ftype != SETTINGS or flags & ACK):
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "SETTINGS must come first")
+            if self._block is not None and ftype != CONTINUATION:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "expected CONTINUATION")
+            try:
+                if ftype == HEADERS:
+                    self._headers(flags, sid, payload)
+                elif ftype == DATA:
+                    self._data(flags, sid, payload)
+                elif ftype == WINDOW_UPDATE:
+                    self._window_update(sid, payload)
+                elif ftype == RST_STREAM:
+                    self._rst_stream(sid, payload)
+                elif ftype == SETTINGS:
+                    self._settings(flags, sid, payload)
+                elif ftype == CONTINUATION:
+                    self._continuation(flags, sid, payload)
+                elif ftype == PING:
+                    self._ping(flags, sid, payload)
+                elif ftype == PRIORITY:
+                    self._priority(sid, payload)
+                elif ftype == GOAWAY:
+                    if sid or length < 8:
+                        raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad GOAWAY")
+                    self.handler.on_goaway(_U32.unpack_from(payload, 4)[0])
+                elif ftype == PUSH_PROMISE:
+                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PUSH_PROMISE from client")
+                # Unknown frame types are ignored (RFC 9113 5.5).
+            except _StreamError as e:
+                self._stream_error(sid, e.code)
+            if self.closed:
+                return
+        self._buf = buf[pos:] if pos < end else b""
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        known = sid in self.streams
+        self.reset_stream(sid, code)
+        if not known:
+            self._frame(RST_STREAM, 0, sid, _U32.pack(code))
+        else:
+            self.handler.on_reset(sid, code, False)
+
+    def _settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "SETTINGS length")
+        self._settings_seen = True
+        opened = False
+        for i in range(0, len(payload), 6):
+            key, value = _SETTING.unpack_from(payload, i)
+            if key == INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window too large")
+                delta = value - self.initial_send_window
+                self.initial_send_window = value
+                for st in self.streams.values():
+                    st.send_window += delta
+                    if st.send_window > MAX_WINDOW:
+                        raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
+                opened = opened or delta > 0
+            elif key == MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
+                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
+                self.max_outbound_frame_size = value
+            elif key == ENABLE_PUSH and value > 1:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad ENABLE_PUSH")
+            # HEADER_TABLE_SIZE: our encoder never uses the dynamic table; the others are
+            # limits on what we do not do (push) or advice.
+        self._frame(SETTINGS, ACK, 0)
+        if opened:
+            self.handler.on_window(0)
+
+    def _ping(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "PING length")
+        if not flags & ACK:
+            self._frame(PING, ACK, 0, payload)
+
+    def _priority(self, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PRIORITY on the connection")
+        if len(payload) != 5:
+            raise _StreamError(ErrorCodes.FRAME_SIZE_ERROR, "PRIORITY length")
+        if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+            raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")
+
+    def _window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if not sid:
+            if not increment:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "zero window increment")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
+            self.handler.on_window(0)
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            if sid > self.highest_inbound_stream_id:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
+            return
+        if not increment:
+            raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "zero window increment")
+        st.send_window += increment
+        if st.send_window > MAX_WINDOW:
+            raise _StreamError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
+        self.handler.on_window(sid)
+
+    def _rst_stream(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "RST_STREAM length")
+        if not sid or sid > self.highest_inbound_stream_id:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "RST_STREAM on idle stream")
+        self.streams.pop(sid, None)
+        self.handler.on_reset(sid, _U32.unpack(payload)[0], True)
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on the connection")
+        flow = len(payload)
+        data = payload
+        if flags & PADDED:
+            if not flow or payload[0] >= flow:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad padding")
+            data = payload[1:flow - payload[0]]
+        self.recv_window -= flow
+        if self.recv_window < 0:
+            raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "connection window exceeded")
+        st = self.streams.get(sid)
+        if st is None or not st.remote_open:
+            if sid > self.highest_inbound_stream_id:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on idle stream")
+            # A stream we reset or answered: the bytes still count against the connection.
+            self.acknowledge_received_data(flow, 0)
+            if st is not None:
+                raise _StreamError(ErrorCodes.STREAM_CLOSED, "DATA after END_STREAM")
+            return
+        st.recv_window -= flow
+        if st.recv_window < 0:
+            self.acknowledge_received_data(flow, 0)
+            raise _StreamError(ErrorCodes.FLOW_CONTROL_ERROR, "stream window exceeded")
+        end = bool(flags & END_STREAM)
+        if end:
+            st.remote_open = False
+        self.handler.on_data(sid, data, flow, end)
+        if end and not st.local_open and self.streams.get(sid) is st:
+            del self.streams[sid]
+
+    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid & 1:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "HEADERS on an even stream")
+        start = 0
+        end = len(payload)
+        if flags & PADDED:
+            if not end or payload[0] >= end:
+                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad padding")
+            end -= payload[0]
+            start = 1
+        depends = 0
+        if flags & PRIORITY_FLAG:
+            if end - start < 5:
+                raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short")
+            depends = _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF
+            start += 5
+        block = payload[start:end] if start or end < len(payload) else payload
+        if not flags & END_HEADERS:
+            self._block = (sid, flags, [block], len(block))
+            return
+        self._header_block(sid, flags, block, depends)
+
+    def _continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        pending = self._block
+        if pending is None or pending[0] != sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        first, first_flags, parts, length = pending
+        parts.append(payload)
+        length += len(payload)
+        if length > MAX_BLOCK_FACTOR * self.max_header_list:
+            raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "header block too long")
+        if not flags & END_HEADERS:
+            self._block = (first, first_flags, parts, length)
+            return
+        self._block = None
+        self._header_block(sid, first_flags, b"".join(parts), 0)
+
+    def _decode(self, block: bytes) -> Fields:
+        try:
+            return self.decoder.decode(block)
+        except DecodeError as e:
+            raise _ConnectionError(ErrorCodes.COMPRESSION_ERROR, str(e)) from None
+
+    def _header_block(self, sid: int, flags: int, block: bytes, depends: int) -> None:
+        end_stream = bool(flags & END_STREAM)
+        st = self.streams.get(sid)
+        if st is not None:
+            # Trailers: the end of a request body.
+            fields = self._decode(block)
+            if not st.remote_open:
+                raise _StreamError(ErrorCodes.STREAM_CLOSED, "HEADERS after END_STREAM")
+            if not end_stream or check_trailers(fields):
+                raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "malformed trailers")
+            st.remote_open = False
+            self.handler.on_data(sid, b"", 0, True)
+            if not st.local_open and self.streams.get(sid) is st:
+                del self.streams[sid]
+            return
+        if sid <= self.highest_inbound_stream_id:
+            # A stream that is over (maybe reset by us while this was in flight, which
+            # RFC 9113 5.1 says to ignore): its block still updates the decoder's table.
+            self._decode(block)
+            return
+        self.highest_inbound_stream_id = sid
+        decoder = self.decoder
+        parsed: tuple[Fields, str | None, bool] | None = decoder.cached(block)  # type: ignore
+        if parsed is None:
+            generation = decoder.generation
+            fields = self._decode(block)
+            parsed = (fields, check_request(fields),
+                      header_list_size(fields) > self.max_header_list)
+            decoder.remember(generation, block, parsed)
+        fields, malformed, too_large = parsed
+        if depends == sid:
+            raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")
+        if self.goaway_sent or len(self.streams) >= self.max_streams:
+            raise _StreamError(ErrorCodes.REFUSED_STREAM, "refused")
+        if malformed:
+            raise _StreamError(ErrorCodes.PROTOCOL_ERROR, malformed)
+        self.streams[sid] = _Stream(self.initial_send_window, DEFAULT_WINDOW, not end_stream)
+        self.handler.on_request(sid, fields, end_stream, too_large)
