@@ -345,10 +345,10 @@ class Origin:
         ``Connection: close`` and closes; ``/early`` answers 401 before reading the request
         body and closes; ``/interim?code=1xx`` sends that interim response
         first, then echoes; ``/eof?body=TEXT`` answers a body without length
-        or chunking, delimited by closing; ``/stall?sent=N`` sends a head promising more than N
-        body bytes, N bytes, then nothing until the peer closes; ``/garbage`` answers bytes
-        that are not HTTP; ``/hangup`` closes without answering; anything else echoes the
-        request as JSON.
+        or chunking, delimited by closing (``&type=``: its Content-Type);
+        ``/stall?sent=N`` sends a head promising more than N body bytes, N bytes, then
+        nothing until the peer closes; ``/garbage`` answers bytes that are not HTTP;
+        ``/hangup`` closes without answering; anything else echoes the request as JSON.
         """
         url = urlsplit(req.target)
         query = parse_qs(url.query)
@@ -398,7 +398,8 @@ class Origin:
             return False
         if path == "/eof":
             body = query.get("body", ["until the end"])[0].encode()
-            writer.write(_head(200, [("Content-Type", "text/plain"), *extra], True)
+            ctype = query.get("type", ["text/plain"])[0]
+            writer.write(_head(200, [("Content-Type", ctype), *extra], True)
                          + (b"" if head_only else body))
             return False
         if path == "/garbage":

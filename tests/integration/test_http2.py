@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import h2.events as ev
 import pytest
@@ -736,6 +738,50 @@ def test_rapid_reset_gets_enhance_your_calm(fresh: Stack) -> None:
     # One attack, one warning: the events read with the reset that tripped the limit are not
     # handled (nor logged) once the connection is closing.
     assert len(warning.findall(fresh.master.read_error_log())) == 1
+
+
+#: Headless Chromium (scripts/test installs the Debian package).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_SECONDS = 90.0
+#: The page Chromium loads: 20 bodies of 50 kB to 1 MB fetched at once on one connection
+#: (flow control on every stream), then a 300 kB upload; the DOM says what arrived.
+CHROMIUM_PAGE = """<html><body><p id="out">pending</p><script>
+const out = document.getElementById("out");
+(async () => {
+  const sizes = [];
+  for (let i = 1; i <= 20; i++) sizes.push(i * 50000);
+  const got = await Promise.all(sizes.map(
+    n => fetch(`/large?size=${n}`).then(r => r.arrayBuffer()).then(b => b.byteLength)));
+  const sink = await fetch("/sink", {method: "POST", body: "x".repeat(300000)})
+    .then(r => r.json());
+  out.textContent = "done " + got.join(" ") + " sink " + sink.bytes;
+})().catch(e => { out.textContent = "error " + e; });
+</script></body></html>"""
+
+
+def test_chromium_loads_a_page_over_http2(fresh: Stack, tmp_path: Path) -> None:
+    """Headless Chromium, a client nobody here wrote (ALPN h2, Huffman-coded HPACK with its
+    dynamic table, its own windows and settings), loads a page over the TLS listener whose
+    script fetches 20 large bodies at once and uploads one: every byte arrives, over HTTP/2."""
+    assert os.access(CHROMIUM, os.X_OK), (
+        f"{CHROMIUM} is missing: scripts/test installs the Debian package chromium")
+    query = urlencode({"type": "text/html", "body": CHROMIUM_PAGE})
+    url = f"https://127.0.0.1:{fresh.tls}/eof?{query}"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", "--ignore-certificate-errors",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000",
+         "--dump-dom", url],
+        capture_output=True, text=True, timeout=CHROMIUM_SECONDS, stdin=subprocess.DEVNULL)
+    sizes = " ".join(str(i * 50_000) for i in range(1, 21))
+    assert f"done {sizes} sink 300000" in result.stdout, (
+        f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+    # The access log is written in batches, at least once a second.
+    wait_for(lambda: re.search(r'"POST /sink HTTP/2" 200', fresh.master.read_access_log()),
+             what="the upload in the access log")
+    log = fresh.master.read_access_log()
+    assert re.search(r'"GET /large\?size=1000000 HTTP/2" 200 1000000', log), log[-2000:]
 
 
 def test_header_list_over_the_limit_gets_431(fresh: Stack) -> None:
