@@ -10,6 +10,13 @@ default certificate's, and its ``sni_callback`` switches the handshake to the co
 names match the client's SNI (exact name first, then a ``*.`` wildcard one label up). Reloading
 a certificate loads the new files into the same context objects, so new handshakes use the new
 certificate while open connections keep theirs.
+
+A refused handshake (TLS 1.1, no client certificate under mTLS) must be answered with the fatal
+alert that says why. OpenSSL writes that alert into the outgoing memory BIO, but uvloop's and
+asyncio's SSL protocols close the transport on a handshake error without sending what the BIO
+holds (python/cpython#98078). The listener's SSL objects therefore report such a failure as
+"want read" once: on that answer the loop's protocol sends the BIO, as it does every handshake
+flight, and the failure is raised at the next event (see :class:`_AlertingObject`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ log = logging.getLogger("tenaya")
 DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 #: ALPN protocols a listener offers, in order of preference.
 SERVER_ALPN = ("h2", "http/1.1")
+#: What ``do_handshake`` raises while it waits for the peer: uvloop and asyncio send the outgoing
+#: BIO on these and keep the connection.
+_HANDSHAKE_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLSyscallError)
 
 
 def certificate_names(cert_path: str) -> list[str]:
@@ -53,6 +63,60 @@ class _Cert:
     context: ssl.SSLContext
     mtime: tuple[float, float] = (0.0, 0.0)
     names: list[str] = field(default_factory=list)
+
+
+class _AlertingObject(ssl.SSLObject):
+    """A listener's TLS connection, whose refused handshake sends its alert before failing.
+
+    When the handshake fails and OpenSSL left bytes (the fatal alert) in the outgoing BIO, the
+    first ``do_handshake`` keeps the error and raises ``SSLWantReadError``, so that the event
+    loop's SSL protocol sends those bytes; every later call raises the kept error, and the
+    protocol closes the connection as it did before. The client's next event is that call: its
+    next bytes, or its close (RFC 8446 6.2: whoever receives a fatal alert closes at once),
+    which the protocol turns into a reset during the handshake. A client that does neither is
+    closed by the handshake timeout, as one that stalls mid-handshake is. A failure with
+    nothing to send raises at once, as without this class. Handshakes that succeed pay one
+    Python call per step; reads and writes are the base class's.
+    """
+
+    #: The BIO the alert is written to; set by :meth:`_ServerContext.wrap_bio`.
+    outgoing: ssl.MemoryBIO | None = None
+    #: The handshake's failure, kept while its alert goes out.
+    refusal: ssl.SSLError | None = None
+
+    def do_handshake(self) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+        try:
+            super().do_handshake()
+        except _HANDSHAKE_AGAIN:
+            raise
+        except ssl.SSLError as e:
+            if self.outgoing is None or not self.outgoing.pending:
+                raise
+            self.refusal = e
+            raise ssl.SSLWantReadError("handshake refused; sending the alert first") from e
+
+
+class _ServerContext(ssl.SSLContext):
+    """A certificate's server context, whose ``wrap_bio`` makes :class:`_AlertingObject`
+    connections and gives each its outgoing BIO.
+
+    The event loop calls ``wrap_bio`` on the listener's context only (the default
+    certificate's), and the SNI callback's switch to another context keeps the object made
+    there; every certificate's context is of this class all the same, so none can serve a
+    listener without it.
+    """
+
+    sslobject_class = _AlertingObject
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if isinstance(obj, _AlertingObject):
+            obj.outgoing = outgoing
+        return obj
 
 
 def _mtimes(cert: str, key: str) -> tuple[float, float]:
@@ -78,7 +142,7 @@ class ServerTls:
         self.context.sni_callback = self._on_sni
 
     def _make(self, cert: str, key: str) -> _Cert:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if self.tls.min_version == "1.3"
                                else ssl.TLSVersion.TLSv1_2)
         ctx.set_ciphers(self.tls.ciphers or DEFAULT_CIPHERS)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trustme
 import yaml
-from helpers import HttpConn, Master, Origin, config_for, free_port, wait_for
+from helpers import HttpConn, Master, Origin, config_for, fd_count, free_port, wait_for
 
 if TYPE_CHECKING:
     from conftest import Fleet
@@ -467,29 +467,66 @@ def test_mtls_certificate_from_another_ca_fails(mtls: MtlsSite, pki: Pki) -> Non
         conn.request("GET", "/whoami")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: uvloop's (and asyncio's) SSL protocol closes a failed handshake without "
-    "flushing the alert OpenSSL queued (python/cpython#98078); the refusal itself is tested "
-    "above. Strict: this fails loudly once alerts go out."))
-@pytest.mark.parametrize("case", ["tls1.1", "mtls-no-certificate"])
-def test_refused_handshake_gets_a_tls_alert(site: Site, mtls: MtlsSite, pki: Pki,
-                                            case: str) -> None:
-    """A refused handshake is answered with the fatal alert that says why (RFC 5246 E.1: a
-    server that supports only newer versions MUST send protocol_version; RFC 8446 4.4.2.4:
-    certificate_required), not a bare close that clients report as an unexpected EOF."""
+#: Handshakes the proxy refuses: a TLS 1.1 client; a TLS 1.2 client offering only CBC suites
+#: and naming a host whose certificate SNI picks (so the refusal comes from that context); a TLS
+#: 1.3 client without a certificate on the mTLS listener.
+REFUSALS = ["tls1.1", "cbc-only-via-sni", "mtls-no-certificate"]
+
+
+def _refusal(case: str, site: Site, mtls: MtlsSite, pki: Pki
+             ) -> tuple[ssl.SSLContext, int, str, str]:
+    """The client context, port and SNI name of a refused handshake, and the reason (as the
+    client's ``ssl`` names it) of the alert the proxy must send."""
     if case == "tls1.1":
-        ctx, port, name, expected = (_legacy_client(ssl.TLSVersion.TLSv1_1), site.port,
-                                     "tenaya.test", "TLSV1_ALERT_PROTOCOL_VERSION")
-    else:
-        ctx, port, name, expected = (client_context(pki.ca_file), mtls.port, "mtls.test",
-                                     "TLSV13_ALERT_CERTIFICATE_REQUIRED")
+        return (_legacy_client(ssl.TLSVersion.TLSv1_1), site.port, "tenaya.test",
+                "TLSV1_ALERT_PROTOCOL_VERSION")
+    if case == "cbc-only-via-sni":
+        ctx = _legacy_client(ssl.TLSVersion.TLSv1_2)
+        ctx.set_ciphers("ECDHE-RSA-AES128-SHA:AES128-SHA")
+        return ctx, site.port, "www.other.test", "SSLV3_ALERT_HANDSHAKE_FAILURE"
+    return (client_context(pki.ca_file), mtls.port, "mtls.test",
+            "TLSV13_ALERT_CERTIFICATE_REQUIRED")
+
+
+def _refused(ctx: ssl.SSLContext, port: int, name: str) -> str:
+    """Handshakes, sends a request, reads; returns the reason of the error the client got."""
     with pytest.raises((ssl.SSLError, ConnectionError)) as refused, \
             tls_conn(port, ctx, name) as conn:
         conn.sock.settimeout(5)
         conn.sock.sendall(b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
         if not conn.sock.recv(1):
             raise ConnectionError("closed without a TLS alert")
-    assert getattr(refused.value, "reason", None) == expected, repr(refused.value)
+    return str(getattr(refused.value, "reason", None) or repr(refused.value))
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_handshake_gets_a_tls_alert(site: Site, mtls: MtlsSite, pki: Pki,
+                                            case: str) -> None:
+    """A refused handshake is answered with the fatal alert that says why (RFC 5246 E.1: a
+    server that supports only newer versions MUST send protocol_version; RFC 8446 4.4.2.4:
+    certificate_required), not a bare close that clients report as an unexpected EOF; also
+    when SNI chose another certificate's context."""
+    ctx, port, name, expected = _refusal(case, site, mtls, pki)
+    assert _refused(ctx, port, name) == expected
+
+
+def test_refused_handshakes_leave_no_descriptor_open(site: Site, mtls: MtlsSite,
+                                                     pki: Pki) -> None:
+    """Once their clients have read the alert and gone, refused connections are closed: the
+    workers hold no more descriptors than before them."""
+    workers = site.master.workers() + mtls.master.workers()
+    assert workers
+
+    def open_fds() -> int:
+        return sum(fd_count(w.pid) for w in workers)
+
+    before = open_fds()
+    for _ in range(10):
+        for case in REFUSALS:
+            ctx, port, name, expected = _refusal(case, site, mtls, pki)
+            assert _refused(ctx, port, name) == expected
+    wait_for(lambda: open_fds() <= before, timeout=10,
+             what=f"the workers' descriptors back to {before}")
 
 
 # -- certificates change -----------------------------------------------------------------------
