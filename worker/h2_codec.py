@@ -30,7 +30,7 @@ from typing import Protocol
 
 from h2.errors import ErrorCodes
 
-from worker.h2_hpack import DecodeError, Decoder, Fields, encode
+from worker.h2_hpack import DEFAULT_TABLE_SIZE, DecodeError, Decoder, Fields, encode
 
 #: The client connection preface of HTTP/2 (RFC 9113 3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -99,46 +99,67 @@ class _StreamError(Exception):
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open")
+    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open",
+                 "remaining")
 
-    def __init__(self, send_window: int, recv_window: int, remote_open: bool) -> None:
+    def __init__(self, send_window: int, recv_window: int, remote_open: bool,
+                 remaining: int) -> None:
         self.send_window = send_window
         self.recv_window = recv_window
         self.unacked = 0
         self.remote_open = remote_open
         self.local_open = True
+        #: Body bytes the request's content-length still promises (-1: no content-length).
+        self.remaining = remaining
 
 
-def check_request(fields: Fields) -> str | None:
-    """Why a request's header list is malformed (RFC 9113 8.2, 8.3), or None."""
+def check_request(fields: Fields) -> tuple[str | None, int]:
+    """Why a request's header list is malformed (RFC 9113 8.2, 8.3), or None; and its
+    content-length (-1 if it has none), which the body must then match (RFC 9113 8.1.1: an
+    HTTP/1.1 upstream would otherwise read the rest of the body as another request)."""
     pseudo: set[bytes] = set()
     regular = False
     method = b""
+    authority: bytes | None = None
+    host: bytes | None = None
+    length = -1
     for name, value in fields:
         if _BAD_VALUE.search(value):
-            return f"invalid value of {name!r}"
+            return f"invalid value of {name!r}", length
         if name[:1] == b":":
             if regular:
-                return f"{name!r} after a regular field"
+                return f"{name!r} after a regular field", length
             if name not in _REQUEST_PSEUDO or name in pseudo:
-                return f"unexpected or repeated {name!r}"
+                return f"unexpected or repeated {name!r}", length
             if name == b":method":
                 method = value
+            elif name == b":authority":
+                authority = value
             elif name == b":path" and not value:
-                return "empty :path"
+                return "empty :path", length
             pseudo.add(name)
             continue
         regular = True
         if not name or _BAD_NAME.search(name):
-            return f"invalid field name {name!r}"
+            return f"invalid field name {name!r}", length
         if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
-            return f"connection-specific field {name!r}"
+            return f"connection-specific field {name!r}", length
+        if name == b"content-length":
+            # Repeats must agree (RFC 9110 8.6); a list or a sign is malformed.
+            if not value.isdigit() or (length >= 0 and int(value) != length):
+                return "invalid content-length", length
+            length = int(value)
+        elif name == b"host":
+            # The app reads Host, the upstream gets :authority: they must be one value.
+            if host is not None or (authority is not None and value != authority):
+                return "repeated host, or host and :authority differ", length
+            host = value
     if method == b"CONNECT":
         if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
-            return "CONNECT needs :authority alone"
+            return "CONNECT needs :authority alone", length
     elif not method or b":scheme" not in pseudo or b":path" not in pseudo:
-        return "missing :method, :scheme or :path"
-    return None
+        return "missing :method, :scheme or :path", length
+    return None, length
 
 
 def check_trailers(fields: Fields) -> str | None:
@@ -173,6 +194,10 @@ class H2Codec:
         self.unacked = 0
         self.goaway_sent = False
         self.closed = False
+        #: The dynamic table size the client's decoder holds us to, and whether our next
+        #: header block must shrink it (the client lowered SETTINGS_HEADER_TABLE_SIZE).
+        self._table_size = DEFAULT_TABLE_SIZE
+        self._shrink_table = False
         self._out = bytearray()
         self._buf = b""
         self._preface = False
@@ -208,6 +233,11 @@ class H2Codec:
         if st is None or not st.local_open or self.closed:
             return
         block = encode(fields)
+        if self._shrink_table:
+            # RFC 7541 4.2: the first header block after the change "MUST" begin with a
+            # dynamic table size update; 0, as our encoder never uses the table.
+            block = b"\x20" + block
+            self._shrink_table = False
         size = self.max_outbound_frame_size
         flags = END_STREAM if end_stream else 0
         if len(block) <= size:
@@ -255,8 +285,10 @@ class H2Codec:
 
     def acknowledge_received_data(self, size: int, sid: int) -> None:
         """Gives ``size`` bytes of window back (once half a window has been consumed)."""
+        if self.closed:
+            return
         self.unacked += size
-        if self.unacked >= DEFAULT_WINDOW // 2 and not self.closed:
+        if self.unacked >= DEFAULT_WINDOW // 2:
             self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked))
             self.recv_window += self.unacked
             self.unacked = 0
@@ -396,8 +428,12 @@ class H2Codec:
                 self.max_outbound_frame_size = value
             elif key == ENABLE_PUSH and value > 1:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad ENABLE_PUSH")
-            # HEADER_TABLE_SIZE: our encoder never uses the dynamic table; the others are
-            # limits on what we do not do (push) or advice.
+            elif key == HEADER_TABLE_SIZE and value < self._table_size:
+                # Our encoder never uses the dynamic table, but the client's decoder keeps
+                # its size until our next block says 0 (strict decoders insist).
+                self._table_size = 0
+                self._shrink_table = True
+            # The others are limits on what we do not do (push) or advice.
         self._frame(SETTINGS, ACK, 0)
         if opened:
             self.handler.on_window(0)
@@ -476,6 +512,12 @@ class H2Codec:
             self.acknowledge_received_data(flow, 0)
             raise _StreamError(ErrorCodes.FLOW_CONTROL_ERROR, "stream window exceeded")
         end = bool(flags & END_STREAM)
+        remaining = st.remaining
+        if remaining >= 0:
+            st.remaining = remaining = remaining - len(data)
+            if remaining < 0 or (end and remaining):
+                self.acknowledge_received_data(flow, 0)
+                raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "body and content-length differ")
         if end:
             st.remote_open = False
         self.handler.on_data(sid, data, flow, end)
@@ -535,6 +577,8 @@ class H2Codec:
                 raise _StreamError(ErrorCodes.STREAM_CLOSED, "HEADERS after END_STREAM")
             if not end_stream or check_trailers(fields):
                 raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "malformed trailers")
+            if st.remaining > 0:
+                raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "body shorter than content-length")
             st.remote_open = False
             self.handler.on_data(sid, b"", 0, True)
             if not st.local_open and self.streams.get(sid) is st:
@@ -547,19 +591,24 @@ class H2Codec:
             return
         self.highest_inbound_stream_id = sid
         decoder = self.decoder
-        parsed: tuple[Fields, str | None, bool] | None = decoder.cached(block)  # type: ignore
+        parsed: tuple[Fields, str | None, int, bool] | None = decoder.cached(  # type: ignore
+            block)
         if parsed is None:
             generation = decoder.generation
             fields = self._decode(block)
-            parsed = (fields, check_request(fields),
+            malformed, length = check_request(fields)
+            parsed = (fields, malformed, length,
                       header_list_size(fields) > self.max_header_list)
             decoder.remember(generation, block, parsed)
-        fields, malformed, too_large = parsed
+        fields, malformed, length, too_large = parsed
         if depends == sid:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             raise _StreamError(ErrorCodes.REFUSED_STREAM, "refused")
         if malformed:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, malformed)
-        self.streams[sid] = _Stream(self.initial_send_window, DEFAULT_WINDOW, not end_stream)
+        if end_stream and length > 0:
+            raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "no body, but a content-length")
+        self.streams[sid] = _Stream(self.initial_send_window, DEFAULT_WINDOW, not end_stream,
+                                    length)
         self.handler.on_request(sid, fields, end_stream, too_large)
