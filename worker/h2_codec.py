@@ -61,6 +61,13 @@ _GOAWAY = struct.Struct(">LL")
 _BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+.^_`|~-]")
 #: A value may not hold NUL, CR or LF, nor start or end with whitespace (RFC 9113 8.2.1).
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+#: A method is a token (RFC 9110 9.1).
+_BAD_METHOD = re.compile(rb"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
+#: What may not appear in :path or :authority: they become the HTTP/1.1 request line and Host
+#: upstream, where whitespace or control characters would split or bend the request; an
+#: authority has no userinfo (RFC 9113 8.3.1) and no path.
+_BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_AUTHORITY = re.compile(rb"[\x00-\x20\x7f/\\@]")
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _CONNECTION_FIELDS = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
@@ -132,11 +139,16 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
             if name not in _REQUEST_PSEUDO or name in pseudo:
                 return f"unexpected or repeated {name!r}", length
             if name == b":method":
+                if not value or _BAD_METHOD.search(value):
+                    return "invalid :method", length
                 method = value
             elif name == b":authority":
+                if _BAD_AUTHORITY.search(value):
+                    return "invalid :authority", length
                 authority = value
-            elif name == b":path" and not value:
-                return "empty :path", length
+            elif name == b":path":
+                if not (value[:1] == b"/" or value == b"*") or _BAD_PATH.search(value):
+                    return "invalid :path", length
             pseudo.add(name)
             continue
         regular = True

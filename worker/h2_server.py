@@ -435,6 +435,11 @@ class H2Server(asyncio.Protocol):
 
     def stream_done(self, stream: H2Stream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if stream.unacked:
+            # Body bytes held back while the body was paused count against the connection's
+            # window too: a stream that ends without reading them gives them back.
+            self.ack(stream.stream_id, stream.unacked)
+            stream.unacked = 0
         self.conn.finished(stream.stream_id)
         self.last_active = time.monotonic()
         if self.draining and not self.streams:

@@ -751,8 +751,9 @@ const out = document.getElementById("out");
   const sizes = [];
   for (let i = 1; i <= 20; i++) sizes.push(i * 50000);
   const got = await Promise.all(sizes.map(
-    n => fetch(`/large?size=${n}`).then(r => r.arrayBuffer()).then(b => b.byteLength)));
-  const sink = await fetch("/sink", {method: "POST", body: "x".repeat(300000)})
+    n => fetch(`/large?size=${n}&from=chromium`).then(r => r.arrayBuffer())
+      .then(b => b.byteLength)));
+  const sink = await fetch("/sink?from=chromium", {method: "POST", body: "x".repeat(300000)})
     .then(r => r.json());
   out.textContent = "done " + got.join(" ") + " sink " + sink.bytes;
 })().catch(e => { out.textContent = "error " + e; });
@@ -778,10 +779,12 @@ def test_chromium_loads_a_page_over_http2(fresh: Stack, tmp_path: Path) -> None:
     assert f"done {sizes} sink 300000" in result.stdout, (
         f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
     # The access log is written in batches, at least once a second.
-    wait_for(lambda: re.search(r'"POST /sink HTTP/2" 200', fresh.master.read_access_log()),
+    wait_for(lambda: re.search(r'"POST /sink\?from=chromium HTTP/2" 200',
+                               fresh.master.read_access_log()),
              what="the upload in the access log")
     log = fresh.master.read_access_log()
-    assert re.search(r'"GET /large\?size=1000000 HTTP/2" 200 1000000', log), log[-2000:]
+    assert re.search(r'"GET /large\?size=1000000&from=chromium HTTP/2" 200 1000000', log), (
+        log[-2000:])
 
 
 def test_header_list_over_the_limit_gets_431(fresh: Stack) -> None:

@@ -826,6 +826,16 @@ MALFORMED = {
     "differing content-lengths": REQUEST + [(b"content-length", b"0"),
                                             (b"content-length", b"1")],
     "host differs from :authority": REQUEST + [(b"host", b"other.example")],
+    # What becomes the upstream's request line and Host may not bend them.
+    "space in :path": REQUEST[:2] + [(b":path", b"/a b")] + REQUEST[3:],
+    "tab in :path": REQUEST[:2] + [(b":path", b"/a\tb")] + REQUEST[3:],
+    "relative :path": REQUEST[:2] + [(b":path", b"a")] + REQUEST[3:],
+    "absolute-form :path": REQUEST[:2] + [(b":path", b"http://x/")] + REQUEST[3:],
+    "space in :method": [(b":method", b"GET /x")] + REQUEST[1:],
+    "empty :method": [(b":method", b"")] + REQUEST[1:],
+    "userinfo in :authority": REQUEST[:3] + [(b":authority", b"user@example.com")],
+    "space in :authority": REQUEST[:3] + [(b":authority", b"example.com x")],
+    "path in :authority": REQUEST[:3] + [(b":authority", b"example.com/x")],
     "two hosts": REQUEST[:3] + [(b"host", b"a.example"), (b"host", b"b.example")],
 }
 
