@@ -40,6 +40,8 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
 # Flags.
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+#: Not a wire flag: marks a header block whose HEADERS frame made the stream depend on itself.
+_SELF_DEPENDENT = 0x100
 # Settings (RFC 9113 6.5.2).
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
@@ -546,17 +548,20 @@ class H2Codec:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad padding")
             end -= payload[0]
             start = 1
-        depends = 0
         if flags & PRIORITY_FLAG:
             if end - start < 5:
-                raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short")
-            depends = _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF
+                # Too short for its fields, or padding that eats them (RFC 9113 4.2, 6.2).
+                code = (ErrorCodes.FRAME_SIZE_ERROR if len(payload) < start + 5
+                        else ErrorCodes.PROTOCOL_ERROR)
+                raise _ConnectionError(code, "HEADERS too short")
+            if _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF == sid:
+                flags |= _SELF_DEPENDENT
             start += 5
         block = payload[start:end] if start or end < len(payload) else payload
         if not flags & END_HEADERS:
             self._block = (sid, flags, [block], len(block))
             return
-        self._header_block(sid, flags, block, depends)
+        self._header_block(sid, flags, block)
 
     def _continuation(self, flags: int, sid: int, payload: bytes) -> None:
         pending = self._block
@@ -571,7 +576,7 @@ class H2Codec:
             self._block = (first, first_flags, parts, length)
             return
         self._block = None
-        self._header_block(sid, first_flags, b"".join(parts), 0)
+        self._header_block(sid, first_flags, b"".join(parts))
 
     def _decode(self, block: bytes) -> Fields:
         try:
@@ -579,7 +584,7 @@ class H2Codec:
         except DecodeError as e:
             raise _ConnectionError(ErrorCodes.COMPRESSION_ERROR, str(e)) from None
 
-    def _header_block(self, sid: int, flags: int, block: bytes, depends: int) -> None:
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
         end_stream = bool(flags & END_STREAM)
         st = self.streams.get(sid)
         if st is not None:
@@ -613,7 +618,7 @@ class H2Codec:
                       header_list_size(fields) > self.max_header_list)
             decoder.remember(generation, block, parsed)
         fields, malformed, length, too_large = parsed
-        if depends == sid:
+        if flags & _SELF_DEPENDENT:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             raise _StreamError(ErrorCodes.REFUSED_STREAM, "refused")

@@ -983,6 +983,21 @@ def test_self_dependency() -> None:
         ErrorCodes.PROTOCOL_ERROR
 
 
+def test_self_dependency_across_continuation() -> None:
+    """A self-dependent HEADERS frame is refused even when its block goes on in CONTINUATION
+    frames, and the block still reaches the decoder (the next request decodes)."""
+    codec, handler = raw_codec()
+    enc = hpack.Encoder()
+    block = enc.encode(REQUEST + [(b"x-a", b"1")])
+    first = HeadersFrame(1, block[:2], flags=["END_STREAM", "PRIORITY"], depends_on=1,
+                         stream_weight=16)
+    rest = frame(CONTINUATION, END_HEADERS, 1, block[2:])
+    assert codec.receive_data(first.serialize() + rest)
+    assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR)]
+    assert codec.receive_data(headers(3, enc.encode(REQUEST + [(b"x-a", b"1")])))
+    assert handler.calls == [("request", 3, REQUEST + [(b"x-a", b"1")], True, False)]
+
+
 # -- connection errors ----------------------------------------------------------------------
 
 
@@ -1048,6 +1063,9 @@ def test_continuation_by_hand() -> None:
     (frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, b"\x00\x00\x00"),
      ErrorCodes.FRAME_SIZE_ERROR),
     (frame(HEADERS, END_HEADERS | PADDED, 1, b"\x03\x82\x86"), ErrorCodes.PROTOCOL_ERROR),
+    # Padding that leaves no room for the priority fields.
+    (frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, b"\x02" + bytes(6)),
+     ErrorCodes.PROTOCOL_ERROR),
     (frame(HEADERS, END_HEADERS | PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
     (frame(DATA, PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
 ])
