@@ -1,6 +1,7 @@
 """A worker leaks nothing: after 10 000 requests of every kind (keep-alive, new connections,
-bodies, upstream errors, bad requests, clients that leave mid-response) its descriptors return
-to where they were and its memory stops growing; a burst from wrk is served without errors.
+bodies, upstream errors, bad requests, clients that leave mid-response), and after 20 000
+HTTP/2 requests, its descriptors return to where they were and its memory stops growing; a
+burst from wrk is served without errors.
 
 One worker (so every request lands in the process measured), nginx as the origin, and a short
 pool idle timeout so that, at rest, the worker holds no pooled connection and its descriptor
@@ -13,6 +14,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -127,3 +129,34 @@ def test_wrk_burst_without_errors(env: Env) -> None:
     assert "Socket errors" not in out.stdout, out.stdout
     wait_for(lambda: fd_count(env.worker_pid) <= baseline, timeout=15,
              what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})")
+
+
+#: HTTP/2 rounds of H2_PER_ROUND requests each, over H2_PATHS distinct paths (so that the
+#: decoder's cache of header blocks fills and turns over, as with real traffic).
+H2_ROUNDS = 4
+H2_PER_ROUND = 5000
+H2_PATHS = 500
+
+
+def test_http2_leaks_nothing(env: Env, tmp_path: Path) -> None:
+    """20 000 HTTP/2 requests from h2load (cleartext, 8 connections x 10 streams, 500
+    different paths): all succeed, the worker's descriptors return to the baseline, and its
+    RSS does not keep growing over the second half."""
+    uris = tmp_path / "uris"
+    uris.write_text("".join(f"http://127.0.0.1:{env.port}/small?n={i}\n"
+                            for i in range(H2_PATHS)))
+    baseline = settled_fds(env.worker_pid)
+    samples = []
+    for _ in range(H2_ROUNDS):
+        out = subprocess.run(
+            ["h2load", "-n", str(H2_PER_ROUND), "-c", "8", "-m", "10", "-i", str(uris)],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"{H2_PER_ROUND} succeeded, 0 failed, 0 errored" in out.stdout, out.stdout
+        assert f"{H2_PER_ROUND} 2xx" in out.stdout, out.stdout
+        samples.append(rss(env.worker_pid))
+    assert env.master.workers()[0].pid == env.worker_pid, "the worker was replaced"
+    wait_for(lambda: fd_count(env.worker_pid) <= baseline, timeout=15,
+             what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})")
+    growth = samples[-1] - samples[len(samples) // 2 - 1]
+    assert growth < MAX_RSS_GROWTH, f"RSS kept growing: {samples}"
