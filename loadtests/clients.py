@@ -1,5 +1,6 @@
-"""The benchmark's clients other than wrk: a throwaway TLS certificate, one-request probes over
-HTTP/1.1 and HTTP/2 (cleartext or TLS), and h2load (its command line and its output, parsed).
+"""The benchmark's clients: a throwaway TLS certificate, one-request probes over HTTP/1.1 and
+HTTP/2 (cleartext or TLS), h2load (its command line and its output, parsed) and wrk's output,
+parsed.
 
 Nothing here knows the benchmark's servers: hosts, ports and the expected body are arguments,
 so ``loadtests.bench`` (and any other load test) can use it without an import cycle.
@@ -50,7 +51,7 @@ READ_BYTES = 65536
 #: The status of a successful probe.
 STATUS_OK = 200
 
-#: h2load prints times with these units.
+#: h2load and wrk print times with these units.
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NUM_UNIT = r"([\d.]+)(us|ms|s|m|h)"
 _RE_FINISHED = re.compile(rf"^finished in {_NUM_UNIT},", re.MULTILINE)
@@ -67,6 +68,17 @@ _RE_PROTOCOL = re.compile(r"^Application protocol: (\S+)", re.MULTILINE)
 _RE_TLS_PROTOCOL = re.compile(r"^TLS Protocol: (\S+)", re.MULTILINE)
 _RE_CIPHER = re.compile(r"^Cipher: (\S+)", re.MULTILINE)
 _RE_TEMP_KEY = re.compile(r"^Server Temp Key: (\S+)", re.MULTILINE)
+#: What wrk prints.
+_RE_WRK_REQUESTS = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", re.MULTILINE)
+_RE_WRK_P99 = re.compile(r"^\s*99(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+_RE_WRK_SOCKET_ERRORS = re.compile(
+    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+_RE_WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_RE_WRK_LATENCY = re.compile(
+    r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)",
+    re.MULTILINE,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,3 +348,44 @@ def h2load_command(
         f"--duration={duration}s",
         url,
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# wrk
+
+
+@dataclass(slots=True)
+class WrkResult:
+    """What one wrk run printed, parsed."""
+
+    requests: int  #: responses wrk completed, whatever their status
+    elapsed_seconds: float  #: the run's length as wrk measured it
+    p99_ms: float | None  #: 99th percentile latency; None if wrk printed none
+    socket_errors: dict[str, int]  #: connect / read / write / timeout counts
+    non_2xx: int  #: responses with a status of 400 or more (wrk's "Non-2xx or 3xx")
+    mean_ms: float | None = None  #: mean latency (wrk's thread stats); None if not printed
+    max_ms: float | None = None  #: longest latency (wrk's thread stats); None if not printed
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Parse the text ``wrk --latency`` prints; raises ValueError if the totals are missing."""
+    m = _RE_WRK_REQUESTS.search(output)
+    if m is None:
+        raise ValueError("no 'N requests in T' line in wrk's output")
+    requests = int(m.group(1))
+    elapsed = float(m.group(2)) * _TIME_UNITS[m.group(3)]
+    p99 = _RE_WRK_P99.search(output)
+    p99_ms = float(p99.group(1)) * _TIME_UNITS[p99.group(2)] * 1e3 if p99 else None
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    s = _RE_WRK_SOCKET_ERRORS.search(output)
+    if s is not None:
+        errors = dict(zip(errors, (int(g) for g in s.groups()), strict=True))
+    n = _RE_WRK_NON_2XX.search(output)
+    lat = _RE_WRK_LATENCY.search(output)
+    mean_ms = max_ms = None
+    if lat is not None:
+        mean_ms = float(lat.group(1)) * _TIME_UNITS[lat.group(2)] * 1e3
+        max_ms = float(lat.group(5)) * _TIME_UNITS[lat.group(6)] * 1e3
+    return WrkResult(
+        requests, elapsed, p99_ms, errors, int(n.group(1)) if n else 0, mean_ms, max_ms
+    )
