@@ -9,11 +9,18 @@ downstream exchanges need not know which protocol the upstream speaks. Trailers 
 The pool tells a connection with free streams from a full one: :class:`H2Pool` hands out a new
 stream on the least busy live connection for the key while it has room under the server's
 SETTINGS_MAX_CONCURRENT_STREAMS, and a new connection is made only when none has.
+
+A GOAWAY from the server retires the connection gracefully: streams above its last stream ID
+fail (the server never saw them, so they may be retried), the others run to their end, and
+the connection closes once they have. ``h2`` would close its state machine on GOAWAY and
+reject every later frame, so :class:`GoawayFilter` takes GOAWAY frames out of the bytes before
+h2 sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +39,80 @@ if TYPE_CHECKING:
 #: Streams open at once on one upstream connection when the server sets no lower limit.
 DEFAULT_MAX_STREAMS = 100
 #: Streams one upstream connection carries in all before a new one replaces it: below common
-#: server limits (nginx's http2_max_requests is 1000), so that a GOAWAY, which h2 lets no
-#: stream outlive, rarely arrives with streams in flight.
+#: server limits (nginx's http2_max_requests is 1000), so that a new connection is ready
+#: before the server sends GOAWAY.
 MAX_STREAMS_PER_CONNECTION = 900
+_GOAWAY = 0x7
+_FRAME_HEAD = struct.Struct(">HBB")
+
+
+class GoawayFilter:
+    """Walks the frames a server sends and takes the GOAWAY frames out of them.
+
+    :meth:`feed` returns the bytes for h2 (all but GOAWAY frames) and the GOAWAYs' payloads.
+    A read with no GOAWAY in it is passed on as it is."""
+
+    __slots__ = ("head", "left", "dropping", "payload")
+
+    def __init__(self) -> None:
+        self.head = b""  #: the start of a frame header cut by the end of a read
+        self.left = 0  #: bytes of the current frame's payload still to come
+        self.dropping = False  #: the current frame is a GOAWAY
+        self.payload = b""  #: what has come of the current GOAWAY's payload
+
+    def feed(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        if not self.dropping and not self.head and self.left < len(data):
+            # The fast path: find the frame starts; nothing to change unless one is GOAWAY.
+            pos = self.left
+            end = len(data)
+            while pos + 9 <= end:
+                hi, lo, ftype = _FRAME_HEAD.unpack_from(data, pos)
+                if ftype == _GOAWAY:
+                    break
+                pos += 9 + (hi << 8 | lo)
+            else:
+                if pos < end:  # a header cut short: keep it, pass the rest
+                    self.head = data[pos:]
+                    self.left = 0
+                    return data[:pos], []
+                self.left = pos - end
+                return data, []
+        elif not self.dropping and not self.head:
+            self.left -= len(data)
+            return data, []
+        return self._slow(data)
+
+    def _slow(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        out: list[bytes] = []
+        goaways: list[bytes] = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self.left:
+                n = min(self.left, end - pos)
+                if self.dropping:
+                    self.payload += data[pos:pos + n]
+                else:
+                    out.append(data[pos:pos + n])
+                self.left -= n
+                pos += n
+            else:
+                need = 9 - len(self.head)
+                self.head += data[pos:pos + need]
+                pos += need
+                if len(self.head) < 9:
+                    break
+                hi, lo, ftype = _FRAME_HEAD.unpack_from(self.head)
+                self.left = hi << 8 | lo
+                self.dropping = ftype == _GOAWAY
+                if not self.dropping:
+                    out.append(self.head)
+                self.head = b""
+            if self.dropping and not self.left:
+                goaways.append(self.payload)
+                self.payload = b""
+                self.dropping = False
+        return b"".join(out), goaways
 
 
 class UpstreamH2Stream:
@@ -209,11 +287,14 @@ class UpstreamH2Conn(asyncio.Protocol):
         self.closed = False
         #: Streams opened so far; past MAX_STREAMS_PER_CONNECTION the connection retires.
         self.opened = 0
+        #: The server sent GOAWAY: no new streams; close once the open ones are done.
+        self.retired = False
         self.batching = 0
+        self.frames = GoawayFilter()
 
     @property
     def capacity(self) -> int:
-        if self.closed or self.opened >= MAX_STREAMS_PER_CONNECTION:
+        if self.closed or self.retired or self.opened >= MAX_STREAMS_PER_CONNECTION:
             return 0
         limit = self.h2.remote_settings.max_concurrent_streams or DEFAULT_MAX_STREAMS
         return min(limit, DEFAULT_MAX_STREAMS) - len(self.streams)
@@ -231,6 +312,11 @@ class UpstreamH2Conn(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        data, goaways = self.frames.feed(data)
+        for payload in goaways:
+            self._goaway(payload)
+        if not data:
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:
@@ -248,8 +334,6 @@ class UpstreamH2Conn(asyncio.Protocol):
                     for stream in targets:
                         if stream.out.blocked:
                             stream.window_opened()
-                elif isinstance(event, ev.ConnectionTerminated):
-                    self._goaway(event)
                 elif sid and sid in self.streams:
                     self.streams[sid].on_event(event)
         finally:
@@ -262,14 +346,22 @@ class UpstreamH2Conn(asyncio.Protocol):
         self.pool.h2_closed(self)
         self._fail_all(exc or ConnectionResetError("upstream closed the connection"))
 
-    def _goaway(self, event: ev.ConnectionTerminated) -> None:
-        # Streams above the last one the server will process can be retried elsewhere.
-        self.closed = True
-        self.pool.h2_closed(self)
-        last = event.last_stream_id or 0
+    def _goaway(self, payload: bytes) -> None:
+        """No new streams here; those above the server's last stream were never processed
+        and fail (retried elsewhere when the request allows), the others go on."""
+        if len(payload) < 8:
+            self._fail_all(ConnectionResetError("malformed GOAWAY from the upstream"))
+            return
+        last, code = struct.unpack_from(">LL", payload)
+        last &= 0x7FFFFFFF
+        if not self.retired:
+            self.retired = True
+            self.pool.h2_closed(self)
         for sid, stream in list(self.streams.items()):
             if sid > last:
-                stream._fail(ConnectionResetError("GOAWAY from the upstream"))
+                stream._fail(ConnectionResetError(f"GOAWAY from the upstream ({code})"))
+        if not self.streams:
+            self.close()
 
     def _fail_all(self, exc: BaseException) -> None:
         self.closed = True
@@ -288,8 +380,8 @@ class UpstreamH2Conn(asyncio.Protocol):
             except ProtocolError:
                 pass
             self.flush()
-        if not self.streams and self.opened >= MAX_STREAMS_PER_CONNECTION:
-            # Retired before the server's own limit (nginx: 1000) sends GOAWAY mid-flight.
+        if not self.streams and (self.retired or self.opened >= MAX_STREAMS_PER_CONNECTION):
+            # Retired by the server's GOAWAY, or before the server's own limit (nginx: 1000).
             self.close()
 
     def ack(self, stream_id: int, size: int) -> None:
