@@ -208,6 +208,9 @@ class H2Codec:
         self.unacked = 0
         self.goaway_sent = False
         self.closed = False
+        #: The connection's window (or every stream's) opened during this read: the handler
+        #: hears it once, after the read's frames (however many WINDOW_UPDATEs it held).
+        self._opened = False
         #: The dynamic table size the client's decoder holds us to, and whether our next
         #: header block must shrink it (the client lowered SETTINGS_HEADER_TABLE_SIZE).
         self._table_size = DEFAULT_TABLE_SIZE
@@ -404,6 +407,9 @@ class H2Codec:
             if self.closed:
                 return
         self._buf = buf[pos:] if pos < end else b""
+        if self._opened:
+            self._opened = False
+            self.handler.on_window(0)
 
     def _stream_error(self, sid: int, code: int) -> None:
         known = sid in self.streams
@@ -450,7 +456,7 @@ class H2Codec:
             # The others are limits on what we do not do (push) or advice.
         self._frame(SETTINGS, ACK, 0)
         if opened:
-            self.handler.on_window(0)
+            self._opened = True
 
     def _ping(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
@@ -478,7 +484,7 @@ class H2Codec:
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
                 raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
-            self.handler.on_window(0)
+            self._opened = True
             return
         st = self.streams.get(sid)
         if st is None:

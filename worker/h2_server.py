@@ -291,7 +291,11 @@ class H2Server(asyncio.Protocol):
             stream.reset_by_client()
 
     def pause_writing(self) -> None:
+        # The client is not reading what we send: stop reading what it sends, so that the
+        # answers its frames need (PING and SETTINGS acknowledgements, resets) cannot pile up.
         self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
         for stream in self.streams.values():
             stream.write_paused = True
             if stream.up is not None:
@@ -299,6 +303,8 @@ class H2Server(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
         for stream in self.streams.values():
             stream.write_paused = False
             if stream.up is not None and not stream.out.blocked:

@@ -50,6 +50,7 @@ from helpers import (
     free_port,
     pattern_chunks,
     pattern_sha256,
+    rss,
     wait_for,
     wait_until_stable,
 )
@@ -60,6 +61,7 @@ from hyperframe.frame import (
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PingFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -785,6 +787,34 @@ def test_chromium_loads_a_page_over_http2(fresh: Stack, tmp_path: Path) -> None:
     log = fresh.master.read_access_log()
     assert re.search(r'"GET /large\?size=1000000&from=chromium HTTP/2" 200 1000000', log), (
         log[-2000:])
+
+
+#: How much of a PING flood the test below offers, and for how long at most.
+FLOOD_BYTES = 48 * 1024 * 1024
+FLOOD_SECONDS = 20.0
+
+
+def test_ping_flood_from_a_client_that_reads_nothing(fresh: Stack) -> None:
+    """A client that sends PING after PING and never reads the acknowledgements (the "ping
+    flood", CVE-2019-9512) stops being read once its unread answers pile up: it cannot push
+    the flood through, the workers' memory stays put, and other clients are served."""
+    before = sum(rss(pid) for pid in fresh.worker_pids())
+    chunk = bytes(PingFrame(0, opaque_data=b"flooding").serialize()) * 4096
+    sent = 0
+    with RawH2(fresh.plain) as raw:
+        raw.handshake()
+        raw.sock.settimeout(2.0)
+        deadline = time.monotonic() + FLOOD_SECONDS
+        with contextlib.suppress(TimeoutError):
+            while sent < FLOOD_BYTES and time.monotonic() < deadline:
+                raw.sock.sendall(chunk)
+                sent += len(chunk)
+        assert sent < FLOOD_BYTES and time.monotonic() < deadline, (
+            f"the proxy kept reading a flood it could not answer ({sent} bytes)")
+        grown = sum(rss(pid) for pid in fresh.worker_pids()) - before
+        assert grown < 16 * 1024 * 1024, f"the workers grew by {grown} bytes"
+        with fresh.client("http") as c:
+            assert c.get("/after-flood").status == 200
 
 
 def test_header_list_over_the_limit_gets_431(fresh: Stack) -> None:
