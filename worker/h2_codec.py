@@ -26,11 +26,19 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from typing import Protocol
 
 from h2.errors import ErrorCodes
 
-from worker.h2_hpack import DEFAULT_TABLE_SIZE, DecodeError, Decoder, Fields, encode
+from worker.h2_hpack import (
+    DEFAULT_TABLE_SIZE,
+    DecodeError,
+    Decoder,
+    Fields,
+    ListTooLarge,
+    encode,
+)
 
 #: The client connection preface of HTTP/2 (RFC 9113 3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -50,14 +58,21 @@ DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME_SIZE = 16_384
 MAX_FRAME_SIZE_LIMIT = (1 << 24) - 1
 MAX_WINDOW = (1 << 31) - 1
-#: A header block (HEADERS and its CONTINUATIONs) longer than this many times the header
-#: list limit ends the connection (the CONTINUATION flood, CVE-2024-27316).
+#: A header block (HEADERS and its CONTINUATIONs, their frame headers counted) longer than
+#: this many times the header list limit ends the connection (the CONTINUATION flood,
+#: CVE-2024-27316), and so does a header list that decodes to more than this many times it
+#: (HPACK lets one byte name a whole table entry): past the limit itself, 431.
 MAX_BLOCK_FACTOR = 4
+#: Frames that carry no request, body or window (PING, SETTINGS, PRIORITY, empty DATA, unknown
+#: types, HEADERS of streams already over) a client may send per second before the
+#: connection is closed with ENHANCE_YOUR_CALM (floods of them, CVE-2019-9518).
+MAX_IDLE_FRAMES_PER_SECOND = 2000
 
 _FRAME = struct.Struct(">HBBBL")
 _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
+_IDLE_TYPES = frozenset({PING, SETTINGS, PRIORITY})
 
 #: Characters allowed in a field name: tchar (RFC 9110 5.6.2), lower case only.
 _BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+.^_`|~-]")
@@ -131,6 +146,7 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
     method = b""
     authority: bytes | None = None
     host: bytes | None = None
+    star = False
     length = -1
     for name, value in fields:
         if _BAD_VALUE.search(value):
@@ -145,12 +161,13 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
                     return "invalid :method", length
                 method = value
             elif name == b":authority":
-                if _BAD_AUTHORITY.search(value):
+                if not value or _BAD_AUTHORITY.search(value):
                     return "invalid :authority", length
                 authority = value
             elif name == b":path":
                 if not (value[:1] == b"/" or value == b"*") or _BAD_PATH.search(value):
                     return "invalid :path", length
+                star = value == b"*"
             pseudo.add(name)
             continue
         regular = True
@@ -167,12 +184,16 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
             # The app reads Host, the upstream gets :authority: they must be one value.
             if host is not None or (authority is not None and value != authority):
                 return "repeated host, or host and :authority differ", length
+            if not value or _BAD_AUTHORITY.search(value):
+                return "invalid host", length
             host = value
     if method == b"CONNECT":
         if b":authority" not in pseudo or b":scheme" in pseudo or b":path" in pseudo:
             return "CONNECT needs :authority alone", length
     elif not method or b":scheme" not in pseudo or b":path" not in pseudo:
         return "missing :method, :scheme or :path", length
+    elif star and method != b"OPTIONS":
+        return ":path * is for OPTIONS only", length
     return None, length
 
 
@@ -211,6 +232,9 @@ class H2Codec:
         #: The connection's window (or every stream's) opened during this read: the handler
         #: hears it once, after the read's frames (however many WINDOW_UPDATEs it held).
         self._opened = False
+        #: Frames that carried nothing (see MAX_IDLE_FRAMES_PER_SECOND) in the current second.
+        self._idle_frames = 0
+        self._idle_second = 0
         #: The dynamic table size the client's decoder holds us to, and whether our next
         #: header block must shrink it (the client lowered SETTINGS_HEADER_TABLE_SIZE).
         self._table_size = DEFAULT_TABLE_SIZE
@@ -378,6 +402,9 @@ class H2Codec:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "SETTINGS must come first")
             if self._block is not None and ftype != CONTINUATION:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "expected CONTINUATION")
+            if ftype > CONTINUATION or ftype in _IDLE_TYPES or (ftype == DATA and not length
+                                                                 and not flags & END_STREAM):
+                self._idle_frame()
             try:
                 if ftype == HEADERS:
                     self._headers(flags, sid, payload)
@@ -411,6 +438,15 @@ class H2Codec:
             self._opened = False
             self.handler.on_window(0)
 
+    def _idle_frame(self) -> None:
+        second = int(time.monotonic())
+        if second != self._idle_second:
+            self._idle_second = second
+            self._idle_frames = 0
+        self._idle_frames += 1
+        if self._idle_frames > MAX_IDLE_FRAMES_PER_SECOND:
+            raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "too many empty frames")
+
     def _stream_error(self, sid: int, code: int) -> None:
         known = sid in self.streams
         self.reset_stream(sid, code)
@@ -429,19 +465,13 @@ class H2Codec:
         if len(payload) % 6:
             raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "SETTINGS length")
         self._settings_seen = True
-        opened = False
+        window = -1
         for i in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, i)
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window too large")
-                delta = value - self.initial_send_window
-                self.initial_send_window = value
-                for st in self.streams.values():
-                    st.send_window += delta
-                    if st.send_window > MAX_WINDOW:
-                        raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
-                opened = opened or delta > 0
+                window = value  # the last one counts; the streams are adjusted once
             elif key == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
                     raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
@@ -454,9 +484,15 @@ class H2Codec:
                 self._table_size = 0
                 self._shrink_table = True
             # The others are limits on what we do not do (push) or advice.
+        if window >= 0 and window != self.initial_send_window:
+            delta = window - self.initial_send_window
+            self.initial_send_window = window
+            for st in self.streams.values():
+                st.send_window += delta
+                if st.send_window > MAX_WINDOW:
+                    raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
+            self._opened = self._opened or delta > 0
         self._frame(SETTINGS, ACK, 0)
-        if opened:
-            self._opened = True
 
     def _ping(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
@@ -575,7 +611,7 @@ class H2Codec:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "unexpected CONTINUATION")
         first, first_flags, parts, length = pending
         parts.append(payload)
-        length += len(payload)
+        length += 9 + len(payload)
         if length > MAX_BLOCK_FACTOR * self.max_header_list:
             raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "header block too long")
         if not flags & END_HEADERS:
@@ -586,9 +622,11 @@ class H2Codec:
 
     def _decode(self, block: bytes) -> Fields:
         try:
-            return self.decoder.decode(block)
+            return self.decoder.decode(block, MAX_BLOCK_FACTOR * self.max_header_list)
         except DecodeError as e:
             raise _ConnectionError(ErrorCodes.COMPRESSION_ERROR, str(e)) from None
+        except ListTooLarge as e:
+            raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, str(e)) from None
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
         end_stream = bool(flags & END_STREAM)
@@ -610,6 +648,7 @@ class H2Codec:
         if sid <= self.highest_inbound_stream_id:
             # A stream that is over (maybe reset by us while this was in flight, which
             # RFC 9113 5.1 says to ignore): its block still updates the decoder's table.
+            self._idle_frame()
             self._decode(block)
             return
         self.highest_inbound_stream_id = sid
@@ -619,10 +658,13 @@ class H2Codec:
         if parsed is None:
             generation = decoder.generation
             fields = self._decode(block)
-            malformed, length = check_request(fields)
-            parsed = (fields, malformed, length,
-                      header_list_size(fields) > self.max_header_list)
-            decoder.remember(generation, block, parsed)
+            if header_list_size(fields) > self.max_header_list:
+                # Answered 431 (as over HTTP/1.1): only the pseudo-fields are needed.
+                parsed = ([f for f in fields if f[0][:1] == b":"], None, -1, True)
+            else:
+                malformed, length = check_request(fields)
+                parsed = (fields, malformed, length, False)
+                decoder.remember(generation, block, parsed)
         fields, malformed, length, too_large = parsed
         if flags & _SELF_DEPENDENT:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")

@@ -27,8 +27,10 @@ from hpack.table import HeaderTable
 STATIC = HeaderTable.STATIC_TABLE
 #: The dynamic table size a decoder starts with (SETTINGS_HEADER_TABLE_SIZE's default).
 DEFAULT_TABLE_SIZE = 4096
-#: Decoded blocks one connection remembers.
+#: Decoded blocks one connection remembers, and the longest block it remembers (a repeated
+#: request is a few bytes of indexes; long blocks are rare and would hold memory).
 BLOCK_CACHE_SIZE = 64
+MAX_CACHED_BLOCK = 1024
 #: Encoded fields remembered process-wide (cleared when full: dates and lengths vary).
 FIELD_CACHE_SIZE = 4096
 #: Longest string or integer a block may declare (a block is never longer than this anyway).
@@ -41,6 +43,11 @@ Fields = list[tuple[bytes, bytes]]
 
 class DecodeError(Exception):
     """The block is not valid HPACK: a COMPRESSION_ERROR for the whole connection."""
+
+
+class ListTooLarge(Exception):
+    """The fields a block decodes to pass the decoder's hard limit (a few bytes of indexes
+    can name kilobytes each): decoding stops, and the connection cannot go on."""
 
 
 def _integer(data: bytes, pos: int, prefix: int) -> tuple[int, int]:
@@ -105,24 +112,31 @@ class Decoder:
 
     def remember(self, generation: int, block: bytes, value: object) -> None:
         """Stores a caller's result for a block that left the table as it was."""
-        if generation != self.generation:
+        if generation != self.generation or len(block) > MAX_CACHED_BLOCK:
             return
         cache = self.cache
         if len(cache) >= BLOCK_CACHE_SIZE:
             cache.clear()
         cache[(generation, block)] = value
 
-    def decode(self, data: bytes) -> Fields:
+    def decode(self, data: bytes, hard_limit: int = MAX_LENGTH) -> Fields:
+        """The block's fields; raises :class:`ListTooLarge` as soon as their size (as
+        SETTINGS_MAX_HEADER_LIST_SIZE counts it) passes ``hard_limit``."""
         fields: Fields = []
         append = fields.append
         table = self.table
         pos = 0
         end = len(data)
+        total = 0
         while pos < end:
             b = data[pos]
             if b & 0x80:  # indexed field
                 index, pos = _integer(data, pos, 7)
-                append(self._entry(index))
+                field = self._entry(index)
+                total += len(field[0]) + len(field[1]) + 32
+                if total > hard_limit:
+                    raise ListTooLarge(f"header list over {hard_limit} bytes")
+                append(field)
                 continue
             if b & 0x40:  # literal, added to the table
                 index, pos = _integer(data, pos, 6)
@@ -143,6 +157,9 @@ class Decoder:
             else:
                 name, pos = _string(data, pos)
             value, pos = _string(data, pos)
+            total += len(name) + len(value) + 32
+            if total > hard_limit:
+                raise ListTooLarge(f"header list over {hard_limit} bytes")
             append((name, value))
             if b & 0x40:
                 table.insert(0, (name, value))

@@ -329,9 +329,12 @@ class H2Server(asyncio.Protocol):
             stream.active.end_body()
 
     def on_reset(self, stream_id: int, code: int, by_client: bool) -> None:
-        if by_client:
-            self._count_reset()
         stream = self.streams.get(stream_id)
+        # A request the client got reset by sending a frame it knew to be wrong (a zero
+        # window increment, too much body) costs the same as one it reset itself
+        # ("MadeYouReset", CVE-2025-8671): both count.
+        if by_client or stream is not None:
+            self._count_reset()
         if stream is not None:
             stream.reset_by_client()
 

@@ -7,6 +7,7 @@ commit are crafted by hand: :func:`frame` builds any frame, ``hpack.Encoder`` an
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import hpack
@@ -45,6 +46,7 @@ from worker.h2_codec import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    MAX_IDLE_FRAMES_PER_SECOND,
     PADDED,
     PING,
     PREFACE,
@@ -836,6 +838,10 @@ MALFORMED = {
     "userinfo in :authority": REQUEST[:3] + [(b":authority", b"user@example.com")],
     "space in :authority": REQUEST[:3] + [(b":authority", b"example.com x")],
     "path in :authority": REQUEST[:3] + [(b":authority", b"example.com/x")],
+    "empty :authority": REQUEST[:3] + [(b":authority", b"")],
+    "asterisk :path on GET": REQUEST[:2] + [(b":path", b"*")] + REQUEST[3:],
+    "bad host without :authority": REQUEST[:3] + [(b"host", b"user@evil.example")],
+    "empty host without :authority": REQUEST[:3] + [(b"host", b"")],
     "two hosts": REQUEST[:3] + [(b"host", b"a.example"), (b"host", b"b.example")],
 }
 
@@ -866,6 +872,9 @@ WELL_FORMED = {
     "host as :authority": REQUEST + [(b"host", b"example.com")],
     "agreeing content-lengths": REQUEST + [(b"content-length", b"0"),
                                            (b"content-length", b"00")],
+    "OPTIONS *, :path first": [(b":path", b"*"), (b":method", b"OPTIONS"),
+                               (b":scheme", b"https"), (b":authority", b"example.com")],
+    "IPv6 authority": REQUEST[:3] + [(b":authority", b"[::1]:8443")],
 }
 
 
@@ -947,7 +956,8 @@ def test_body_shorter_than_content_length(ending: str) -> None:
 
 def test_header_list_too_large() -> None:
     """A header list over max_header_list (RFC 9113 6.5.2 sizes: name + value + 32 each)
-    still reaches on_request, with too_large set, so the handler can answer 431."""
+    still reaches on_request, with too_large set and only its pseudo-fields, so the handler
+    can answer 431."""
     fields = REQUEST + [(b"x-pad", b"")]
     base = header_list_size(fields)
     codec, handler = raw_codec(max_header_list=base + 100)
@@ -955,7 +965,25 @@ def test_header_list_too_large() -> None:
     codec.receive_data(headers(1, enc.encode(REQUEST + [(b"x-pad", b"p" * 100)])))
     codec.receive_data(headers(3, enc.encode(REQUEST + [(b"x-pad", b"q" * 101)])))
     assert [(c[1], c[4]) for c in handler.calls] == [(1, False), (3, True)]
-    assert handler.calls[1][2][-1] == (b"x-pad", b"q" * 101)
+    assert handler.calls[1][2] == REQUEST
+
+
+def test_hpack_bomb_ends_the_connection() -> None:
+    """A few bytes of HPACK can name kilobytes each (an index of a large table entry): a
+    header list that decodes to more than four times the limit ends the connection with
+    ENHANCE_YOUR_CALM as soon as it passes that, not after decoding all of it."""
+    codec, handler = raw_codec(max_header_list=32768)
+    enc = hpack.Encoder()
+    big = (b"x-big", b"b" * 4000)
+    assert codec.receive_data(headers(1, enc.encode(REQUEST + [big])))
+    # 0xbe: index 62, the newest table entry, the big field: 4 kB a byte.
+    block = enc.encode(REQUEST + [big]) + b"\xbe" * 100_000
+    frames = frame(HEADERS, END_STREAM, 3, block[:16384])
+    for i in range(16384, len(block), 16384):
+        last = i + 16384 >= len(block)
+        frames += frame(CONTINUATION, END_HEADERS if last else 0, 3, block[i:i + 16384])
+    assert connection_error(codec, frames) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert [c[1] for c in handler.calls] == [1]
 
 
 def test_self_dependency() -> None:
@@ -1084,13 +1112,25 @@ def test_stray_continuation() -> None:
 
 
 def test_continuation_flood() -> None:
-    """A header block that grows past four times the header list limit, END_HEADERS or not,
-    ends the connection with ENHANCE_YOUR_CALM (CVE-2024-27316) before it is decoded."""
+    """A header block that grows past four times the header list limit (frame headers
+    counted), END_HEADERS or not, ends the connection with ENHANCE_YOUR_CALM
+    (CVE-2024-27316) before it is decoded."""
     codec, handler = raw_codec(max_header_list=1000)
     assert codec.receive_data(frame(HEADERS, 0, 1, bytes(1000)))
-    for _ in range(3):
+    for _ in range(2):
         assert codec.receive_data(frame(CONTINUATION, 0, 1, bytes(1000)))
-    flood = frame(CONTINUATION, 0, 1, b"\x00")
+    assert codec.receive_data(frame(CONTINUATION, 0, 1, bytes(973)))  # 4000 in all
+    flood = frame(CONTINUATION, 0, 1, b"")
+    assert connection_error(codec, flood) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert handler.calls == []
+
+
+def test_empty_continuation_flood() -> None:
+    """Empty CONTINUATION frames add no block bytes, but their frame headers count: a
+    stream of them ends the connection too."""
+    codec, handler = raw_codec(max_header_list=1000)
+    assert codec.receive_data(frame(HEADERS, 0, 1, b"\x82"))
+    flood = frame(CONTINUATION, 0, 1, b"") * 1000
     assert connection_error(codec, flood) == ErrorCodes.ENHANCE_YOUR_CALM
     assert handler.calls == []
 
@@ -1300,7 +1340,8 @@ def test_block_cache_follows_table_size_update() -> None:
 
 
 def test_block_cache_keeps_verdicts() -> None:
-    """A cached malformed or too large request is judged the same way when repeated."""
+    """A malformed request is cached with its verdict, judged the same way when repeated;
+    a too large one is judged anew each time (never cached: it would hold memory)."""
     codec, handler = raw_codec(max_header_list=300)
     enc = hpack.Encoder()
     bad = REQUEST + [(b"connection", b"close")]
@@ -1312,4 +1353,32 @@ def test_block_cache_keeps_verdicts() -> None:
                                             (5, ErrorCodes.PROTOCOL_ERROR),
                                             (9, ErrorCodes.PROTOCOL_ERROR)]
     assert [(c[1], c[4]) for c in handler.calls] == [(3, True), (7, True), (11, True)]
-    assert len(codec.decoder.cache) == 2
+    assert len(codec.decoder.cache) == 1
+
+
+def test_flood_of_empty_frames_ends_the_connection() -> None:
+    """Frames that carry nothing (PING, SETTINGS, PRIORITY, empty DATA, unknown types) are
+    answered, but past MAX_IDLE_FRAMES_PER_SECOND in a second the connection ends with
+    ENHANCE_YOUR_CALM (CVE-2019-9518); a normal exchange's few are far below it."""
+    kinds = [frame(PING, 0, 0, bytes(8)), frame(PRIORITY, 0, 1, b"\x00\x00\x00\x03\x10"),
+             frame(0x42, 0, 0, b"x"), frame(SETTINGS, 0, 0, b"")]
+    for kind in kinds:
+        codec, _ = raw_codec()
+        assert codec.receive_data(kind * 100)
+        assert connection_error(codec, kind * MAX_IDLE_FRAMES_PER_SECOND) == \
+            ErrorCodes.ENHANCE_YOUR_CALM
+    codec, handler = raw_codec()
+    assert codec.receive_data(headers(1, hpack.Encoder().encode(POST), end_stream=False))
+    assert connection_error(codec, frame(DATA, 0, 1, b"") * (MAX_IDLE_FRAMES_PER_SECOND + 1)) \
+        == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_last_initial_window_size_of_a_frame_counts() -> None:
+    """Several INITIAL_WINDOW_SIZE entries in one SETTINGS frame: the open streams' windows
+    move once, by the last one's difference."""
+    codec, handler = raw_codec()
+    assert codec.receive_data(headers(1, hpack.Encoder().encode(POST), end_stream=False))
+    entries = b"".join(struct.pack(">HL", 0x4, n) for n in (1, 2_000_000, 100_000))
+    assert codec.receive_data(frame(SETTINGS, 0, 0, entries))
+    assert codec.local_flow_control_window(1) == min(100_000, codec.send_window)
+    assert codec.streams[1].send_window == 100_000
