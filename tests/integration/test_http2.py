@@ -808,7 +808,7 @@ FLOOD_SECONDS = 20.0
 def test_ping_flood_from_a_client_that_reads_nothing(fresh: Stack) -> None:
     """A client that sends PING after PING and never reads the acknowledgements (the "ping
     flood", CVE-2019-9512) cannot push the flood through: it stops being read once its unread
-    answers pile up, and past 2000 empty frames in a second it is closed (GOAWAY
+    answers pile up, and past 10 000 empty frames in a second it is closed (GOAWAY
     ENHANCE_YOUR_CALM). The workers' memory stays put, and other clients are served."""
     before = sum(rss(pid) for pid in fresh.worker_pids())
     chunk = bytes(PingFrame(0, opaque_data=b"flooding").serialize()) * 4096
