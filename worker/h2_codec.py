@@ -69,6 +69,14 @@ MAX_BLOCK_FACTOR = 4
 #: what clients send (gRPC's keepalive and bandwidth probes are PINGs), far below a flood.
 MAX_IDLE_FRAMES_PER_SECOND = 10_000
 
+#: How a closed stream ended, remembered for the frames that may still come on it (RFC 9113
+#: 5.1): after our RST_STREAM they are ignored, after the client's they are a stream error,
+#: after END_STREAM both ways a connection error; a lower stream ID the client skipped was
+#: never opened (PROTOCOL_ERROR). The last CLOSED_MEMORY closed streams are remembered;
+#: frames on older ones are ignored.
+_BY_US, _BY_CLIENT, _ENDED, _NEVER_OPENED, _FORGOTTEN = 1, 2, 3, 4, 5
+CLOSED_MEMORY = 1024
+
 _FRAME = struct.Struct(">HBBBL")
 _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
@@ -233,6 +241,10 @@ class H2Codec:
         #: The connection's window (or every stream's) opened during this read: the handler
         #: hears it once, after the read's frames (however many WINDOW_UPDATEs it held).
         self._opened = False
+        #: Closed streams and how they ended (see CLOSED_MEMORY), and the highest stream ID
+        #: forgotten.
+        self._closed: dict[int, int] = {}
+        self._closed_floor = 0
         #: Frames that carried nothing (see MAX_IDLE_FRAMES_PER_SECOND) in the current second.
         self._idle_frames = 0
         self._idle_second = 0
@@ -315,8 +327,10 @@ class H2Codec:
         self.send_data(sid, b"", end_stream=True)
 
     def reset_stream(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
-        if self.streams.pop(sid, None) is not None and not self.closed:
-            self._frame(RST_STREAM, 0, sid, _U32.pack(code))
+        if self.streams.pop(sid, None) is not None:
+            self._closed_as(sid, _BY_US)
+            if not self.closed:
+                self._frame(RST_STREAM, 0, sid, _U32.pack(code))
 
     def finished(self, sid: int) -> None:
         """Our response is complete: if the client is still sending a body nobody reads,
@@ -355,8 +369,32 @@ class H2Codec:
 
     def _close_local(self, sid: int, st: _Stream) -> None:
         st.local_open = False
-        if not st.remote_open:
-            self.streams.pop(sid, None)
+        if not st.remote_open and self.streams.pop(sid, None) is not None:
+            self._closed_as(sid, _ENDED)
+
+    def _closed_as(self, sid: int, how: int) -> None:
+        closed = self._closed
+        if len(closed) >= CLOSED_MEMORY:
+            closed.clear()
+            self._closed_floor = self.highest_inbound_stream_id
+        closed[sid] = how
+
+    def _closed_state(self, sid: int) -> int:
+        """How a stream at or below the highest ID used, and not open, came to be closed."""
+        how = self._closed.get(sid)
+        if how is not None:
+            return how
+        return _FORGOTTEN if sid <= self._closed_floor else _NEVER_OPENED
+
+    def _on_closed_stream(self, sid: int) -> None:
+        """A frame (DATA or HEADERS) on a closed stream: an error unless we reset it."""
+        how = self._closed_state(sid)
+        if how == _BY_CLIENT:
+            raise _StreamError(ErrorCodes.STREAM_CLOSED, "frame after the client's RST_STREAM")
+        if how == _ENDED:
+            raise _ConnectionError(ErrorCodes.STREAM_CLOSED, "frame on a closed stream")
+        if how == _NEVER_OPENED:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "stream ID lower than one used")
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -452,6 +490,7 @@ class H2Codec:
         known = sid in self.streams
         self.reset_stream(sid, code)
         if not known:
+            self._closed_as(sid, _BY_US)
             self._frame(RST_STREAM, 0, sid, _U32.pack(code))
         else:
             self.handler.on_reset(sid, code, False)
@@ -540,7 +579,8 @@ class H2Codec:
             raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "RST_STREAM length")
         if not sid or sid > self.highest_inbound_stream_id:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "RST_STREAM on idle stream")
-        self.streams.pop(sid, None)
+        if self.streams.pop(sid, None) is not None:
+            self._closed_as(sid, _BY_CLIENT)
         self.handler.on_reset(sid, _U32.unpack(payload)[0], True)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
@@ -559,10 +599,11 @@ class H2Codec:
         if st is None or not st.remote_open:
             if sid > self.highest_inbound_stream_id:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on idle stream")
-            # A stream we reset or answered: the bytes still count against the connection.
+            # The bytes still count against the connection's window.
             self.acknowledge_received_data(flow, 0)
             if st is not None:
                 raise _StreamError(ErrorCodes.STREAM_CLOSED, "DATA after END_STREAM")
+            self._on_closed_stream(sid)
             return
         st.recv_window -= flow
         if st.recv_window < 0:
@@ -580,6 +621,7 @@ class H2Codec:
         self.handler.on_data(sid, data, flow, end)
         if end and not st.local_open and self.streams.get(sid) is st:
             del self.streams[sid]
+            self._closed_as(sid, _ENDED)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid & 1:
@@ -645,12 +687,13 @@ class H2Codec:
             self.handler.on_data(sid, b"", 0, True)
             if not st.local_open and self.streams.get(sid) is st:
                 del self.streams[sid]
+                self._closed_as(sid, _ENDED)
             return
         if sid <= self.highest_inbound_stream_id:
-            # A stream that is over (maybe reset by us while this was in flight, which
-            # RFC 9113 5.1 says to ignore): its block still updates the decoder's table.
+            # A closed stream: its block still updates the decoder's table.
             self._idle_frame()
             self._decode(block)
+            self._on_closed_stream(sid)
             return
         self.highest_inbound_stream_id = sid
         decoder = self.decoder

@@ -41,6 +41,7 @@ from hyperframe.frame import (
 
 from worker import h2_codec
 from worker.h2_codec import (
+    CLOSED_MEMORY,
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -1384,3 +1385,69 @@ def test_last_initial_window_size_of_a_frame_counts() -> None:
     assert codec.receive_data(frame(SETTINGS, 0, 0, entries))
     assert codec.local_flow_control_window(1) == min(100_000, codec.send_window)
     assert codec.streams[1].send_window == 100_000
+
+
+# -- frames on closed streams (RFC 9113 5.1) ------------------------------------------------
+
+
+def test_lower_stream_id_than_one_used_is_a_protocol_error() -> None:
+    """Opening stream 7 closes the idle streams 3 and 5 below it: HEADERS on 5 afterwards is
+    a connection error PROTOCOL_ERROR, not a request the client would wait on forever."""
+    codec, handler = raw_codec()
+    enc = hpack.Encoder()
+    assert codec.receive_data(headers(1, enc.encode(REQUEST)) + headers(7, enc.encode(REQUEST)))
+    assert connection_error(codec, headers(5, enc.encode(REQUEST))) == ErrorCodes.PROTOCOL_ERROR
+    assert [c[1] for c in handler.calls] == [1, 7]
+
+
+def test_data_after_the_clients_reset_is_a_stream_error() -> None:
+    """After the client reset a stream, its DATA there is answered RST_STREAM STREAM_CLOSED
+    (and the bytes still count against the connection's window)."""
+    codec, handler = raw_codec()
+    assert codec.receive_data(headers(1, hpack.Encoder().encode(POST), end_stream=False))
+    assert codec.receive_data(frame(RST_STREAM, 0, 1, b"\x00\x00\x00\x08"))
+    assert codec.receive_data(frame(DATA, 0, 1, b"late"))
+    assert resets(codec.data_to_send()) == [(1, ErrorCodes.STREAM_CLOSED)]
+    assert not codec.closed
+
+
+def test_data_on_a_stream_ended_both_ways_is_a_connection_error() -> None:
+    """A stream both sides ended is closed: DATA on it is a connection error STREAM_CLOSED."""
+    codec, handler = raw_codec()
+    assert codec.receive_data(headers(1, hpack.Encoder().encode(REQUEST)))
+    codec.send_headers(1, OK, end_stream=True)
+    codec.data_to_send()
+    assert 1 not in codec.streams
+    assert connection_error(codec, frame(DATA, 0, 1, b"x")) == ErrorCodes.STREAM_CLOSED
+
+
+def test_frames_on_a_stream_we_reset_are_ignored() -> None:
+    """After our RST_STREAM, DATA and trailers the client had in flight are ignored (their
+    header block still reaches the decoder, and their bytes the connection's window)."""
+    codec, handler = raw_codec()
+    enc = hpack.Encoder()
+    assert codec.receive_data(headers(1, enc.encode(POST), end_stream=False))
+    codec.reset_stream(1)
+    codec.data_to_send()
+    assert codec.receive_data(frame(DATA, 0, 1, b"x" * 100)
+                              + headers(1, enc.encode([(b"x-trailer", b"1")])))
+    assert codec.data_to_send() == b""
+    assert codec.unacked == 100
+    assert codec.receive_data(headers(3, enc.encode(REQUEST + [(b"x-trailer", b"1")])))
+    assert handler.calls[-1][:3] == ("request", 3, REQUEST + [(b"x-trailer", b"1")])
+
+
+def test_closed_streams_are_remembered_within_a_bound() -> None:
+    """The codec remembers how the last CLOSED_MEMORY streams closed, no more: frames on
+    older ones are ignored."""
+    codec, handler = raw_codec()
+    enc = hpack.Encoder()
+    block = enc.encode(REQUEST)
+    for i in range(3 * CLOSED_MEMORY):
+        sid = 1 + 2 * i
+        assert codec.receive_data(headers(sid, block))
+        codec.reset_stream(sid)
+        assert len(codec._closed) <= CLOSED_MEMORY
+    codec.data_to_send()
+    assert codec.receive_data(frame(DATA, 0, 1, b"x"))
+    assert codec.data_to_send() == b""
