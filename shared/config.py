@@ -168,6 +168,9 @@ class LimitsConfig:
 class TimeoutsConfig:
     keepalive_seconds: float = setting(
         75.0, "An idle downstream keep-alive connection is closed after this long.", _positive)
+    client_header_seconds: float = setting(
+        60.0, "Longest time a client may take to send a request's head (408 after).",
+        _positive)
     upstream_connect_seconds: float = setting(
         5.0, "Longest wait for a new upstream connection (504 after).", _positive)
     upstream_read_seconds: float = setting(

@@ -43,6 +43,7 @@ class ErrorKind(enum.Enum):
     BAD_REQUEST = ("bad request", 400)
     METHOD_NOT_ALLOWED = ("method not allowed", 405)
     HEADERS_TOO_LARGE = ("request headers too large", 431)
+    HEADER_TIMEOUT = ("request head not received in time", 408)
     BODY_TOO_LARGE = ("request body too large", 413)
     DOWNSTREAM_CLOSED = ("client closed the connection", 499)
     INTERNAL = ("internal error", 500)

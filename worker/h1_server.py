@@ -109,6 +109,7 @@ class H1Server(Exchange, asyncio.Protocol):
         self.head_size = 0
         self.pending_head = 0
         self.in_head = False
+        self.head_started = 0.0
         #: Bytes of the requests completed so far (the head's size estimated from its parts).
         self.consumed = 0
 
@@ -243,6 +244,7 @@ class H1Server(Exchange, asyncio.Protocol):
         s.start_time = time.time()
         self.head_size = 0
         self.in_head = True
+        self.head_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         s = self.current
@@ -610,9 +612,14 @@ class H1Server(Exchange, asyncio.Protocol):
         return self.active is None and self.current is None and not self.pipeline
 
     def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
-        """Closes the connection if it has idled past its limit."""
+        """Closes the connection if it has idled past its limit; a request head still
+        arriving after ``timeouts.client_header_seconds`` (a slowloris) gets 408."""
         if self.is_idle():
             limit = drain_idle if self.draining else keepalive
             if now - self.last_active >= limit:
                 self.close()
+        elif (self.in_head and not self.stop_parsing and not self.closing
+              and now - self.head_started >= self.engine.header_timeout):
+            self.in_head = False
+            self.bad_request(downstream_error(ErrorKind.HEADER_TIMEOUT))
 

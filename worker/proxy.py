@@ -106,6 +106,7 @@ class Engine:
         self.connect_timeout = t.upstream_connect_seconds
         self.read_timeout = t.upstream_read_seconds
         self.keepalive = t.keepalive_seconds
+        self.header_timeout = t.client_header_seconds
         self.max_head = config.limits.max_header_bytes
         self.max_body = config.limits.max_body_bytes
         self.max_retries = config.server.max_retries

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 MAX_HEADER = 4096
 MAX_BODY = 65536
 READ_TIMEOUT = 1.0
+#: timeouts.client_header_seconds of the proxy under test.
+HEADER_TIMEOUT = 1.5
 
 
 @dataclass
@@ -46,7 +48,8 @@ def env(module_fleet: Fleet, refusing_address: str) -> Env:
     config = config_for(
         upstreams={"main": [main.address]},
         limits={"max_header_bytes": MAX_HEADER, "max_body_bytes": MAX_BODY},
-        timeouts={"upstream_read_seconds": READ_TIMEOUT},
+        timeouts={"upstream_read_seconds": READ_TIMEOUT,
+                  "client_header_seconds": HEADER_TIMEOUT},
         server={"max_retries": 2},
     )
     config["upstreams"].update({
@@ -321,3 +324,27 @@ def test_worker_survives_client_leaving_mid_response(env: Env) -> None:
         with HttpConn(env.port) as conn:
             assert conn.request("GET", "/still-there").status == 200
     assert sorted(w.pid for w in env.master.workers()) == before
+
+
+# -- slow clients --------------------------------------------------------------------------
+
+def test_request_head_trickled_past_the_header_timeout_gets_408(env: Env) -> None:
+    """A client that sends a request head a line at a time and never ends it (a slowloris)
+    gets 408 once ``timeouts.client_header_seconds`` have passed since the head began, and
+    the connection is closed; the request never reaches the origin."""
+    with HttpConn(env.port) as conn:
+        conn.send(b"GET /slowloris HTTP/1.1\r\nHost: main.test\r\n")
+        started = time.monotonic()
+        # Trickle for most of the timeout, then fall silent (writing while the proxy closes
+        # would make its answer race a reset).
+        while time.monotonic() - started < HEADER_TIMEOUT * 0.7:
+            conn.send(b"X-Trickle: 1\r\n")
+            time.sleep(0.1)  # the trickle's pace, not a wait for the proxy
+        resp = conn.read_response()
+        assert resp.status == 408
+        assert time.monotonic() - started >= HEADER_TIMEOUT
+        assert ("Connection", "close") in resp.headers
+        assert conn.closed_by_peer()
+    assert "/slowloris" not in env.main.paths()
+    with HttpConn(env.port) as conn:
+        assert conn.request("GET", "/in-time").status == 200

@@ -26,6 +26,7 @@ STATUS = {
     ErrorKind.BAD_REQUEST: 400,
     ErrorKind.METHOD_NOT_ALLOWED: 405,
     ErrorKind.HEADERS_TOO_LARGE: 431,
+    ErrorKind.HEADER_TIMEOUT: 408,
     ErrorKind.BODY_TOO_LARGE: 413,
     ErrorKind.DOWNSTREAM_CLOSED: 499,
     ErrorKind.INTERNAL: 500,
@@ -34,7 +35,8 @@ STATUS = {
 
 @pytest.mark.parametrize(("kind", "status"), STATUS.items(), ids=lambda v: getattr(v, "name", v))
 def test_default_status_per_kind(kind: ErrorKind, status: int) -> None:
-    """Each kind maps to its default status: refused 502, timeouts 504, 400, 431, 413, 500."""
+    """Each kind maps to its default status: refused 502, timeouts 504, 400, 431, 408, 413,
+    500."""
     assert ProxyError(kind, ErrorSource.UPSTREAM).status == status
 
 
