@@ -237,6 +237,7 @@ class H2Codec:
         self.recv_window = DEFAULT_WINDOW
         self.unacked = 0
         self.goaway_sent = False
+        self._goaway_received = False
         self.closed = False
         #: The connection's window (or every stream's) opened during this read: the handler
         #: hears it once, after the read's frames (however many WINDOW_UPDATEs it held).
@@ -441,8 +442,7 @@ class H2Codec:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "SETTINGS must come first")
             if self._block is not None and ftype != CONTINUATION:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "expected CONTINUATION")
-            if ftype > CONTINUATION or ftype in _IDLE_TYPES or (ftype == DATA and not length
-                                                                 and not flags & END_STREAM):
+            if ftype > CONTINUATION or ftype in _IDLE_TYPES:
                 self._idle_frame()
             try:
                 if ftype == HEADERS:
@@ -464,6 +464,9 @@ class H2Codec:
                 elif ftype == GOAWAY:
                     if sid or length < 8:
                         raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad GOAWAY")
+                    if self._goaway_received:
+                        self._idle_frame()
+                    self._goaway_received = True
                     self.handler.on_goaway(_U32.unpack_from(payload, 4)[0])
                 elif ftype == PUSH_PROMISE:
                     raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PUSH_PROMISE from client")
@@ -566,6 +569,7 @@ class H2Codec:
         if st is None:
             if sid > self.highest_inbound_stream_id:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
+            self._idle_frame()  # allowed on a closed stream, but it carries nothing
             return
         if not increment:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "zero window increment")
@@ -581,6 +585,8 @@ class H2Codec:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "RST_STREAM on idle stream")
         if self.streams.pop(sid, None) is not None:
             self._closed_as(sid, _BY_CLIENT)
+        else:
+            self._idle_frame()  # a stream already closed: legitimate, but nothing is lost
         self.handler.on_reset(sid, _U32.unpack(payload)[0], True)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
@@ -596,6 +602,8 @@ class H2Codec:
         if self.recv_window < 0:
             raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "connection window exceeded")
         st = self.streams.get(sid)
+        if not data and (st is None or not st.remote_open or not flags & END_STREAM):
+            self._idle_frame()  # no body, and not the end of one
         if st is None or not st.remote_open:
             if sid > self.highest_inbound_stream_id:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on idle stream")
@@ -653,6 +661,8 @@ class H2Codec:
         if pending is None or pending[0] != sid:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "unexpected CONTINUATION")
         first, first_flags, parts, length = pending
+        if not payload:
+            self._idle_frame()
         parts.append(payload)
         length += 9 + len(payload)
         if length > MAX_BLOCK_FACTOR * self.max_header_list:
@@ -703,8 +713,10 @@ class H2Codec:
             generation = decoder.generation
             fields = self._decode(block)
             if header_list_size(fields) > self.max_header_list:
-                # Answered 431 (as over HTTP/1.1): only the pseudo-fields are needed.
-                parsed = ([f for f in fields if f[0][:1] == b":"], None, -1, True)
+                # Answered 431 (as over HTTP/1.1): only the pseudo-fields are needed, and
+                # they must make a request line as sound as any.
+                pseudo = [f for f in fields if f[0][:1] == b":"]
+                parsed = (pseudo, check_request(pseudo)[0], -1, True)
             else:
                 malformed, length = check_request(fields)
                 parsed = (fields, malformed, length, False)

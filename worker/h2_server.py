@@ -330,10 +330,11 @@ class H2Server(asyncio.Protocol):
 
     def on_reset(self, stream_id: int, code: int, by_client: bool) -> None:
         stream = self.streams.get(stream_id)
-        # A request the client got reset by sending a frame it knew to be wrong (a zero
-        # window increment, too much body) costs the same as one it reset itself
-        # ("MadeYouReset", CVE-2025-8671): both count.
-        if by_client or stream is not None:
+        # A reset counts when it throws away work: a request still being answered, whether
+        # the client reset it or got it reset by sending a frame it knew to be wrong
+        # ("MadeYouReset", CVE-2025-8671). Resetting a stream whose answer is complete
+        # (grpcio does, with NO_ERROR, RFC 9113 8.1) loses nothing and does not count.
+        if stream is not None and not stream.ended:
             self._count_reset()
         if stream is not None:
             stream.reset_by_client()

@@ -753,6 +753,29 @@ def test_rapid_reset_gets_enhance_your_calm(fresh: Stack, how: str) -> None:
     assert len(warning.findall(fresh.master.read_error_log())) == warnings_before + 1
 
 
+def test_resetting_answered_streams_is_not_an_attack(fresh: Stack) -> None:
+    """A client that resets each stream once its answer is in (grpcio does, with NO_ERROR,
+    when the server answered before the request body ended: RFC 9113 8.1) loses the proxy no
+    work: hundreds of such resets leave the connection open and serving."""
+    too_big = [("content-length", str(10**12))]
+    with RawH2(fresh.plain) as raw:
+        raw.handshake()
+        reset = b""
+        for i in range(2 * MIN_RESETS_FOR_RATIO):
+            sid = 1 + 2 * i
+            # One write per round trip (the reset rides with the next request).
+            raw.send(reset + raw.headers(sid, "/early", end_stream=False, extra=too_big))
+            for _ in raw.frames_until(lambda f, sid=sid: sid in raw.ended, 10):
+                pass
+            assert raw.status.get(sid) == 413
+            reset = raw.rst(sid, ErrorCodes.NO_ERROR)
+        last = 1 + 2 * 2 * MIN_RESETS_FOR_RATIO
+        raw.send(reset + raw.headers(last, "/after-early-answers"))
+        for _ in raw.frames_until(lambda f: last in raw.ended, 10):
+            pass
+        assert raw.status.get(last) == 200, "the connection was closed"
+
+
 #: Headless Chromium (scripts/test installs the Debian package).
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_SECONDS = 90.0

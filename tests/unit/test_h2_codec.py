@@ -1451,3 +1451,39 @@ def test_closed_streams_are_remembered_within_a_bound() -> None:
     codec.data_to_send()
     assert codec.receive_data(frame(DATA, 0, 1, b"x"))
     assert codec.data_to_send() == b""
+
+
+@pytest.mark.parametrize("kind", ["window-update", "empty-end", "goaway", "late-reset",
+                                  "empty-continuation"])
+def test_frames_that_carry_nothing_count_against_the_budget(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames that are allowed but carry nothing, whatever their type, spend the same budget
+    as PINGs: WINDOW_UPDATE or an empty END_STREAM on a stream already closed, GOAWAY after
+    the first, RST_STREAM on a stream already closed, empty CONTINUATIONs."""
+    monkeypatch.setattr(h2_codec, "monotonic", lambda: 1000.0)
+    codec, _ = raw_codec(max_header_list=65536)
+    enc = hpack.Encoder()
+    assert codec.receive_data(headers(1, enc.encode(POST), end_stream=False))
+    codec.reset_stream(1)
+    codec.data_to_send()
+    one = {
+        "window-update": frame(WINDOW_UPDATE, 0, 1, b"\x00\x00\x00\x01"),
+        "empty-end": frame(DATA, END_STREAM, 1),
+        "goaway": frame(GOAWAY, 0, 0, bytes(8)),
+        "late-reset": frame(RST_STREAM, 0, 1, b"\x00\x00\x00\x00"),
+        "empty-continuation": frame(CONTINUATION, 0, 3),
+    }[kind]
+    start = frame(HEADERS, 0, 3, b"") if kind == "empty-continuation" else b""
+    flood = start + one * (MAX_IDLE_FRAMES_PER_SECOND + 1)
+    assert connection_error(codec, flood) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_too_large_request_with_a_bent_request_line_is_malformed() -> None:
+    """A header list over the limit is answered 431 only if its pseudo-fields make a sound
+    request: a CR/LF in :path resets the stream instead (it would reach the logs)."""
+    codec, handler = raw_codec(max_header_list=1000)
+    bent = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a\r\nX-Injected: 1"),
+            (b":authority", b"example.com"), (b"x-big", b"b" * 1200)]
+    assert codec.receive_data(headers(1, hpack.Encoder().encode(bent)))
+    assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR)]
+    assert handler.calls == []
