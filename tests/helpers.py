@@ -341,8 +341,9 @@ class Origin:
         pattern bytes (``&chunked=1``: chunked), counting them in ``large_sent`` as the socket
         takes them; ``/sink`` reads the body as it comes (``?gate=1``: only once
         :meth:`open_gate` was called) and answers its size and SHA-256; ``/chunked?parts=a,b``
-        answers those chunks; ``/status/NNN`` answers that status; ``/close`` answers with
-        ``Connection: close`` and closes; ``/early`` answers 401 before reading the request
+        answers those chunks (``&trailer=name:value``: and that trailer field);
+        ``/status/NNN`` answers that status; ``/close`` answers with ``Connection: close`` and
+        closes; ``/early`` answers 401 before reading the request
         body and closes; ``/interim?code=1xx`` sends that interim response
         first, then echoes; ``/eof?body=TEXT`` answers a body without length
         or chunking, delimited by closing (``&type=``: its Content-Type);
@@ -439,7 +440,8 @@ class Origin:
                 for p in pieces:
                     writer.write(b"%x\r\n%s\r\n" % (len(p), p.encode()))
                     await writer.drain()
-                writer.write(b"0\r\n\r\n")
+                trailers = "".join(f"{t}\r\n" for t in query.get("trailer", []))
+                writer.write(b"0\r\n" + trailers.encode() + b"\r\n")
             return keep
         if path.startswith("/status/"):
             status = int(path.rsplit("/", 1)[1])

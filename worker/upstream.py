@@ -36,9 +36,9 @@ class UpstreamConn(asyncio.Protocol):
     ended_with_head = False
 
     __slots__ = (
-        "key", "pool", "transport", "parser", "handler", "headers", "status", "head_only",
-        "got_bytes", "keep_alive", "deadline", "read_timeout", "requests", "idle_since",
-        "closed", "write_paused", "tunnel", "reading_paused",
+        "key", "pool", "transport", "parser", "handler", "headers", "trailers", "status",
+        "head_only", "got_bytes", "keep_alive", "deadline", "read_timeout", "requests",
+        "idle_since", "closed", "write_paused", "tunnel", "reading_paused",
     )
 
     def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
@@ -60,6 +60,9 @@ class UpstreamConn(asyncio.Protocol):
         self.tunnel: ResponseHandler | None = None
         # Per-exchange
         self.headers: RawHeaders = []
+        #: Trailer fields after a chunked body (httptools reports them as more headers once
+        #: the head is complete).
+        self.trailers: RawHeaders | None = None
         self.status = 0
         self.head_only = False
         self.got_bytes = False
@@ -137,9 +140,14 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
+        self.trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        trailers = self.trailers
+        if trailers is None:
+            self.headers.append((name, value))
+        else:
+            trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -155,6 +163,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
+        self.trailers = []
         handler = self.handler
         if handler is not None:
             handler.upstream_head(self, status, self.headers)
@@ -182,6 +191,8 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.status and self.status != 101:
+            if self.trailers and self.handler is not None:
+                self.handler.upstream_trailers(self.trailers)
             self._finish()
 
     def _start_tunnel(self, handler: ResponseHandler, rest: bytes) -> None:

@@ -512,6 +512,17 @@ def test_curl_gets_http2(stack: Stack, scheme: str) -> None:
     assert (echo["method"], echo["target"], echo["body"]) == ("POST", "/post", "hello over h2")
 
 
+def test_trailers_from_an_http1_origin_reach_the_http2_client(fresh: Stack) -> None:
+    """A chunked HTTP/1.1 response's trailer fields come to an HTTP/2 client as trailers (a
+    HEADERS frame after the body), as any combination of protocols must carry them."""
+    with fresh.client("http") as c:
+        r = c.get("/chunked?parts=one,two&trailer=x-checksum:abc123&trailer=x-rows:2",
+                  [("te", "trailers")])
+    assert r.status == 200 and r.ended
+    assert bytes(r.body) == b"onetwo"
+    assert (b"x-checksum", b"abc123") in r.trailers and (b"x-rows", b"2") in r.trailers
+
+
 @SCHEMES
 def test_request_at_the_origin(fresh: Stack, scheme: str) -> None:
     """The origin gets an HTTP/1.1 request with Host from :authority, X-Forwarded-Proto of the

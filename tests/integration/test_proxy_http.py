@@ -255,6 +255,20 @@ def test_chunked_response_to_http11_client(env: Env, single: Origin) -> None:
         assert conn.request("GET", "/again", [("Host", SINGLE)]).status == 200
 
 
+def test_trailers_of_a_chunked_response_are_passed_on(env: Env, single: Origin) -> None:
+    """The trailer fields after an origin's chunked body reach an HTTP/1.1 client after the
+    last chunk, and the connection goes on."""
+    with HttpConn(env.port) as conn:
+        conn.send(build_request("GET", "/chunked?parts=ab,cd&trailer=x-checksum:abc123",
+                                [("Host", SINGLE), ("TE", "trailers")]))
+        head = conn.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
+        body = conn.read_until(b"\r\n0\r\n")
+        assert body.endswith(b"cd\r\n0\r\n")
+        assert conn.read_until(b"\r\n\r\n") == b"x-checksum: abc123\r\n\r\n"
+        assert conn.request("GET", "/after-trailers", [("Host", SINGLE)]).status == 200
+
+
 def test_close_delimited_response_reframed_for_http11_client(env: Env, single: Origin) -> None:
     """An origin response without length or chunking (ended by closing) reaches an HTTP/1.1
     client whole, framed so that the client's connection can carry on."""
