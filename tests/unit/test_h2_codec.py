@@ -59,9 +59,8 @@ from worker.h2_codec import (
     SETTINGS,
     WINDOW_UPDATE,
     H2Codec,
-    check_request,
-    header_list_size,
 )
+from worker.h2_fields import check_request, header_list_size
 from worker.h2_hpack import Fields
 
 REQUEST: Fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
