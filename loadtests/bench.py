@@ -84,7 +84,6 @@ from loadtests.servers import (
     BODY_BYTES,
     LOOPBACK,
     PROBES_PER_WORKER,
-    BenchError,
     Server,
     case_probe,
     find_tool,
@@ -93,9 +92,9 @@ from loadtests.servers import (
     log_tail,
     nginx_proxy_config,
     origin_config,
+    run_guarded,
     start_nginx,
     start_tenaya,
-    terminate_on_sigterm,
 )
 
 DESCRIPTION = "Benchmark Tenaya against nginx as a reverse proxy (requests/s, p99, req/CPU-s)."
@@ -347,14 +346,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table (or JSON); exit 1 if any run was flagged."""
     args = parse_args(argv)
-    try:
-        with terminate_on_sigterm():
-            report = bench(args)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return EXIT_SETUP_FAILED
-    except KeyboardInterrupt:
-        print("bench: interrupted; servers stopped", file=sys.stderr)
+    report = run_guarded("bench", lambda: bench(args))
+    if report is None:
         return EXIT_SETUP_FAILED
     flagged = sum(r["flagged"] for r in report["runs"])
     if args.json:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from loadtests.cases import CASES, TOOL_H2LOAD, TOOL_WRK, Case
 from loadtests.clients import H2loadResult, WrkResult, h2load_command, parse_h2load, parse_wrk
@@ -17,6 +19,8 @@ from loadtests.servers import LOOPBACK
 WRK_OVERRUN_SECONDS = 30.0
 #: How much of wrk's (or h2load's) output a failed run quotes.
 WRK_ERROR_CHARS = 500
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -35,9 +39,11 @@ class Load:
     negotiated: str  #: what h2load says the connections negotiated; "" for wrk
 
 
-def _run_tool(name: str, cmd: list[str], duration: int) -> tuple[str | None, str]:
+def _run_tool(
+    name: str, cmd: list[str], duration: int, parse: Callable[[str], T]
+) -> tuple[T | None, str]:
     """Run a load generator with a deadline (``duration`` + WRK_OVERRUN_SECONDS); returns its
-    output (None on failure) and a note saying why it failed."""
+    output as ``parse`` reads it (None on failure) and a note saying why it failed."""
     limit = duration + WRK_OVERRUN_SECONDS
     try:
         done = subprocess.run(
@@ -48,7 +54,10 @@ def _run_tool(name: str, cmd: list[str], duration: int) -> tuple[str | None, str
     if done.returncode != 0:
         said = (done.stderr.strip() or done.stdout.strip())[-WRK_ERROR_CHARS:]
         return None, f"{name} exited with {done.returncode}: {said}"
-    return done.stdout, ""
+    try:
+        return parse(done.stdout), ""
+    except ValueError as e:
+        return None, f"{e}: {done.stdout.strip()[-WRK_ERROR_CHARS:]}"
 
 
 def run_wrk(
@@ -72,13 +81,7 @@ def run_wrk(
         *c.wrk_args,
         f"{c.scheme}://{LOOPBACK}:{port}/",
     ]
-    output, note = _run_tool(TOOL_WRK, cmd, duration)
-    if output is None:
-        return None, note
-    try:
-        return parse_wrk(output), ""
-    except ValueError as e:
-        return None, f"{e}: {output.strip()[-WRK_ERROR_CHARS:]}"
+    return _run_tool(TOOL_WRK, cmd, duration, parse_wrk)
 
 
 def run_h2load(
@@ -97,13 +100,7 @@ def run_h2load(
     cmd = h2load_command(
         h2load, url, clients=connections, streams=streams, threads=threads, duration=duration
     )
-    output, note = _run_tool(TOOL_H2LOAD, cmd, duration)
-    if output is None:
-        return None, note
-    try:
-        return parse_h2load(output), ""
-    except ValueError as e:
-        return None, f"{e}: {output.strip()[-WRK_ERROR_CHARS:]}"
+    return _run_tool(TOOL_H2LOAD, cmd, duration, parse_h2load)
 
 
 def run_load(

@@ -83,14 +83,13 @@ from loadtests.report import flags, fmt
 from loadtests.servers import (
     LOOPBACK,
     PROBES_PER_WORKER,
-    BenchError,
     Server,
     find_tool,
     free_ports,
     launch_tenaya,
     log_tail,
+    run_guarded,
     start_nginx,
-    terminate_on_sigterm,
 )
 
 DESCRIPTION = (
@@ -484,14 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     succeeded and every target was met, 1 on failed requests or flagged runs, 3 when only a
     target was missed, 2 when the benchmark could not run."""
     args = parse_args(argv)
-    try:
-        with terminate_on_sigterm():
-            results = bench(args)
-    except BenchError as e:
-        print(f"pool_bench: {e}", file=sys.stderr)
-        return EXIT_SETUP_FAILED
-    except KeyboardInterrupt:
-        print("pool_bench: interrupted; servers stopped", file=sys.stderr)
+    results = run_guarded("pool_bench", lambda: bench(args))
+    if results is None:
         return EXIT_SETUP_FAILED
     report = build_report(args, results)
     if args.json:

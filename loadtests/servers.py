@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import yaml
@@ -515,3 +515,19 @@ def terminate_on_sigterm() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+T = TypeVar("T")
+
+
+def run_guarded(prog: str, run: Callable[[], T]) -> T | None:
+    """``run()`` with SIGTERM and SIGHUP stopping the servers cleanly; None, after saying why
+    on stderr, when the benchmark could not run or was interrupted."""
+    try:
+        with terminate_on_sigterm():
+            return run()
+    except BenchError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; servers stopped", file=sys.stderr)
+    return None

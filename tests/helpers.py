@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import yaml
+
+from shared.config import Config
 
 #: Longest wait for a master to log that it serves.
 MASTER_START_SECONDS = 30.0
@@ -111,8 +115,22 @@ def pattern_sha256(size: int) -> str:
 
 # -- the origin ------------------------------------------------------------------------------
 
+class HeaderLookup:
+    """Case-insensitive lookups in a ``headers`` list of (name, value) pairs."""
+
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n.lower() == lname]
+
+
 @dataclass
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     """One request as the origin received it."""
 
     method: str
@@ -128,14 +146,6 @@ class RecordedRequest:
     #: True once the whole body (if any) was read: a request the proxy gave up on while
     #: streaming it stays incomplete.
     complete: bool = False
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for n, v in self.headers if n.lower() == lname]
 
 
 class _BadRequest(Exception):
@@ -512,7 +522,7 @@ _REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
 # -- clients -----------------------------------------------------------------------------------
 
 @dataclass
-class Response:
+class Response(HeaderLookup):
     """A response as read off the wire."""
 
     status: int
@@ -523,14 +533,6 @@ class Response:
     chunked: bool = False
     #: Status codes of the interim (1xx) responses before this one.
     interim: list[int] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        values = self.header_all(name)
-        return values[0] if values else None
-
-    def header_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for n, v in self.headers if n.lower() == lname]
 
     def has(self, name: str) -> bool:
         return bool(self.header_all(name))
@@ -741,6 +743,32 @@ def origin_app(phases: str = "") -> str:
     """Source of an app module ``App`` proxying to ``app_options.origin``, with ``phases``
     (more methods, indented as in the class body) added."""
     return _ORIGIN_APP + phases
+
+
+def declared_settings(cls: Any = Config, prefix: str = "") -> dict[str, dataclasses.Field[Any]]:
+    """Every leaf setting under ``cls`` by key path (as a user writes it), found from the
+    dataclass declarations independently of the reference the project generates."""
+    out: dict[str, dataclasses.Field[Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "raw"):
+            continue
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out.update(declared_settings(tp, f"{prefix}{f.name}."))
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(args[0]):
+            out.update(declared_settings(args[0], f"{prefix}{f.name}[]."))
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(args[1]):
+            out.update(declared_settings(args[1], f"{prefix}{f.name}.<name>."))
+        elif any(dataclasses.is_dataclass(a) for a in args):
+            # An optional section: its own row, then its settings.
+            out[prefix + f.name] = f
+            inner = next(a for a in args if dataclasses.is_dataclass(a))
+            out.update(declared_settings(inner, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f
+    return out
 
 
 def config_for(upstreams: dict[str, list[str]] | None = None, **sections: Any) -> dict[str, Any]:

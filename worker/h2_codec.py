@@ -401,12 +401,11 @@ class H2Codec:
             raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "too many empty frames")
 
     def _stream_error(self, sid: int, code: int) -> None:
-        known = sid in self.streams
-        self.reset_stream(sid, code)
-        if not known:
-            self._closed_as(sid, _BY_US)
-            self._frame(RST_STREAM, 0, sid, _U32.pack(code))
-        else:
+        """Resets the stream, open or not (a refused or malformed one never opened)."""
+        known = self.streams.pop(sid, None) is not None
+        self._closed_as(sid, _BY_US)
+        self._frame(RST_STREAM, 0, sid, _U32.pack(code))
+        if known:
             self.handler.on_reset(sid, code, False)
 
     def _settings(self, flags: int, sid: int, payload: bytes) -> None:

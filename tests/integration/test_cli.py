@@ -3,7 +3,6 @@ reason``; ``start`` refuses them the same way; ``config-reference`` lists every 
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import typing
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import declared_settings
 
 from shared import config as config_module
 
@@ -157,32 +157,11 @@ def test_start_refuses_bad_config(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def _setting_paths(cls: typing.Any, prefix: str = "") -> list[str]:
-    """Every setting's key path, walked from the declarations (as a user would write it)."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in ("source", "raw"):
-            continue
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
-            out += _setting_paths(tp, f"{prefix}{f.name}.")
-        elif origin is list and args and dataclasses.is_dataclass(args[0]):
-            out += _setting_paths(args[0], f"{prefix}{f.name}[].")
-        elif origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
-            out += _setting_paths(args[1], f"{prefix}{f.name}.<name>.")
-        else:
-            out.append(prefix + f.name)
-    return out
-
-
 def test_config_reference_lists_every_setting() -> None:
     """``config-reference`` names every declared setting with its doc."""
     result = run("config-reference")
     assert result.returncode == 0
-    paths = _setting_paths(config_module.Config)
+    paths = list(declared_settings(config_module.Config))
     assert len(paths) > 15
     for p in paths:
         assert f"`{p}`" in result.stdout, f"{p} missing from the reference"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import declared_settings
 
 from shared.config import (
     EMBEDDED_SOURCE,
@@ -343,31 +341,6 @@ def test_from_mapping_names_its_source() -> None:
 
 
 # -- the reference -----------------------------------------------------------------------
-
-
-def declared_settings(cls: Any = Config, prefix: str = "") -> dict[str, dataclasses.Field[Any]]:
-    """Every leaf setting under ``cls`` by key path, found from the dataclass declarations."""
-    out: dict[str, dataclasses.Field[Any]] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in ("source", "raw"):
-            continue
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        if dataclasses.is_dataclass(tp):
-            out.update(declared_settings(tp, f"{prefix}{f.name}."))
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(args[0]):
-            out.update(declared_settings(args[0], f"{prefix}{f.name}[]."))
-        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(args[1]):
-            out.update(declared_settings(args[1], f"{prefix}{f.name}.<name>."))
-        elif any(dataclasses.is_dataclass(a) for a in args):
-            # An optional section: its own row, then its settings.
-            out[prefix + f.name] = f
-            inner = next(a for a in args if dataclasses.is_dataclass(a))
-            out.update(declared_settings(inner, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = f
-    return out
 
 
 def reference_rows() -> dict[str, list[str]]:
