@@ -35,6 +35,7 @@ from master.notify import report_start, sd_notify
 from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
 from shared import ipc
 from shared.config import Config, ConfigError
+from shared.paths import child_env, python_command
 from shared.ipc import Channel, ChannelClosed
 from shared.poolindex import PoolIndex
 
@@ -196,7 +197,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
 
     def _start_demo(self) -> None:
         self.demo = subprocess.Popen(
-            [sys.executable, "-m", "master.demo", *self.config.demo_origins],
+            python_command("master.demo", *self.config.demo_origins), env=child_env(),
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         line = self.demo.stdout.readline()  # type: ignore[union-attr]
         self.demo.stdout.close()  # type: ignore[union-attr]
@@ -244,13 +245,10 @@ class Arbiter(UpgradeMixin, ControlMixin):
         parent.set_inheritable(False)
         pairs = [(sock.fileno(), index) for index, lst in enumerate(listeners)
                  for sock in lst.sockets_for(slot, count)]
-        cmd = [sys.executable, "-m", "worker", "--channel-fd", str(child.fileno()),
-               "--listen-fds", ",".join(f"{fd}@{index}" for fd, index in pairs)]
-        env = dict(os.environ)
-        if config.source and os.path.isfile(config.source):
-            # An app module beside its config file is importable, as with gunicorn --chdir.
-            here = os.path.dirname(os.path.abspath(config.source))
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        # The worker puts the app's directories on its path itself (shared/paths.py).
+        cmd = python_command("worker", "--channel-fd", str(child.fileno()),
+                             "--listen-fds", ",".join(f"{fd}@{index}" for fd, index in pairs))
+        env = child_env()
         index_fd = (self.broker.index.fd if self.broker is not None and config.pool.shared
                     else -1)
         extra = [index_fd] if index_fd >= 0 else []

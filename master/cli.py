@@ -17,6 +17,7 @@ from master.arbiter import Arbiter, StartError
 from master.listeners import ListenError
 from master.notify import READY_FD_ENV, report_start
 from shared.config import Config, ConfigError, from_mapping, load, reference
+from shared.paths import child_env, python_command
 
 #: Signal sent for each command when the master has no control socket.
 _COMMAND_SIGNALS = {
@@ -74,10 +75,10 @@ def _daemonize(argv: list[str]) -> int:
     to /dev/null: give ``logging.error_log`` and ``logging.access_log`` files."""
     child_argv = [a for a in argv if a not in ("-d", "--daemon")]
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ)
+    env = child_env()
     env[READY_FD_ENV] = str(write_fd)
     with open(os.devnull, "r+b") as devnull:
-        proc = subprocess.Popen([sys.executable, "-m", "master", *child_argv], env=env,
+        proc = subprocess.Popen(python_command("master", *child_argv), env=env,
                                 pass_fds=[write_fd], stdin=devnull, stdout=devnull,
                                 stderr=devnull, start_new_session=True)
     os.close(write_fd)
@@ -98,16 +99,12 @@ def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
         print(e, file=sys.stderr)
         return 1
     # The app is imported in a separate process: the master never runs app code.
-    cmd = [sys.executable, "-m", "worker", "--check"]
+    cmd = python_command("worker", "--check")
     if args.config:
         cmd += ["-c", args.config]
     if config.app:
         cmd += ["--app", config.app]
-    env = dict(os.environ)
-    if args.config:
-        here = os.path.dirname(os.path.abspath(args.config))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    result = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
+    result = subprocess.run(cmd, env=child_env(), stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         return 1
     print("ok")

@@ -17,7 +17,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from master.lifecycle import State
 from master.listeners import Listener, ListenError
 from shared import ipc
 from shared.ipc import MAX_FDS_PER_MESSAGE, Channel, ChannelClosed
+from shared.paths import child_env, python_command
 
 log = logging.getLogger("tenaya")
 
@@ -105,10 +105,10 @@ class UpgradeMixin:
         """Starts a new master from the code on disk and hands it the listening sockets."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent.set_inheritable(False)
-        env = dict(os.environ)
+        env = child_env()
         env[ipc.UPGRADE_FD_ENV] = str(child.fileno())
         try:
-            popen = subprocess.Popen([sys.executable, "-m", "master", *self.argv],
+            popen = subprocess.Popen(python_command("master", *self.argv),
                                      pass_fds=[child.fileno()], env=env,
                                      stdin=subprocess.DEVNULL)
         except OSError as e:

@@ -800,12 +800,14 @@ class Master:
     """``python -m master start`` in a subprocess, with its files in ``workdir``.
 
     ``files`` are written beside the config (app modules). ``error_log`` and ``access_log``
-    are set to files in ``workdir`` unless the config names them.
+    are set to files in ``workdir`` unless the config names them. The master runs in ``cwd``
+    (default: ``workdir``).
     """
 
     def __init__(self, workdir: Path, config: dict[str, Any], files: dict[str, str] | None = None,
-                 args: Iterable[str] = ()) -> None:
+                 args: Iterable[str] = (), cwd: Path | None = None) -> None:
         self.workdir = workdir
+        self.cwd = cwd or workdir
         workdir.mkdir(parents=True, exist_ok=True)
         logging_cfg = dict(config.get("logging") or {})
         logging_cfg.setdefault("error_log", str(workdir / "error.log"))
@@ -836,7 +838,7 @@ class Master:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "master", "start", "-c", str(self.config_path),
                  *self.args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.workdir,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd,
                 start_new_session=True)
         finally:
             out.close()

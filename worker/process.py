@@ -25,9 +25,10 @@ import setproctitle
 import uvloop
 
 from shared import ipc
-from shared.app import AppLoadError, load_app
+from shared.app import AppLoadError, ProxyHttp, load_app
 from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
+from shared.paths import add_app_dirs
 from shared.poolindex import PoolIndex
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
@@ -80,7 +81,7 @@ class Worker:
         self.config = config
         log = self.log = setup_logging(config, f"worker {self.slot}")
         try:
-            app = load_app(config.app)
+            app = _load_app(config)
             app.worker_id = self.slot
             app.configure(config)
         except AppLoadError as e:
@@ -247,6 +248,18 @@ class Worker:
                 h.close()
 
 
+def _load_app(config: Config) -> ProxyHttp:
+    """Loads the config's app, imported from the app's directories (the config file's, then
+    the current one: :func:`shared.paths.add_app_dirs`), which go on ``sys.path`` only now,
+    after Tenaya's own packages. Raises :class:`AppLoadError`."""
+    if config.app is not None:
+        try:
+            add_app_dirs(config.source)
+        except ValueError as e:
+            raise AppLoadError(str(e)) from None
+    return load_app(config.app)
+
+
 def _wait_boot(channel: Channel) -> ipc.Boot:
     deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -263,7 +276,7 @@ def check(config_path: str | None, app_spec: str | None) -> int:
         config = load(config_path)
         if app_spec is not None:
             config = from_mapping({**config.raw, "app": app_spec}, config.source)
-        app = load_app(config.app)
+        app = _load_app(config)
         app.configure(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
