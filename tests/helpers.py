@@ -160,12 +160,15 @@ class Origin:
     ``drop_reused``: close, without an answer, every request that is not the first on its
     connection (the race of an origin closing an idle connection as a request arrives).
     ``tls``: a server ``ssl.SSLContext`` to serve HTTPS instead of plaintext.
+    ``require``: a (name, value) header field every request must carry; one without it is
+    answered 403 once its body is read (any route but ``/sink``).
     """
 
     name: str = "origin"
     close_idle_after: float | None = None
     drop_reused: bool = False
     tls: ssl.SSLContext | None = None
+    require: tuple[str, str] | None = None
     # Counters, read by the tests.
     accepted: int = 0
     open_connections: int = 0
@@ -392,6 +395,9 @@ class Origin:
         req.body = b"".join(parts)
         req.complete = True
 
+        if self.require is not None and self.require[1] not in req.header_all(self.require[0]):
+            await self._send(writer, 403, extra, b"required header missing\n", keep, head_only)
+            return keep
         if path == "/interim":
             code = int(query.get("code", ["100"])[0])
             writer.write(f"HTTP/1.1 {code} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n"
