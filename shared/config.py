@@ -2,8 +2,10 @@
 
 The YAML file, the error messages and the reference in the README (``python -m master
 config-reference``) all come from the declarations below. :func:`load` refuses a config with a
-:class:`ConfigError` naming the file, the key path and the reason; an unknown key is an error,
-with the closest known key as a suggestion.
+:class:`ConfigError` listing every mistake found in one pass, each with the file, the key path
+and the reason, in the order of the keys in the file; an unknown key is an error, with the
+closest known key as a suggestion. A mistake that makes the checks under it meaningless (YAML
+that does not parse, a section that is not a mapping) hides only those checks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import difflib
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,30 +24,55 @@ import yaml
 from shared.peer import parse_address
 
 
-class ConfigError(Exception):
-    """An invalid config: ``str(error)`` is ``"FILE: KEY.PATH: reason"``."""
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One mistake in a config: ``str(problem)`` is ``"FILE: KEY.PATH: reason"``, or
+    ``"FILE: reason"`` for a mistake of the whole file (``path`` empty)."""
 
-    def __init__(self, source: str, path: str, reason: str) -> None:
-        super().__init__(source, path, reason)
-        self.source = source
-        self.path = path
-        self.reason = reason
+    source: str
+    path: str
+    reason: str
 
     def __str__(self) -> str:
         where = f"{self.source}: {self.path}" if self.path else self.source
         return f"{where}: {self.reason}"
 
 
+class ConfigError(Exception):
+    """An invalid config. :attr:`errors` holds every mistake found, in file order (at least
+    one); ``str(error)`` is one line ``"FILE: KEY.PATH: reason"`` per mistake. :attr:`source`,
+    :attr:`path` and :attr:`reason` are those of the first mistake."""
+
+    def __init__(self, source: str, path: str, reason: str,
+                 more: Sequence[ConfigProblem] = ()) -> None:
+        super().__init__(source, path, reason)
+        self.source = source
+        self.path = path
+        self.reason = reason
+        self.errors: list[ConfigProblem] = [ConfigProblem(source, path, reason), *more]
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigProblem]) -> ConfigError:
+        """The error of one or more problems, the first one first."""
+        first, *more = problems
+        return cls(first.source, first.path, first.reason, more)
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self.errors)
+
+
 Check = Callable[[Any], str | None]
 
 
-def setting(default: Any, doc: str, check: Check | None = None) -> Any:
-    """Declares one setting: its default, its documentation and an optional extra check
-    (a function returning a reason when the value is refused)."""
+def setting(default: Any, doc: str, check: Check | None = None,
+            each: Check | None = None) -> Any:
+    """Declares one setting: its default, its documentation and optional extra checks, each a
+    function returning a reason when the value is refused: ``check`` of the whole value,
+    ``each`` of every item of a list (each refused item is a mistake of its own)."""
+    metadata = {"doc": doc, "check": check, "each": each}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default),
-                     metadata={"doc": doc, "check": check})
-    return field(default=default, metadata={"doc": doc, "check": check})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _positive(v: Any) -> str | None:
@@ -61,14 +88,6 @@ def _address(v: Any) -> str | None:
         parse_address(v)
     except ValueError as e:
         return str(e)
-    return None
-
-
-def _addresses(v: Any) -> str | None:
-    for i, item in enumerate(v):
-        reason = _address(item)
-        if reason:
-            return f"item {i}: {reason}"
     return None
 
 
@@ -134,7 +153,7 @@ class ListenerConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     servers: list[str] = setting([], "HOST:PORT of each server, tried in round-robin order.",
-                                 _addresses)
+                                 each=_address)
     hosts: list[str] = setting(
         [], "Host header values routed to this upstream by the load balancer; the first "
         "upstream also takes every other host.")
@@ -207,7 +226,7 @@ class Config:
     app_options: dict[str, Any] = setting({}, "Free-form settings handed to the app.")
     demo_origins: list[str] = setting(
         [], "HOST:PORT of demo origins the master starts itself (each answers with a page "
-        "naming itself).", _addresses)
+        "naming itself).", each=_address)
     #: Where this config came from (a file path, or "<embedded default>"); not a setting.
     source: str = field(default="<defaults>", compare=False)
     #: The raw mapping it was loaded from, to hand to workers; not a setting.
@@ -258,29 +277,98 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
-    """Checks ``value`` against the declared type ``tp``; returns the converted value."""
+#: A key path as its parts: a mapping key (a string) or a list index (an integer).
+_Path = tuple[str | int, ...]
+
+
+class _Invalid:
+    """The type of :data:`_INVALID`."""
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+#: Stands for a value that was refused (a problem says why), so that the checks of the rest
+#: still run: an invalid list item keeps its place, so later items keep their indexes.
+_INVALID: Any = _Invalid()
+
+
+def _show(path: _Path) -> str:
+    """A key path as the messages write it, e.g. ``listeners[0].address``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _position(raw: Any, path: _Path) -> tuple[int, ...]:
+    """Where ``path`` is written in ``raw``, for sorting: for each part, the index of that key
+    among its siblings as written; a key that is not written comes after those that are."""
+    place = []
+    node = raw
+    for part in path:
+        if isinstance(node, dict):
+            keys = [str(k) for k in node]
+            i = keys.index(part) if part in keys else len(keys)
+            node = list(node.values())[i] if i < len(keys) else None
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            i, node = part, node[part]
+        else:
+            i, node = 0, None
+        place.append(i)
+    return tuple(place)
+
+
+class _Problems:
+    """The mistakes found so far in one config, each with where it is and the key path its
+    message names (the same, but for a list item refused by an ``each`` check)."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[_Path, _Path, str]] = []
+
+    def add(self, where: _Path, reason: str, shown: _Path | None = None) -> None:
+        """Notes a mistake at ``where``; its message names ``shown`` (default ``where``)."""
+        self.found.append((where, where if shown is None else shown, reason))
+
+    def clean(self, where: _Path) -> bool:
+        """True when no mistake was found at ``where`` or under it."""
+        return not any(found[:len(where)] == where for found, _, _ in self.found)
+
+    def error(self, source: str, raw: Any) -> ConfigError:
+        """The error listing every mistake, in the order of their keys in ``raw``."""
+        ordered = sorted(self.found, key=lambda found: _position(raw, found[0]))
+        return ConfigError.of([ConfigProblem(source, _show(shown), reason)
+                               for _, shown, reason in ordered])
+
+
+def _convert(tp: Any, value: Any, where: _Path, problems: _Problems) -> Any:
+    """Checks ``value`` at ``where`` against the declared type ``tp``; returns the converted
+    value, or ``_INVALID`` with the reason added to ``problems``. A list, mapping or section
+    with refused parts is returned with the rest, each refused part noted in ``problems``."""
     args = typing.get_args(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, source, path)
+        return _convert(inner[0], value, where, problems)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, source, path)
+        return _build(tp, value, where, problems)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(source, path, f"expected a list, got {value!r}")
-        return [_convert(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+            problems.add(where, f"expected a list, got {value!r}")
+            return _INVALID
+        return [_convert(args[0], v, (*where, i), problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(source, path, f"expected a mapping, got {value!r}")
+            problems.add(where, f"expected a mapping, got {value!r}")
+            return _INVALID
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise ConfigError(source, path, f"keys must be strings, got {k!r}")
-            out[k] = _convert(args[1], v, source, f"{path}.{k}") if args[1] is not Any else v
+                problems.add((*where, str(k)), f"keys must be strings, got {k!r}", shown=where)
+                continue
+            out[k] = v if args[1] is Any else _convert(args[1], v, (*where, k), problems)
         return out
     if tp is Any:
         return value
@@ -293,71 +381,113 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
     if ok is None:
         raise TypeError(f"undeclared setting type {tp!r}")
     if not ok:
-        raise ConfigError(source, path, f"expected {_type_name(tp)}, got {value!r}")
+        problems.add(where, f"expected {_type_name(tp)}, got {value!r}")
+        return _INVALID
     return float(value) if tp is float else value
 
 
-def _build(cls: Any, raw: Any, source: str, path: str) -> Any:
+def _build(cls: Any, raw: Any, where: _Path, problems: _Problems) -> Any:
+    """The section ``cls`` from the mapping ``raw`` at ``where``, every refused key noted in
+    ``problems`` and left at its default; ``_INVALID`` when ``raw`` is not a mapping."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(source, path, f"expected a mapping, got {raw!r}")
+        problems.add(where, f"expected a mapping, got {raw!r}")
+        return _INVALID
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_SETTINGS]
+    declared = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_SETTINGS}
     kwargs = {}
     for key, value in raw.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+        at = (*where, str(key))
+        f = declared.get(key) if isinstance(key, str) else None
+        if f is None:
+            close = difflib.get_close_matches(str(key), list(declared), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(source, where, f"unknown key{hint}")
-        converted = _convert(hints[key], value, source, where)
-        f = next(f for f in dataclasses.fields(cls) if f.name == key)
-        check = f.metadata.get("check")
-        if check is not None and converted is not None:
-            reason = check(converted)
-            if reason:
-                raise ConfigError(source, where, reason)
-        kwargs[key] = converted
+            problems.add(at, f"unknown key{hint}")
+            continue
+        converted = _convert(hints[key], value, at, problems)
+        if converted is not _INVALID and converted is not None:
+            converted = _checked(f, converted, at, problems)
+        if converted is not _INVALID:
+            kwargs[key] = converted
     return cls(**kwargs)
 
 
+def _checked(f: dataclasses.Field[Any], value: Any, where: _Path, problems: _Problems) -> Any:
+    """Runs the extra checks declared for setting ``f`` on its converted ``value`` (not None);
+    returns the value, or ``_INVALID`` when a check refuses it. ``each`` runs on every item
+    that has the right type; ``check`` only on a value with no refused part."""
+    refused = False
+    each: Check | None = f.metadata.get("each")
+    if each is not None:
+        for i, item in enumerate(value):
+            reason = None if item is _INVALID else each(item)
+            if reason:
+                problems.add((*where, i), f"item {i}: {reason}", shown=where)
+                refused = True
+    check: Check | None = f.metadata.get("check")
+    if check is not None and problems.clean(where):
+        reason = check(value)
+        if reason:
+            problems.add(where, reason)
+            refused = True
+    return _INVALID if refused else value
+
+
 def from_mapping(raw: Any, source: str = "<config>") -> Config:
-    """Validates a parsed config mapping; raises :class:`ConfigError`."""
+    """Validates a parsed config mapping; raises :class:`ConfigError` with every mistake
+    found. The checks across settings look only at settings that passed their own."""
     if raw is None:
         raw = {}
-    config = _build(Config, raw, source, "")
-    if not config.listeners:
-        raise ConfigError(source, "listeners", "at least one listener is needed")
-    seen: set[str] = set()
-    for i, listener in enumerate(config.listeners):
-        if listener.address in seen:
-            raise ConfigError(source, f"listeners[{i}].address",
-                              f"{listener.address} is listed twice")
-        seen.add(listener.address)
-    for i, listener in enumerate(config.listeners):
-        if listener.tls is not None:
-            _check_tls(config, source, f"listeners[{i}].tls", listener.tls)
-    if config.app is None and not any(u.servers for u in config.upstreams.values()):
-        raise ConfigError(source, "upstreams",
-                          "the built-in load balancer needs at least one upstream with servers")
+    problems = _Problems()
+    config = _build(Config, raw, (), problems)
+    if config is _INVALID:
+        raise problems.error(source, raw)
+    _check_listeners(config, source, problems)
+    if (config.app is None and problems.clean(("app",)) and problems.clean(("upstreams",))
+            and not any(u.servers for u in config.upstreams.values())):
+        problems.add(("upstreams",),
+                     "the built-in load balancer needs at least one upstream with servers")
+    if problems.found:
+        raise problems.error(source, raw)
     return dataclasses.replace(config, source=source, raw=raw)
 
 
-def _check_tls(config: Config, source: str, where: str, tls: TlsConfig) -> None:
-    """The files a TLS listener names must be readable (a worker would fail later)."""
-    pairs = [(f"{where}.cert", tls.cert), (f"{where}.key", tls.key)]
+def _check_listeners(config: Config, source: str, problems: _Problems) -> None:
+    """At least one listener, no address twice, and the TLS files readable."""
+    if not config.listeners:
+        problems.add(("listeners",), "at least one listener is needed")
+    seen: set[str] = set()
+    for i, listener in enumerate(config.listeners):
+        if listener is _INVALID:
+            continue
+        if problems.clean(("listeners", i, "address")):
+            if listener.address in seen:
+                problems.add(("listeners", i, "address"), f"{listener.address} is listed twice")
+            seen.add(listener.address)
+        if listener.tls is not None:
+            _check_tls(config, source, ("listeners", i, "tls"), listener.tls, problems)
+
+
+def _check_tls(config: Config, source: str, where: _Path, tls: TlsConfig,
+               problems: _Problems) -> None:
+    """The files a TLS listener names must be readable (a worker would fail later); a file
+    setting refused already is not looked at again."""
+    pairs: list[tuple[_Path, str]] = [((*where, "cert"), tls.cert), ((*where, "key"), tls.key)]
     for i, c in enumerate(tls.certificates):
-        pairs += [(f"{where}.certificates[{i}].cert", c.cert),
-                  (f"{where}.certificates[{i}].key", c.key)]
+        if c is not _INVALID:
+            pairs += [((*where, "certificates", i, "cert"), c.cert),
+                      ((*where, "certificates", i, "key"), c.key)]
     if tls.client_ca:
-        pairs.append((f"{where}.client_ca", tls.client_ca))
+        pairs.append(((*where, "client_ca"), tls.client_ca))
+    located = dataclasses.replace(config, source=source)
     for key, path in pairs:
+        if not problems.clean(key):
+            continue
         if not path:
-            raise ConfigError(source, key, "a file is needed")
-        full = dataclasses.replace(config, source=source).resolve(path)
-        if not os.access(full, os.R_OK):
-            raise ConfigError(source, key, f"cannot read {path}")
+            problems.add(key, "a file is needed")
+        elif not os.access(located.resolve(path), os.R_OK):
+            problems.add(key, f"cannot read {path}")
 
 
 def load(path: str | None) -> Config:

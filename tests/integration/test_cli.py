@@ -60,7 +60,7 @@ def test_check_good_config_with_app_beside_it(tmp_path: Path) -> None:
 
 
 BAD = {
-    "unknown_key": ({"server": {"wokers": 2}},
+    "unknown_key": ({**GOOD, "server": {"wokers": 2}},
                     "server.wokers: unknown key (did you mean 'workers'?)"),
     "unknown_top_level_key": ({**GOOD, "upstream": {}},
                               "upstream: unknown key (did you mean 'upstreams'?)"),
@@ -168,3 +168,4 @@ def test_config_reference_lists_every_setting() -> None:
     for p in ("limits.max_header_bytes", "limits.max_body_bytes",
               "timeouts.upstream_read_seconds", "upstreams.<name>.servers"):
         assert f"`{p}`" in result.stdout
+

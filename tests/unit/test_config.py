@@ -336,8 +336,175 @@ def test_app_spec_needs_module_and_attribute(tmp_path: Path, spec: str) -> None:
 def test_from_mapping_names_its_source() -> None:
     """from_mapping errors name the source given (not a file)."""
     with pytest.raises(ConfigError) as info:
-        from_mapping({"pool": {"size_per_worker": "many"}}, "<cli>")
+        from_mapping({"pool": {"size_per_worker": "many"}, "app": "m:A"}, "<cli>")
     assert str(info.value) == "<cli>: pool.size_per_worker: expected an integer, got 'many'"
+
+
+# -- every error of a file at once -----------------------------------------------------------
+
+#: Eight mistakes in five sections, in this order in the file.
+EIGHT = """\
+server:
+  wokers: 2
+  max_retries: many
+listeners:
+  - address: 127.0.0.1
+  - adress: 127.0.0.1:81
+upstreams:
+  web:
+    servers: [10.0.0.1:80, localhost, 10.0.0.2:99999]
+pool:
+  idle_timeout_seconds: 0
+logging:
+  level: loud
+"""
+
+
+def test_all_errors_of_a_file_at_once(tmp_path: Path) -> None:
+    """Every mistake of a file is reported in one go, one line ``FILE: key.path: reason`` each,
+    in the order of the keys in the file; the first one's parts stay on the error."""
+    path, error = load_error(tmp_path, EIGHT)
+    expected = [
+        "server.wokers: unknown key (did you mean 'workers'?)",
+        "server.max_retries: expected an integer, got 'many'",
+        "listeners[0].address: '127.0.0.1': missing ':PORT'",
+        "listeners[1].adress: unknown key (did you mean 'address'?)",
+        "upstreams.web.servers: item 1: 'localhost': missing ':PORT'",
+        "upstreams.web.servers: item 2: '10.0.0.2:99999': the port must be a number from 0 "
+        "to 65535",
+        "pool.idle_timeout_seconds: must be greater than 0",
+        "logging.level: expected one of debug, info, warning, error",
+    ]
+    assert str(error).splitlines() == [f"{path}: {line}" for line in expected]
+    assert [str(e) for e in error.errors] == str(error).splitlines()
+    assert [e.path for e in error.errors][:3] == [
+        "server.wokers", "server.max_retries", "listeners[0].address"]
+    assert {e.source for e in error.errors} == {path}
+    assert (error.source, error.path) == (path, "server.wokers")
+    assert error.reason == "unknown key (did you mean 'workers'?)"
+
+
+def test_one_error_is_one_line(tmp_path: Path) -> None:
+    """A file with one mistake gives an error with one entry and one line."""
+    path, error = load_error(tmp_path, "server:\n  workers: -1\n" + APP)
+    assert len(error.errors) == 1
+    assert str(error) == f"{path}: server.workers: must be 0 or more"
+    assert str(error.errors[0]) == str(error)
+
+
+def test_errors_follow_file_order_not_check_order(tmp_path: Path) -> None:
+    """Errors found by checks across settings take their key's place in the file too."""
+    path, error = load_error(
+        tmp_path, "logging:\n  level: loud\nlisteners:\n  - address: 127.0.0.1:80\n"
+        "  - address: 127.0.0.1:80\nserver:\n  wokers: 1\n" + APP)
+    assert [e.path for e in error.errors] == [
+        "logging.level", "listeners[1].address", "server.wokers"]
+    assert error.errors[1].reason == "127.0.0.1:80 is listed twice"
+
+
+def test_section_not_a_mapping_hides_only_its_own_checks(tmp_path: Path) -> None:
+    """A section of the wrong type is one error; the other sections are still checked."""
+    path, error = load_error(
+        tmp_path, "server: [1, 2]\nlisteners: 127.0.0.1:80\npool:\n  size_shared: -1\n" + APP)
+    assert str(error).splitlines() == [
+        f"{path}: server: expected a mapping, got [1, 2]",
+        f"{path}: listeners: expected a list, got '127.0.0.1:80'",
+        f"{path}: pool.size_shared: must be 0 or more",
+    ]
+
+
+def test_bad_list_items_each_reported(tmp_path: Path) -> None:
+    """Every refused item of a list is an error of its own; the other items are checked."""
+    path, error = load_error(
+        tmp_path, "listeners:\n  - 127.0.0.1:80\n  - address: nope\n  - backlog: 0\n"
+        "demo_origins: [a, 127.0.0.1:1, 5]\n" + APP)
+    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+        "listeners[0]: expected a mapping, got '127.0.0.1:80'",
+        "listeners[1].address: 'nope': missing ':PORT'",
+        "listeners[2].backlog: must be greater than 0",
+        "demo_origins: item 0: 'a': missing ':PORT'",
+        "demo_origins[2]: expected a string, got 5",
+    ]
+
+
+def test_missing_upstreams_reported_beside_other_errors(tmp_path: Path) -> None:
+    """Having no upstream for the load balancer is one more error among the others."""
+    path, error = load_error(tmp_path, "server:\n  wokers: 2\n")
+    assert [e.path for e in error.errors] == ["server.wokers", "upstreams"]
+
+
+@pytest.mark.parametrize(
+    ("text", "paths"),
+    [
+        pytest.param("upstreams:\n  web:\n    server: [127.0.0.1:80]\n",
+                     ["upstreams.web.server"], id="misspelt-servers"),
+        pytest.param("upstreams:\n  web:\n    servers: [localhost]\n",
+                     ["upstreams.web.servers"], id="bad-server"),
+        pytest.param("upstreams: [web]\n", ["upstreams"], id="upstreams-not-a-mapping"),
+        pytest.param("app: justamodule\n", ["app"], id="bad-app"),
+        pytest.param("app: 5\n", ["app"], id="app-not-a-string"),
+    ],
+)
+def test_no_upstream_error_after_a_refused_upstream_or_app(
+        tmp_path: Path, text: str, paths: list[str]) -> None:
+    """When the upstreams or the app were refused, "needs at least one upstream" is not added:
+    it would only repeat the first error."""
+    path, error = load_error(tmp_path, text)
+    assert [e.path for e in error.errors] == paths
+
+
+def test_no_duplicate_error_for_a_refused_address(tmp_path: Path) -> None:
+    """Listeners whose address was refused are not compared with the others."""
+    path, error = load_error(
+        tmp_path, "listeners:\n  - address: 1\n  - address: 1\n  - {}\n  - {}\n" + APP)
+    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+        "listeners[0].address: expected a string, got 1",
+        "listeners[1].address: expected a string, got 1",
+        "listeners[3].address: 127.0.0.1:6188 is listed twice",
+    ]
+
+
+def test_tls_files_checked_beside_other_tls_errors(tmp_path: Path) -> None:
+    """A TLS listener's unreadable files are reported with its other mistakes; a file
+    setting of the wrong type is reported once, as such."""
+    path, error = load_error(
+        tmp_path, "listeners:\n  - tls:\n      cert: missing.pem\n      key: 5\n"
+        "      min_version: '1.1'\n" + APP)
+    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+        "listeners[0].tls.cert: cannot read missing.pem",
+        "listeners[0].tls.key: expected a string, got 5",
+        "listeners[0].tls.min_version: expected one of 1.2, 1.3",
+    ]
+
+
+def test_non_string_keys_each_reported(tmp_path: Path) -> None:
+    """Each non-string key of a mapping is an error, at its place in the file."""
+    path, error = load_error(
+        tmp_path, "upstreams:\n  1:\n    servers: [127.0.0.1:80]\n  web:\n"
+        "    sever: []\n  2: {}\n")
+    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+        "upstreams: keys must be strings, got 1",
+        "upstreams.web.sever: unknown key (did you mean 'servers'?)",
+        "upstreams: keys must be strings, got 2",
+    ]
+
+
+def test_invalid_yaml_is_the_only_error(tmp_path: Path) -> None:
+    """YAML that does not parse cannot be checked further: one error."""
+    path, error = load_error(tmp_path, "server:\n  wokers: [1,\nlogging: {level: loud}\n")
+    assert len(error.errors) == 1
+    assert error.errors[0].reason.startswith("invalid YAML: ")
+
+
+def test_from_mapping_reports_all_errors() -> None:
+    """from_mapping, as the workers and overrides use it, lists every error too."""
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"pool": {"size_per_worker": "many", "shared": 1}}, "<cli>")
+    assert str(info.value).splitlines() == [
+        "<cli>: pool.size_per_worker: expected an integer, got 'many'",
+        "<cli>: pool.shared: expected true or false, got 1",
+        "<cli>: upstreams: the built-in load balancer needs at least one upstream with servers",
+    ]
 
 
 # -- the reference -----------------------------------------------------------------------
