@@ -169,3 +169,19 @@ def test_config_reference_lists_every_setting() -> None:
               "timeouts.upstream_read_seconds", "upstreams.<name>.servers"):
         assert f"`{p}`" in result.stdout
 
+
+def test_check_reports_every_error_at_once(tmp_path: Path) -> None:
+    """A config with several mistakes: exit 1 and one ``FILE: key.path: reason`` line for
+    each, in the order of the file, in one run."""
+    path = write(tmp_path, "server:\n  wokers: 2\nlisteners:\n  - address: 127.0.0.1\n"
+                           "upstreams:\n  web:\n    servers: [10.0.0.1:80, localhost]\n"
+                           "logging:\n  level: loud\n")
+    result = run("check", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}: server.wokers: unknown key (did you mean 'workers'?)",
+        f"{path}: listeners[0].address: '127.0.0.1': missing ':PORT'",
+        f"{path}: upstreams.web.servers: item 1: 'localhost': missing ':PORT'",
+        f"{path}: logging.level: expected one of debug, info, warning, error",
+    ]
