@@ -124,7 +124,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.next_spawn: dict[int, float] = {}
         self.pending: Generation | None = None
         self.upgrade: Upgrade | None = None
-        self.reload_queued = False
+        #: Reloads and resizes (signal names) that came while booting or reloading, to run
+        #: in order once serving.
+        self.deferred: list[str] = []
         self.demo: subprocess.Popen[bytes] | None = None
         self.control: ControlServer | None = None
         self.broker: Broker | None = None
@@ -194,6 +196,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
                               for lst in self.listeners)
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
+        self._run_deferred()
 
     def _start_demo(self) -> None:
         self.demo = subprocess.Popen(
@@ -477,6 +480,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
             self.pending = None
             self.lifecycle.to(State.SERVING)
             sd_notify("READY=1")
+            self._run_deferred()
             return
         if len(new) < gen.count or not all(w.ready for w in new):
             return
@@ -497,9 +501,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.lifecycle.to(State.SERVING)
         sd_notify("READY=1")
         log.info("generation %d serving; the old workers drain", gen.number)
-        if self.reload_queued:
-            self.reload_queued = False
-            self.handle_hup()
+        self._run_deferred()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -622,14 +624,30 @@ class Arbiter(UpgradeMixin, ControlMixin):
     def handle_int(self) -> None:
         self.stop(graceful=False)
 
+    def _defer(self, name: str, what: str) -> bool:
+        """While the master boots or a reload is under way, a reload or resize waits for it
+        (so ``ExecReload=kill -HUP`` right after start is not lost). Returns True when
+        ``handle_<name>`` was put off; it runs once serving (:meth:`_run_deferred`)."""
+        state = self.lifecycle.state
+        if state not in (State.BOOTING, State.RELOADING):
+            return False
+        if name != "hup" or name not in self.deferred:
+            self.deferred.append(name)
+        log.info("%s deferred until %s", what, "the workers are ready"
+                 if state is State.BOOTING else f"generation {self.generation + 1} serves")
+        return True
+
+    def _run_deferred(self) -> None:
+        todo, self.deferred = self.deferred, []
+        for name in todo:
+            getattr(self, f"handle_{name}")()
+
     def handle_hup(self) -> None:
         """Reload: re-read the config; if valid, start a new generation of workers."""
-        if self.lifecycle.state in (State.RELOADING, State.UPGRADING):
-            self.reload_queued = self.lifecycle.state is State.RELOADING
-            if not self.reload_queued:
-                log.warning("reload ignored: an upgrade is in progress")
+        if self._defer("hup", "reload"):
             return
         if not self.lifecycle.serving:
+            log.warning("reload ignored while %s", self.lifecycle.state.value)
             return
         try:
             config = self.reload_config() if self.reload_config else self.config
@@ -647,13 +665,23 @@ class Arbiter(UpgradeMixin, ControlMixin):
 
     def handle_ttin(self) -> None:
         """One worker more."""
+        if self._defer("ttin", "one worker more"):
+            return
         if self.lifecycle.serving:
             self.begin_generation(self.config, self.num_workers + 1, "one worker more")
+        else:
+            log.warning("one worker more: ignored while %s", self.lifecycle.state.value)
 
     def handle_ttou(self) -> None:
         """One worker fewer (never fewer than one)."""
-        if self.lifecycle.serving and self.num_workers > 1:
+        if self._defer("ttou", "one worker fewer"):
+            return
+        if not self.lifecycle.serving:
+            log.warning("one worker fewer: ignored while %s", self.lifecycle.state.value)
+        elif self.num_workers > 1:
             self.begin_generation(self.config, self.num_workers - 1, "one worker fewer")
+        else:
+            log.warning("one worker fewer: ignored, there is only one")
 
     def handle_usr1(self) -> None:
         """Reopen log files, here and in every worker."""

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import Fleet
-from helpers import Master, config_for, get, origin_app, wait_for
+from helpers import Master, config_for, free_port, get, origin_app, wait_for
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
@@ -281,3 +281,47 @@ def test_status_and_control_commands(fleet: Fleet, tmp_path: Path) -> None:
                    capture_output=True)
     assert m.wait(timeout=30) == 0
     assert not sock.exists()
+
+
+#: An app whose worker 1 waits, while configured, for a file to appear: worker 0 serves while
+#: the master is still booting.
+GATED_APP = origin_app('''
+    def configure(self, config):
+        super().configure(config)
+        import pathlib, time
+        self.peer = HttpPeer(config.app_options["origin"])
+        gate = pathlib.Path(config.app_options["gate"])
+        deadline = time.monotonic() + 30
+        while self.worker_id == 1 and not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+''')
+
+
+def test_signals_while_booting_are_deferred_not_lost(fleet: Fleet) -> None:
+    """SIGHUP and SIGTTIN that come while the master still waits for its workers are logged
+    as deferred and carried out, in order, once it serves."""
+    origin = fleet.origin()
+    port = free_port()
+    gate = fleet.workdir / "gate"
+    m = fleet.master(config_for(app="gw:App", listeners=[{"address": f"127.0.0.1:{port}"}],
+                                app_options={"origin": origin.address, "gate": str(gate)}),
+                     files={"gw.py": GATED_APP}, start=False)
+    m.spawn()
+    wait_for(lambda: _answers(port), timeout=30)
+    assert "serving on" not in m.read_error_log()
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: "reload deferred until the workers are ready" in m.read_error_log())
+    m.signal(signal.SIGTTIN)
+    wait_for(lambda: "one worker more deferred" in m.read_error_log())
+    gate.touch()
+    _serving_generation(m, 2)
+    _serving_generation(m, 3)
+    wait_for(lambda: len(_worker_pids(m)) == 3, timeout=30)
+    assert get(port, "/").status == 200
+
+
+def _answers(port: int) -> bool:
+    try:
+        return get(port, "/").status == 200
+    except OSError:
+        return False
