@@ -652,7 +652,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
         try:
             config = self.reload_config() if self.reload_config else self.config
         except ConfigError as e:
-            log.error("reload refused, still serving the old config: %s", e)
+            count = f" ({len(e.errors)} errors)" if len(e.errors) > 1 else ""
+            log.error("reload refused, still serving the old config%s: %s", count,
+                      "; ".join(map(str, e.errors)))
             return
         self.begin_generation(config, config.worker_count(), "reload")
 

@@ -36,6 +36,15 @@ def _load_with_overrides(args: argparse.Namespace) -> Config:
     return from_mapping(raw, config.source)
 
 
+def _print_invalid(e: ConfigError) -> None:
+    """``tenaya: invalid config: FILE: key: reason``, or with several mistakes a count and
+    one line each."""
+    if len(e.errors) == 1:
+        print(f"tenaya: invalid config: {e}", file=sys.stderr)
+    else:
+        print(f"tenaya: invalid config ({len(e.errors)} errors):\n{e}", file=sys.stderr)
+
+
 def _setup_master_log(level: str, target: str) -> None:
     handler: logging.Handler = (logging.StreamHandler(sys.stderr) if target == "stderr"
                                 else logging.StreamHandler(sys.stdout) if target == "stdout"
@@ -52,7 +61,7 @@ def cmd_start(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         config = _load_with_overrides(args)
     except ConfigError as e:
-        print(f"tenaya: invalid config: {e}", file=sys.stderr)
+        _print_invalid(e)
         return 1
     if args.daemon:
         return _daemonize(argv)
@@ -137,7 +146,7 @@ def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         config = load(args.config)
     except ConfigError as e:
-        print(f"tenaya: invalid config: {e}", file=sys.stderr)
+        _print_invalid(e)
         return 1
     command = args.command
     path = config.server.control_socket

@@ -82,10 +82,15 @@ def test_reload_with_broken_config_keeps_serving(fleet: Fleet) -> None:
     m = fleet.master(config_for({"origin": [origin.address]}))
     before = _worker_pids(m)
     text = m.config_path.read_text()
-    m.config_path.write_text(text.replace("workers: 2", "wokers: 2"))
+    m.config_path.write_text(text.replace("workers: 2", "wokers: 2")
+                             .replace("grace_period_seconds: 10", "grace_period_seconds: ten"))
     m.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in m.read_error_log(), timeout=10)
-    assert "server.wokers: unknown key (did you mean 'workers'?)" in m.read_error_log()
+    # One log line lists every mistake.
+    line = next(x for x in m.read_error_log().splitlines() if "reload refused" in x)
+    assert "(2 errors)" in line
+    assert "server.wokers: unknown key (did you mean 'workers'?)" in line
+    assert "server.grace_period_seconds: expected a number, got 'ten'" in line
     assert get(m.port, "/").status == 200
     assert _worker_pids(m) == before
     m.config_path.write_text(text)
