@@ -10,6 +10,10 @@ them in this order for each request (``ctx`` is the per-request object from :met
       -> logging
     on errors: error_while_proxy (after the request was sent) / fail_to_proxy (error response)
 
+Only upstream responses go through the three response phases: a response written by
+``session.respond`` (in :meth:`ProxyHttp.request_filter`) or by :meth:`ProxyHttp.fail_to_proxy`
+goes to the client as written.
+
 Every phase but :meth:`upstream_peer` has a do-nothing default. A phase the app does not
 override is never called (the engine checks once, when the app is loaded), so it costs nothing.
 Phases marked *may be async* can be written as ``async def``; the others are called on the event
@@ -49,104 +53,246 @@ PHASES: dict[str, bool] = {
 
 
 class ProxyHttp:
-    """Base class of Tenaya apps. Override :meth:`upstream_peer` and any other phase."""
+    """Base class of Tenaya apps: subclass it and override :meth:`upstream_peer` and any other
+    phase (the module's docstring shows their order).
 
-    #: The worker's validated config, set by :meth:`configure` before the first request.
+    The engine builds one app object per worker process (a class named in the config is called
+    with no arguments), sets :attr:`worker_id`, calls :meth:`configure`, then calls the phases
+    for every request that worker serves. Requests of one worker run concurrently on one event
+    loop, so per-request state belongs in the ``ctx`` that :meth:`new_ctx` makes, not on
+    ``self``. Every phase receives the request's :class:`~shared.session.Session` and ``ctx``.
+
+    An exception other than :class:`~shared.errors.ProxyError` raised by a phase is logged
+    (with its traceback, in the error log) and becomes a 500 for that request; the worker goes
+    on serving. A :class:`~shared.errors.ProxyError` becomes the error response of its
+    ``status``, written by :meth:`fail_to_proxy`.
+    """
+
+    #: The worker's validated config (a ``shared.config.Config``), set by :meth:`configure`
+    #: before the first request; ``self.config.app_options`` holds the app's own settings.
     config: Config
-    #: The worker's slot number (0 .. workers-1), set before :meth:`configure` runs.
+    #: The worker's slot number (0 .. workers-1), set before :meth:`configure` runs (0 in
+    #: ``python -m master check``).
     worker_id: int = 0
 
     def configure(self, config: Config) -> None:
-        """Runs once in each worker, after the app is built and before it serves.
+        """Prepares the app to serve; runs once in each worker process, and in ``python -m
+        master check``.
 
-        The default keeps ``config`` as ``self.config``; an override should call it.
+        Runs after the app object is built and :attr:`worker_id` is set, before the worker's
+        event loop exists and before any request: do blocking setup here (read files, build
+        :class:`~shared.peer.HttpPeer` objects), but no ``asyncio`` work. ``config`` is the
+        validated ``shared.config.Config``; ``config.app_options`` is the config file's
+        ``app_options`` mapping (``{}`` when the file has none) with values as YAML parsed
+        them, unchecked: validate them here. ``config.upstreams`` maps each upstream's name to
+        its ``servers`` (``"HOST:PORT"`` strings), ``hosts`` and ``http2``.
+
+        Must be a plain ``def`` (an ``async def`` would never run); returns nothing. An
+        exception means the app failed to load: the worker exits with the reason in the error
+        log; while the master is starting it then gives up, on a reload the old workers go on
+        serving. Default: keeps ``config`` as :attr:`config`; an override should call
+        ``super().configure(config)`` first.
         """
         self.config = config
 
     def new_ctx(self) -> Any:
-        """Makes the per-request context handed to every phase. Default: None."""
+        """Makes the per-request context: runs once at the start of each request, before any
+        other phase.
+
+        Returns any object; it is handed to every phase of that request as ``ctx`` and kept
+        as ``session.ctx``. Must be a plain ``def``. An exception fails the request with a 500.
+        A request the parser refused (400, 408, 431 before a request head was complete) goes
+        straight to :meth:`fail_to_proxy` and :meth:`logging` with ``ctx`` None. Default:
+        None (the engine then does not call it at all).
+        """
         return None
 
     def early_request_filter(self, session: Session, ctx: Any) -> None:
-        """Runs first, once the request header has arrived. May be async. Default: nothing."""
+        """The first look at a request: runs once its head has arrived and was accepted.
+
+        ``session.req_header`` is the request head; the body may still be arriving. Runs
+        before :meth:`request_filter`, not for requests refused before it (malformed,
+        ``CONNECT``). May be ``async def``. The return value is ignored, and this phase cannot
+        answer the request: the engine goes on with :meth:`request_filter` and the upstream
+        whatever it does, so it must not call ``session.respond`` (answer in
+        :meth:`request_filter` instead). Raise :class:`~shared.errors.ProxyError` to fail the
+        request with its status. Default: nothing.
+        """
 
     def request_filter(self, session: Session, ctx: Any) -> bool:
-        """Inspects or answers the request before any upstream is chosen. May be async.
+        """Checks the request, and may answer it here instead of proxying it.
 
-        Return True when the phase wrote a response itself (``session.respond(...)``): the
-        engine then skips to :meth:`logging`. Default: False.
+        Runs after :meth:`early_request_filter`, before :meth:`upstream_peer`. May be
+        ``async def``. To answer the request itself, call ``session.respond(...)`` and return
+        True: no upstream is chosen, no response phase runs, the engine goes on to
+        :meth:`logging`. Returning True without having responded fails the request with a 500.
+        Return False to proxy it. Changes made here to ``session.req_header`` (``path``,
+        ``method``, fields) are what the upstream gets.
+
+        A phase that reads the request body (``await session.read_request_body()``) has
+        consumed it, and should answer: a request proxied after that reaches the upstream
+        without its body. Raise :class:`~shared.errors.ProxyError` to fail the request with
+        its status. Default: False.
         """
         return False
 
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
-        """Chooses the upstream for this request. Required. May be async.
+        """Chooses the upstream server for this request. Required: an app that does not
+        override it is refused when it loads.
 
-        Runs again after a retryable connect failure. Raise :class:`ProxyError` to fail.
+        Runs after :meth:`request_filter` returned False, and again for each retry: after a
+        connect failure that :meth:`fail_to_connect` leaves retryable, and after a pooled
+        connection closed before answering an idempotent request (``GET``, ``HEAD``, ``PUT``,
+        ``DELETE``, ``OPTIONS``, ``TRACE``) without a body (at most ``server.max_retries``
+        retries in all; ``session.retries`` counts them). May be
+        ``async def``. Returns the :class:`~shared.peer.HttpPeer` to connect to; build peers
+        once (in :meth:`configure`) rather than per request. Raise
+        :class:`~shared.errors.ProxyError` (e.g. ``ProxyError(ErrorKind.NO_PEER,
+        ErrorSource.UPSTREAM)``, a 502) to fail the request. Default: raises
+        ``NotImplementedError``.
         """
         raise NotImplementedError("an app must override upstream_peer")
 
     def connected_to_upstream(self, session: Session, reused: bool, peer: HttpPeer,
                               ctx: Any) -> None:
-        """Runs once a connection to ``peer`` is ready (``reused``: from the pool). May be
-        async. Default: nothing."""
+        """Runs once a connection to ``peer`` is ready, before the request is sent on it.
+
+        ``reused`` is True when the connection was idle in a pool (this worker's, the pool
+        shared between workers, or an HTTP/2 connection already open), False when it was just
+        made. ``session.peer`` and ``session.upstream_reused`` are set by then. Runs once per
+        attempt (again after a retry); not when the client went away meanwhile. May be
+        ``async def``. The return value is ignored. Default: nothing.
+        """
 
     def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
                                 ctx: Any) -> None:
-        """Changes the request header before it is sent upstream. May be async.
+        """Changes the request head just before it is sent upstream.
 
-        ``upstream_request`` is a copy of the downstream request with hop-by-hop headers
-        removed and the ``X-Forwarded-*`` headers added. Default: nothing.
+        Runs after :meth:`connected_to_upstream`, once per attempt. ``upstream_request`` is a
+        new :class:`~shared.headers.RequestHeader` made from ``session.req_header`` (method,
+        path, fields) for HTTP/1.1: without the hop-by-hop fields (``Connection`` and those it
+        names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``,
+        ``Upgrade``, ``Expect``) and ``Content-Length``; with ``X-Forwarded-For`` (the
+        client's list plus the client's address), ``X-Forwarded-Proto`` (``http`` or
+        ``https``) and ``X-Forwarded-Host`` (the request's Host) in place of the client's own;
+        with ``Host: <peer address>`` when the request had none. Changes to it are what the
+        upstream gets (an HTTP/2 peer gets its fields, Host as ``:authority``), except
+        ``Content-Length`` and ``Transfer-Encoding``, which the engine sets from the body;
+        they do not change ``session.req_header``.
+
+        May be ``async def``. The return value is ignored. Default: nothing (the request goes
+        up as described above).
         """
 
     def request_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
                             ctx: Any) -> bytes | None:
-        """Sees each chunk of the request body on its way upstream. May be async.
+        """Sees each piece of the request body on its way upstream.
 
-        Return replacement bytes, or None to send ``body`` unchanged. Default: None.
+        Runs for requests with a body only, after the request head was sent: once for each
+        piece as it arrives from the client (``end_of_stream`` False), then once more with
+        ``body == b""`` and ``end_of_stream`` True. May be ``async def`` (the body waits while
+        it runs). Returns the bytes to send instead (``b""`` drops the piece), or None to send
+        ``body`` unchanged. Overriding this phase makes every request body go to an HTTP/1.1
+        upstream chunked, since its length may change. Default: None.
         """
         return None
 
     def upstream_response_filter(self, session: Session, upstream_response: ResponseHeader,
                                  ctx: Any) -> None:
-        """Changes the upstream's response header (not for responses the proxy makes itself).
-        Must not block. Default: nothing."""
+        """Changes the upstream's response head before :meth:`response_filter` sees it.
+
+        Runs once the upstream's final response head has arrived (1xx interim responses are
+        not passed on; a ``101 Switching Protocols`` bypasses the response phases). Changes to
+        ``upstream_response`` (``status``, ``reason``, fields) are what the client gets. Only
+        upstream responses pass here: not those of ``session.respond`` nor the error pages of
+        :meth:`fail_to_proxy`. Must be a plain ``def`` and must not block. The return value is
+        ignored; an exception turns the response into a 500. Default: nothing.
+        """
 
     def response_filter(self, session: Session, upstream_response: ResponseHeader,
                         ctx: Any) -> None:
-        """Changes any response header before it goes downstream. May be async.
-        Default: nothing."""
+        """Changes the response head before it goes to the client.
+
+        Runs right after :meth:`upstream_response_filter`, with the same
+        ``upstream_response``; its changes (``status``, ``reason``, fields) are what the client
+        gets. Like that phase it sees upstream responses only, not those of
+        ``session.respond`` nor error pages: add a field to those where they are made.
+        ``session.status`` is still 0 here (the status is ``upstream_response.status``). May
+        be ``async def`` (reading the upstream pauses meanwhile). The return value is ignored;
+        an exception turns the response into a 500. Default: nothing.
+        """
 
     def response_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
                              ctx: Any) -> bytes | None:
-        """Sees each chunk of the response body. Must not block.
+        """Sees each piece of the upstream's response body on its way to the client.
 
-        Return replacement bytes, or None to send ``body`` unchanged. When an app overrides
-        this phase, responses go downstream chunked (the length may change). Default: None.
+        Runs once for each piece as it arrives from the upstream (``end_of_stream`` False),
+        then once more with ``body == b""`` and ``end_of_stream`` True; upstream responses
+        only. Must be a plain ``def``, must not block and should not raise. Returns the bytes
+        to send instead (``b""`` drops the piece), or None to send ``body`` unchanged.
+        Overriding this phase makes every upstream response lose its ``Content-Length`` (its
+        length may change): HTTP/1.1 clients get it chunked. Default: None.
         """
         return None
 
     def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> None:
-        """Runs last for every request, after the response was sent or failed. May be async.
-        Default: nothing (the access log is written by the engine)."""
+        """Runs last, once for every request, when its response is complete or has failed.
+
+        Also for requests answered by :meth:`request_filter`, refused as malformed, failed,
+        or abandoned by the client. ``error`` is the :class:`~shared.errors.ProxyError` the
+        request ended with (also ``session.error``), or None. ``session.status`` is the status
+        sent (0 when none was), ``session.peer`` the upstream used (or None). Runs after the
+        engine wrote the access log line. May be ``async def``: it is then started as a task
+        that nothing waits for, and an exception it raises is reported only by asyncio, on
+        the worker's stderr. An exception of a plain ``def`` is logged in the error log. The
+        return value is ignored. Default: nothing.
+        """
 
     def fail_to_connect(self, session: Session, peer: HttpPeer, error: ProxyError,
                         ctx: Any) -> ProxyError:
-        """Runs when connecting to ``peer`` failed. Must not block.
+        """Decides what a failed connection attempt to ``peer`` leads to.
 
-        Set ``error.retry = RetryType.ALWAYS`` to have :meth:`upstream_peer` run again (at most
-        ``server.max_retries`` times). Returns the error to go on with. Default: ``error``.
+        Runs when making a new connection to ``peer`` failed: ``error.kind`` is
+        ``CONNECT_REFUSED``, ``CONNECT_TIMEOUT`` or ``CONNECT_ERROR`` (with ``error.retry ==
+        RetryType.ALWAYS``), or ``TLS_ERROR`` (``RetryType.NEVER``). Must be a plain ``def``
+        and must not block. Returns the error to go on with: ``error`` itself (its ``retry``
+        may be changed), or another :class:`~shared.errors.ProxyError`. When the returned error
+        is retryable and ``session.retries < server.max_retries``, :meth:`upstream_peer` runs
+        again (set ``error.retry = RetryType.NEVER`` to stop that); otherwise the request fails
+        with it, through :meth:`fail_to_proxy`. Default: returns ``error`` unchanged, so
+        refused and timed-out connections are retried.
         """
         return error
 
     def error_while_proxy(self, session: Session, peer: HttpPeer, error: ProxyError,
                           ctx: Any) -> ProxyError:
-        """Runs when the upstream failed after the request was sent. Must not block.
-        Returns the error to go on with. Default: ``error``."""
+        """Sees an upstream failure after the request was sent, before the response started.
+
+        Runs when the connection to ``peer`` closed, timed out (``READ_TIMEOUT``) or answered
+        something that is not HTTP (``INVALID_RESPONSE``) before a response head reached the
+        client, and the engine does not retry it itself. Once the response has started, a
+        failure only closes the client's connection and this phase does not run. Must be a
+        plain ``def`` and must not block. Returns the error :meth:`fail_to_proxy` gets (its
+        ``retry`` is not looked at again); an exception is logged and ``error`` goes on.
+        Default: returns ``error`` unchanged.
+        """
         return error
 
     def fail_to_proxy(self, session: Session, error: ProxyError, ctx: Any) -> int:
-        """Writes the error response, if the response has not started; returns its status.
-        May be async. Default: a short plain-text page with ``error.status``."""
+        """Writes the error response of a failed request.
+
+        Runs for every request that fails before its response is complete: refused by the
+        parser (400, 408, 413, 431; then ``ctx`` is None), ``CONNECT`` (405), a
+        :class:`~shared.errors.ProxyError` raised by a phase, a connect failure after the
+        retries, an upstream failure, an exception in a phase (500). Then :meth:`logging`
+        runs. An override must write a response with ``session.respond(...)`` when
+        ``session.response_started`` is False (the client gets nothing otherwise), or call
+        ``super().fail_to_proxy(...)``. May be ``async def``. Returns the status it wrote
+        (the engine does not use it: the access log shows ``session.status``); an exception is
+        logged and the default page is written instead. Default: a short plain-text page,
+        ``"<status> <error.kind.text>"``, with status ``error.status``, unless the response
+        has started.
+        """
         status = error.status
         if not session.response_started:
             session.respond(status, body=f"{status} {error.kind.text}\n".encode())
