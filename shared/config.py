@@ -213,6 +213,14 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole validated config, read-only; an app gets it in ``ProxyHttp.configure``.
+
+    Each section is an attribute named as in the YAML file (``config.server.max_retries``,
+    ``config.upstreams["api"].servers``); ``app_options`` is the free-form mapping for the app.
+    The README's configuration reference (``python -m master config-reference``) lists every
+    key with its type and default.
+    """
+
     server: ServerConfig = field(default_factory=ServerConfig)
     listeners: list[ListenerConfig] = field(default_factory=lambda: [ListenerConfig()])
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)

@@ -11,7 +11,9 @@ import enum
 
 
 class ErrorSource(enum.Enum):
-    """Which side of the proxy failed."""
+    """Which side of the proxy failed: ``UPSTREAM`` (the origin or the way to it), ``DOWNSTREAM``
+    (the client: a malformed request, a body too large, a client gone; the client's connection
+    is closed after the error response) or ``INTERNAL`` (the proxy or the app)."""
 
     UPSTREAM = "upstream"
     DOWNSTREAM = "downstream"
@@ -19,7 +21,8 @@ class ErrorSource(enum.Enum):
 
 
 class RetryType(enum.Enum):
-    """Whether the request may be sent again, on a fresh connection or to another peer."""
+    """Whether the request may be sent again, on a fresh connection or to another peer:
+    ``NEVER``, ``ALWAYS`` or ``IF_REUSED``. Read by :meth:`ProxyError.retryable`."""
 
     NEVER = "never"
     ALWAYS = "always"
@@ -29,7 +32,14 @@ class RetryType(enum.Enum):
 
 
 class ErrorKind(enum.Enum):
-    """What went wrong; each kind has a default status code for the error response."""
+    """What went wrong. Each kind has a ``text`` and a ``status``, the status code of its error
+    response: 502 for ``CONNECT_REFUSED``, ``CONNECT_ERROR``, ``TLS_ERROR``, ``NO_PEER``,
+    ``CONNECTION_CLOSED`` and ``INVALID_RESPONSE``; 504 for ``CONNECT_TIMEOUT``,
+    ``READ_TIMEOUT`` and ``WRITE_TIMEOUT``; 400 ``BAD_REQUEST``; 405 ``METHOD_NOT_ALLOWED``;
+    431 ``HEADERS_TOO_LARGE``; 408 ``HEADER_TIMEOUT``; 413 ``BODY_TOO_LARGE``; 499
+    ``DOWNSTREAM_CLOSED`` (the client is gone: nothing is sent, the access log shows 499); 500
+    ``INTERNAL``.
+    """
 
     CONNECT_REFUSED = ("connect refused", 502)
     CONNECT_TIMEOUT = ("connect timeout", 504)
@@ -56,11 +66,22 @@ class ErrorKind(enum.Enum):
 class ProxyError(Exception):
     """A failure while proxying one request.
 
-    ``cause`` is the underlying exception, if any. ``retry`` may be changed by
-    ``fail_to_connect`` (set ``error.retry = RetryType.ALWAYS`` to try ``upstream_peer`` again).
+    The engine makes one for every failure and hands it to ``fail_to_connect``,
+    ``error_while_proxy``, ``fail_to_proxy`` and ``logging``. An app may raise one from a
+    phase, ``ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, cause="no such tenant")``: the
+    request then fails with the kind's status through ``fail_to_proxy`` (for a status of your
+    own, answer in ``request_filter`` with ``session.respond`` instead). ``str(error)`` is
+    ``"<source> error: <kind text>: <cause>"``, as the error log shows it (upstream errors as
+    warnings, others as info).
     """
 
-    __slots__ = ("kind", "source", "retry", "cause", "reused")
+    __slots__ = {
+        "kind": "The :class:`ErrorKind`: what went wrong, and the status of the response.",
+        "source": "The :class:`ErrorSource`: which side failed.",
+        "retry": "The :class:`RetryType`; ``fail_to_connect`` may change it.",
+        "cause": "The underlying exception or a short text, or None.",
+        "reused": "True when the failure happened on a connection taken from a pool.",
+    }
 
     def __init__(
         self,
@@ -74,7 +95,6 @@ class ProxyError(Exception):
         self.source = source
         self.retry = retry
         self.cause = cause
-        #: True when the failure happened on a connection taken from a pool.
         self.reused = False
 
     @property
@@ -83,7 +103,8 @@ class ProxyError(Exception):
         return self.kind.status
 
     def retryable(self) -> bool:
-        """True when the request may be sent again."""
+        """True when the request may be sent again: ``retry`` is ``ALWAYS``, or ``IF_REUSED``
+        and the failed connection came from a pool (:attr:`reused`)."""
         if self.retry is RetryType.ALWAYS:
             return True
         return self.retry is RetryType.IF_REUSED and self.reused

@@ -13,7 +13,13 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 
 class Headers:
-    """An ordered list of ``(name, value)`` fields with case-insensitive lookup."""
+    """An ordered list of ``(name, value)`` fields with case-insensitive lookup.
+
+    The base of :class:`RequestHeader` and :class:`ResponseHeader`. Iterating gives the
+    ``(name, value)`` pairs in order; ``len()`` counts them; ``"name" in headers`` ignores case.
+    Names and values are ``str``; a value must be Latin-1 text without CR or LF (the engine
+    writes it as it is).
+    """
 
     __slots__ = ("_fields",)
 
@@ -22,13 +28,14 @@ class Headers:
 
     @classmethod
     def from_raw(cls, raw: RawHeaders) -> Headers:
-        """Builds headers from the byte pairs the parser produced."""
+        """Headers from ``(name, value)`` byte pairs (as a parser gives them), decoded as
+        Latin-1."""
         h = cls.__new__(cls)
         h._fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         return h
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        """The first value of ``name``, or ``default``."""
+        """The first value of ``name`` (any case), or ``default`` when there is none."""
         lname = name.lower()
         for n, v in self._fields:
             if n.lower() == lname:
@@ -36,12 +43,14 @@ class Headers:
         return default
 
     def get_all(self, name: str) -> list[str]:
-        """Every value of ``name``, in order."""
+        """Every value of ``name`` (any case), in order; ``[]`` when there is none."""
         lname = name.lower()
         return [v for n, v in self._fields if n.lower() == lname]
 
     def set(self, name: str, value: str) -> None:
-        """Replaces every value of ``name`` with one value (appended if absent)."""
+        """Replaces every value of ``name`` (any case) with one ``value``, written with the
+        case of ``name``: it takes the place of the first one, or is appended when there was
+        none."""
         lname = name.lower()
         for i, (n, _) in enumerate(self._fields):
             if n.lower() == lname:
@@ -51,11 +60,11 @@ class Headers:
         self._fields.append((name, value))
 
     def append(self, name: str, value: str) -> None:
-        """Adds one more value of ``name`` after the others."""
+        """Adds a field ``name: value`` at the end, keeping any other value of ``name``."""
         self._fields.append((name, value))
 
     def remove(self, name: str) -> bool:
-        """Removes every value of ``name``; True if there was one."""
+        """Removes every value of ``name`` (any case); True if there was one."""
         lname = name.lower()
         before = len(self._fields)
         self._fields = [f for f in self._fields if f[0].lower() != lname]
@@ -86,13 +95,21 @@ class Headers:
 
 
 class RequestHeader(Headers):
-    """The request line and header fields of a request.
+    """The request line and header fields of a request: ``session.req_header`` and the
+    ``upstream_request`` of ``upstream_request_filter``.
 
-    ``method`` (``"GET"``), ``path`` (the request target as sent, ``"/a?b=1"``) and ``version``
-    (``"1.1"``) may be changed by a phase; the engine sends what they hold.
+    ``method`` and ``path`` may be changed by a phase, and the fields (see :class:`Headers`);
+    the upstream gets what they hold when the request is sent.
     """
 
-    __slots__ = ("method", "path", "version")
+    __slots__ = {
+        "method": "The request method, ``\"GET\"``.",
+        "path": "The request target, query included, as sent (``\"/a/b?c=1\"``); assign it "
+                "to send another target upstream.",
+        "version": "The HTTP version of the request line: ``\"1.0\"``, ``\"1.1\"`` or "
+                   "``\"2\"`` on ``session.req_header``, where changing it has no effect; "
+                   "``\"1.1\"`` on ``upstream_request``.",
+    }
 
     def __init__(self, method: str, path: str, version: str = "1.1",
                  fields: Iterable[tuple[str, str]] = ()) -> None:
@@ -102,15 +119,20 @@ class RequestHeader(Headers):
         self.version = version
 
     def encode_head(self) -> bytes:
-        """The request line and headers, ending with the empty line."""
+        """The request line and fields as HTTP/1.1 bytes, ending with the empty line."""
         return (f"{self.method} {self.path} HTTP/{self.version}\r\n".encode("latin-1")
                 + self.encode() + b"\r\n")
 
 
 class ResponseHeader(Headers):
-    """The status and header fields of a response; ``status`` and ``reason`` may be changed."""
+    """The status and header fields of a response: the ``upstream_response`` of the response
+    phases, whose changes are what the client gets."""
 
-    __slots__ = ("status", "reason")
+    __slots__ = {
+        "status": "The status code (``200``); may be changed.",
+        "reason": "The reason phrase to send, or None for the standard one of ``status``. "
+                  "The upstream's own phrase is not kept (None when the phases get it).",
+    }
 
     def __init__(self, status: int, fields: Iterable[tuple[str, str]] = (),
                  reason: str | None = None) -> None:
@@ -121,6 +143,7 @@ class ResponseHeader(Headers):
     @classmethod
     def build(cls, status: int, headers: Iterable[tuple[str, str]] | dict[str, str] = ()
               ) -> ResponseHeader:
-        """A response header from a status and a dict or list of fields."""
+        """A response header from a status and a dict or a list of ``(name, value)``
+        fields."""
         fields = headers.items() if isinstance(headers, dict) else headers
         return cls(status, fields)

@@ -51,46 +51,68 @@ def format_address(host: str, port: int) -> str:
 
 @dataclass(slots=True)
 class PeerOptions:
-    """Timeouts (seconds) and pool settings of one peer; None takes the config's ``timeouts``."""
+    """How to connect to and talk with one peer: timeouts (seconds), protocol and TLS settings.
 
-    #: Longest wait for a new TCP connection.
+    Pass one as ``HttpPeer(..., options=PeerOptions(...))``; every field has a default, so give
+    only what differs. The TLS settings, ``alpn`` and ``http2`` are part of the peer's
+    :attr:`HttpPeer.pool_key`: connections are shared only between peers whose settings agree.
+    """
+
+    #: Longest wait for a new connection (and its TLS handshake); None: the config's
+    #: ``timeouts.upstream_connect_seconds``. Past it: ``CONNECT_TIMEOUT`` (504, retryable).
     connect_timeout: float | None = None
-    #: Longest wait for the response head, and between two reads of a response body.
+    #: Longest wait for the response head, and between two reads of a response body; None:
+    #: ``timeouts.upstream_read_seconds``. Past it: ``READ_TIMEOUT`` (504).
     read_timeout: float | None = None
-    #: Longest time a write to the upstream may stay blocked.
+    #: Meant as the longest time a write to the upstream may stay blocked; not used by the
+    #: engine yet (neither is ``timeouts.upstream_write_seconds``).
     write_timeout: float | None = None
-    #: How long an idle connection to this peer may wait in the pool; None: the pool's setting.
+    #: Meant as how long an idle connection to this peer may wait in the pool; not used by the
+    #: engine yet: ``pool.idle_timeout_seconds`` applies to every peer.
     idle_timeout: float | None = None
     #: Speak HTTP/2 to this peer: with ALPN h2 over TLS, with prior knowledge (h2c) without.
     #: Requests are multiplexed on one connection; needed for gRPC (trailers).
     http2: bool = False
     #: ALPN protocols offered on a TLS connection (``("h2",)`` when ``http2``).
     alpn: tuple[str, ...] = ("http/1.1",)
-    #: Verify the upstream certificate and host name (TLS only).
+    #: Verify the upstream's certificate chain (TLS only).
     verify_cert: bool = True
+    #: Check the certificate's name against ``sni`` (or the host) (TLS only).
     verify_hostname: bool = True
-    #: CA bundle for verification; None uses the system store.
+    #: CA bundle (a PEM file path, relative to the worker's current directory) for
+    #: verification; None uses the system store.
     ca_file: str | None = None
-    #: Client certificate and key presented to the upstream (TLS only).
+    #: Client certificate chain (a PEM file path) presented to the upstream (TLS only).
     client_cert: str | None = None
+    #: The private key of ``client_cert`` (a PEM file path); None: it is in that file.
     client_key: str | None = None
 
 
 @dataclass(slots=True)
 class HttpPeer:
-    """An upstream HTTP server for one request.
+    """An upstream HTTP server, as ``upstream_peer`` returns it.
 
-    ``address`` is ``"host:port"`` (or a ``(host, port)`` tuple). ``tls`` and ``sni`` choose an
-    encrypted connection; ``group_key`` separates pools for connections that must not be shared
-    (for example per tenant).
+    ``HttpPeer("127.0.0.1:8080")``, ``HttpPeer("api.internal:443", tls=True)``. Raises
+    ``ValueError`` when ``address`` is not an address. A peer is cheap to keep and to share
+    between requests: build peers once (in ``configure``) and do not change one after its first
+    use (its :attr:`pool_key` is computed once).
     """
 
+    #: ``"host:port"``, ``"[v6 address]:port"``, ``"host"`` (port 443 with ``tls``, else 80),
+    #: or a ``(host, port)`` tuple. A host name is resolved on each new connection.
     address: str | tuple[str, int]
+    #: Connect with TLS, verified as ``options`` says (default: the system's CAs, the name).
     tls: bool = False
+    #: The TLS server name to send and verify; ``""``: the host.
     sni: str = ""
+    #: Timeouts, HTTP/2 and TLS settings (:class:`PeerOptions`).
     options: PeerOptions = field(default_factory=PeerOptions)
+    #: Keeps this peer's pooled connections apart from those of equal peers with another key
+    #: (for example one pool per tenant).
     group_key: str = ""
+    #: The host part of ``address`` (set from it).
     host: str = field(init=False)
+    #: The port of ``address`` (set from it).
     port: int = field(init=False)
     _key: tuple[object, ...] | None = field(init=False, default=None, repr=False)
 
@@ -102,7 +124,9 @@ class HttpPeer:
 
     @property
     def pool_key(self) -> tuple[object, ...]:
-        """Everything that makes reusing a connection to this peer safe."""
+        """Everything that makes reusing a connection to this peer safe: host, port, TLS
+        settings, ALPN, HTTP/2 and ``group_key``. Requests share a pooled connection only when
+        their peers' keys are equal."""
         key = self._key
         if key is None:
             o = self.options

@@ -37,25 +37,74 @@ class Downstream(Protocol):
 
 
 class Session:
-    """One request and its response, as the phases see it."""
+    """One request and its response, as the phases see it.
 
-    __slots__ = (
+    The engine makes one per request and hands it to every phase. An app reads the request
+    through :attr:`req_header` (which it may also change, for the upstream), :attr:`host`,
+    :attr:`client_addr`, :attr:`server_addr`, :attr:`tls` and :attr:`client_cert`; reads the
+    body with :meth:`read_body_chunk` or :meth:`read_request_body`; answers by itself with
+    :meth:`respond`; and finds the outcome in :attr:`status`, :attr:`peer`, :attr:`error`,
+    :attr:`retries` and :attr:`resp_bytes`. Attributes documented as the engine's are not for
+    apps to change.
+    """
+
+    # Attributes an app may read are described as such; the others are the engine's, which an
+    # app must not change.
+    __slots__ = {
         # Set by the connection.
-        "conn", "method", "url", "version", "raw_headers", "fwd", "host_b", "keep_alive",
-        "content_length", "chunked", "expect_continue", "conn_tokens", "xff", "start_time",
-        "upgrade",
-        "max_body",
+        "conn": "The engine's: the client connection (HTTP/1.1) or stream (HTTP/2).",
+        "method": "The request method as received (``b\"GET\"``); read ``req_header.method``.",
+        "url": "The request target as received (``b\"/a?b=1\"``; HTTP/2: ``:path``). Not "
+               "changed by assigning ``req_header.path``; the access log shows this one.",
+        "version": "The client's HTTP version: ``\"1.0\"``, ``\"1.1\"`` or ``\"2\"``.",
+        "raw_headers": "The request's fields as received, ``(name, value)`` byte pairs "
+                       "(HTTP/2: lower-case names, no pseudo-fields). Changing them does not "
+                       "change what goes upstream; use :attr:`req_header`.",
+        "fwd": "The engine's: the forwardable header lines as pieces.",
+        "host_b": "The engine's: the Host field (HTTP/2: ``:authority``) as bytes; read "
+                  ":attr:`host`.",
+        "keep_alive": "Whether the client's connection stays open after this response. A phase "
+                      "may set it to False before the response starts, to close the "
+                      "connection after it (HTTP/1.x).",
+        "content_length": "The request's Content-Length, or None.",
+        "chunked": "True when the request body's length is not known in advance (HTTP/1.1 "
+                   "chunked, or HTTP/2 without content-length).",
+        "expect_continue": "True when the client sent ``Expect: 100-continue``; the engine "
+                           "answers 100 when the body is first read.",
+        "conn_tokens": "The engine's: the extra field names listed in the Connection field.",
+        "xff": "The engine's: the client's X-Forwarded-For values, joined.",
+        "start_time": "When the request began to arrive, as ``time.time()``.",
+        "upgrade": "The Upgrade field of an upgrade request (``b\"websocket\"``), else None.",
+        "max_body": "The engine's: the body size limit (``limits.max_body_bytes``; 0: none).",
         # Request body.
-        "_body", "_body_size", "body_done", "body_sent", "body_bytes", "_body_waiter",
-        "_body_error",
-        "_continue_sent",
+        "_body": "", "_body_size": "",
+        "body_done": "True once the whole request body has arrived from the client (whether "
+                     "or not it was read yet).",
+        "body_sent": "True once the whole request body has been written to the upstream.",
+        "body_bytes": "Bytes of request body received from the client so far.",
+        "_body_waiter": "", "_body_error": "", "_continue_sent": "",
         # Proxy state.
-        "ctx", "_req_header", "peer", "upstream_reused", "retries",
+        "ctx": "The object :meth:`~shared.app.ProxyHttp.new_ctx` made for this request.",
+        "_req_header": "",
+        "peer": "The :class:`~shared.peer.HttpPeer` the request went to: set when a connection "
+                "is ready (before ``connected_to_upstream``) or when connecting failed for "
+                "good; None before that and for requests not proxied.",
+        "upstream_reused": "True when the upstream connection came from a pool.",
+        "retries": "How many times ``upstream_peer`` ran again for this request.",
         # Response state.
-        "response_started", "response_done", "status", "resp_bytes", "error", "resp_mode",
-        "trailers",
-        "__weakref__",
-    )
+        "response_started": "True once a response head was written to the client; "
+                            ":meth:`respond` then raises.",
+        "response_done": "True once the exchange has ended (and was logged).",
+        "status": "The status sent to the client: 0 until a response head is written (so 0 "
+                  "in ``response_filter``: read ``upstream_response.status`` there), and still "
+                  "0 in ``logging`` when none was sent.",
+        "resp_bytes": "Bytes of response body written to the client.",
+        "error": "The :class:`~shared.errors.ProxyError` this request failed with (set before "
+                 "``fail_to_proxy`` runs), else None.",
+        "resp_mode": "The engine's: how the response body is delimited.",
+        "trailers": "Trailer fields of the upstream response, if it had any (byte pairs).",
+        "__weakref__": "",
+    }
 
     def __init__(self, conn: Downstream) -> None:
         self.conn = conn
@@ -103,7 +152,19 @@ class Session:
 
     @property
     def req_header(self) -> RequestHeader:
-        """The request header, to read or change (changes go upstream)."""
+        """The request head as a :class:`~shared.headers.RequestHeader`, to read or change.
+
+        Built on first use from the request as received, then the same object for the rest of
+        the request. Changes made to it before the request goes upstream (in
+        ``early_request_filter``, ``request_filter``, ``upstream_peer`` or
+        ``connected_to_upstream``) are what the upstream gets: assigning ``path`` (``"/a?b=1"``,
+        the query included) sends that request target, ``method`` that method, and fields set,
+        appended or removed are sent so, except the hop-by-hop and ``X-Forwarded-*`` fields
+        that the engine sets itself (see ``upstream_request_filter``). The upstream request is
+        HTTP/1.1 or HTTP/2 as the peer says, whatever ``version`` holds. :attr:`url` and the
+        access log keep the target as received. An HTTP/2 request's ``:authority`` is not a
+        field here: read :attr:`host`.
+        """
         h = self._req_header
         if h is None:
             h = RequestHeader(self.method.decode("latin-1"), self.url.decode("latin-1"),
@@ -114,12 +175,14 @@ class Session:
 
     @property
     def host(self) -> str | None:
-        """The Host header of the request, or None."""
+        """The host the client asked for: the Host field (HTTP/2: ``:authority``) as received,
+        port included (``"example.com:8080"``), or None. Not changed by setting a Host field
+        on :attr:`req_header`."""
         return None if self.host_b is None else self.host_b.decode("latin-1")
 
     @property
     def client_addr(self) -> tuple[str, int]:
-        """The client's (ip, port)."""
+        """The client's ``(ip, port)``, as the socket gives it (not X-Forwarded-For)."""
         return self.conn.client_addr
 
     @property
@@ -137,18 +200,25 @@ class Session:
 
     @property
     def server_addr(self) -> tuple[str, int]:
-        """The (ip, port) the client connected to."""
+        """The local ``(ip, port)`` the client connected to (the listener's address)."""
         return self.conn.server_addr
 
     @property
     def has_body(self) -> bool:
-        """True when the request carries a body (a length over 0, or chunked)."""
+        """True when the request carries a body (a Content-Length over 0, or a body of unknown
+        length)."""
         return self.chunked or bool(self.content_length)
 
     def respond(self, status: int, headers: Any = None, body: bytes | str = b"") -> None:
-        """Writes a whole response now (``headers``: a dict or list of pairs).
+        """Writes a whole response to the client now: ``status``, ``headers`` (a dict or a
+        list of ``(name, value)`` pairs, or None) and ``body`` (``str`` is sent as UTF-8).
 
-        Sets Content-Length; a phase that responds should then return True (request_filter).
+        Content-Length is set from ``body`` (one given in ``headers`` is replaced); a ``HEAD``
+        request gets the head only. The response goes out as written: no response phase sees
+        it. Call it in ``request_filter`` (then return True) or in ``fail_to_proxy``; in any
+        other phase the engine would write a second response after it. Raises
+        ``RuntimeError`` when a response has already started (:attr:`response_started`).
+        When the client has already gone, nothing is written.
         """
         if self.response_started:
             raise RuntimeError("the response has already started")
@@ -159,9 +229,16 @@ class Session:
     # -- the request body ------------------------------------------------------------------
 
     async def read_body_chunk(self) -> bytes:
-        """The next piece of the request body, or ``b""`` once it has all been read.
+        """The next piece of the request body, waiting for it to arrive; ``b""`` once it has
+        all been read (at once for a request without a body).
 
-        Raises :class:`ProxyError` (413) when the body is larger than ``limits.max_body_bytes``.
+        For ``async def`` phases. Answers ``Expect: 100-continue`` first when the client asked.
+        The pieces read are consumed: the engine does not send them upstream, so a phase that
+        reads the body should answer the request itself (a request proxied afterwards reaches
+        the upstream without the body it announced). Raises
+        :class:`~shared.errors.ProxyError`: ``BODY_TOO_LARGE`` (413) past
+        ``limits.max_body_bytes``, ``DOWNSTREAM_CLOSED`` when the client went away, or the
+        error of a malformed body (400).
         """
         while True:
             if self._body:
@@ -185,7 +262,9 @@ class Session:
                 self._body_waiter = None
 
     async def read_request_body(self) -> bytes:
-        """The whole request body (at most ``limits.max_body_bytes``)."""
+        """The whole request body, read with :meth:`read_body_chunk` (same waiting, same
+        errors, same consuming): at most ``limits.max_body_bytes`` bytes, all held in
+        memory."""
         parts = []
         while chunk := await self.read_body_chunk():
             parts.append(chunk)
@@ -194,7 +273,7 @@ class Session:
     # -- called by the connection ----------------------------------------------------------
 
     def feed_body(self, data: bytes) -> None:
-        """A piece of request body arrived from the client."""
+        """The engine's: a piece of request body arrived from the client."""
         self.body_bytes += len(data)
         if self.max_body and self.body_bytes > self.max_body:
             if self._body_error is None:
@@ -210,12 +289,12 @@ class Session:
         self._wake()
 
     def end_body(self) -> None:
-        """The request body is complete."""
+        """The engine's: the request body is complete."""
         self.body_done = True
         self._wake()
 
     def fail_body(self, error: ProxyError) -> None:
-        """The client went away or sent garbage before the body was complete."""
+        """The engine's: the client went away or sent garbage before the body was complete."""
         if self._body_error is None:
             self._body_error = error
         self._wake()
