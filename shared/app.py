@@ -288,10 +288,10 @@ class ProxyHttp:
         runs. An override must write a response with ``session.respond(...)`` when
         ``session.response_started`` is False (the client gets nothing otherwise), or call
         ``super().fail_to_proxy(...)``. May be ``async def``. Returns the status it wrote
-        (the engine does not use it: the access log shows ``session.status``); an exception is
-        logged and the default page is written instead. Default: a short plain-text page,
-        ``"<status> <error.kind.text>"``, with status ``error.status``, unless the response
-        has started.
+        (the engine does not use it: the access log shows ``session.status``, or
+        ``error.status`` when nothing was sent); an exception is logged and the default page
+        is written instead. Default: a short plain-text page, ``"<status> <error.kind.text>"``,
+        with status ``error.status``, unless the response has started.
         """
         status = error.status
         if not session.response_started:
