@@ -20,7 +20,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,14 +28,15 @@ import setproctitle
 
 from master.broker import Broker, IdleConn
 from master.control import ControlConn, ControlMixin, ControlServer
+from master.demo_process import DemoOrigins, DemoStartError
 from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
 from master.notify import report_start, sd_notify
 from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
 from shared import ipc
 from shared.config import Config, ConfigError
-from shared.paths import child_env, python_command
 from shared.ipc import Channel, ChannelClosed
+from shared.paths import child_env, python_command
 from shared.poolindex import PoolIndex
 
 log = logging.getLogger("tenaya")
@@ -127,7 +127,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
         #: Reloads and resizes (signal names) that came while booting or reloading, to run
         #: in order once serving.
         self.deferred: list[str] = []
-        self.demo: subprocess.Popen[bytes] | None = None
+        self.demo: DemoOrigins | None = None
+        #: In a new master: the demo origins the old master hands over (pid, addresses).
+        self.handed_demo: tuple[int, list[str]] = (0, [])
         self.control: ControlServer | None = None
         self.broker: Broker | None = None
         #: After an upgrade: the new master, to which the broker's connections go at exit.
@@ -163,7 +165,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         if self.config.pool.shared:
             self.broker = Broker(self.sel, PoolIndex.create(), self.config.pool.size_shared,
                                  self.config.pool.idle_timeout_seconds)
-        if self.config.demo_origins and parent is None:
+        if self.config.demo_origins:
             self._start_demo()
         for slot in range(self.num_workers):
             self.spawn(slot)
@@ -183,7 +185,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
             self._open_control()
         if parent is not None:
             try:
-                parent.send(ipc.UpgradeReady(pid=os.getpid()))
+                adopted = self.demo is not None and self.demo.popen is None
+                parent.send(ipc.UpgradeReady(pid=os.getpid(), demo_adopted=adopted))
                 parent.flush()
                 # The old master's idle upstream connections follow once its workers are gone.
                 self.sel.register(parent.sock, selectors.EVENT_READ, Predecessor(parent))
@@ -199,15 +202,28 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self._run_deferred()
 
     def _start_demo(self) -> None:
-        self.demo = subprocess.Popen(
-            python_command("master.demo", *self.config.demo_origins), env=child_env(),
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        line = self.demo.stdout.readline()  # type: ignore[union-attr]
-        self.demo.stdout.close()  # type: ignore[union-attr]
-        if line.strip() != b"ready":
-            self.demo.wait()
-            raise StartError("demo origins could not start (see above)")
-        log.info("demo origins on %s", ", ".join(self.config.demo_origins))
+        """Adopts the demo origins an old master handed over when they serve the same
+        addresses (an upgrade), else starts them."""
+        pid, addresses = self.handed_demo
+        if pid and addresses == self.config.demo_origins:
+            self.demo = DemoOrigins.adopt(pid, addresses)
+            if self.demo is not None:
+                self.sel.register(self.demo.pidfd, selectors.EVENT_READ, self.demo)
+                return
+        try:
+            self.demo = DemoOrigins.start(self.config.demo_origins)
+        except DemoStartError as e:
+            raise StartError(str(e)) from None
+
+    def _demo_exited(self, code: int | None) -> None:
+        demo = self.demo
+        if demo is None:
+            return
+        if demo.pidfd >= 0:
+            self._unregister_fd(demo.pidfd)
+        demo.release()
+        if not self.stopping:
+            log.error("demo origins exited%s", "" if code is None else f" ({code})")
 
     def _write_pid_file(self) -> None:
         path = self.config.server.pid_file
@@ -315,6 +331,12 @@ class Arbiter(UpgradeMixin, ControlMixin):
         except (KeyError, ValueError):
             pass
 
+    def _unregister_fd(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
     def _forget(self, w: WorkerProc) -> None:
         self._unregister(w.channel.sock)
         w.channel.close()
@@ -336,10 +358,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            if self.demo is not None and pid == self.demo.pid:
-                self.demo.returncode = code
-                if not self.stopping:
-                    log.error("demo origins exited (%s)", code)
+            if self.demo is not None and self.demo.popen is not None and pid == self.demo.pid:
+                self.demo.popen.returncode = code
+                self._demo_exited(code)
                 continue
             if self.upgrade is not None and pid == self.upgrade.popen.pid:
                 self.upgrade.popen.returncode = code
@@ -533,6 +554,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
                 self._on_control(data)
             elif isinstance(data, Predecessor):
                 self._on_predecessor(data)
+            elif isinstance(data, DemoOrigins):
+                self._demo_exited(None)
         if self.broker is not None:
             self.broker.sweep(time.monotonic())
         while self.sig_queue:
@@ -576,12 +599,10 @@ class Arbiter(UpgradeMixin, ControlMixin):
             self._forget(w)
         if self.control is not None:
             self.control.close()
-        if self.demo is not None and self.demo.returncode is None:
-            self.demo.terminate()
-            try:
-                self.demo.wait(5)
-            except subprocess.TimeoutExpired:
-                self.demo.kill()
+        if self.demo is not None:
+            if self.demo.pidfd >= 0:
+                self._unregister_fd(self.demo.pidfd)
+            self.demo.stop()
         self._remove_pid_file()
 
     # -- signals -------------------------------------------------------------------------

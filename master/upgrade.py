@@ -97,6 +97,7 @@ class UpgradeMixin:
             for unused in by_address.values():
                 for fd in unused:
                     os.close(fd)
+        self.handed_demo = (handover.demo_pid, list(handover.demo_origins))
         log.info("took over %d listening sockets from the old master",
                  sum(len(lst.sockets) for lst in listeners))
         return listeners
@@ -120,8 +121,11 @@ class UpgradeMixin:
         channel = Channel(parent)
         fds = tuple(s.fileno() for lst in self.listeners for s in lst.sockets)
         try:
+            demo = self.demo if self.demo is not None and self.demo.running else None
             channel.send(ipc.Handover(addresses=[lst.config.address for lst in self.listeners],
                                       counts=[len(lst.sockets) for lst in self.listeners],
+                                      demo_pid=demo.pid if demo is not None else 0,
+                                      demo_origins=demo.addresses if demo is not None else [],
                                       fds=fds))
         except (ChannelClosed, OSError) as e:
             log.error("upgrade failed: cannot hand over the listeners: %s", e)
@@ -142,6 +146,12 @@ class UpgradeMixin:
         for msg in messages:
             if isinstance(msg, ipc.UpgradeReady):
                 log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
+                if msg.demo_adopted and self.demo is not None:
+                    # The new master keeps the demo origins running: they are its now.
+                    if self.demo.pidfd >= 0:
+                        self._unregister_fd(self.demo.pidfd)
+                    self.demo.release()
+                    self.demo = None
                 self._unregister(up.channel.sock)
                 self.successor = up.channel
                 self.upgrade = None

@@ -148,6 +148,10 @@ class Handover(Message):
     TYPE = "handover"
     addresses: list[str] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+    #: The demo origins' process, which the new master adopts if it runs the same
+    #: ``demo_origins`` (0: none).
+    demo_pid: int = 0
+    demo_origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +160,9 @@ class UpgradeReady(Message):
 
     TYPE = "upgrade_ready"
     pid: int = 0
+    #: True when the new master adopted the old one's demo origins: the old master leaves
+    #: them running when it exits.
+    demo_adopted: bool = False
 
 
 # control socket (python -m master status / reload / ...)
