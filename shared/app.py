@@ -60,20 +60,20 @@ class ProxyHttp:
     with no arguments), sets :attr:`worker_id`, calls :meth:`configure`, then calls the phases
     for every request that worker serves. Requests of one worker run concurrently on one event
     loop, so per-request state belongs in the ``ctx`` that :meth:`new_ctx` makes, not on
-    ``self``. Every phase receives the request's :class:`~shared.session.Session` and ``ctx``.
+    ``self``. Every phase receives the request's :class:`Session` and ``ctx``.
 
-    An exception other than :class:`~shared.errors.ProxyError` raised by a phase is logged
+    An exception other than :class:`ProxyError` raised by a phase is logged
     (with its traceback, in the error log) and becomes a 500 for that request; the worker goes
-    on serving. A :class:`~shared.errors.ProxyError` becomes the error response of its
+    on serving. A :class:`ProxyError` becomes the error response of its
     ``status``, written by :meth:`fail_to_proxy`.
     """
 
-    #: The worker's validated config (a ``shared.config.Config``), set by :meth:`configure`
-    #: before the first request; ``self.config.app_options`` holds the app's own settings.
     config: Config
-    #: The worker's slot number (0 .. workers-1), set before :meth:`configure` runs (0 in
-    #: ``python -m master check``).
+    """The worker's validated config (a ``shared.config.Config``), set by :meth:`configure` before
+    the first request; ``self.config.app_options`` holds the app's own settings."""
     worker_id: int = 0
+    """The worker's slot number (0 .. workers-1), set before :meth:`configure` runs (0 in
+    ``python -m master check``)."""
 
     def configure(self, config: Config) -> None:
         """Prepares the app to serve; runs once in each worker process, and in ``python -m
@@ -81,7 +81,7 @@ class ProxyHttp:
 
         Runs after the app object is built and :attr:`worker_id` is set, before the worker's
         event loop exists and before any request: do blocking setup here (read files, build
-        :class:`~shared.peer.HttpPeer` objects), but no ``asyncio`` work. ``config`` is the
+        :class:`HttpPeer` objects), but no ``asyncio`` work. ``config`` is the
         validated ``shared.config.Config``; ``config.app_options`` is the config file's
         ``app_options`` mapping (``{}`` when the file has none) with values as YAML parsed
         them, unchecked: validate them here. ``config.upstreams`` maps each upstream's name to
@@ -115,7 +115,7 @@ class ProxyHttp:
         ``CONNECT``). May be ``async def``. The return value is ignored, and this phase cannot
         answer the request: the engine goes on with :meth:`request_filter` and the upstream
         whatever it does, so it must not call ``session.respond`` (answer in
-        :meth:`request_filter` instead). Raise :class:`~shared.errors.ProxyError` to fail the
+        :meth:`request_filter` instead). Raise :class:`ProxyError` to fail the
         request with its status. Default: nothing.
         """
 
@@ -131,7 +131,7 @@ class ProxyHttp:
 
         A phase that reads the request body (``await session.read_request_body()``) has
         consumed it, and should answer: a request proxied after that reaches the upstream
-        without its body. Raise :class:`~shared.errors.ProxyError` to fail the request with
+        without its body. Raise :class:`ProxyError` to fail the request with
         its status. Default: False.
         """
         return False
@@ -145,9 +145,9 @@ class ProxyHttp:
         connection closed before answering an idempotent request (``GET``, ``HEAD``, ``PUT``,
         ``DELETE``, ``OPTIONS``, ``TRACE``) without a body (at most ``server.max_retries``
         retries in all; ``session.retries`` counts them). May be
-        ``async def``. Returns the :class:`~shared.peer.HttpPeer` to connect to; build peers
+        ``async def``. Returns the :class:`HttpPeer` to connect to; build peers
         once (in :meth:`configure`) rather than per request. Raise
-        :class:`~shared.errors.ProxyError` (e.g. ``ProxyError(ErrorKind.NO_PEER,
+        :class:`ProxyError` (e.g. ``ProxyError(ErrorKind.NO_PEER,
         ErrorSource.UPSTREAM)``, a 502) to fail the request. Default: raises
         ``NotImplementedError``.
         """
@@ -169,7 +169,7 @@ class ProxyHttp:
         """Changes the request head just before it is sent upstream.
 
         Runs after :meth:`connected_to_upstream`, once per attempt. ``upstream_request`` is a
-        new :class:`~shared.headers.RequestHeader` made from ``session.req_header`` (method,
+        new :class:`RequestHeader` made from ``session.req_header`` (method,
         path, fields) for HTTP/1.1: without the hop-by-hop fields (``Connection`` and those it
         names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``,
         ``Upgrade``, ``Expect``) and ``Content-Length``; with ``X-Forwarded-For`` (the
@@ -239,7 +239,7 @@ class ProxyHttp:
         """Runs last, once for every request, when its response is complete or has failed.
 
         Also for requests answered by :meth:`request_filter`, refused as malformed, failed,
-        or abandoned by the client. ``error`` is the :class:`~shared.errors.ProxyError` the
+        or abandoned by the client. ``error`` is the :class:`ProxyError` the
         request ended with (also ``session.error``), or None. ``session.status`` is the status
         sent (0 when none was), ``session.peer`` the upstream used (or None). Runs after the
         engine wrote the access log line. May be ``async def``: it is then started as a task
@@ -256,7 +256,7 @@ class ProxyHttp:
         ``CONNECT_REFUSED``, ``CONNECT_TIMEOUT`` or ``CONNECT_ERROR`` (with ``error.retry ==
         RetryType.ALWAYS``), or ``TLS_ERROR`` (``RetryType.NEVER``). Must be a plain ``def``
         and must not block. Returns the error to go on with: ``error`` itself (its ``retry``
-        may be changed), or another :class:`~shared.errors.ProxyError`. When the returned error
+        may be changed), or another :class:`ProxyError`. When the returned error
         is retryable and ``session.retries < server.max_retries``, :meth:`upstream_peer` runs
         again (set ``error.retry = RetryType.NEVER`` to stop that); otherwise the request fails
         with it, through :meth:`fail_to_proxy`. Default: returns ``error`` unchanged, so
@@ -283,7 +283,7 @@ class ProxyHttp:
 
         Runs for every request that fails before its response is complete: refused by the
         parser (400, 408, 413, 431; then ``ctx`` is None), ``CONNECT`` (405), a
-        :class:`~shared.errors.ProxyError` raised by a phase, a connect failure after the
+        :class:`ProxyError` raised by a phase, a connect failure after the
         retries, an upstream failure, an exception in a phase (500). Then :meth:`logging`
         runs. An override must write a response with ``session.respond(...)`` when
         ``session.response_started`` is False (the client gets nothing otherwise), or call

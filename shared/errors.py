@@ -26,9 +26,9 @@ class RetryType(enum.Enum):
 
     NEVER = "never"
     ALWAYS = "always"
-    #: Only when the failed connection came from the pool: a reused connection may have been
-    #: closed by the origin while idle, which says nothing about a fresh one.
     IF_REUSED = "if_reused"
+    """Only when the failed connection came from the pool: a reused connection may have been closed
+    by the origin while idle, which says nothing about a fresh one."""
 
 
 class ErrorKind(enum.Enum):
@@ -58,6 +58,11 @@ class ErrorKind(enum.Enum):
     DOWNSTREAM_CLOSED = ("client closed the connection", 499)
     INTERNAL = ("internal error", 500)
 
+    text: str
+    """What went wrong, in a few words (``"connect refused"``)."""
+    status: int
+    """The status code of the error response (``502``)."""
+
     def __init__(self, text: str, status: int) -> None:
         self.text = text
         self.status = status
@@ -75,13 +80,18 @@ class ProxyError(Exception):
     warnings, others as info).
     """
 
-    __slots__ = {
-        "kind": "The :class:`ErrorKind`: what went wrong, and the status of the response.",
-        "source": "The :class:`ErrorSource`: which side failed.",
-        "retry": "The :class:`RetryType`; ``fail_to_connect`` may change it.",
-        "cause": "The underlying exception or a short text, or None.",
-        "reused": "True when the failure happened on a connection taken from a pool.",
-    }
+    __slots__ = ("kind", "source", "retry", "cause", "reused")
+
+    kind: ErrorKind
+    """What went wrong, and so the status of the error response."""
+    source: ErrorSource
+    """Which side failed."""
+    retry: RetryType
+    """Whether the request may be sent again; ``fail_to_connect`` may change it."""
+    cause: BaseException | str | None
+    """The underlying exception or a short text, or None."""
+    reused: bool
+    """True when the failure happened on a connection taken from a pool."""
 
     def __init__(
         self,

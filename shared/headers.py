@@ -102,14 +102,16 @@ class RequestHeader(Headers):
     the upstream gets what they hold when the request is sent.
     """
 
-    __slots__ = {
-        "method": "The request method, ``\"GET\"``.",
-        "path": "The request target, query included, as sent (``\"/a/b?c=1\"``); assign it "
-                "to send another target upstream.",
-        "version": "The HTTP version of the request line: ``\"1.0\"``, ``\"1.1\"`` or "
-                   "``\"2\"`` on ``session.req_header``, where changing it has no effect; "
-                   "``\"1.1\"`` on ``upstream_request``.",
-    }
+    __slots__ = ("method", "path", "version")
+
+    method: str
+    """The request method, ``"GET"``."""
+    path: str
+    """The request target, query included, as sent (``"/a/b?c=1"``); assign it to send another
+    target upstream."""
+    version: str
+    """The HTTP version of the request line: ``"1.0"``, ``"1.1"`` or ``"2"`` on
+    ``session.req_header``, where changing it has no effect; ``"1.1"`` on ``upstream_request``."""
 
     def __init__(self, method: str, path: str, version: str = "1.1",
                  fields: Iterable[tuple[str, str]] = ()) -> None:
@@ -128,11 +130,13 @@ class ResponseHeader(Headers):
     """The status and header fields of a response: the ``upstream_response`` of the response
     phases, whose changes are what the client gets."""
 
-    __slots__ = {
-        "status": "The status code (``200``); may be changed.",
-        "reason": "The reason phrase to send, or None for the standard one of ``status``. "
-                  "The upstream's own phrase is not kept (None when the phases get it).",
-    }
+    __slots__ = ("status", "reason")
+
+    status: int
+    """The status code (``200``); may be changed."""
+    reason: str | None
+    """The reason phrase to send, or None for the standard one of ``status``. The upstream's own
+    phrase is not kept (None when the phases get it)."""
 
     def __init__(self, status: int, fields: Iterable[tuple[str, str]] = (),
                  reason: str | None = None) -> None:

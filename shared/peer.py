@@ -58,34 +58,34 @@ class PeerOptions:
     :attr:`HttpPeer.pool_key`: connections are shared only between peers whose settings agree.
     """
 
-    #: Longest wait for a new connection (and its TLS handshake); None: the config's
-    #: ``timeouts.upstream_connect_seconds``. Past it: ``CONNECT_TIMEOUT`` (504, retryable).
     connect_timeout: float | None = None
-    #: Longest wait for the response head, and between two reads of a response body; None:
-    #: ``timeouts.upstream_read_seconds``. Past it: ``READ_TIMEOUT`` (504).
+    """Longest wait for a new connection (and its TLS handshake); None: the config's
+    ``timeouts.upstream_connect_seconds``. Past it: ``CONNECT_TIMEOUT`` (504, retryable)."""
     read_timeout: float | None = None
-    #: Meant as the longest time a write to the upstream may stay blocked; not used by the
-    #: engine yet (neither is ``timeouts.upstream_write_seconds``).
+    """Longest wait for the response head, and between two reads of a response body; None:
+    ``timeouts.upstream_read_seconds``. Past it: ``READ_TIMEOUT`` (504)."""
     write_timeout: float | None = None
-    #: Meant as how long an idle connection to this peer may wait in the pool; not used by the
-    #: engine yet: ``pool.idle_timeout_seconds`` applies to every peer.
+    """Meant as the longest time a write to the upstream may stay blocked; not used by the engine
+    yet (neither is ``timeouts.upstream_write_seconds``)."""
     idle_timeout: float | None = None
-    #: Speak HTTP/2 to this peer: with ALPN h2 over TLS, with prior knowledge (h2c) without.
-    #: Requests are multiplexed on one connection; needed for gRPC (trailers).
+    """Meant as how long an idle connection to this peer may wait in the pool; not used by the
+    engine yet: ``pool.idle_timeout_seconds`` applies to every peer."""
     http2: bool = False
-    #: ALPN protocols offered on a TLS connection (``("h2",)`` when ``http2``).
+    """Speak HTTP/2 to this peer: with ALPN h2 over TLS, with prior knowledge (h2c) without.
+    Requests are multiplexed on one connection; needed for gRPC (trailers)."""
     alpn: tuple[str, ...] = ("http/1.1",)
-    #: Verify the upstream's certificate chain (TLS only).
+    """ALPN protocols offered on a TLS connection (``("h2",)`` when ``http2``)."""
     verify_cert: bool = True
-    #: Check the certificate's name against ``sni`` (or the host) (TLS only).
+    """Verify the upstream's certificate chain (TLS only)."""
     verify_hostname: bool = True
-    #: CA bundle (a PEM file path, relative to the worker's current directory) for
-    #: verification; None uses the system store.
+    """Check the certificate's name against ``sni`` (or the host) (TLS only)."""
     ca_file: str | None = None
-    #: Client certificate chain (a PEM file path) presented to the upstream (TLS only).
+    """CA bundle (a PEM file path, relative to the worker's current directory) for verification;
+    None uses the system store."""
     client_cert: str | None = None
-    #: The private key of ``client_cert`` (a PEM file path); None: it is in that file.
+    """Client certificate chain (a PEM file path) presented to the upstream (TLS only)."""
     client_key: str | None = None
+    """The private key of ``client_cert`` (a PEM file path); None: it is in that file."""
 
 
 @dataclass(slots=True)
@@ -98,22 +98,22 @@ class HttpPeer:
     use (its :attr:`pool_key` is computed once).
     """
 
-    #: ``"host:port"``, ``"[v6 address]:port"``, ``"host"`` (port 443 with ``tls``, else 80),
-    #: or a ``(host, port)`` tuple. A host name is resolved on each new connection.
     address: str | tuple[str, int]
-    #: Connect with TLS, verified as ``options`` says (default: the system's CAs, the name).
+    """``"host:port"``, ``"[v6 address]:port"``, ``"host"`` (port 443 with ``tls``, else 80), or a
+    ``(host, port)`` tuple. A host name is resolved on each new connection."""
     tls: bool = False
-    #: The TLS server name to send and verify; ``""``: the host.
+    """Connect with TLS, verified as ``options`` says (default: the system's CAs, the name)."""
     sni: str = ""
-    #: Timeouts, HTTP/2 and TLS settings (:class:`PeerOptions`).
+    """The TLS server name to send and verify; ``""``: the host."""
     options: PeerOptions = field(default_factory=PeerOptions)
-    #: Keeps this peer's pooled connections apart from those of equal peers with another key
-    #: (for example one pool per tenant).
+    """Timeouts, HTTP/2 and TLS settings (:class:`PeerOptions`)."""
     group_key: str = ""
-    #: The host part of ``address`` (set from it).
+    """Keeps this peer's pooled connections apart from those of equal peers with another key (for
+    example one pool per tenant)."""
     host: str = field(init=False)
-    #: The port of ``address`` (set from it).
+    """The host part of ``address`` (set from it)."""
     port: int = field(init=False)
+    """The port of ``address`` (set from it)."""
     _key: tuple[object, ...] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 A :class:`Session` is made by the downstream connection when a request header has arrived. It
 keeps the request as the parser gave it (a list of byte pairs) and builds a
-:class:`~shared.headers.RequestHeader` only when a phase asks for :attr:`Session.req_header`;
+:class:`RequestHeader` only when a phase asks for :attr:`Session.req_header`;
 once built, that object is what the upstream request is made from, so changes to it go upstream.
 """
 
@@ -48,111 +48,139 @@ class Session:
     apps to change.
     """
 
-    # Attributes an app may read are described as such; the others are the engine's, which an
-    # app must not change.
-    __slots__ = {
+    __slots__ = (
         # Set by the connection.
-        "conn": "The engine's: the client connection (HTTP/1.1) or stream (HTTP/2).",
-        "method": "The request method as received (``b\"GET\"``); read ``req_header.method``.",
-        "url": "The request target as received (``b\"/a?b=1\"``; HTTP/2: ``:path``). Not "
-               "changed by assigning ``req_header.path``; the access log shows this one.",
-        "version": "The client's HTTP version: ``\"1.0\"``, ``\"1.1\"`` or ``\"2\"``.",
-        "raw_headers": "The request's fields as received, ``(name, value)`` byte pairs "
-                       "(HTTP/2: lower-case names, no pseudo-fields). Changing them does not "
-                       "change what goes upstream; use :attr:`req_header`.",
-        "fwd": "The engine's: the forwardable header lines as pieces.",
-        "host_b": "The engine's: the Host field (HTTP/2: ``:authority``) as bytes; read "
-                  ":attr:`host`.",
-        "keep_alive": "Whether the client's connection stays open after this response. A phase "
-                      "may set it to False before the response starts, to close the "
-                      "connection after it (HTTP/1.x).",
-        "content_length": "The request's Content-Length, or None.",
-        "chunked": "True when the request body's length is not known in advance (HTTP/1.1 "
-                   "chunked, or HTTP/2 without content-length).",
-        "expect_continue": "True when the client sent ``Expect: 100-continue``; the engine "
-                           "answers 100 when the body is first read.",
-        "conn_tokens": "The engine's: the extra field names listed in the Connection field.",
-        "xff": "The engine's: the client's X-Forwarded-For values, joined.",
-        "start_time": "When the request began to arrive, as ``time.time()``.",
-        "upgrade": "The Upgrade field of an upgrade request (``b\"websocket\"``), else None.",
-        "max_body": "The engine's: the body size limit (``limits.max_body_bytes``; 0: none).",
+        "conn", "method", "url", "version", "raw_headers", "fwd", "host_b", "keep_alive",
+        "content_length", "chunked", "expect_continue", "conn_tokens", "xff", "start_time",
+        "upgrade",
+        "max_body",
         # Request body.
-        "_body": "", "_body_size": "",
-        "body_done": "True once the whole request body has arrived from the client (whether "
-                     "or not it was read yet).",
-        "body_sent": "True once the whole request body has been written to the upstream.",
-        "body_bytes": "Bytes of request body received from the client so far.",
-        "_body_waiter": "", "_body_error": "", "_continue_sent": "",
+        "_body", "_body_size", "body_done", "body_sent", "body_bytes", "_body_waiter",
+        "_body_error",
+        "_continue_sent",
         # Proxy state.
-        "ctx": "The object :meth:`~shared.app.ProxyHttp.new_ctx` made for this request.",
-        "_req_header": "",
-        "peer": "The :class:`~shared.peer.HttpPeer` the request went to: set when a connection "
-                "is ready (before ``connected_to_upstream``) or when connecting failed for "
-                "good; None before that and for requests not proxied.",
-        "upstream_reused": "True when the upstream connection came from a pool.",
-        "retries": "How many times ``upstream_peer`` ran again for this request.",
+        "ctx", "_req_header", "peer", "upstream_reused", "retries",
         # Response state.
-        "response_started": "True once a response head was written to the client; "
-                            ":meth:`respond` then raises.",
-        "response_done": "True once the exchange has ended (and was logged).",
-        "status": "The status sent to the client: 0 until a response head is written (so 0 "
-                  "in ``response_filter``: read ``upstream_response.status`` there), and still "
-                  "0 in ``logging`` when none was sent.",
-        "resp_bytes": "Bytes of response body written to the client.",
-        "error": "The :class:`~shared.errors.ProxyError` this request failed with (set before "
-                 "``fail_to_proxy`` runs), else None.",
-        "resp_mode": "The engine's: how the response body is delimited.",
-        "trailers": "Trailer fields of the upstream response, if it had any (byte pairs).",
-        "__weakref__": "",
-    }
+        "response_started", "response_done", "status", "resp_bytes", "error", "resp_mode",
+        "trailers",
+        "__weakref__",
+    )
+
+    conn: Downstream
+    """The engine's: the client connection (HTTP/1.1) or stream (HTTP/2)."""
+    method: bytes
+    """The request method as received (``b"GET"``); read ``req_header.method``."""
+    url: bytes
+    """The request target as received (``b"/a?b=1"``; HTTP/2: ``:path``). Not changed by assigning
+    ``req_header.path``; the access log shows this one."""
+    version: str
+    """The client's HTTP version: ``"1.0"``, ``"1.1"`` or ``"2"``."""
+    raw_headers: RawHeaders
+    """The request's fields as received, ``(name, value)`` byte pairs (HTTP/2: lower-case names, no
+    pseudo-fields). Changing them does not change what goes upstream; use :attr:`req_header`."""
+    fwd: list[bytes]
+    """The engine's: the forwardable header lines as pieces."""
+    host_b: bytes | None
+    """The engine's: the Host field (HTTP/2: ``:authority``) as bytes; read :attr:`host`."""
+    keep_alive: bool
+    """Whether the client's connection stays open after this response. A phase may set it to False
+    before the response starts, to close the connection after it (HTTP/1.x)."""
+    content_length: int | None
+    """The request's Content-Length, or None."""
+    chunked: bool
+    """True when the request body's length is not known in advance (HTTP/1.1 chunked, or HTTP/2
+    without content-length)."""
+    expect_continue: bool
+    """True when the client sent ``Expect: 100-continue``; the engine answers 100 when the body is
+    first read."""
+    conn_tokens: list[bytes] | None
+    """The engine's: the extra field names listed in the Connection field."""
+    xff: bytes | None
+    """The engine's: the client's X-Forwarded-For values, joined."""
+    start_time: float
+    """When the request began to arrive, as ``time.time()``."""
+    upgrade: bytes | None
+    """The Upgrade field of an upgrade request (``b"websocket"``), else None."""
+    max_body: int
+    """The engine's: the body size limit (``limits.max_body_bytes``; 0: none)."""
+    body_done: bool
+    """True once the whole request body has arrived from the client (whether or not it was read
+    yet)."""
+    body_sent: bool
+    """True once the whole request body has been written to the upstream."""
+    body_bytes: int
+    """Bytes of request body received from the client so far."""
+    ctx: Any
+    """The object :meth:`ProxyHttp.new_ctx` made for this request."""
+    peer: HttpPeer | None
+    """The :class:`HttpPeer` the request went to: set when a connection is ready
+    (before ``connected_to_upstream``) or when connecting failed for good; None before that and for
+    requests not proxied."""
+    upstream_reused: bool
+    """True when the upstream connection came from a pool."""
+    retries: int
+    """How many times ``upstream_peer`` ran again for this request."""
+    response_started: bool
+    """True once a response head was written to the client; :meth:`respond` then raises."""
+    response_done: bool
+    """True once the exchange has ended (and was logged)."""
+    status: int
+    """The status sent to the client: 0 until a response head is written (so 0 in
+    ``response_filter``: read ``upstream_response.status`` there), and still 0 in ``logging`` when
+    none was sent."""
+    resp_bytes: int
+    """Bytes of response body written to the client."""
+    error: ProxyError | None
+    """The :class:`ProxyError` this request failed with (set before ``fail_to_proxy``
+    runs), else None."""
+    resp_mode: int
+    """The engine's: how the response body is delimited."""
+    trailers: RawHeaders | None
+    """Trailer fields of the upstream response, if it had any (byte pairs)."""
 
     def __init__(self, conn: Downstream) -> None:
         self.conn = conn
         self.method = b""
         self.url = b""
         self.version = "1.1"
-        self.raw_headers: RawHeaders = []
-        #: The forwardable header lines as pieces (name, ": ", value, CRLF, ...).
-        self.fwd: list[bytes] = []
-        self.host_b: bytes | None = None
+        self.raw_headers = []
+        self.fwd = []
+        self.host_b = None
         self.keep_alive = True
-        self.content_length: int | None = None
+        self.content_length = None
         self.chunked = False
         self.expect_continue = False
-        self.conn_tokens: list[bytes] | None = None
-        self.xff: bytes | None = None
-        #: The Upgrade header of an upgrade request (``b"websocket"``), else None.
-        self.upgrade: bytes | None = None
+        self.conn_tokens = None
+        self.xff = None
+        self.upgrade = None
         self.start_time = 0.0
         self.max_body = 0
         self._body: deque[bytes] | None = None
         self._body_size = 0
         self.body_done = False
-        #: The whole request body has been written to the upstream.
         self.body_sent = False
         self.body_bytes = 0
         self._body_waiter: asyncio.Future[None] | None = None
         self._body_error: ProxyError | None = None
         self._continue_sent = False
-        self.ctx: Any = None
+        self.ctx = None
         self._req_header: RequestHeader | None = None
-        self.peer: HttpPeer | None = None
+        self.peer = None
         self.upstream_reused = False
         self.retries = 0
         self.response_started = False
         self.response_done = False
         self.status = 0
         self.resp_bytes = 0
-        self.error: ProxyError | None = None
+        self.error = None
         self.resp_mode = 0
-        #: Trailer fields of the upstream response, if it had any.
-        self.trailers: RawHeaders | None = None
+        self.trailers = None
 
     # -- the request, for phases ---------------------------------------------------------
 
     @property
     def req_header(self) -> RequestHeader:
-        """The request head as a :class:`~shared.headers.RequestHeader`, to read or change.
+        """The request head as a :class:`RequestHeader`, to read or change.
 
         Built on first use from the request as received, then the same object for the rest of
         the request. Changes made to it before the request goes upstream (in
@@ -236,7 +264,7 @@ class Session:
         The pieces read are consumed: the engine does not send them upstream, so a phase that
         reads the body should answer the request itself (a request proxied afterwards reaches
         the upstream without the body it announced). Raises
-        :class:`~shared.errors.ProxyError`: ``BODY_TOO_LARGE`` (413) past
+        :class:`ProxyError`: ``BODY_TOO_LARGE`` (413) past
         ``limits.max_body_bytes``, ``DOWNSTREAM_CLOSED`` when the client went away, or the
         error of a malformed body (400).
         """

@@ -3,17 +3,19 @@ and attribute of those classes (their project base classes included), and every 
 ``shared.app.PHASES`` has a docstring of its own, which the API reference (``scripts/docs``)
 is made from.
 
-An attribute's docstring is the value of a ``__slots__`` dict or a ``#:`` comment right above
-its declaration in the class body (as pdoc reads it). A docstring inherited from a base class,
-or the signature a dataclass puts in place of a missing one, does not count.
+An attribute's docstring is a string literal right after its declaration in the class body,
+as pdoc reads it (pdoc shows neither ``#:`` comments nor the docs of a ``__slots__`` dict). A
+docstring inherited from a base class, or the signature a dataclass puts in place of a missing
+one, does not count.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 import inspect
-import re
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +23,6 @@ import pytest
 
 import shared
 from shared.app import PHASES, ProxyHttp
-
-_DECLARATION = re.compile(r"^(\s*)(\w+)\s*[:=]")
-
 
 def own_doc(cls: type) -> str:
     """The docstring written on ``cls`` itself ("" when there is none)."""
@@ -33,31 +32,26 @@ def own_doc(cls: type) -> str:
     return doc.strip()
 
 
-def comment_docs(cls: type) -> dict[str, str]:
-    """The ``#:`` comments right above the attribute declarations of ``cls``'s body."""
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The docstrings of the attributes declared in ``cls``'s body: a string literal right
+    after the declaration, as pdoc reads them."""
     try:
-        lines = inspect.getsource(cls).splitlines()
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("class "))
-    body_indent = None
-    pending: list[str] = []
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef)).body
     docs: dict[str, str] = {}
-    for line in lines[start + 1:]:
-        stripped = line.strip()
-        if not stripped:
-            pending = []
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name)):
+            name = node.targets[0].id
+        else:
             continue
-        indent = len(line) - len(line.lstrip())
-        if body_indent is None:
-            body_indent = indent
-        if stripped.startswith("#:"):
-            pending.append(stripped[2:].strip())
-            continue
-        m = _DECLARATION.match(line)
-        if m and len(m.group(1)) == body_indent and pending:
-            docs[m.group(2)] = " ".join(pending).strip()
-        pending = []
+        if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[name] = following.value.value.strip()
     return docs
 
 
@@ -70,10 +64,7 @@ def member_doc(owner: type, name: str) -> str:
         return ((value.fget.__doc__ if value.fget else None) or value.__doc__ or "").strip()
     if inspect.isfunction(value):
         return (value.__doc__ or "").strip()
-    slots = owner.__dict__.get("__slots__")
-    if isinstance(slots, dict) and name in slots:
-        return str(slots[name]).strip()
-    return comment_docs(owner).get(name, "")
+    return attribute_docs(owner).get(name, "")
 
 
 def public_members(cls: type, package: str = "shared") -> Iterator[tuple[type, str]]:
@@ -141,10 +132,15 @@ class _Base:
 
 
 class _Undocumented(_Base):
-    __slots__ = {"slot": "", "documented_slot": "A slot with its doc."}
+    __slots__ = ("slot", "documented_slot", "commented_slot")
 
-    #: A documented attribute.
+    slot: int
+    documented_slot: int
+    """A slot with its doc."""
+    #: A comment, which pdoc does not show.
+    commented_slot: int
     counter: int = 0
+    """A documented attribute."""
     plain: int = 0
 
     def method(self) -> None:
@@ -167,19 +163,20 @@ class _Undocumented(_Base):
 
 @dataclasses.dataclass(slots=True)
 class _UndocumentedData:
-    #: A field with its doc.
     documented: int = 0
+    """A field with its doc."""
     field: int = 0
 
 
 def test_the_check_finds_what_has_no_docstring() -> None:
     """A removed docstring is found: of a class, a method, a property, a classmethod, an
-    override (a base's docstring does not count), a slot, an attribute, a dataclass field."""
+    override (a base's docstring does not count), a slot (a ``#:`` comment does not count), an
+    attribute, a dataclass field."""
     here = __name__.partition(".")[0]
     assert sorted(missing_docs(_Undocumented, here)) == [
-        "_Undocumented", "_Undocumented.build", "_Undocumented.inherited",
-        "_Undocumented.method", "_Undocumented.plain", "_Undocumented.prop",
-        "_Undocumented.slot",
+        "_Undocumented", "_Undocumented.build", "_Undocumented.commented_slot",
+        "_Undocumented.inherited", "_Undocumented.method", "_Undocumented.plain",
+        "_Undocumented.prop", "_Undocumented.slot",
     ]
     assert sorted(missing_docs(_UndocumentedData, here)) == [
         "_UndocumentedData", "_UndocumentedData.field"]
