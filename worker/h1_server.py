@@ -60,6 +60,10 @@ _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 #: Client bytes sent after an upgrade request, kept until the tunnel opens, before reading
 #: pauses.
 EARLY_TUNNEL_BYTES = 256 * 1024
+#: An accepted connection whose ``connection_made`` has not come this long after its accept
+#: never will: its TLS handshake failed, and the loop tells the protocol nothing of that. It is
+#: forgotten then (past uvloop's TLS handshake timeout, 60 s, which the listeners keep).
+UNMADE_FORGET_SECONDS = 90.0
 
 
 class _HeadTooLarge(Exception):
@@ -112,11 +116,22 @@ class H1Server(Exchange, asyncio.Protocol):
         self.head_started = 0.0
         #: Bytes of the requests completed so far (the head's size estimated from its parts).
         self.consumed = 0
+        # Counted from the accept on. The loop makes this protocol when it accepts the
+        # connection but calls connection_made a loop turn later (on a TLS listener, after the
+        # handshake); a draining worker exits once it counts no connection, and at exit it
+        # would close one it accepted but did not count with the client's request unanswered
+        # (and the upstream connection carrying that request reset).
+        self.last_active = time.monotonic()
+        engine.connections.add(self)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.closing:
+            # Closed (the worker stopping) before the loop made it.
+            transport.close()
+            return
         self.client_addr, self.client_ip, self.server_addr, tls = peer_info(transport)
         if tls is not None:
             self.tls = tls
@@ -125,6 +140,7 @@ class H1Server(Exchange, asyncio.Protocol):
                 self._switch_to_h2(transport, b"")  # type: ignore[arg-type]
                 return
         self.last_active = time.monotonic()
+        # Again: one that idle_check forgot while its handshake went on is back.
         self.engine.connections.add(self)
         if self.engine.draining:
             self.draining = True
@@ -144,7 +160,6 @@ class H1Server(Exchange, asyncio.Protocol):
         if not self.requests and self.current is None and data[:4] == b"PRI " and data.startswith(
                 PREFACE):
             # HTTP/2 with prior knowledge (h2c) on a plaintext listener.
-            self.engine.connections.discard(self)
             self._switch_to_h2(self.transport, data)  # type: ignore[arg-type]
             return
         continuing_head = self.in_head
@@ -190,7 +205,8 @@ class H1Server(Exchange, asyncio.Protocol):
             self.pending_head = 0
 
     def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
-        """Hands the connection to the HTTP/2 protocol."""
+        """Hands the connection to the HTTP/2 protocol (which counts itself)."""
+        self.engine.connections.discard(self)
         h2 = H2Server(self.engine)
         self.closing = True
         transport.set_protocol(h2)
@@ -593,6 +609,11 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def close(self) -> None:
         """Closes the connection once what was written has gone out."""
+        if self.transport is None:
+            # Accepted, not yet made (its TLS handshake under way): connection_made closes it.
+            self.closing = True
+            self.engine.connections.discard(self)
+            return
         if not self.closing:
             if self.out:
                 self.batching = False
@@ -605,8 +626,11 @@ class H1Server(Exchange, asyncio.Protocol):
     def drain(self) -> None:
         """Graceful stop: the next response says ``Connection: close``; an idle connection is
         closed by :meth:`idle_check` once it has been idle for a moment (closing it at once
-        would race a request the client may be sending)."""
+        would race a request the client may be sending). A TLS handshake under way gets
+        that moment from now to complete."""
         self.draining = True
+        if self.transport is None:
+            self.last_active = time.monotonic()
 
     def is_idle(self) -> bool:
         return self.active is None and self.current is None and not self.pipeline
@@ -614,6 +638,13 @@ class H1Server(Exchange, asyncio.Protocol):
     def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
         """Closes the connection if it has idled past its limit; a request head still
         arriving after ``timeouts.client_header_seconds`` (a slowloris) gets 408."""
+        if self.transport is None:
+            # Accepted, not yet made: while draining, a handshake gets the moment an idle
+            # connection gets; otherwise it is forgotten once it can no longer complete.
+            if now - self.last_active >= (drain_idle if self.draining
+                                          else UNMADE_FORGET_SECONDS):
+                self.engine.connections.discard(self)
+            return
         if self.is_idle():
             limit = drain_idle if self.draining else keepalive
             if now - self.last_active >= limit:

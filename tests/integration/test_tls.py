@@ -7,7 +7,8 @@ subjectAltName holds the name (exact or wildcard) and anything else gets the def
 http/1.1; mTLS refuses a client without a certificate (or with one from another CA) and shows the
 app the identity of one signed by ``client_ca``; a certificate replaced on disk is served to new
 handshakes within seconds while an older keep-alive connection keeps working; SIGHUP picks up a
-config that names other files; ``check`` refuses a config naming a missing certificate.
+config that names other files, and a handshake still under way when its worker drains is
+completed and answered by that worker; ``check`` refuses a config naming a missing certificate.
 
 Upstream: an app's ``HttpPeer(tls=True, sni=...)`` reaches an HTTPS origin when the CA signed its
 certificate for that name (502 otherwise), and ``verify_cert`` / ``verify_hostname`` turned off
@@ -25,11 +26,13 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import pytest
 import trustme
 import yaml
@@ -589,6 +592,42 @@ def test_sighup_serves_certificate_named_by_new_config(fleet: Fleet, pki: Pki) -
     wait_for(only_b, timeout=20, interval=0.1, what="the new generation's certificate")
     with tls_conn(master.port, client_context(pki.ca_file), "b.test") as conn:
         assert conn.request("GET", "/").status == 200
+
+
+#: How long a client holds back its ClientHello once its worker drains: a worker that counted
+#: nothing would exit within its first drain sweeps (0.1 s apart).
+HANDSHAKE_HELD_SECONDS = 0.5
+
+
+def test_draining_worker_finishes_a_handshake_it_accepted(fleet: Fleet, pki: Pki) -> None:
+    """A connection the old worker accepted before a reload, whose TLS handshake is still under
+    way when the worker drains, is answered by that worker (200, then Connection: close) rather
+    than closed when the worker exits: a connection counts from its accept, not from the end
+    of its handshake."""
+    origin = fleet.origin()
+    master = fleet.master(config_for(
+        upstreams={"origin": [origin.address]}, server={"workers": 1},
+        listeners=[{"address": "127.0.0.1:0", "tls": {"cert": "site.pem", "key": "site.key"}}]),
+        pki.files("site", pki.ca.issue_cert("drain.test")))
+    [old] = master.workers()
+    with HttpConn(master.port) as conn:
+        me = conn.sock.getsockname()
+        wait_for(lambda: any(c.raddr and tuple(c.raddr) == me
+                             for c in old.net_connections("tcp")),
+                 what="the worker to accept the connection")
+        master.signal(signal.SIGHUP)
+        wait_for(lambda: "draining" in " ".join(old.cmdline()), timeout=30,
+                 what="the old worker to drain")
+        time.sleep(HANDSHAKE_HELD_SECONDS)
+        assert old.is_running() and old.status() != psutil.STATUS_ZOMBIE, \
+            "the draining worker exited with an accepted connection unanswered"
+        conn.sock = client_context(pki.ca_file).wrap_socket(conn.sock,
+                                                            server_hostname="drain.test")
+        resp = conn.request("GET", "/held")
+        assert resp.status == 200
+        assert resp.header("Connection") == "close"
+    wait_for(lambda: not old.is_running() or old.status() == psutil.STATUS_ZOMBIE,
+             timeout=10, what="the old worker to exit once it answered")
 
 
 def test_check_refuses_missing_certificate(tmp_path: Path, pki: Pki) -> None:
