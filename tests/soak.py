@@ -4,12 +4,18 @@ Run inside a private network namespace so the kernel counters are this run's alo
 
     unshare -rn python tests/soak.py --action reload --count 20 --mode keepalive
 
-It brings up loopback, starts an nginx origin and a master (2 workers), runs wrk against the
+It brings up loopback, starts the demo origin and a master (2 workers), runs wrk against the
 master, performs ``--count`` reloads (SIGHUP, each awaited until its generation serves) or
 upgrades (SIGUSR2, each awaited until the new master has taken over), worker count changes
 (``resize``: SIGTTIN and SIGTTOU in turn), or kills every worker with
 SIGKILL (``kill-workers``: the negative control, which must show losses), then prints one JSON
-object: wrk's requests and errors and the namespace's TCP reset and listen-drop counters.
+object: wrk's requests and errors, the namespace's TCP reset and listen-drop counters, and
+(``diagnostic``, no loss by themselves) what tells a reset's cause: sockets closed with bytes
+unread, or that got bytes after their close (TcpExtTCPAbortOnClose, TcpExtTCPAbortOnData: the
+proxy's or the origin's doing), and stale segments that reached a TIME_WAIT socket
+(TcpExtPAWSTimewait: on a busy machine the loopback can deliver a client's ACK after its own
+FIN; the TIME_WAIT side answers it and the closed client resets, a kernel matter that loses no
+request).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import Master, config_for, free_port, wait_for  # noqa: E402
 
 COUNTERS = ("TcpOutRsts", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpEstabResets")
+DIAGNOSTIC = ("TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnData", "TcpExtPAWSTimewait")
 #: Longest wait for one reload or upgrade to complete.
 STEP_SECONDS = 30.0
 #: Load after the last step, before the counters are read.
@@ -37,12 +44,13 @@ SETTLE_SECONDS = 1.0
 
 
 def nstat() -> dict[str, int]:
-    out = subprocess.run(["nstat", "-az", *COUNTERS], capture_output=True, text=True,
+    names = (*COUNTERS, *DIAGNOSTIC)
+    out = subprocess.run(["nstat", "-az", *names], capture_output=True, text=True,
                          check=True).stdout
     values = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in COUNTERS:
+        if len(parts) >= 2 and parts[0] in names:
             values[parts[0]] = int(parts[1])
     return values
 
@@ -136,6 +144,7 @@ def main() -> int:
         out, _ = wrk.communicate(timeout=30)
         result["wrk"] = parse_wrk(out)
         result["counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTERS}
+        result["diagnostic"] = {k: after.get(k, 0) - before.get(k, 0) for k in DIAGNOSTIC}
         result["final_pid"] = master_pid(pid_file)
     finally:
         if wrk is not None and wrk.poll() is None:
