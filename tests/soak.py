@@ -12,10 +12,12 @@ SIGKILL (``kill-workers``: the negative control, which must show losses), then p
 object: wrk's requests and errors, the namespace's TCP reset and listen-drop counters, and
 (``diagnostic``, no loss by themselves) what tells a reset's cause: sockets closed with bytes
 unread, or that got bytes after their close (TcpExtTCPAbortOnClose, TcpExtTCPAbortOnData: the
-proxy's or the origin's doing), and stale segments that reached a TIME_WAIT socket
-(TcpExtPAWSTimewait: on a busy machine the loopback can deliver a client's ACK after its own
-FIN; the TIME_WAIT side answers it and the closed client resets, a kernel matter that loses no
-request).
+proxy's or the origin's doing), and stale segments: one that reached a TIME_WAIT socket
+(TcpExtPAWSTimewait) and retransmissions (TcpRetransSegs, on loopback a timer that fired before
+the peer's ACK was seen). On a busy machine the loopback can deliver a client's ACK after its
+own FIN, or a closing socket's timer can send its FIN again after the client's last ACK: the
+side still there answers, and the side already closed resets. A kernel matter, after both ends
+closed: no request lost, and no established connection reset (TcpEstabResets stays 0).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import Master, config_for, free_port, wait_for  # noqa: E402
 
 COUNTERS = ("TcpOutRsts", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpEstabResets")
-DIAGNOSTIC = ("TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnData", "TcpExtPAWSTimewait")
+DIAGNOSTIC = ("TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnData", "TcpExtPAWSTimewait",
+              "TcpRetransSegs")
 #: Longest wait for one reload or upgrade to complete.
 STEP_SECONDS = 30.0
 #: Load after the last step, before the counters are read.
