@@ -216,14 +216,23 @@ class Arbiter(UpgradeMixin, ControlMixin):
             raise StartError(str(e)) from None
 
     def _demo_exited(self, code: int | None) -> None:
-        demo = self.demo
+        if self.demo is not None:
+            self._let_go_of_demo(stop=False)
+            if not self.stopping:
+                log.error("demo origins exited%s", "" if code is None else f" ({code})")
+
+    def _let_go_of_demo(self, stop: bool) -> None:
+        """Forgets the demo origins: stopped (``stop``), or left running (they exited, or a
+        new master adopted them)."""
+        demo, self.demo = self.demo, None
         if demo is None:
             return
         if demo.pidfd >= 0:
-            self._unregister_fd(demo.pidfd)
-        demo.release()
-        if not self.stopping:
-            log.error("demo origins exited%s", "" if code is None else f" ({code})")
+            self._unregister(demo.pidfd)
+        if stop:
+            demo.stop()
+        else:
+            demo.release()
 
     def _write_pid_file(self) -> None:
         path = self.config.server.pid_file
@@ -325,15 +334,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
             if sock is not None:
                 sock.close()
 
-    def _unregister(self, sock: socket.socket) -> None:
+    def _unregister(self, sock: socket.socket | int) -> None:
         try:
             self.sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-    def _unregister_fd(self, fd: int) -> None:
-        try:
-            self.sel.unregister(fd)
         except (KeyError, ValueError):
             pass
 
@@ -599,10 +602,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
             self._forget(w)
         if self.control is not None:
             self.control.close()
-        if self.demo is not None:
-            if self.demo.pidfd >= 0:
-                self._unregister_fd(self.demo.pidfd)
-            self.demo.stop()
+        self._let_go_of_demo(stop=True)
         self._remove_pid_file()
 
     # -- signals -------------------------------------------------------------------------

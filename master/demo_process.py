@@ -39,7 +39,6 @@ class DemoOrigins:
         self.popen = popen
         #: For an adopted process: its pidfd, readable once it has exited.
         self.pidfd = pidfd
-        self.exited = False
 
     @classmethod
     def start(cls, addresses: list[str]) -> DemoOrigins:
@@ -67,21 +66,13 @@ class DemoOrigins:
                  ", ".join(addresses), pid)
         return cls(addresses, pid, pidfd=pidfd)
 
-    @property
-    def running(self) -> bool:
-        return not self.exited
-
     def release(self) -> None:
-        """Lets go of the process without stopping it (the new master has adopted it)."""
-        self.exited = True
+        """Lets go of the process without stopping it (it exited, or the new master has
+        adopted it)."""
         self._close_pidfd()
 
     def stop(self) -> None:
         """SIGTERM; SIGKILL after :data:`STOP_SECONDS`. Waits for the exit."""
-        if self.exited:
-            self._close_pidfd()
-            return
-        self.exited = True
         if self.popen is not None:
             if self.popen.returncode is None:
                 self.popen.terminate()

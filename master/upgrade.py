@@ -121,7 +121,7 @@ class UpgradeMixin:
         channel = Channel(parent)
         fds = tuple(s.fileno() for lst in self.listeners for s in lst.sockets)
         try:
-            demo = self.demo if self.demo is not None and self.demo.running else None
+            demo = self.demo
             channel.send(ipc.Handover(addresses=[lst.config.address for lst in self.listeners],
                                       counts=[len(lst.sockets) for lst in self.listeners],
                                       demo_pid=demo.pid if demo is not None else 0,
@@ -146,12 +146,9 @@ class UpgradeMixin:
         for msg in messages:
             if isinstance(msg, ipc.UpgradeReady):
                 log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
-                if msg.demo_adopted and self.demo is not None:
+                if msg.demo_adopted:
                     # The new master keeps the demo origins running: they are its now.
-                    if self.demo.pidfd >= 0:
-                        self._unregister_fd(self.demo.pidfd)
-                    self.demo.release()
-                    self.demo = None
+                    self._let_go_of_demo(stop=False)
                 self._unregister(up.channel.sock)
                 self.successor = up.channel
                 self.upgrade = None

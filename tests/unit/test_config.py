@@ -63,6 +63,11 @@ def load_error(tmp_path: Path, text: str) -> tuple[str, ConfigError]:
     return path, info.value
 
 
+def reasons(path: str, error: ConfigError) -> list[str]:
+    """Each mistake of ``error`` as ``key.path: reason``, without the file in front."""
+    return [str(e).removeprefix(f"{path}: ") for e in error.errors]
+
+
 # -- good files --------------------------------------------------------------------------
 
 
@@ -418,7 +423,7 @@ def test_bad_list_items_each_reported(tmp_path: Path) -> None:
     path, error = load_error(
         tmp_path, "listeners:\n  - 127.0.0.1:80\n  - address: nope\n  - backlog: 0\n"
         "demo_origins: [a, 127.0.0.1:1, 5]\n" + APP)
-    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+    assert reasons(path, error) == [
         "listeners[0]: expected a mapping, got '127.0.0.1:80'",
         "listeners[1].address: 'nope': missing ':PORT'",
         "listeners[2].backlog: must be greater than 0",
@@ -457,7 +462,7 @@ def test_no_duplicate_error_for_a_refused_address(tmp_path: Path) -> None:
     """Listeners whose address was refused are not compared with the others."""
     path, error = load_error(
         tmp_path, "listeners:\n  - address: 1\n  - address: 1\n  - {}\n  - {}\n" + APP)
-    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+    assert reasons(path, error) == [
         "listeners[0].address: expected a string, got 1",
         "listeners[1].address: expected a string, got 1",
         "listeners[3].address: 127.0.0.1:6188 is listed twice",
@@ -470,7 +475,7 @@ def test_tls_files_checked_beside_other_tls_errors(tmp_path: Path) -> None:
     path, error = load_error(
         tmp_path, "listeners:\n  - tls:\n      cert: missing.pem\n      key: 5\n"
         "      min_version: '1.1'\n" + APP)
-    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+    assert reasons(path, error) == [
         "listeners[0].tls.cert: cannot read missing.pem",
         "listeners[0].tls.key: expected a string, got 5",
         "listeners[0].tls.min_version: expected one of 1.2, 1.3",
@@ -482,7 +487,7 @@ def test_non_string_keys_each_reported(tmp_path: Path) -> None:
     path, error = load_error(
         tmp_path, "upstreams:\n  1:\n    servers: [127.0.0.1:80]\n  web:\n"
         "    sever: []\n  2: {}\n")
-    assert [str(e).removeprefix(f"{path}: ") for e in error.errors] == [
+    assert reasons(path, error) == [
         "upstreams: keys must be strings, got 1",
         "upstreams.web.sever: unknown key (did you mean 'servers'?)",
         "upstreams: keys must be strings, got 2",
