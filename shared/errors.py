@@ -76,8 +76,10 @@ class ProxyError(Exception):
     phase, ``ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, cause="no such tenant")``: the
     request then fails with the kind's status through ``fail_to_proxy`` (for a status of your
     own, answer in ``request_filter`` with ``session.respond`` instead). ``str(error)`` is
-    ``"<source> error: <kind text>: <cause>"``, as the error log shows it (upstream errors as
-    warnings, others as info).
+    ``"<source> error: <kind text>: <cause>"`` (``"upstream error: connect refused: ..."``),
+    as the error log shows it (upstream errors as warnings, others as info); when the kind text
+    is that prefix already, it is said once (``"internal error: <cause>"``). Without a cause
+    the last part is left out.
     """
 
     __slots__ = ("kind", "source", "retry", "cause", "reused")
@@ -120,7 +122,9 @@ class ProxyError(Exception):
         return self.retry is RetryType.IF_REUSED and self.reused
 
     def __str__(self) -> str:
-        text = f"{self.source.value} error: {self.kind.text}"
+        text = f"{self.source.value} error"
+        if self.kind.text != text:
+            text += f": {self.kind.text}"
         if self.cause is not None:
             text += f": {self.cause}"
         return text

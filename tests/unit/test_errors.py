@@ -91,8 +91,28 @@ def test_str_without_cause() -> None:
     """Without a cause, str() is the source and kind only."""
     assert str(downstream_error(ErrorKind.HEADERS_TOO_LARGE)) == (
         "downstream error: request headers too large")
-    assert str(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="bug in phase")) == (
-        "internal error: internal error: bug in phase")
+
+
+@pytest.mark.parametrize(("error", "text"), [
+    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="my bug"),
+     "internal error: my bug"),
+    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL), "internal error"),
+    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=ValueError("bad value")),
+     "internal error: bad value"),
+    (ProxyError(ErrorKind.NO_PEER, ErrorSource.INTERNAL, cause="no such tenant"),
+     "internal error: no upstream peer: no such tenant"),
+    (ProxyError(ErrorKind.INTERNAL, ErrorSource.UPSTREAM, cause="odd"),
+     "upstream error: internal error: odd"),
+    (upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s"),
+     "upstream error: read timeout: no response in 60s"),
+    (downstream_error(ErrorKind.DOWNSTREAM_CLOSED),
+     "downstream error: client closed the connection"),
+], ids=["internal", "internal_no_cause", "internal_exception", "internal_source_other_kind",
+        "internal_kind_other_source", "upstream", "downstream"])
+def test_str_says_internal_error_once(error: ProxyError, text: str) -> None:
+    """An internal error reads ``internal error: <cause>``: the source's prefix and the kind's
+    text are the same words, said once; other pairs keep both parts."""
+    assert str(error) == text
 
 
 def test_downstream_errors_never_retry() -> None:
