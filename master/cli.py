@@ -125,20 +125,63 @@ def cmd_config_reference(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+#: Most characters of a pid file's content quoted when it does not hold a pid.
+_PID_FILE_QUOTE = 40
+
+
 def _master_pid(config: Config) -> int:
+    """The pid of the running master, from the pid file. Raises :class:`LookupError` with a
+    sentence for the user when there is none (no pid file, one naming no live process, or
+    one that cannot be read)."""
     path = config.server.pid_file
     if not path:
         if config.server.control_socket:
-            raise LookupError(f"no master is listening on {config.server.control_socket}")
+            raise LookupError(f"no master is running: {config.server.control_socket} "
+                              "does not exist")
         raise LookupError(f"{config.source}: neither server.control_socket nor "
                           "server.pid_file is set, so the master cannot be found")
     try:
         with open(path) as f:
-            pid = int(f.read().strip())
+            content = f.read().strip()
+    except FileNotFoundError:
+        raise LookupError(f"no master is running: {path} does not exist") from None
+    except OSError as e:
+        raise LookupError(f"cannot read the pid file {path}: "
+                          f"{(e.strerror or str(e)).lower()}") from None
+    # Only a positive number names one process: 0 and negative pids name process groups.
+    if not (content.isascii() and content.isdigit() and int(content) > 0):
+        shown = content if len(content) <= _PID_FILE_QUOTE else content[:_PID_FILE_QUOTE] + "..."
+        found = f"it holds {shown!r}" if content else "it is empty"
+        raise LookupError(f"no master found: the pid file {path} does not hold a process id "
+                          f"({found})")
+    pid = int(content)
+    try:
         os.kill(pid, 0)
-    except (OSError, ValueError) as e:
-        raise LookupError(f"no running master found through {path}: {e}") from None
+    except ProcessLookupError:
+        raise LookupError(f"no master is running: the pid file {path} names process {pid}, "
+                          "which is not running") from None
+    except PermissionError:
+        raise LookupError(f"the pid file {path} names process {pid}, which belongs to another "
+                          "user: run this command as that user") from None
+    if not _is_master(pid):
+        # A stale pid file whose pid the system gave to another process: never signal it.
+        raise LookupError(f"no master is running: the pid file {path} names process {pid}, "
+                          "which is not a Tenaya master")
     return pid
+
+
+def _is_master(pid: int) -> bool:
+    """True unless process ``pid`` is known to be something else than a master (by its title,
+    or its command line before the title is set)."""
+    import psutil
+
+    try:
+        cmd = " ".join(psutil.Process(pid).cmdline())
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
+    return cmd.startswith("tenaya master") or " -m master " in f"{cmd} "
 
 
 def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
@@ -153,8 +196,21 @@ def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
     if path and os.path.exists(path):
         try:
             reply = control.request(path, command)
-        except (OSError, TimeoutError) as e:
-            print(f"tenaya: {path}: {e}", file=sys.stderr)
+        except (ConnectionRefusedError, FileNotFoundError):
+            # The socket file outlived its master (killed, or stopped before it could clean
+            # up); FileNotFoundError when it went away between the check and the connect.
+            print(f"tenaya: no master is running: nothing listens on {path}", file=sys.stderr)
+            return 1
+        except PermissionError:
+            print(f"tenaya: {path} belongs to another user: run this command as that user",
+                  file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print(f"tenaya: the master on {path} did not answer", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"tenaya: cannot reach the master on {path}: "
+                  f"{(e.strerror or str(e)).lower()}", file=sys.stderr)
             return 1
         if not reply.ok:
             print(f"tenaya: {reply.error}", file=sys.stderr)
@@ -169,21 +225,32 @@ def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
     except LookupError as e:
         print(f"tenaya: {e}", file=sys.stderr)
         return 1
-    if command == "status":
-        _print_status(_status_from_pid(pid), args.json)
-        return 0
-    os.kill(pid, _COMMAND_SIGNALS[command])
+    try:
+        if command == "status":
+            _print_status(_status_from_pid(pid), args.json)
+            return 0
+        os.kill(pid, _COMMAND_SIGNALS[command])
+    except ProcessLookupError:
+        # The master exited between the pid file check and now.
+        print(f"tenaya: no master is running: process {pid} has just exited", file=sys.stderr)
+        return 1
     print(f"{command}: sent {signal.Signals(_COMMAND_SIGNALS[command]).name} to {pid}")
     return 0
 
 
 def _status_from_pid(pid: int) -> dict[str, object]:
-    """What psutil can tell without the control socket (no request counters)."""
+    """What psutil can tell without the control socket (no request or pool counters).
+    Raises :class:`ProcessLookupError` when the master has exited."""
     import psutil
 
-    master = psutil.Process(pid)
+    try:
+        master = psutil.Process(pid)
+        started = master.create_time()
+        children = master.children()
+    except psutil.NoSuchProcess:
+        raise ProcessLookupError(pid) from None
     workers = []
-    for child in master.children():
+    for child in children:
         try:
             title = " ".join(child.cmdline())
             if not title.startswith("tenaya worker"):
@@ -195,7 +262,7 @@ def _status_from_pid(pid: int) -> dict[str, object]:
                             "cpu_seconds": round(t.user + t.system, 2)})
         except psutil.Error:
             continue
-    return {"pid": pid, "uptime_seconds": round(time.time() - master.create_time(), 1),
+    return {"pid": pid, "uptime_seconds": round(time.time() - started, 1),
             "workers": workers}
 
 

@@ -1,8 +1,10 @@
 """The command line: ``check`` accepts good configs and refuses bad ones with ``FILE: key.path:
-reason``; ``start`` refuses them the same way; ``config-reference`` lists every setting."""
+reason``; ``start`` refuses them the same way; ``config-reference`` lists every setting;
+``status``, ``stop`` and ``reload`` with no master running say why in a sentence."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import typing
@@ -185,3 +187,101 @@ def test_check_reports_every_error_at_once(tmp_path: Path) -> None:
         f"{path}: upstreams.web.servers: item 1: 'localhost': missing ':PORT'",
         f"{path}: logging.level: expected one of debug, info, warning, error",
     ]
+
+
+# -- commands that find no running master --------------------------------------------------
+
+CONTROL_COMMANDS = ("status", "stop", "reload")
+
+
+def exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    return int(proc.stdout)
+
+
+def assert_says(result: subprocess.CompletedProcess[str], line: str) -> None:
+    """Exit 1, nothing on stdout, and ``line`` alone on stderr, in words (no errno, no
+    traceback)."""
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line]
+    assert "Errno" not in result.stderr
+
+
+@pytest.mark.parametrize("command", CONTROL_COMMANDS)
+def test_no_pid_file(tmp_path: Path, command: str) -> None:
+    """The pid file does not exist: the master is not running, said as a sentence."""
+    pid_file = tmp_path / "tenaya.pid"
+    path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
+    assert_says(run(command, "-c", str(path)),
+                f"tenaya: no master is running: {pid_file} does not exist")
+
+
+@pytest.mark.parametrize("command", CONTROL_COMMANDS)
+def test_pid_file_of_a_process_that_exited(tmp_path: Path, command: str) -> None:
+    """A pid file left behind by a master that is gone names its pid and says so."""
+    pid_file = tmp_path / "tenaya.pid"
+    pid = exited_pid()
+    pid_file.write_text(f"{pid}\n")
+    path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
+    assert_says(run(command, "-c", str(path)),
+                f"tenaya: no master is running: the pid file {pid_file} names process {pid}, "
+                "which is not running")
+
+
+@pytest.mark.parametrize(("content", "found"), [
+    ("garbage\n", "it holds 'garbage'"),
+    ("", "it is empty"),
+    ("0\n", "it holds '0'"),
+    ("-1\n", "it holds '-1'"),
+], ids=["text", "empty", "zero", "negative"])
+def test_pid_file_without_a_pid(tmp_path: Path, content: str, found: str) -> None:
+    """A pid file that holds no process id says what it holds; 0 and negative numbers, which
+    name process groups, are refused too. (``status`` and not ``stop``: should this break,
+    ``stop`` would signal a process group, or every process of the user.)"""
+    pid_file = tmp_path / "tenaya.pid"
+    pid_file.write_text(content)
+    path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
+    assert_says(run("status", "-c", str(path)),
+                f"tenaya: no master found: the pid file {pid_file} does not hold a process id "
+                f"({found})")
+
+
+def test_pid_file_naming_another_program_is_not_signalled(tmp_path: Path) -> None:
+    """A stale pid file whose pid now belongs to another program: ``stop`` says there is no
+    master and sends that program nothing."""
+    pid_file = tmp_path / "tenaya.pid"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_file.write_text(f"{other.pid}\n")
+        path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
+        assert_says(run("stop", "-c", str(path)),
+                    f"tenaya: no master is running: the pid file {pid_file} names process "
+                    f"{other.pid}, which is not a Tenaya master")
+        assert other.poll() is None, "the other program was signalled"
+    finally:
+        other.kill()
+        other.wait(10)
+
+
+@pytest.mark.parametrize("command", CONTROL_COMMANDS)
+def test_no_control_socket(tmp_path: Path, command: str) -> None:
+    """Only a control socket configured, and it does not exist: said as a sentence."""
+    sock = tmp_path / "ctl.sock"
+    path = write(tmp_path, {**GOOD, "server": {"control_socket": str(sock)}})
+    assert_says(run(command, "-c", str(path)),
+                f"tenaya: no master is running: {sock} does not exist")
+
+
+@pytest.mark.parametrize("command", CONTROL_COMMANDS)
+def test_control_socket_nobody_listens_on(tmp_path: Path, command: str) -> None:
+    """A control socket file left behind by a master that is gone (connection refused)."""
+    sock_path = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock_path))
+    assert sock_path.exists()
+    path = write(tmp_path, {**GOOD, "server": {"control_socket": str(sock_path)}})
+    assert_says(run(command, "-c", str(path)),
+                f"tenaya: no master is running: nothing listens on {sock_path}")
