@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from master import control
-from master.arbiter import Arbiter, StartError
+from master.arbiter import POOL_COUNTERS, Arbiter, StartError
 from master.listeners import ListenError
 from master.notify import READY_FD_ENV, report_start
 from shared.config import Config, ConfigError, from_mapping, load, reference
@@ -267,22 +267,83 @@ def _status_from_pid(pid: int) -> dict[str, object]:
 
 
 def _print_status(data: dict[str, Any], as_json: bool) -> None:
+    """Prints ``status``: the JSON as the master sent it, or a few aligned lines (the master,
+    its workers, their upstream pool figures, the pool totals and the broker)."""
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return
     print(f"master {data['pid']}  up {data['uptime_seconds']}s  "
           f"state {data.get('state', '?')}  generation {data.get('generation', '?')}")
     if data.get("listeners"):
-        print("listening on " + ", ".join(data["listeners"]))  # type: ignore[arg-type]
+        print("listening on " + ", ".join(data["listeners"]))
     print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'age s':>8} {'rss MiB':>8} {'cpu s':>8} "
           f"{'conns':>6} {'requests':>9}  state")
-    workers: list[dict[str, Any]] = data.get("workers", [])  # type: ignore[assignment]
+    workers: list[dict[str, Any]] = data.get("workers", [])
     for w in workers:
         state = "draining" if w.get("draining") else ("ready" if w.get("ready", True)
                                                       else "starting")
         print(f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "
               f"{w['age_seconds']:>8} {w['rss_bytes'] / 2**20:>8.1f} {w['cpu_seconds']:>8} "
               f"{w.get('connections', '-'):>6} {w.get('requests', '-'):>9}  {state}")
+    totals = data.get("pool")
+    if totals is None:
+        # From the pid file alone (no control socket): psutil knows no counters.
+        print("pool: no figures without the control socket (server.control_socket)")
+        return
+    print(f"{'pid':>8} {'upstream':>9} {'reused':>7} {'reuse %':>8} {'local':>6} "
+          f"{'borrowed':>9} {'new conns':>10} {'donated':>8}")
+    for w in workers:
+        pool = w.get("pool") or {}
+        if not pool:  # no heartbeat yet
+            print(f"{w['pid']:>8} {'-':>9} {'-':>7} {'-':>8} {'-':>6} {'-':>9} {'-':>10} "
+                  f"{'-':>8}")
+            continue
+        reused = pool["reused_local"] + pool["reused_shared"]
+        print(f"{w['pid']:>8} {pool['upstream_requests']:>9} {reused:>7} "
+              f"{_percent(reused, pool['upstream_requests']):>8} {pool['reused_local']:>6} "
+              f"{pool['reused_shared']:>9} {pool['connections_created']:>10} "
+              f"{pool['donated']:>8}")
+    print(_pool_line(totals, workers))
+    print(_broker_line(data.get("broker")))
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _pool_line(totals: dict[str, Any], workers: list[dict[str, Any]]) -> str:
+    """``pool: ...``: the JSON's ``pool`` in words: requests sent upstream, how many went on
+    a reused connection (from the worker's own pool or borrowed from the broker), connections
+    opened, and connections given to the broker, over every worker since the master started
+    (said when that includes workers that have exited)."""
+    requests = totals["upstream_requests"]
+    local, shared = totals["reused_local"], totals["reused_shared"]
+    ratio = f"{100 * totals['reuse_ratio']:.1f}%" if requests else "-"
+    line = (f"pool: {_plural(requests, 'upstream request', 'upstream requests')}, "
+            f"{local + shared} reused ({ratio}: {local} local, {shared} from the broker), "
+            f"{_plural(totals['connections_created'], 'new connection', 'new connections')}, "
+            f"{totals['donated']} donated to the broker")
+    # The totals keep the figures of workers that have exited (reloads, respawns).
+    live = {name: sum((w.get("pool") or {}).get(name, 0) for w in workers) for name in
+            POOL_COUNTERS}
+    if any(live[name] != totals[name] for name in POOL_COUNTERS):
+        line += "; exited workers included"
+    return line
+
+
+def _broker_line(broker: dict[str, int] | None) -> str:
+    """``broker: ...``: the idle connections the master holds for all workers now; those
+    workers gave it (received) and it handed back (lent); borrows it had nothing for
+    (missed); and those it closed instead (dropped: dead, idle too long, or no room)."""
+    if broker is None:
+        return "broker: off (pool.shared is false)"
+    return (f"broker: {broker['idle']} idle, {broker['donated']} received, {broker['lent']} "
+            f"lent, {_plural(broker['misses'], 'borrow', 'borrows')} missed, "
+            f"{broker['dropped']} dropped")
 
 
 def build_parser() -> argparse.ArgumentParser:
