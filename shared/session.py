@@ -4,11 +4,18 @@ A :class:`Session` is made by the downstream connection when a request header ha
 keeps the request as the parser gave it (a list of byte pairs) and builds a
 :class:`RequestHeader` only when a phase asks for :attr:`Session.req_header`;
 once built, that object is what the upstream request is made from, so changes to it go upstream.
+
+Each request has an id, :attr:`Session.request_id`, made only when something asks for it (a log
+line written during one of its phases, the JSON access log, the app): the client's
+``X-Request-Id`` when it sent a sane one, else one generated from a random prefix drawn once per
+worker process and a counter, so that asking costs no system call and not asking costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,6 +29,47 @@ if TYPE_CHECKING:
 BODY_HIGH_WATER = 256 * 1024
 #: Buffered request body below which reading resumes.
 BODY_LOW_WATER = 64 * 1024
+#: Longest ``X-Request-Id`` taken from a client; a longer one is replaced by a generated id.
+MAX_REQUEST_ID = 200
+#: Random bytes in the prefix of generated request ids (drawn once per process).
+REQUEST_ID_PREFIX_BYTES = 6
+
+
+class _RequestIds:
+    """Generated request ids: this process's random prefix, then a counter (``"<hex>-00002a"``).
+
+    Process-wide on purpose: ids must not repeat within a worker, whatever connection the
+    request came on. The prefix is drawn again in a forked child, so two processes never share
+    it.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new prefix and a counter from 1 (at import, and in a forked child)."""
+        self.prefix = os.urandom(REQUEST_ID_PREFIX_BYTES).hex()
+        self.counter = itertools.count(1)
+
+    def new(self) -> str:
+        """The next id."""
+        return f"{self.prefix}-{next(self.counter):06x}"
+
+
+_ids = _RequestIds()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
+def _client_request_id(raw_headers: RawHeaders) -> str | None:
+    """The first ``X-Request-Id`` field of the request if it is sane (1 to
+    :data:`MAX_REQUEST_ID` printable ASCII characters, no space), else None."""
+    for name, value in raw_headers:
+        if name.lower() == b"x-request-id":
+            if not 0 < len(value) <= MAX_REQUEST_ID or not value.isascii():
+                return None
+            text = value.decode("ascii")
+            return text if text.isprintable() and " " not in text else None
+    return None
 
 
 class Downstream(Protocol):
@@ -59,7 +107,7 @@ class Session:
         "_body_error",
         "_continue_sent",
         # Proxy state.
-        "ctx", "_req_header", "peer", "upstream_reused", "retries",
+        "ctx", "_req_header", "peer", "upstream_reused", "retries", "_request_id",
         # Response state.
         "response_started", "response_done", "status", "resp_bytes", "error", "resp_mode",
         "trailers",
@@ -168,6 +216,7 @@ class Session:
         self.peer = None
         self.upstream_reused = False
         self.retries = 0
+        self._request_id: str | None = None
         self.response_started = False
         self.response_done = False
         self.status = 0
@@ -200,6 +249,28 @@ class Session:
             h._fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
             self._req_header = h
         return h
+
+    @property
+    def request_id(self) -> str:
+        """This request's id, for log lines and for correlating with other services.
+
+        The client's ``X-Request-Id`` field as received when it is sane (1 to 200 printable
+        ASCII characters, no space), else one generated in this worker
+        (``"3f9a1c0b7d2e-00002a"``: a random prefix per worker process, then a counter in
+        hex). Made on first use and the same for the rest of the request; error log lines
+        written during the request's phases show it as ``[req ID]``. A phase may assign
+        another string (an id scheme of its own); what is logged afterwards shows that. The
+        engine does not send it upstream: to pass it on, set the field in
+        ``upstream_request_filter``.
+        """
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = _client_request_id(self.raw_headers) or _ids.new()
+        return rid
+
+    @request_id.setter
+    def request_id(self, value: str) -> None:
+        self._request_id = value
 
     @property
     def host(self) -> str | None:
