@@ -162,7 +162,8 @@ class Engine:
         except ProxyError as e:
             self.fail(conn, s, e)
         except Exception as e:
-            self.log.exception("app error on %s %s", s.method.decode(), s.url[:200])
+            self.log.exception("app error on %s %s", s.method.decode("latin-1"),
+                               s.url[:200].decode("latin-1"))
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
     async def proxy_to_upstream(self, conn: Exchange, s: Session) -> None:
@@ -246,7 +247,8 @@ class Engine:
         except ProxyError as e:
             self.fail(conn, s, e)
         except Exception as e:
-            self.log.exception("app error on retry")
+            self.log.exception("app error on %s %s (retry)", s.method.decode("latin-1"),
+                               s.url[:200].decode("latin-1"))
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
     async def borrow(self, peer: HttpPeer) -> UpstreamConn | None:
