@@ -33,7 +33,7 @@ from shared.poolindex import PoolIndex
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
 from worker.h1_server import H1Server
-from worker.proxy import Engine
+from worker.proxy import Engine, RequestLogFilter
 from worker.tls import ServerTls
 
 #: ALPN protocols the listeners offer, preferred first.
@@ -46,20 +46,35 @@ BOOT_TIMEOUT_SECONDS = 30.0
 
 
 def setup_logging(config: Config, name: str) -> logging.Logger:
-    """The error log of this process, as ``logging.error_log`` and ``logging.level`` say."""
+    """The error log of this process, as ``logging.error_log`` and ``logging.level`` say, for
+    Tenaya's ``tenaya`` logger and every other (an app's ``logging.getLogger(__name__)``, a
+    library's): one handler, on the root logger and on ``tenaya``, both at ``logging.level``.
+    ``tenaya`` does not propagate, so its lines are not written twice; since the handler is
+    the same object, closing it on a reopen (SIGUSR1) reopens the file for every logger.
+
+    A line reads ``TIME [NAME PID] LEVEL [req ID] message``, the ``[req ID] `` part only for
+    lines written while a request's code runs (:class:`~worker.proxy.RequestLogFilter`).
+    Runs before the app is loaded, so its import and ``configure`` log here too. Returns the
+    ``tenaya`` logger.
+    """
     target = config.logging.error_log
     handler: logging.Handler
     if target in ("stderr", "stdout"):
         handler = logging.StreamHandler(sys.stderr if target == "stderr" else sys.stdout)
     else:
         handler = logging.FileHandler(target)
+    handler.addFilter(RequestLogFilter())
     handler.setFormatter(logging.Formatter(
-        f"%(asctime)s [{name} %(process)d] %(levelname)s %(message)s"))
-    root = logging.getLogger("tenaya")
+        f"%(asctime)s [{name} %(process)d] %(levelname)s %(request_tag)s%(message)s"))
+    level = config.logging.level.upper()
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(config.logging.level.upper())
-    root.propagate = False
-    return root
+    root.setLevel(level)
+    log = logging.getLogger("tenaya")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    return log
 
 
 class Worker:

@@ -7,13 +7,29 @@ with a pooled connection it finishes without ever suspending, so a request costs
 loop iteration. An app with ``async def`` phases gets a real Task per request, so its code sees
 ``asyncio.current_task()`` and timeouts as usual. The response side is callbacks from the
 upstream connection (worker/h1_server.py).
+
+Which request a log line belongs to (:func:`current_session`, read by
+:class:`RequestLogFilter` on the error log's handler) is known two ways, each the cheapest for
+its path. Code the engine runs synchronously for a request (each hand-stepped
+:func:`_step`, each phase called from a connection's callback) runs with the module variable
+``_current`` set to that session, and the previous value put back after: two assignments, no
+allocation, and a coroutine stepped by hand is covered at every resumption since each one goes
+through :func:`_step`. A Task cannot be hooked at each resumption, so each Task the engine makes
+for a request starts in a context whose :data:`_task_session` holds the session (tasks the
+app starts from a phase inherit it, as contextvars do); the variable is not set outside
+those Tasks, since a context left holding a session would lend it to whatever is created in
+it (a pooled upstream connection made while serving one request serves many, which is why
+connections are made in a context of their own). ``_current`` wins when both are set: it is
+set only while the engine runs code for that session right now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import ssl
+import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -55,18 +71,65 @@ _H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connec
 #: An idle connection of a draining worker is closed after idling this long (seconds).
 DRAIN_IDLE_SECONDS = 1.0
 
+# The request a log line belongs to (see the module docstring).
+_current: Session | None = None
+_task_session: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+    "tenaya_session", default=None)
+"""The session of the engine's Task running now (apps with ``async def`` phases)."""
 
-def _step(coro: Coroutine[Any, Any, None], _fut: Any = None) -> None:
-    """Runs ``coro`` until it waits for a future, and again when that future is done."""
+
+def current_session() -> Session | None:
+    """The request whose phase (or engine code) runs now in this thread, or None outside
+    any request. In a thread other than the event loop's, only a context copied from a
+    request's Task (``asyncio.to_thread``) says so."""
+    s = _current
+    return s if s is not None else _task_session.get()
+
+
+class RequestLogFilter(logging.Filter):
+    """Puts the current request's id on each record that reaches the handler it is added to:
+    ``record.request_id`` (the id, or None outside a request) and ``record.request_tag``
+    (``"[req ID] "``, or ``""``), for a format such as ``%(request_tag)s%(message)s``.
+
+    Only records logged while the engine runs a request's code get an id; the id is made
+    then (:attr:`Session.request_id`), so a request nothing logs for costs nothing. Never
+    drops a record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loop_thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Adds ``request_id`` and ``request_tag`` to ``record``; returns True."""
+        s = _current if threading.get_ident() == self._loop_thread else None
+        if s is None:
+            s = _task_session.get()
+        if s is None:
+            record.request_id = None
+            record.request_tag = ""
+        else:
+            rid = record.request_id = s.request_id
+            record.request_tag = f"[req {rid}] "
+        return True
+
+
+def _step(coro: Coroutine[Any, Any, None], s: Session, _fut: Any = None) -> None:
+    """Runs ``coro`` (a request's, ``s``) until it waits for a future, and again when that
+    future is done; log lines written meanwhile belong to ``s``."""
+    global _current
+    prev, _current = _current, s
     try:
         fut = coro.send(None)
     except StopIteration:
         return
+    finally:
+        _current = prev
     if fut is None:  # a bare yield (asyncio.sleep(0))
-        asyncio.get_running_loop().call_soon(_step, coro)
+        asyncio.get_running_loop().call_soon(_step, coro, s)
         return
     fut._asyncio_future_blocking = False
-    fut.add_done_callback(partial(_step, coro))
+    fut.add_done_callback(partial(_step, coro, s))
 
 
 class Engine:
@@ -124,16 +187,22 @@ class Engine:
 
     # -- drivers -------------------------------------------------------------------------
 
-    def drive(self, coro: Coroutine[Any, Any, None]) -> None:
+    def drive(self, coro: Coroutine[Any, Any, None], s: Session) -> None:
+        """Runs ``coro``, code of request ``s``: in a Task whose context holds ``s`` for an app
+        with async phases, else stepped by hand (:func:`_step`)."""
         if self.any_async:
-            self.loop.create_task(coro)
+            token = _task_session.set(s)
+            try:
+                self.loop.create_task(coro)  # the task's context is a copy of this one
+            finally:
+                _task_session.reset(token)
         else:
-            _step(coro)
+            _step(coro, s)
 
     def start(self, conn: Exchange, s: Session) -> None:
         """A request head is complete and its turn has come."""
         self.active_requests += 1
-        self.drive(self.run(conn, s))
+        self.drive(self.run(conn, s), s)
 
     # -- the request side ----------------------------------------------------------------
 
@@ -239,7 +308,7 @@ class Engine:
 
     def retry(self, conn: Exchange, s: Session) -> None:
         """Sends the request again after its reused connection died before answering."""
-        self.drive(self._retry(conn, s))
+        self.drive(self._retry(conn, s), s)
 
     async def _retry(self, conn: Exchange, s: Session) -> None:
         try:
@@ -258,7 +327,9 @@ class Engine:
             return None
         up = UpstreamConn(peer.pool_key, self.pool)
         try:
-            await self.loop.create_connection(lambda: up, sock=sock)
+            # Made in a context of its own, like connect()'s: the connection outlives the request.
+            await self.loop.create_task(self.loop.create_connection(lambda: up, sock=sock),
+                                        context=contextvars.Context())
         except OSError:
             sock.close()
             return None
@@ -284,7 +355,9 @@ class Engine:
                                                ssl_handshake_timeout=timeout)
         else:
             conn_coro = loop.create_connection(lambda: up, peer.host, peer.port)
-        task = loop.create_task(conn_coro)
+        # In a context of its own: the transport runs its callbacks in the context it was made
+        # in, and a pooled connection serves many requests, not the one that made it.
+        task = loop.create_task(conn_coro, context=contextvars.Context())
         timer = loop.call_later(timeout, task.cancel)
         try:
             await task
@@ -426,22 +499,27 @@ class Engine:
     def response_head(self, conn: Exchange, s: Session, up: Upstream, status: int,
                       headers: RawHeaders) -> None:
         """The upstream response head, through the response phases the app overrides."""
-        resp = ResponseHeader(status, [(n.decode("latin-1"), v.decode("latin-1"))
-                                       for n, v in headers])
+        global _current
+        prev, _current = _current, s
         try:
-            if self.p_upstream_response_filter is not None:
-                self.p_upstream_response_filter(s, resp, s.ctx)
-            if self.p_response_filter is not None:
-                r = self.p_response_filter(s, resp, s.ctx)
-                if self.a_response_filter:
-                    up.pause_reading()
-                    conn.held = []
-                    self.drive(self._finish_response_filter(conn, s, up, r, resp))
-                    return
-        except Exception as e:
-            self._phase_failed(conn, s, up, e)
-            return
-        self._write_filtered_head(conn, s, resp)
+            resp = ResponseHeader(status, [(n.decode("latin-1"), v.decode("latin-1"))
+                                           for n, v in headers])
+            try:
+                if self.p_upstream_response_filter is not None:
+                    self.p_upstream_response_filter(s, resp, s.ctx)
+                if self.p_response_filter is not None:
+                    r = self.p_response_filter(s, resp, s.ctx)
+                    if self.a_response_filter:
+                        up.pause_reading()
+                        conn.held = []
+                        self.drive(self._finish_response_filter(conn, s, up, r, resp), s)
+                        return
+            except Exception as e:
+                self._phase_failed(conn, s, up, e)
+                return
+            self._write_filtered_head(conn, s, resp)
+        finally:
+            _current = prev
 
     async def _finish_response_filter(self, conn: Exchange, s: Session, up: Upstream,
                                       pending: Any, resp: ResponseHeader) -> None:
@@ -474,27 +552,45 @@ class Engine:
 
     def body_filter(self, s: Session, data: bytes, end: bool) -> bytes:
         """Runs ``response_body_filter`` on one piece of the response body."""
-        r = self.p_response_body_filter(s, data, end, s.ctx)  # type: ignore[misc]
+        global _current
+        prev, _current = _current, s
+        try:
+            r = self.p_response_body_filter(s, data, end, s.ctx)  # type: ignore[misc]
+        finally:
+            _current = prev
         return data if r is None else r
 
     # -- failures and the end of a request -------------------------------------------------
 
     def upstream_failed(self, conn: Exchange, s: Session, err: ProxyError) -> None:
         """The upstream failed before the response started."""
+        global _current
         if (err.retryable() and s.method in IDEMPOTENT and not s.has_body
                 and s.retries < self.max_retries):
             s.retries += 1
             self.retry(conn, s)
             return
-        if self.p_error_while_proxy is not None and s.peer is not None:
-            try:
-                err = self.p_error_while_proxy(s, s.peer, err, s.ctx)
-            except Exception:
-                self.log.exception("error_while_proxy failed")
-        self.fail(conn, s, err)
+        prev, _current = _current, s
+        try:
+            if self.p_error_while_proxy is not None and s.peer is not None:
+                try:
+                    err = self.p_error_while_proxy(s, s.peer, err, s.ctx)
+                except Exception:
+                    self.log.exception("error_while_proxy failed")
+            self.fail(conn, s, err)
+        finally:
+            _current = prev
 
     def fail(self, conn: Exchange, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
+        global _current
+        prev, _current = _current, s
+        try:
+            self._fail(conn, s, err)
+        finally:
+            _current = prev
+
+    def _fail(self, conn: Exchange, s: Session, err: ProxyError) -> None:
         s.error = err
         up = conn.up
         if up is not None and conn.active is s:
@@ -519,7 +615,7 @@ class Engine:
             conn.finish(s)
             return
         if self.a_fail_to_proxy:
-            self.drive(self._finish_fail(conn, s, err, r))
+            self.drive(self._finish_fail(conn, s, err, r), s)
             return
         conn.finish(s)
 
@@ -544,17 +640,21 @@ class Engine:
 
     def request_done(self, s: Session) -> None:
         """Every request ends here once: the access log and the ``logging`` phase."""
+        global _current
         self.requests += 1
         self.active_requests -= 1
         if self.access_log is not None:
             self.access_log.write(s)
         if self.p_logging is not None:
+            prev, _current = _current, s
             try:
                 r = self.p_logging(s, s.error, s.ctx)
                 if self.a_logging:
-                    self.loop.create_task(r)
+                    self.drive(r, s)
             except Exception:
                 self.log.exception("logging phase failed")
+            finally:
+                _current = prev
 
     # -- housekeeping --------------------------------------------------------------------
 
