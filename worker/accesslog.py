@@ -80,6 +80,7 @@ class AccessLog:
                 "user_agent": _header(s, b"user-agent"), "upstream": upstream,
                 "request_time": round(elapsed, 6),
                 "error": str(s.error) if s.error is not None else None,
+                "request_id": s.request_id,
             }) + "\n"
         else:
             line = (f'{s.client_addr[0]} - - [{self._local_time(now)}] "{_escape(request)}" '

@@ -32,7 +32,7 @@ def finished(**changes: Any) -> Session:
     s.url = b"/search?q=tenaya"
     s.version = "1.1"
     s.raw_headers = [(b"Host", b"example.com"), (b"User-Agent", b"curl/8.5.0"),
-                     (b"Referer", b"https://ref.example/page")]
+                     (b"Referer", b"https://ref.example/page"), (b"X-Request-Id", b"abc-123")]
     s.status = 200
     s.resp_bytes = 1234
     s.peer = HttpPeer("10.0.0.1:8080")
@@ -103,6 +103,7 @@ def test_json_line(tmp_path: Path) -> None:
         "client": "203.0.113.7", "method": "GET", "url": "/search?q=tenaya", "version": "1.1",
         "status": 200, "bytes": 1234, "referer": "https://ref.example/page",
         "user_agent": "curl/8.5.0", "upstream": "10.0.0.1:8080", "error": None,
+        "request_id": "abc-123",
     }
 
 
