@@ -27,12 +27,14 @@ def _start(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def _live_masters() -> set[int]:
-    """Pids of running (not zombie) Tenaya masters on this machine."""
+def _live_masters(cwd: Path) -> set[int]:
+    """Pids of running (not zombie) Tenaya masters whose working directory is ``cwd``: the
+    ones a test started there, not those of other tests or runs on the same machine."""
     out = set()
     for p in psutil.process_iter():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "tenaya master" in " ".join(p.cmdline()):
+            if (p.status() != psutil.STATUS_ZOMBIE and "tenaya master" in " ".join(p.cmdline())
+                    and p.cwd() == str(cwd)):
                 out.add(p.pid)
         except psutil.Error:
             pass
@@ -72,12 +74,11 @@ def test_daemon_reports_a_failed_start(tmp_path: Path) -> None:
     process behind."""
     config = config_for(listeners=[{"address": f"127.0.0.1:{free_port()}"}], app="nope:App",
                         logging={"error_log": str(tmp_path / "error.log")})
-    before = _live_masters()
     result = _start("-c", str(_write_config(tmp_path, config)), "-d", cwd=tmp_path)
     assert result.returncode == 1
     assert "No module named 'nope'" in result.stderr
     assert not (tmp_path / "tenaya.pid").exists()
-    assert _live_masters() <= before
+    assert _live_masters(tmp_path) == set()
 
 
 def test_second_master_on_a_taken_address_is_refused(fleet: Fleet, tmp_path: Path) -> None:
