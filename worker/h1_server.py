@@ -11,6 +11,15 @@ response is complete, the connection either takes the next request or closes.
 Hot path: parser callbacks only; headers stay the byte pairs the parser gave; the upstream
 request's header lines are collected in the same loop that looks for the headers the proxy
 itself must read; status lines are precomputed.
+
+Nothing of a request goes upstream before the whole read that brought its head is parsed: the
+head is complete in ``on_headers_complete``, but the parser's verdict on the rest of that read
+(an invalid transfer coding, a malformed chunk) comes after it, and a request the client is
+refused must leave the origin untouched. So ``on_headers_complete`` only marks the session
+(:attr:`H1Server.starting`) and ``data_received`` hands it to the engine once ``feed_data``
+has returned, unless the read ended in an error that belongs to that request (then it is
+answered 400 and nothing went upstream). An error in a later read comes after the head went up;
+that upstream connection is then closed, never reused.
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ _RESP_DROP = frozenset({
     b"transfer-encoding", b"upgrade",
 })
 _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+#: Trailer fields a request may not carry (RFC 9110 6.5.1: framing, routing and connection
+#: fields); a chunked body ending with one is refused. Others are dropped, as trailers are
+#: not sent upstream.
+_BAD_TRAILERS = frozenset({
+    b"content-length", b"transfer-encoding", b"trailer", b"host", b"connection",
+    b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"expect",
+})
 #: Client bytes sent after an upgrade request, kept until the tunnel opens, before reading
 #: pauses.
 EARLY_TUNNEL_BYTES = 256 * 1024
@@ -68,6 +84,11 @@ UNMADE_FORGET_SECONDS = 90.0
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback when the request head passes the limit."""
+
+
+class _BadTrailer(Exception):
+    """Raised from a parser callback when a request's trailer section holds a field it may
+    not."""
 
 
 class H1Server(Exchange, asyncio.Protocol):
@@ -88,6 +109,9 @@ class H1Server(Exchange, asyncio.Protocol):
         self.scheme = b"http"
         self.current: Session | None = None
         self.active: Session | None = None
+        #: The active session, while its head's read is still being parsed: the engine gets
+        #: it when ``feed_data`` returns (see the module docstring).
+        self.starting: Session | None = None
         self.pipeline: deque[Session] | None = None
         self.up: Upstream | None = None
         self.closing = False
@@ -110,6 +134,10 @@ class H1Server(Exchange, asyncio.Protocol):
         self.early: list[bytes] | None = None
         self.tunnel: asyncio.Transport | None = None
         # Per-request (the head being parsed)
+        #: Where ``on_header`` puts fields: the session's headers, then (after the head) the
+        #: trailer section, kept apart so that a trailer never passes for a header.
+        self.fields: RawHeaders = []
+        self.trailer_fields: RawHeaders = []
         self.head_size = 0
         self.pending_head = 0
         self.in_head = False
@@ -179,30 +207,37 @@ class H1Server(Exchange, asyncio.Protocol):
                 if s.upgrade is not None:
                     self.early = []
                     self._hold_early(data[e.args[0]:])
-            return
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _HeadTooLarge):
+            cause = e.__context__
+            if isinstance(cause, _HeadTooLarge):
                 self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
+            elif isinstance(cause, _BadTrailer):
+                self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, str(cause)))
             else:
-                self.engine.log.exception("parser callback failed", exc_info=e.__context__)
+                self.engine.log.exception("parser callback failed", exc_info=cause)
                 self.bad_request(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
-                                            cause=e.__context__))
-            return
+                                            cause=cause))
         except httptools.HttpParserError as e:
             self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, e))
-            return
-        if self.in_head:
-            # The head is still incomplete after this read (a long header line the parser
-            # has not delivered yet): count its bytes, but not those of the requests this
-            # read completed before it.
-            if continuing_head:
-                self.pending_head += len(data)
-            else:
-                self.pending_head = max(0, len(data) - (self.consumed - consumed))
-            if self.pending_head > self.max_head:
-                self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
         else:
-            self.pending_head = 0
+            if self.in_head:
+                # The head is still incomplete after this read (a long header line the
+                # parser has not delivered yet): count its bytes, but not those of the
+                # requests this read completed before it.
+                if continuing_head:
+                    self.pending_head += len(data)
+                else:
+                    self.pending_head = max(0, len(data) - (self.consumed - consumed))
+                if self.pending_head > self.max_head:
+                    self.bad_request(downstream_error(ErrorKind.HEADERS_TOO_LARGE))
+            else:
+                self.pending_head = 0
+        s = self.starting
+        if s is not None:
+            # All of this read is parsed and none of it refused this request: it may go
+            # upstream now.
+            self.starting = None
+            self.engine.start(self, s)
 
     def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
         """Hands the connection to the HTTP/2 protocol (which counts itself)."""
@@ -257,6 +292,7 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         s = self.current = Session(self)
+        self.fields = s.raw_headers
         s.start_time = time.time()
         self.head_size = 0
         self.in_head = True
@@ -270,7 +306,7 @@ class H1Server(Exchange, asyncio.Protocol):
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.current.raw_headers.append((name, value))  # type: ignore[union-attr]
+        self.fields.append((name, value))
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.max_head:
             raise _HeadTooLarge
@@ -279,6 +315,7 @@ class H1Server(Exchange, asyncio.Protocol):
         s: Session = self.current  # type: ignore[assignment]
         self.in_head = False
         self.pending_head = 0
+        self.fields = self.trailer_fields
         p = self.parser
         s.method = p.get_method()
         s.version = p.get_http_version()
@@ -332,8 +369,7 @@ class H1Server(Exchange, asyncio.Protocol):
             s.keep_alive = False
         self.requests += 1
         if self.active is None:
-            self.active = s
-            self.engine.start(self, s)
+            self.active = self.starting = s
         else:
             if self.pipeline is None:
                 self.pipeline = deque()
@@ -344,6 +380,13 @@ class H1Server(Exchange, asyncio.Protocol):
         self.current.feed_body(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
+        trailers = self.trailer_fields
+        if trailers:
+            names = [n.lower() for n, _ in trailers]
+            trailers.clear()
+            bad = _BAD_TRAILERS.intersection(names)
+            if bad:
+                raise _BadTrailer(f"{min(bad).decode()} in the trailer section")
         self._message_complete()
 
     def _message_complete(self) -> None:
@@ -560,7 +603,11 @@ class H1Server(Exchange, asyncio.Protocol):
         self.current = None
         if s is not None:
             s.fail_body(err)
-        if self.active is not None:
+        if s is not None and s is self.starting:
+            # The request the error belongs to arrived in this read: nothing of it went
+            # upstream, and nothing will; it is answered now.
+            self.starting = None
+        elif self.active is not None:
             # Answer the requests before it first; the error goes out after them.
             if s is not None and s is not self.active and self.pipeline and s in self.pipeline:
                 self.pipeline.remove(s)

@@ -1,0 +1,369 @@
+"""Request-side hardening through the real master: nothing the proxy refuses reaches an origin,
+and what it forwards means one thing.
+
+Theory of operation. :class:`CaptureOrigin` is a raw-socket origin on 127.0.0.1 whose threads
+record every byte of every upstream connection, split into the requests they held. Each refusal
+test first sends a good request (``/warm``) so that the single worker holds a pooled upstream
+connection: with one ready, a request head goes upstream as soon as the engine starts, which is
+what let a head through before the parser's error in the same read. Then the bad bytes go in
+one write, the client must get the status and see its connection closed, and a ``/marker``
+request on a new connection follows. Once every upstream connection but the marker's has closed
+(a proxy that wrote a head and then gave up closes that connection), the origin's record must
+hold ``/warm`` and ``/marker`` and no other byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pytest
+from helpers import HttpConn, Master, config_for, wait_for
+
+if TYPE_CHECKING:
+    from conftest import Fleet
+
+#: Host routed to the second origin (absolute-form targets name it).
+OTHER = "other.example"
+#: Longest wait for the origin to see (or stop seeing) something.
+ORIGIN_SECONDS = 10.0
+
+
+# -- the capturing origin ------------------------------------------------------------------
+
+@dataclass
+class Seen:
+    """One request as an origin connection received it."""
+
+    line: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    raw: bytes
+
+    @property
+    def target(self) -> bytes:
+        return self.line.split(b" ")[1]
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return None
+
+    def names(self) -> set[bytes]:
+        return {n.lower() for n, _ in self.headers}
+
+
+@dataclass
+class UpConn:
+    """One upstream connection: every byte it carried, and the requests they made."""
+
+    data: bytearray = field(default_factory=bytearray)
+    requests: list[Seen] = field(default_factory=list)
+    #: Bytes not (yet) part of a complete request.
+    rest: bytes = b""
+    tunnelled: bytes = b""
+    closed: bool = False
+
+
+class _Incomplete(Exception):
+    """More bytes are needed."""
+
+
+def _chunked(buf: bytes, at: int) -> tuple[bytes, int]:
+    """The decoded chunked body starting at ``at`` and where it ends; raises _Incomplete."""
+    body = b""
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            raise _Incomplete
+        size = int(buf[at:eol].split(b";")[0], 16)
+        at = eol + 2
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", at - 2)
+            if end < 0:
+                raise _Incomplete
+            return body, end + 4
+        if len(buf) < at + size + 2:
+            raise _Incomplete
+        body += buf[at:at + size]
+        at += size + 2
+
+
+def _parse(buf: bytes) -> tuple[Seen, int]:
+    """The first request in ``buf`` and its length; raises _Incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        raise _Incomplete
+    lines = buf[:end].split(b"\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name, value.strip()))
+    seen = Seen(lines[0], headers, b"", b"")
+    at = end + 4
+    te = seen.header(b"transfer-encoding")
+    length = seen.header(b"content-length")
+    if te is not None and te.split(b",")[-1].strip().lower() == b"chunked":
+        seen.body, at = _chunked(buf, at)
+    elif length is not None:
+        if len(buf) < at + int(length):
+            raise _Incomplete
+        seen.body = buf[at:at + int(length)]
+        at += int(length)
+    seen.raw = buf[:at]
+    return seen, at
+
+
+class CaptureOrigin:
+    """An HTTP/1.1 origin on raw sockets that records each connection's bytes exactly.
+
+    Every request is answered ``200`` with body ``ok``; one that asks for an upgrade (Upgrade
+    and a Connection field naming it) is answered ``101`` and its connection then echoes what
+    it gets.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[UpConn] = []
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="capture-origin").start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def reset(self) -> None:
+        """Forgets the record (open connections keep recording into a fresh entry)."""
+        with self._lock:
+            for c in self.conns:
+                c.data.clear()
+                c.requests.clear()
+                c.rest = b""
+                c.tunnelled = b""
+            self.conns = [c for c in self.conns if not c.closed]
+
+    def requests(self) -> list[Seen]:
+        with self._lock:
+            return [r for c in self.conns for r in c.requests]
+
+    def targets(self) -> list[bytes]:
+        return [r.target for r in self.requests()]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            conn = UpConn()
+            with self._lock:
+                self.conns.append(conn)
+                self._socks.append(s)
+            threading.Thread(target=self._serve, args=(s, conn), daemon=True).start()
+
+    def _serve(self, s: socket.socket, conn: UpConn) -> None:
+        buf = b""
+        tunnel = False
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                with self._lock:
+                    conn.data += data
+                if tunnel:
+                    conn.tunnelled += data
+                    s.sendall(data)
+                    continue
+                buf += data
+                while buf:
+                    try:
+                        seen, n = _parse(buf)
+                    except (_Incomplete, ValueError):
+                        break
+                    buf = buf[n:]
+                    with self._lock:
+                        conn.requests.append(seen)
+                    upgrade = seen.header(b"upgrade")
+                    connection = (seen.header(b"connection") or b"").lower()
+                    if upgrade is not None and b"upgrade" in connection:
+                        s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                  b"Upgrade: " + upgrade + b"\r\n\r\n")
+                        tunnel = True
+                        conn.tunnelled = buf
+                        if buf:
+                            s.sendall(buf)
+                        buf = b""
+                        break
+                    s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                with self._lock:
+                    conn.rest = buf
+        except OSError:
+            pass
+        finally:
+            conn.closed = True
+            s.close()
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    master: Master
+    origin: CaptureOrigin
+    other: CaptureOrigin
+
+    @property
+    def port(self) -> int:
+        return self.master.port
+
+
+@pytest.fixture(scope="module")
+def stack(module_fleet: Fleet) -> Iterator[Env]:
+    origin, other = CaptureOrigin(), CaptureOrigin()
+    # One worker and no broker: the warm-up's pooled connection is the one the next request
+    # finds.
+    config = config_for(upstreams={"main": [origin.address]}, server={"workers": 1},
+                        pool={"shared": False})
+    config["upstreams"]["other"] = {"servers": [other.address], "hosts": [OTHER]}
+    try:
+        yield Env(module_fleet.master(config), origin, other)
+    finally:
+        origin.close()
+        other.close()
+
+
+@pytest.fixture
+def env(stack: Env) -> Env:
+    stack.origin.reset()
+    stack.other.reset()
+    return stack
+
+
+def warm(conn: HttpConn) -> None:
+    """A good request on ``conn``, so the worker holds a pooled upstream connection."""
+    resp = conn.request("GET", "/warm", [("Host", "t")])
+    assert resp.status == 200, resp
+
+
+def assert_origin_saw_only_warm_and_marker(env: Env) -> None:
+    """After the refusal: a marker request, then the origin's record holds the warm-up and
+    the marker, and nothing else, on any connection."""
+    with HttpConn(env.port) as conn:
+        assert conn.request("GET", "/marker", [("Host", "t")]).status == 200
+    origin = env.origin
+
+    def settled() -> bool:
+        with origin._lock:
+            return all(c.closed or (c.requests and c.requests[-1].target == b"/marker")
+                       for c in origin.conns if c.data)
+
+    wait_for(settled, ORIGIN_SECONDS, what="upstream connections to settle")
+    with origin._lock:
+        rests = [bytes(c.rest) for c in origin.conns if c.rest]
+        tunnelled = [c.tunnelled for c in origin.conns if c.tunnelled]
+    assert origin.targets() == [b"/warm", b"/marker"], [r.raw for r in origin.requests()]
+    assert not rests, f"bytes of a refused request reached the origin: {rests}"
+    assert not tunnelled
+    assert not env.other.requests()
+
+
+def refused(env: Env, raw: bytes, status: int = 400) -> None:
+    """With a pooled upstream connection ready, ``raw`` (one write) gets ``status``, the
+    connection closes, and the origin sees nothing of it."""
+    with HttpConn(env.port) as conn:
+        warm(conn)
+        conn.send(raw)
+        resp = conn.read_response()
+        assert resp.status == status, (resp.status, resp.body)
+        assert conn.closed_by_peer(), "the connection was left open"
+    assert_origin_saw_only_warm_and_marker(env)
+
+
+def forwarded(env: Env, raw: bytes, origin: CaptureOrigin | None = None) -> Seen:
+    """Sends ``raw`` on a new connection; it must be answered 200 and reach ``origin`` (the
+    main one by default) as one request, which is returned."""
+    origin = origin or env.origin
+    with HttpConn(env.port) as conn:
+        conn.send(raw)
+        resp = conn.read_response()
+        assert resp.status == 200, (resp.status, resp.body)
+    seen = wait_for(origin.requests, ORIGIN_SECONDS, what="the request at the origin")
+    assert len(seen) == 1, [r.raw for r in seen]
+    return seen[0]
+
+
+# -- 1. nothing that arrived with the head goes up before it is all parsed ---------------------
+
+CHUNKED_HEAD = b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+MALFORMED_CHUNKED = {
+    "lf_in_chunk_extension": b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+    "chunk_size_overflow": b"fffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+    "leading_space": b" 5\r\nhello\r\n0\r\n\r\n",
+    "trailing_space": b"5 \r\nhello\r\n0\r\n\r\n",
+    "hex_prefix": b"0x5\r\nhello\r\n0\r\n\r\n",
+    "negative_size": b"-5\r\nhello\r\n0\r\n\r\n",
+    "lf_line_endings": b"5\nhello\n0\n\n",
+    "more_data_than_size": b"5\r\nhelloXX\r\n0\r\n\r\n",
+    "no_crlf_after_data": b"5\r\nhello0\r\n\r\n",
+    "bare_cr": b"5\rhello\r\n0\r\n\r\n",
+    "no_crlf_after_last_chunk": b"5\r\nhello\r\n0\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    "content_length_trailer": b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n",
+    "transfer_encoding_trailer": b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "host_trailer": b"5\r\nhello\r\n0\r\nHost: evil.example\r\n\r\n",
+}
+
+
+def test_unknown_transfer_coding_sends_nothing_upstream(env: Env) -> None:
+    """``Transfer-Encoding: xchunked``: llhttp reports it after the headers callback; the
+    head must not have gone upstream by then."""
+    refused(env, b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n")
+
+
+@pytest.mark.parametrize("body", MALFORMED_CHUNKED.values(), ids=MALFORMED_CHUNKED.keys())
+def test_malformed_chunked_body_sends_nothing_upstream(env: Env, body: bytes) -> None:
+    """A chunked body that is malformed in the read that brought its head: 400, closed, and
+    the origin sees nothing."""
+    refused(env, CHUNKED_HEAD + body)
+
+
+def test_good_chunked_body_in_one_read_is_forwarded(env: Env) -> None:
+    """The same head and a well-formed body (with an allowed trailer) in one read: forwarded
+    whole, and the trailer is not turned into a header field."""
+    seen = forwarded(env, CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
+    assert seen.body == b"hello"
+    assert b"x-sum" not in seen.names()
+
+
+def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
+    """A body that turns bad in a later read: the head went up already, so that upstream
+    connection is closed, never reused; the next request finds a fresh one."""
+    with HttpConn(env.port) as conn:
+        warm(conn)
+        conn.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
+        wait_for(lambda: any(c.rest for c in env.origin.conns), ORIGIN_SECONDS,
+                 what="the head and first chunk at the origin")
+        conn.send(b"zz\r\n")
+        assert conn.read_response().status == 400
+        assert conn.closed_by_peer()
+    wait_for(lambda: env.origin.conns and env.origin.conns[0].closed, ORIGIN_SECONDS,
+             what="the upstream connection to close")
+    with HttpConn(env.port) as conn:
+        assert conn.request("GET", "/after", [("Host", "t")]).status == 200
+    assert env.origin.conns[-1].requests[-1].target == b"/after"
+    assert len(env.origin.conns) == 2
