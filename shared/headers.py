@@ -7,9 +7,56 @@ sequence survives the round trip unchanged.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable, Iterator
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+# RFC 3986 3.2.2 and 3.2.3: host = IP-literal / IPv4address / reg-name, then [":" port].
+# IPv4address is a reg-name by its characters, so the pattern has two arms: a reg-name
+# (unreserved, sub-delims and pct-encoded octets; written unrolled, with no nested repetition
+# that could backtrack) and a bracketed literal, checked again by ipaddress when it is IPv6.
+_REG_CHAR = rb"[A-Za-z0-9\-._~!$&'()*+,;=]"
+_HOST = re.compile(
+    rb"(?:" + _REG_CHAR + rb"*(?:%[0-9A-Fa-f]{2}" + _REG_CHAR + rb"*)*"
+    rb"|\[[0-9A-Fa-f:.]+\]"
+    rb"|\[[vV][0-9A-Fa-f]+\.(?:" + _REG_CHAR + rb"|:)+\])"
+    rb"(?::[0-9]{0,5})?").fullmatch
+#: An absolute-form request target (RFC 9112 3.2.2): scheme, authority, and the rest.
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.DOTALL).fullmatch
+
+
+def valid_host(value: bytes) -> bool:
+    """True when ``value`` (a Host field or an authority) is an RFC 3986 host with an
+    optional port: a registered name or IPv4 address, or a bracketed IPv6 (or IPvFuture)
+    literal; the port digits only. Userinfo, a path, whitespace or a second colon make it
+    false. Empty is true (RFC 9112 3.2: the Host of a target URI without authority)."""
+    if _HOST(value) is None:
+        return False
+    if value[:1] == b"[" and value[1:2] not in (b"v", b"V"):
+        try:
+            ipaddress.IPv6Address(value[1:value.index(b"]")].decode("ascii"))
+        except ValueError:
+            return False
+    return True
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """``(authority, origin-form target)`` of an absolute-form request target
+    (``b"http://a.example:8080/p?q"`` -> ``(b"a.example:8080", b"/p?q")``; an empty path
+    becomes ``/``), or None when it is not an ``http`` or ``https`` URI with a valid host
+    (:func:`valid_host`; userinfo is refused, RFC 9110 4.2.4) or holds a fragment."""
+    m = _ABSOLUTE(target)
+    if m is None:
+        return None
+    scheme, authority, rest = m.groups()
+    if (scheme.lower() not in (b"http", b"https") or not authority or b"#" in rest
+            or not valid_host(authority)):
+        return None
+    if rest[:1] != b"/":
+        rest = b"/" + rest
+    return authority, rest
 
 
 class Headers:

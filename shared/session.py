@@ -119,8 +119,10 @@ class Session:
     method: bytes
     """The request method as received (``b"GET"``); read ``req_header.method``."""
     url: bytes
-    """The request target as received (``b"/a?b=1"``; HTTP/2: ``:path``). Not changed by assigning
-    ``req_header.path``; the access log shows this one."""
+    """The request target as received (``b"/a?b=1"``; HTTP/2: ``:path``), except that an
+    absolute-form target (``http://host/a``) is reduced to its origin-form (``/a``), its
+    authority becoming :attr:`host`. Not changed by assigning ``req_header.path``; the access
+    log shows this one."""
     version: str
     """The client's HTTP version: ``"1.0"``, ``"1.1"`` or ``"2"``."""
     raw_headers: RawHeaders
@@ -275,8 +277,9 @@ class Session:
     @property
     def host(self) -> str | None:
         """The host the client asked for: the Host field (HTTP/2: ``:authority``) as received,
-        port included (``"example.com:8080"``), or None. Not changed by setting a Host field
-        on :attr:`req_header`."""
+        port included (``"example.com:8080"``), or None; for an absolute-form target
+        (``GET http://example.com/ HTTP/1.1``), its authority, which replaces the Host field
+        (RFC 9112 3.2.2). Not changed by setting a Host field on :attr:`req_header`."""
         return None if self.host_b is None else self.host_b.decode("latin-1")
 
     @property

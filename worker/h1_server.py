@@ -38,7 +38,7 @@ from shared.errors import (
     ProxyError,
     downstream_error,
 )
-from shared.headers import RawHeaders, ResponseHeader
+from shared.headers import RawHeaders, ResponseHeader, split_absolute_form
 from shared.session import Session
 from worker.exchange import STATUS_LINES, Exchange, peer_info, status_line
 from worker.h2_server import PREFACE, H2Server
@@ -89,6 +89,50 @@ class _HeadTooLarge(Exception):
 class _BadTrailer(Exception):
     """Raised from a parser callback when a request's trailer section holds a field it may
     not."""
+
+
+def _refuse(s: Session, why: str) -> None:
+    """Marks ``s`` to be answered 400 (the first reason found is the one kept)."""
+    if s.error is None:
+        s.error = downstream_error(ErrorKind.BAD_REQUEST, why)
+
+
+def _target(s: Session) -> bytes | None:
+    """The request target is not plain origin-form (RFC 9112 3.2): for absolute-form, puts its
+    origin-form in ``s.url`` and returns its authority; refuses a fragment, and any form
+    other than origin-form, absolute-form, asterisk-form (OPTIONS) and authority-form
+    (CONNECT, which the engine refuses itself)."""
+    url = s.url
+    if b"#" in url:
+        # No fragment is part of a request target (RFC 9112 3.2); one would let the
+        # proxy's and the origin's readings of the path differ.
+        _refuse(s, "fragment in the request target")
+        return None
+    if url[:1] == b"/" or s.method == b"CONNECT":
+        return None
+    if url == b"*":
+        if s.method != b"OPTIONS":
+            _refuse(s, "asterisk-form target on a method other than OPTIONS")
+        return None
+    split = split_absolute_form(url)
+    if split is None:
+        _refuse(s, "invalid request target")
+        return None
+    authority, path = split
+    # RFC 9112 3.2.4: an OPTIONS to a whole server goes to the origin as "*".
+    s.url = b"*" if s.method == b"OPTIONS" and path == b"/" and url[-1:] != b"/" else path
+    return authority
+
+
+def _use_authority(s: Session, authority: bytes) -> None:
+    """An absolute-form target: its authority is the request's host, whatever Host said
+    (RFC 9112 3.2.2: a server MUST ignore the received Host field and use the target's
+    authority). The router, the app and the upstream see that one Host."""
+    s.host_b = authority
+    s.fwd[:0] = (b"Host", b": ", authority, b"\r\n")
+    raw = [(n, v) for n, v in s.raw_headers if n.lower() != b"host"]
+    raw.insert(0, (b"Host", authority))
+    s.raw_headers = raw
 
 
 class H1Server(Exchange, asyncio.Protocol):
@@ -320,6 +364,10 @@ class H1Server(Exchange, asyncio.Protocol):
         s.method = p.get_method()
         s.version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
+        url = s.url
+        authority = None
+        if url[:1] != b"/" or b"#" in url:
+            authority = _target(s)
         if p.should_upgrade() and s.method != b"CONNECT":
             for name, value in s.raw_headers:
                 if name.lower() == b"upgrade":
@@ -331,9 +379,10 @@ class H1Server(Exchange, asyncio.Protocol):
             if n not in _REQ_SPECIAL:
                 fwd += (name, b": ", value, b"\r\n")
             elif n == b"host":
-                s.host_b = value
                 hosts += 1
-                fwd += (name, b": ", value, b"\r\n")
+                if authority is None:
+                    s.host_b = value
+                    fwd += (name, b": ", value, b"\r\n")
             elif n == b"content-length":
                 s.content_length = int(value)
             elif n == b"transfer-encoding":
@@ -357,6 +406,8 @@ class H1Server(Exchange, asyncio.Protocol):
                 if fwd[i].lower() not in drop:
                     kept += fwd[i:i + 4]
             s.fwd = kept
+        if authority is not None:
+            _use_authority(s, authority)
         if hosts > 1 or (hosts == 0 and s.version == "1.1"):
             # RFC 9112 3.2: a server MUST respond with 400 to an HTTP/1.1 request without a
             # Host header field, and to any request with more than one.

@@ -367,3 +367,44 @@ def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
         assert conn.request("GET", "/after", [("Host", "t")]).status == 200
     assert env.origin.conns[-1].requests[-1].target == b"/after"
     assert len(env.origin.conns) == 2
+
+
+# -- 2. request target and Host ----------------------------------------------------------------
+
+def test_absolute_form_uses_the_authority(env: Env) -> None:
+    """``GET http://other.example/p?q HTTP/1.1`` with ``Host: t``: the target's authority
+    wins (RFC 9112 3.2.2): routed to the upstream for other.example, forwarded in
+    origin-form with that Host."""
+    seen = forwarded(env, b"GET http://other.example/p?q=1 HTTP/1.1\r\nHost: t\r\n\r\n",
+                     env.other)
+    assert seen.line == b"GET /p?q=1 HTTP/1.1"
+    assert seen.header(b"host") == b"other.example"
+    assert not env.origin.requests()
+
+
+def test_absolute_form_with_empty_path_and_port(env: Env) -> None:
+    """An absolute-form target without a path goes up as ``/``; the port stays in Host."""
+    seen = forwarded(env, b"GET HTTP://Other.Example:8080 HTTP/1.1\r\nHost: t\r\n\r\n",
+                     env.other)
+    assert seen.line == b"GET / HTTP/1.1"
+    assert seen.header(b"host") == b"Other.Example:8080"
+
+
+BAD_TARGETS = {
+    "userinfo": b"http://user@other.example/",
+    "userinfo_no_name": b"http://@other.example/",
+    "empty_authority": b"http:///x",
+    "other_scheme": b"ftp://other.example/",
+    "bad_port": b"http://other.example:8o/",
+    "fragment": b"/x#/../admin",
+    "fragment_absolute": b"http://other.example/x#frag",
+    "no_leading_slash": b"x/y",
+    "asterisk_not_options": b"*",
+}
+
+
+@pytest.mark.parametrize("target", BAD_TARGETS.values(), ids=BAD_TARGETS.keys())
+def test_bad_target_is_refused(env: Env, target: bytes) -> None:
+    """Userinfo in an absolute-form target, a fragment, a form that is none of origin-,
+    absolute- or (for OPTIONS) asterisk-form: 400, nothing upstream."""
+    refused(env, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
