@@ -279,7 +279,9 @@ class Session:
         """The host the client asked for: the Host field (HTTP/2: ``:authority``) as received,
         port included (``"example.com:8080"``), or None; for an absolute-form target
         (``GET http://example.com/ HTTP/1.1``), its authority, which replaces the Host field
-        (RFC 9112 3.2.2). Not changed by setting a Host field on :attr:`req_header`."""
+        (RFC 9112 3.2.2). It is always a valid host (RFC 3986, with an optional port): the
+        engine refuses a request whose Host is not. Not changed by setting a Host field on
+        :attr:`req_header`."""
         return None if self.host_b is None else self.host_b.decode("latin-1")
 
     @property

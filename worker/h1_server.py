@@ -38,7 +38,7 @@ from shared.errors import (
     ProxyError,
     downstream_error,
 )
-from shared.headers import RawHeaders, ResponseHeader, split_absolute_form
+from shared.headers import RawHeaders, ResponseHeader, split_absolute_form, valid_host
 from shared.session import Session
 from worker.exchange import STATUS_LINES, Exchange, peer_info, status_line
 from worker.h2_server import PREFACE, H2Server
@@ -413,6 +413,10 @@ class H1Server(Exchange, asyncio.Protocol):
             # Host header field, and to any request with more than one.
             s.error = downstream_error(ErrorKind.BAD_REQUEST,
                                        "no Host header" if hosts == 0 else "several Host headers")
+        elif hosts and authority is None and not valid_host(s.host_b):  # type: ignore[arg-type]
+            # RFC 9110 7.2 / RFC 3986 3.2.2: host [":" port]. Userinfo, a path, a second port
+            # or whitespace would route here and mean another host at the origin.
+            _refuse(s, "invalid Host header")
         s.max_body = max_body = self.engine.max_body
         if max_body and s.content_length is not None and s.content_length > max_body:
             s.error = downstream_error(ErrorKind.BODY_TOO_LARGE)

@@ -408,3 +408,41 @@ def test_bad_target_is_refused(env: Env, target: bytes) -> None:
     """Userinfo in an absolute-form target, a fragment, a form that is none of origin-,
     absolute- or (for OPTIONS) asterisk-form: 400, nothing upstream."""
     refused(env, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+
+
+BAD_HOSTS = {
+    "userinfo": b"user@t",
+    "two_ports": b"t:80:80",
+    "letter_in_port": b"t:8o",
+    "port_then_userinfo": b"t:80@evil.example",
+    "path": b"t/evil",
+    "space": b"t evil",
+    "backslash": b"t\\evil",
+    "unclosed_ip_literal": b"[::1",
+    "bad_ip_literal": b"[not-an-ip]",
+    "bad_percent": b"t%zz",
+}
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS.values(), ids=BAD_HOSTS.keys())
+def test_bad_host_is_refused(env: Env, host: bytes) -> None:
+    """A Host that is not an RFC 3986 host [":" port]: 400, nothing upstream."""
+    refused(env, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+
+
+GOOD_HOSTS = [b"t", b"t:80", b"T.Example-1", b"127.0.0.1:8080", b"[::1]:80", b"[fe80::1]",
+              b"xn--bcher-kva.example", b"a%41b"]
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS, ids=[h.decode() for h in GOOD_HOSTS])
+def test_good_host_is_forwarded(env: Env, host: bytes) -> None:
+    """Names, IPv4 and IPv6 literals, with and without a port, pass unchanged."""
+    seen = forwarded(env, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert seen.header(b"host") == host
+
+
+def test_two_hosts_and_no_host_are_refused(env: Env) -> None:
+    """RFC 9112 3.2: more than one Host, or none on HTTP/1.1: 400."""
+    refused(env, b"GET / HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n")
+    env.origin.reset()
+    refused(env, b"GET / HTTP/1.1\r\nX: y\r\n\r\n")
