@@ -446,3 +446,26 @@ def test_two_hosts_and_no_host_are_refused(env: Env) -> None:
     refused(env, b"GET / HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n")
     env.origin.reset()
     refused(env, b"GET / HTTP/1.1\r\nX: y\r\n\r\n")
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9", b"1.2", b"3.0"])
+def test_version_other_than_1x_is_refused(env: Env, version: bytes) -> None:
+    """An HTTP/1 request line may say HTTP/1.0 or HTTP/1.1 only: anything else is refused
+    and the connection closed."""
+    with HttpConn(env.port) as conn:
+        warm(conn)
+        conn.send(b"GET / HTTP/" + version + b"\r\nHost: t\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.status in (400, 505), resp.status
+        assert conn.closed_by_peer()
+    assert_origin_saw_only_warm_and_marker(env)
+
+
+def test_http09_request_line_is_refused(env: Env) -> None:
+    """A request line without a version (HTTP/0.9, which httptools takes) is refused."""
+    refused(env, b"GET /x\r\n\r\n")
+
+
+def test_pri_method_is_refused(env: Env) -> None:
+    """PRI is the HTTP/2 preface's method (RFC 9113 3.4), never an HTTP/1.1 request."""
+    refused(env, b"PRI /x HTTP/1.1\r\nHost: t\r\n\r\n")
