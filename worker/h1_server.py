@@ -66,6 +66,11 @@ _RESP_DROP = frozenset({
     b"transfer-encoding", b"upgrade",
 })
 _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+#: Connection tokens of a request that name no field to drop: those above, and the fields a
+#: request cannot do without. RFC 9110 7.6.1 has a proxy drop the fields the Connection field
+#: names, but a Host dropped so leaves an HTTP/1.1 request without one (RFC 9112 3.2), and the
+#: framing fields are the proxy's own; such tokens are ignored.
+_REQ_KEEP_TOKENS = _KEEP_TOKENS | {b"host", b"content-length", b"transfer-encoding"}
 #: Trailer fields a request may not carry (RFC 9110 6.5.1: framing, routing and connection
 #: fields); a chunked body ending with one is refused. Others are dropped, as trailers are
 #: not sent upstream.
@@ -401,7 +406,7 @@ class H1Server(Exchange, asyncio.Protocol):
             elif n == b"connection":
                 for token in value.lower().split(b","):
                     token = token.strip()
-                    if token not in _KEEP_TOKENS:
+                    if token not in _REQ_KEEP_TOKENS:
                         if s.conn_tokens is None:
                             s.conn_tokens = []
                         s.conn_tokens.append(token)

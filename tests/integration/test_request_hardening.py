@@ -469,3 +469,13 @@ def test_http09_request_line_is_refused(env: Env) -> None:
 def test_pri_method_is_refused(env: Env) -> None:
     """PRI is the HTTP/2 preface's method (RFC 9113 3.4), never an HTTP/1.1 request."""
     refused(env, b"PRI /x HTTP/1.1\r\nHost: t\r\n\r\n")
+
+
+@pytest.mark.parametrize("token", [b"host", b"Content-Length", b"transfer-encoding"])
+def test_connection_token_never_removes_framing_or_host(env: Env, token: bytes) -> None:
+    """``Connection: host`` (or a framing field): the token is ignored, Host still goes up
+    and a body keeps its framing."""
+    seen = forwarded(env, b"POST / HTTP/1.1\r\nHost: t\r\nConnection: " + token
+                     + b"\r\nContent-Length: 2\r\n\r\nhi")
+    assert seen.header(b"host") == b"t"
+    assert seen.body == b"hi"
