@@ -58,7 +58,7 @@ MODE_CLOSE = 3     # delimited by closing the connection (HTTP/1.0 clients)
 _REQ_SPECIAL = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
     b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect", b"x-forwarded-for",
-    b"x-forwarded-proto", b"x-forwarded-host",
+    b"x-forwarded-proto", b"x-forwarded-host", b"http2-settings",
 })
 # Response headers not passed on: hop-by-hop (RFC 9110 7.6.1) or framing the proxy redoes.
 _RESP_DROP = frozenset({
@@ -138,6 +138,30 @@ def _use_authority(s: Session, authority: bytes) -> None:
     raw = [(n, v) for n, v in s.raw_headers if n.lower() != b"host"]
     raw.insert(0, (b"Host", authority))
     s.raw_headers = raw
+
+
+def _upgrade(s: Session) -> None:
+    """An upgrade request (RFC 9110 7.8): sets ``s.upgrade`` to the protocols asked of the
+    origin, if any are left; refuses one with a body."""
+    if s.has_body:
+        # The parser switches at the end of the head: the body would reach the origin
+        # unframed, as the first bytes of the tunnel.
+        _refuse(s, "upgrade request with a body")
+        return
+    if s.version != "1.1":
+        return  # Upgrade is HTTP/1.1's: on HTTP/1.0 it is ignored
+    protocols = []
+    for name, value in s.raw_headers:
+        if name.lower() == b"upgrade":
+            for token in value.split(b","):
+                token = token.strip()
+                # Never h2c: an origin that switched would take HTTP/2 streams from the client
+                # that the proxy never sees (h2c smuggling). Without it the request is an
+                # ordinary one (nginx does the same).
+                if token and token.split(b"/", 1)[0].lower() != b"h2c":
+                    protocols.append(token)
+    if protocols:
+        s.upgrade = b", ".join(protocols)
 
 
 class H1Server(Exchange, asyncio.Protocol):
@@ -380,10 +404,6 @@ class H1Server(Exchange, asyncio.Protocol):
         authority = None
         if url[:1] != b"/" or b"#" in url:
             authority = _target(s)
-        if p.should_upgrade() and s.method != b"CONNECT":
-            for name, value in s.raw_headers:
-                if name.lower() == b"upgrade":
-                    s.upgrade = value
         fwd = s.fwd
         hosts = 0
         for name, value in s.raw_headers:
@@ -420,6 +440,8 @@ class H1Server(Exchange, asyncio.Protocol):
             s.fwd = kept
         if authority is not None:
             _use_authority(s, authority)
+        if p.should_upgrade() and method != b"CONNECT":
+            _upgrade(s)
         if hosts > 1 or (hosts == 0 and s.version == "1.1"):
             # RFC 9112 3.2: a server MUST respond with 400 to an HTTP/1.1 request without a
             # Host header field, and to any request with more than one.

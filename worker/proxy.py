@@ -63,7 +63,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 #: Request headers the proxy strips from the upstream request (hop-by-hop or rewritten).
 _UPSTREAM_DROP = ("connection", "keep-alive", "proxy-connection", "te", "trailer",
                   "transfer-encoding", "upgrade", "expect", "content-length",
-                  "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for")
+                  "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "http2-settings")
 #: Request headers not sent to an HTTP/2 upstream (connection-specific, RFC 9113 8.2.2;
 #: Host becomes :authority).
 _H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te",

@@ -479,3 +479,49 @@ def test_connection_token_never_removes_framing_or_host(env: Env, token: bytes) 
                      + b"\r\nContent-Length: 2\r\n\r\nhi")
     assert seen.header(b"host") == b"t"
     assert seen.body == b"hi"
+
+
+# -- 3. upgrade ------------------------------------------------------------------------------
+
+def test_h2c_upgrade_is_not_forwarded(env: Env) -> None:
+    """``Upgrade: h2c`` with HTTP2-Settings (h2c smuggling): the upgrade and the settings are
+    stripped and the request answered as a normal one."""
+    seen = forwarded(env, b"GET /h2c HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings"
+                          b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    assert seen.target == b"/h2c"
+    assert not {b"upgrade", b"http2-settings"} & seen.names()
+    assert b"upgrade" not in (seen.header(b"connection") or b"").lower()
+
+
+def test_h2c_among_other_upgrades_is_dropped(env: Env) -> None:
+    """An Upgrade list naming h2c and another protocol asks for the other one only."""
+    with HttpConn(env.port) as conn:
+        conn.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: h2c, websocket\r\n\r\n")
+        status, _, _ = conn.read_head()
+        assert status == 101
+    seen = wait_for(env.origin.requests, ORIGIN_SECONDS, what="the upgrade at the origin")
+    assert seen[0].header(b"upgrade") == b"websocket"
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+                         ids=["length", "chunked"])
+def test_upgrade_with_a_body_is_refused(env: Env, framing: bytes) -> None:
+    """An upgrade request with a body would reach the origin without it (the parser switches
+    at the end of the head): 400, nothing upstream."""
+    refused(env, b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\n" + framing)
+
+
+def test_upgrade_on_http10_is_ignored(env: Env) -> None:
+    """Upgrade is an HTTP/1.1 mechanism (RFC 9110 7.8): on HTTP/1.0 the request is answered
+    as a normal one and no Upgrade goes up."""
+    with HttpConn(env.port) as conn:
+        conn.send(b"GET /old HTTP/1.0\r\nHost: t\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.status == 200
+    seen = wait_for(env.origin.requests, ORIGIN_SECONDS, what="the request at the origin")
+    assert seen[0].target == b"/old"
+    assert b"upgrade" not in seen[0].names()
