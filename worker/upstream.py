@@ -4,6 +4,27 @@ An :class:`UpstreamConn` is either *busy* (it carries one exchange: its ``handle
 response callbacks) or *idle* (it waits in the :class:`Pool`). An idle connection is watched:
 if the origin closes it or sends anything, it is dropped, so the pool never hands out a
 connection known to be dead (``pingora-pool`` ``idle_poll`` does the same).
+
+An origin is not trusted to frame its responses sanely; nothing it sends may mean two things
+downstream or leave the connection carrying a message the next exchange would misread:
+
+- A response is *complete* when httptools ends it (or, for HEAD, at its head), but the exchange
+  ends only once the read that completed it is parsed to its end: a byte after a complete
+  response (junk, a body to a 204 / 304 / HEAD, a second response) means the origin and the
+  proxy disagree on where the response ended, so the connection is closed, never pooled.
+- A 204 loses Content-Length and Transfer-Encoding (RFC 9110 8.6, RFC 9112 6.1: a server MUST
+  NOT send them); one that declared a body is not reused. A 304 and a response to HEAD keep
+  Content-Length, which there says what a 200 to GET would have carried (RFC 9110 8.6).
+- A 101 is valid only for a request that asked to upgrade, and its Upgrade must name protocols
+  the request offered (RFC 9110 7.8); otherwise it is an invalid response (502), and the
+  client's connection is closed as well.
+- Bytes that begin no response, arriving on a reused connection before this exchange's
+  response, are left over from the exchange before: the exchange fails as one whose reused
+  connection died before answering (:class:`StaleBytes`), which the engine may send again on
+  a fresh connection.
+
+These checks run where the rare case shows (the status of the head, the end of a read, a
+parse error), not on every response.
 """
 
 from __future__ import annotations
@@ -23,8 +44,23 @@ if TYPE_CHECKING:
     from worker.exchange import Exchange as ResponseHandler
 
 
-class _StopAfterHead(Exception):
-    """Ends parsing after the head of a response that has no body (to HEAD)."""
+class _BytesAfterResponse(Exception):
+    """Raised from a parser callback when bytes follow a complete response."""
+
+
+class InvalidResponse(httptools.HttpParserError):
+    """A response httptools parsed that HTTP forbids (a 101 the request did not ask for); the
+    exchange fails as with any parse error (502)."""
+
+
+class StaleBytes(ConnectionError):
+    """Bytes that begin no response came first on a reused connection: left over from the
+    exchange before (an origin that sent more than its response). The exchange fails as one
+    whose connection died before any response byte (the engine may retry it)."""
+
+
+#: How a status line begins (what bytes left over from an earlier exchange do not).
+_STATUS_LINE_START = b"HTTP/"
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -38,7 +74,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "key", "pool", "transport", "parser", "handler", "headers", "trailers", "status",
         "head_only", "got_bytes", "keep_alive", "deadline", "read_timeout", "requests",
-        "idle_since", "closed", "write_paused", "tunnel", "reading_paused",
+        "idle_since", "closed", "write_paused", "tunnel", "reading_paused", "complete",
     )
 
     def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
@@ -67,6 +103,9 @@ class UpstreamConn(asyncio.Protocol):
         self.head_only = False
         self.got_bytes = False
         self.keep_alive = True
+        #: The response is complete; the exchange ends once the read that completed it is
+        #: parsed to its end (see the module docstring).
+        self.complete = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -90,17 +129,42 @@ class UpstreamConn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._start_tunnel(handler, data[e.args[0]:])
-        except _StopAfterHead:
-            self._finish()
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _StopAfterHead):
-                self._finish()
-            else:
-                self._fail(e.__context__ or e)
+            self._stopped(e.__context__ or e, data)
         except httptools.HttpParserError as e:
-            self._fail(e)
+            self._stopped(e, data)
+        else:
+            if self.complete:
+                self._finish()
         finally:
             handler.end_batch()
+
+    def _stopped(self, exc: BaseException, data: bytes) -> None:
+        """Parsing stopped at an error (or a callback's exception) within ``data``."""
+        if self.complete:
+            # Whatever stopped the parser came after a complete response: the response
+            # stands, the connection does not.
+            self.keep_alive = False
+            self._finish()
+            return
+        if (self.status == 0 and not self.headers and isinstance(exc, httptools.HttpParserError)
+                and not isinstance(exc, InvalidResponse)
+                and not _STATUS_LINE_START.startswith(data.lstrip(b"\r\n")[:5])
+                and self._reused()):
+            self.got_bytes = False
+            exc = StaleBytes(f"{len(data)} bytes that begin no response came before the "
+                             f"response on a reused connection ({data[:16]!r})")
+        self._fail(exc)
+
+    def _reused(self) -> bool:
+        """True when the connection carried an exchange before this one (here, or in the
+        worker that gave it to the pool broker)."""
+        if self.requests > 1:
+            return True
+        # A connection the pool broker lent carries its first exchange in this process; the
+        # request knows it was reused (a handler that serves no Session cannot say).
+        s = getattr(self.handler, "active", None)
+        return s is not None and s.upstream_reused is True
 
     def eof_received(self) -> bool | None:
         return None
@@ -139,6 +203,8 @@ class UpstreamConn(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            raise _BytesAfterResponse
         self.headers = []
         self.trailers = None
 
@@ -151,24 +217,80 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status == 101 and self.handler is not None:
-            # Switching protocols: the handler sends the head on; the tunnel starts once the
-            # parser stops (HttpParserUpgrade).
-            self.status = 101
-            self.keep_alive = False
-            self.handler.upstream_head(self, 101, self.headers)
-            return
+        handler = self.handler
         if status < 200:
+            if status == 101 and handler is not None:
+                # Switching protocols: the handler sends the head on; the tunnel starts once
+                # the parser stops (HttpParserUpgrade).
+                self._check_switch(handler)
+                self.status = 101
+                self.keep_alive = False
+                handler.upstream_head(self, 101, self.headers)
             # 1xx interim responses are not forwarded: the proxy answers Expect itself.
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self.trailers = []
-        handler = self.handler
+        if status == 204:
+            self._drop_204_framing()
         if handler is not None:
             handler.upstream_head(self, status, self.headers)
         if self.head_only:
-            raise _StopAfterHead
+            # A response to HEAD ends at its head, whatever its framing says (RFC 9112 6.3);
+            # a body byte after it is a byte after a complete response.
+            self.complete = True
+
+    def _check_switch(self, handler: ResponseHandler) -> None:
+        """Raises :class:`InvalidResponse` unless this 101 switches to protocols the request's
+        Upgrade offered. RFC 9110 7.8: "A server MUST NOT switch to a protocol that was not
+        indicated by the client in the corresponding request's Upgrade header field"; a 101
+        "MUST send an Upgrade header field to indicate the new protocol(s)", and "A sender of
+        Upgrade MUST also send an "Upgrade" connection option in the Connection header
+        field"."""
+        s = handler.active
+        offered = s.upgrade if s is not None else None
+        named = [token.strip().lower() for name, value in self.headers
+                 if name.lower() == b"upgrade" for token in value.split(b",")]
+        named = [token for token in named if token]
+        what = b", ".join(named).decode("latin-1") or "no protocol"
+        if offered is None:
+            why = f"101 switching to {what} for a request that asked for no upgrade"
+        elif not named or not all(
+                token in {t.strip().lower() for t in offered.split(b",")} for token in named):
+            why = f"101 switching to {what}; the request offered {offered.decode('latin-1')}"
+        elif not self.parser.should_upgrade():
+            why = "101 without the upgrade option in its Connection field"
+        else:
+            return
+        if s is not None:
+            # Nothing sane follows on the client's side either: what it sent after its
+            # request was meant for a protocol that is not spoken, or for a tunnel.
+            s.keep_alive = False
+        raise InvalidResponse(why)
+
+    def _drop_204_framing(self) -> None:
+        """A 204 has no body: Content-Length and Transfer-Encoding are not passed on (RFC 9110
+        8.6: "A server MUST NOT send a Content-Length header field in any response with a
+        status code of 1xx (Informational) or 204 (No Content)"; RFC 9112 6.1 says the same of
+        Transfer-Encoding). One that declared a body may still send it: it is not reused."""
+        headers = self.headers
+        for name, _ in headers:
+            n = name.lower()
+            if n == b"content-length" or n == b"transfer-encoding":
+                break
+        else:
+            return
+        kept: RawHeaders = []
+        for name, value in headers:
+            n = name.lower()
+            if n == b"content-length":
+                if value.strip() != b"0":
+                    self.keep_alive = False
+            elif n == b"transfer-encoding":
+                self.keep_alive = False
+            else:
+                kept.append((name, value))
+        self.headers = kept
 
     def _close_delimited(self) -> bool:
         """True when the current response's body ends only when the connection closes."""
@@ -185,15 +307,32 @@ class UpstreamConn(asyncio.Protocol):
         return True
 
     def on_body(self, data: bytes) -> None:
+        if self.complete:
+            raise _BytesAfterResponse  # a body after the head of a response to HEAD
         handler = self.handler
         if handler is not None:
             handler.upstream_body(data)
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            # A response to HEAD, complete at its head. httptools ends it here at once when its
+            # framing says no body follows; a chunked one ends only after a last chunk, which
+            # is a body after all.
+            if self.status not in (204, 304) and self._declares_chunked():
+                raise _BytesAfterResponse
+            return
         if self.status and self.status != 101:
             if self.trailers and self.handler is not None:
                 self.handler.upstream_trailers(self.trailers)
-            self._finish()
+            self.complete = True
+
+    def _declares_chunked(self) -> bool:
+        """True when the response's framing is the chunked coding."""
+        for name, value in self.headers:
+            if (name.lower() == b"transfer-encoding"
+                    and value.rstrip().lower().endswith(b"chunked")):
+                return True
+        return False
 
     def _start_tunnel(self, handler: ResponseHandler, rest: bytes) -> None:
         """After a 101 response: bytes go both ways unparsed until either side closes."""
@@ -215,6 +354,7 @@ class UpstreamConn(asyncio.Protocol):
         self.handler = handler
         self.head_only = head_only
         self.status = 0
+        self.complete = False
         self.got_bytes = False
         self.requests += 1
         self.pool.requests += 1
@@ -241,8 +381,8 @@ class UpstreamConn(asyncio.Protocol):
         handler = self.handler
         self.handler = None
         self.pool.busy.discard(self)
-        if self.head_only:
-            # The parser still expects a body the origin will never send.
+        if self.head_only and self.keep_alive:
+            # The parser may still expect a body the origin will never send.
             self.parser = httptools.HttpResponseParser(self)
         if handler is not None:
             handler.upstream_done(self)
