@@ -281,10 +281,7 @@ class Engine:
             reused = False
             break
         if conn.closing:
-            if isinstance(up, UpstreamConn):
-                pool.put(up)
-            else:
-                up.close()
+            self._give_back(up)
             return
         s.peer = peer
         s.upstream_reused = reused
@@ -302,9 +299,24 @@ class Engine:
         else:
             head = self.request_head(conn, s, peer)
         read_timeout = peer.options.read_timeout or self.read_timeout
+        body_error = s._body_error
+        if body_error is not None:
+            # The body failed (malformed, over the limit) before the head went up, in the read
+            # that brought the head or while a connection was made: the origin gets nothing
+            # of a refused request, and the connection stays as good as it was.
+            self._give_back(up)
+            raise body_error
         conn.attach(s, up, head, read_timeout)
         if s.has_body:
             await self.send_body(conn, s, up)
+
+    def _give_back(self, up: Upstream) -> None:
+        """Returns a connection no request was written on to the pool (an HTTP/2 stream not
+        opened yet is closed)."""
+        if isinstance(up, UpstreamConn):
+            self.pool.put(up)
+        else:
+            up.close()
 
     def retry(self, conn: Exchange, s: Session) -> None:
         """Sends the request again after its reused connection died before answering."""

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Host routed to the second origin (absolute-form targets name it).
 OTHER = "other.example"
+#: The proxy's request body limit here.
+MAX_BODY = 1000
 #: Longest wait for the origin to see (or stop seeing) something.
 ORIGIN_SECONDS = 10.0
 
@@ -238,7 +240,7 @@ def stack(module_fleet: Fleet) -> Iterator[Env]:
     # One worker and no broker: the warm-up's pooled connection is the one the next request
     # finds.
     config = config_for(upstreams={"main": [origin.address]}, server={"workers": 1},
-                        pool={"shared": False})
+                        pool={"shared": False}, limits={"max_body_bytes": MAX_BODY})
     config["upstreams"]["other"] = {"servers": [other.address], "hosts": [OTHER]}
     try:
         yield Env(module_fleet.master(config), origin, other)
@@ -348,6 +350,14 @@ def test_good_chunked_body_in_one_read_is_forwarded(env: Env) -> None:
     seen = forwarded(env, CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
     assert seen.body == b"hello"
     assert b"x-sum" not in seen.names()
+
+
+def test_chunked_body_over_the_limit_in_the_head_read_sends_nothing(env: Env) -> None:
+    """A chunked body past ``limits.max_body_bytes`` within the read that brought its head:
+    413, and the origin sees nothing (the limit is found while the read is parsed, before the
+    engine would write the head)."""
+    refused(env, CHUNKED_HEAD + b"%x\r\n" % (2 * MAX_BODY) + b"a" * 2 * MAX_BODY
+            + b"\r\n0\r\n\r\n", 413)
 
 
 def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
