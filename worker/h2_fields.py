@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from shared.headers import valid_host
 from worker.h2_hpack import Fields
 
 #: Characters allowed in a field name: tchar (RFC 9110 5.6.2), lower case only.
@@ -15,11 +16,12 @@ _BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+.^_`|~-]")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 #: A method is a token (RFC 9110 9.1).
 _BAD_METHOD = re.compile(rb"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
-#: What may not appear in :path or :authority: they become the HTTP/1.1 request line and Host
-#: upstream, where whitespace or control characters would split or bend the request; an
-#: authority has no userinfo (RFC 9113 8.3.1) and no path.
-_BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
-_BAD_AUTHORITY = re.compile(rb"[\x00-\x20\x7f/\\@]")
+#: What may not appear in :path: it becomes the HTTP/1.1 request line upstream, where
+#: whitespace or control characters would split or bend the request, and no fragment is part
+#: of a request target (RFC 9112 3.2). :authority and host become the upstream Host: each must
+#: be an RFC 3986 host with an optional port (:func:`shared.headers.valid_host`; no userinfo,
+#: RFC 9113 8.3.1, no path), the rule an HTTP/1.1 Host meets.
+_BAD_PATH = re.compile(rb"[\x00-\x20\x7f#]")
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _CONNECTION_FIELDS = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
@@ -49,7 +51,7 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
                     return "invalid :method", length
                 method = value
             elif name == b":authority":
-                if not value or _BAD_AUTHORITY.search(value):
+                if not value or not valid_host(value):
                     return "invalid :authority", length
                 authority = value
             elif name == b":path":
@@ -72,7 +74,7 @@ def check_request(fields: Fields) -> tuple[str | None, int]:
             # The app reads Host, the upstream gets :authority: they must be one value.
             if host is not None or (authority is not None and value != authority):
                 return "repeated host, or host and :authority differ", length
-            if not value or _BAD_AUTHORITY.search(value):
+            if not value or not valid_host(value):
                 return "invalid host", length
             host = value
     if method == b"CONNECT":

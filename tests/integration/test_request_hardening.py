@@ -21,8 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
-from helpers import HttpConn, Master, config_for, wait_for
+from helpers import CLIENT_TIMEOUT, HttpConn, Master, config_for, wait_for
 
 if TYPE_CHECKING:
     from conftest import Fleet
@@ -535,3 +538,53 @@ def test_upgrade_on_http10_is_ignored(env: Env) -> None:
     seen = wait_for(env.origin.requests, ORIGIN_SECONDS, what="the request at the origin")
     assert seen[0].target == b"/old"
     assert b"upgrade" not in seen[0].names()
+
+
+# -- HTTP/2: the same rules on :authority, Host and :path ---------------------------------------
+
+def h2_request(port: int, headers: list[tuple[bytes, bytes]]) -> int | str:
+    """One HTTP/2 request (prior knowledge, nothing validated on our side); its status, or
+    ``"reset"`` when the stream is reset."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False,
+        validate_inbound_headers=False))
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            assert data, "connection closed without an answer"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 1:
+                    return int(dict(event.headers)[b":status"])
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
+                    return "reset"
+            sock.sendall(conn.data_to_send())
+
+
+def h2_get(authority: bytes | None = b"t", path: bytes = b"/", host: bytes | None = None
+           ) -> list[tuple[bytes, bytes]]:
+    """A GET's fields: without ``:authority`` when it is None, with ``host`` when given."""
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", path)]
+    if authority is not None:
+        fields.insert(2, (b":authority", authority))
+    if host is not None:
+        fields.append((b"host", host))
+    return fields
+
+
+@pytest.mark.parametrize("authority", [b"t:80:80", b"t:8o", b"t evil", b"user@t", b"[::1"])
+def test_h2_bad_authority_is_refused(env: Env, authority: bytes) -> None:
+    """An HTTP/2 :authority that is not host [":" port] never becomes an upstream Host."""
+    assert h2_request(env.port, h2_get(authority)) in ("reset", 400)
+    assert h2_request(env.port, h2_get(path=b"/marker")) == 200
+    assert env.origin.targets() == [b"/marker"]
+
+
+def test_h2_bad_host_field_and_fragment_are_refused(env: Env) -> None:
+    """The same Host rule on an HTTP/2 host field, and no fragment in :path."""
+    assert h2_request(env.port, h2_get(None, host=b"t:8o")) in ("reset", 400)
+    assert h2_request(env.port, h2_get(path=b"/x#/../admin")) in ("reset", 400)
+    assert h2_request(env.port, h2_get(b"[::1]:80", b"/ok")) == 200
+    assert env.origin.targets() == [b"/ok"]
