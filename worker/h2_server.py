@@ -423,7 +423,14 @@ class H2Server(asyncio.Protocol):
             why = f"{self.total_resets} of its {self.requests} streams"
         else:
             return
-        self.engine.log.warning("%s reset %s; closing", self.client_addr[0], why)
+        client = self.client_addr[0]
+        held = self.engine.log_throttle.allow(client, "rapid reset")
+        if held is not None:
+            # Once per client a minute: one that reconnects and resets again is not a flood
+            # of lines.
+            self.engine.log.warning("%s reset %s; closing%s", client, why,
+                                    f" (and {held} more times since the last line)"
+                                    if held else "")
         self._abort(ErrorCodes.ENHANCE_YOUR_CALM)
 
     # -- helpers for streams ---------------------------------------------------------------

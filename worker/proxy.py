@@ -48,6 +48,7 @@ from shared.peer import HttpPeer, format_address
 from shared.session import Session
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
+from worker.log_throttle import LogThrottle
 from worker.tls import ClientTls
 from worker.upstream import Pool, UpstreamConn
 from worker.upstream_h2 import UpstreamH2Conn, UpstreamH2Stream
@@ -181,6 +182,9 @@ class Engine:
         self._h2_connecting: dict[tuple[Any, ...], asyncio.Future[None]] = {}
         self.connections: set[H1Server] = set()
         self.draining = False
+        #: Lets the log line of a protection that fires through once per client and reason
+        #: a minute (the request-side refusals here, the HTTP/2 server's).
+        self.log_throttle = LogThrottle()
         # Counters
         self.requests = 0
         self.active_requests = 0
@@ -611,10 +615,20 @@ class Engine:
             up.detach()
         if err.source is ErrorSource.DOWNSTREAM or (s.has_body and not s.body_done):
             s.keep_alive = False
-        if err.source is not ErrorSource.DOWNSTREAM or err.kind is not ErrorKind.DOWNSTREAM_CLOSED:
+        if err.source is not ErrorSource.DOWNSTREAM:
             level = logging.WARNING if err.source is ErrorSource.UPSTREAM else logging.INFO
             self.log.log(level, "%s %s: %s", s.method.decode("latin-1"),
                          s.url[:200].decode("latin-1"), err)
+        elif err.kind is not ErrorKind.DOWNSTREAM_CLOSED:
+            # A request refused: once per client and kind a minute (a client's flood of bad
+            # requests must not become a flood of lines).
+            client = conn.client_addr[0]
+            held = self.log_throttle.allow(client, err.kind.name)
+            if held is not None:
+                self.log.info("%s %s from %s: %s%s", s.method.decode("latin-1"),
+                              s.url[:200].decode("latin-1"), client, err,
+                              f" (and {held} more from this client since the last line)"
+                              if held else "")
         if self.p_fail_to_proxy is None:
             self._default_error_response(conn, s, err)
             conn.finish(s)

@@ -344,10 +344,13 @@ class H2Client:
 class RawH2:
     """An HTTP/2 client connection written frame by frame (no state machine: unlike the ``h2``
     package's, it still reads streams after a GOAWAY). What the server sends per stream is
-    recorded: ``status``, ``data``, ``ended`` and ``resets`` (error codes)."""
+    recorded: ``status``, ``data``, ``ended`` and ``resets`` (error codes). ``source``: the
+    loopback address to connect from."""
 
-    def __init__(self, port: int, timeout: float = CLIENT_TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = CLIENT_TIMEOUT,
+                 source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0))
         self.encoder = Encoder()
         self.decoder = Decoder()
         self.buf = bytearray()
@@ -713,21 +716,24 @@ def _zero_window_update(sid: int) -> bytes:
     return struct.pack(">HBBBL", 0, 4, 0x8, 0, sid) + bytes(4)
 
 
-@pytest.mark.parametrize("how", ["client-reset", "made-you-reset"])
-def test_rapid_reset_gets_enhance_your_calm(fresh: Stack, how: str) -> None:
+@pytest.mark.parametrize(("how", "source"), [("client-reset", "127.0.0.2"),
+                                             ("made-you-reset", "127.0.0.3")])
+def test_rapid_reset_gets_enhance_your_calm(fresh: Stack, how: str, source: str) -> None:
     """Opening and at once resetting thousands of streams (CVE-2023-44487), or getting the
     server to reset them with a frame that is wrong on purpose ("MadeYouReset",
     CVE-2025-8671: here a zero window increment), gets GOAWAY ENHANCE_YOUR_CALM and a closed
-    connection within a bounded number of streams; the worker lives on and serves."""
+    connection within a bounded number of streams; the worker lives on and serves. Each
+    attack comes from a loopback address of its own: the warning is logged once per client a
+    minute."""
     before = fresh.worker_pids()
-    warning = re.compile(r"127\.0\.0\.1 reset .*; closing")
+    warning = re.compile(re.escape(source) + r" reset .*; closing")
     warnings_before = len(warning.findall(fresh.master.read_error_log()))
     reset = RawH2.rst if how == "client-reset" else _zero_window_update
     limit = 10_000
     sent = 0
     goaway: GoAwayFrame | None = None
     started = time.monotonic()
-    with RawH2(fresh.plain) as raw:
+    with RawH2(fresh.plain, source=source) as raw:
         sid = 1
         while sent < limit and goaway is None and not raw.eof:
             batch = b"".join(raw.headers(sid + 2 * i) + reset(sid + 2 * i) for i in range(50))

@@ -224,6 +224,17 @@ class CaptureOrigin:
             s.close()
 
 
+class SourcedConn(HttpConn):
+    """An :class:`HttpConn` from a loopback address of its own (another client to the
+    proxy)."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT,
+                                             source_address=(source, 0))
+        self.buf = bytearray()
+        self.eof = False
+
+
 # -- the stack -------------------------------------------------------------------------------
 
 @dataclass
@@ -588,3 +599,37 @@ def test_h2_bad_host_field_and_fragment_are_refused(env: Env) -> None:
     assert h2_request(env.port, h2_get(path=b"/x#/../admin")) in ("reset", 400)
     assert h2_request(env.port, h2_get(b"[::1]:80", b"/ok")) == 200
     assert env.origin.targets() == [b"/ok"]
+
+
+# -- logging: once per client and reason a minute -----------------------------------------------
+
+def test_refusals_are_logged_once_per_client_and_reason(fleet: Fleet) -> None:
+    """Twenty refused requests from one client leave one line; another reason (413), or
+    another client address, gets a line of its own."""
+    origin = CaptureOrigin()
+    try:
+        master = fleet.master(config_for(upstreams={"main": [origin.address]},
+                                         server={"workers": 1},
+                                         limits={"max_body_bytes": MAX_BODY}))
+
+        def refuse(raw: bytes, status: int, source: str = "127.0.0.1") -> None:
+            with SourcedConn(master.port, source) as conn:
+                conn.send(raw)
+                assert conn.read_response().status == status
+
+        def lines(client: str, what: str) -> int:
+            return sum(1 for line in master.read_error_log().splitlines()
+                       if f"from {client}: downstream error: {what}" in line)
+
+        for _ in range(20):
+            refuse(b"GET / HTTP/1.1\r\nHost: t:8o\r\n\r\n", 400)
+        refuse(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
+               413)
+        refuse(b"GET /#x HTTP/1.1\r\nHost: t\r\n\r\n", 400, source="127.0.0.2")
+        # Each line is written before its response: all are in the log by now.
+        assert lines("127.0.0.1", "bad request") == 1
+        assert lines("127.0.0.1", "request body too large") == 1
+        assert lines("127.0.0.2", "bad request") == 1
+        assert not origin.requests()
+    finally:
+        origin.close()
