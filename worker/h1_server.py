@@ -394,12 +394,11 @@ class H1Server(Exchange, asyncio.Protocol):
         version = s.version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
         if version != "1.1" and version != "1.0":
-            # httptools takes HTTP/0.9 (no version) and any 1-digit major: an HTTP/1 request
-            # line says 1.0 or 1.1, and an origin would read another as something else.
+            # httptools takes HTTP/0.9 (no version, or a target it reads as running into the
+            # version: "PRI *oHTTP/2.0") and any 1-digit major: an HTTP/1 request line says
+            # 1.0 or 1.1, and an origin would read another as something else. (llhttp itself
+            # refuses PRI with a 1.x version.)
             _refuse(s, f"HTTP/{version} in an HTTP/1 request line")
-        elif method == b"PRI":
-            # The HTTP/2 preface's method (RFC 9113 3.4), never an HTTP/1 request.
-            _refuse(s, "PRI is the HTTP/2 preface")
         url = s.url
         authority = None
         if url[:1] != b"/" or b"#" in url:
