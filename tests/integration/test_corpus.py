@@ -2,6 +2,13 @@
 master to a real origin; each must get the expected statuses, leave the connection open or
 closed as expected, and deliver to the origin exactly what its expectation says.
 
+Each case's bytes follow a good request on the same connection, answered first: its worker
+then holds a pooled upstream connection, on which a request head goes out as soon as the
+engine starts, so a refusal that came too late shows as a request at the origin. A case whose
+``upstream`` is ``[]`` must leave nothing there, not even a head: once it is answered, a marker
+request on a new connection must reach the origin, which by then has read what came before it,
+and the origin must have seen nothing else.
+
 The files' format is described in tests/requests/README.md.
 """
 
@@ -14,13 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from helpers import HttpConn, Master, Origin, RecordedRequest, config_for
+from helpers import HttpConn, Master, Origin, RecordedRequest, config_for, get, wait_for
 
 if TYPE_CHECKING:
     from conftest import Fleet
 
 CORPUS = Path(__file__).resolve().parent.parent / "requests"
 MAX_BODY = 1_000_000
+#: The target of the request each case follows.
+WARM = "/corpus-warm"
+#: The target of the request that follows a refused case.
+MARKER = "/corpus-marker"
 
 
 def load_request(path: Path) -> bytes:
@@ -80,6 +91,8 @@ def test_request(env: Env, name: str) -> None:
     want = yaml.safe_load((CORPUS / f"{name}.yaml").read_text())
     env.origin.reset()
     with HttpConn(env.master.port) as conn:
+        warm = conn.request("GET", WARM, [("Host", "corpus.test")])
+        assert warm.status == 200
         conn.send(data)
         for i, expected in enumerate(want["responses"]):
             resp = conn.read_response()
@@ -91,9 +104,15 @@ def test_request(env: Env, name: str) -> None:
             again = conn.request("GET", "/still-open", [("Host", "corpus.test")])
             assert again.status == 200
     upstream = want["upstream"]
+    if not upstream:
+        assert get(env.master.port, MARKER, [("Host", "corpus.test")]).status == 200
+        wait_for(lambda: MARKER in env.origin.paths(), what="the marker at the origin")
+    seen = [r for r in env.origin.requests if r.target not in (WARM, MARKER)]
+    if not upstream:
+        assert not seen, f"a refused request reached the origin: {[r.target for r in seen]}"
     # A request the proxy refused while streaming it may have reached the origin in part;
     # only complete ones count.
-    got = [r for r in env.origin.requests if r.complete]
+    got = [r for r in seen if r.complete]
     if want.get("closed") is False:
         assert got[-1].target == "/still-open"
         got = got[:-1]
