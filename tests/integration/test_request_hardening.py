@@ -25,7 +25,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from helpers import CLIENT_TIMEOUT, HttpConn, Master, config_for, wait_for
+from helpers import CLIENT_TIMEOUT, HttpConn, Master, config_for, origin_app, wait_for
 
 if TYPE_CHECKING:
     from conftest import Fleet
@@ -599,6 +599,62 @@ def test_h2_bad_host_field_and_fragment_are_refused(env: Env) -> None:
     assert h2_request(env.port, h2_get(path=b"/x#/../admin")) in ("reset", 400)
     assert h2_request(env.port, h2_get(b"[::1]:80", b"/ok")) == 200
     assert env.origin.targets() == [b"/ok"]
+
+
+# -- the same through an app: the upstream request made from req_header ------------------------
+
+#: An app whose upstream request is built from ``session.req_header`` (the engine's slow
+#: path), read after the whole first read is parsed; ``X-Seen-Host`` says what
+#: ``session.host`` was.
+SLOW_APP = origin_app('''
+    def upstream_request_filter(self, session, upstream_request, ctx):
+        upstream_request.set("X-Seen-Host", session.host or "-")
+''')
+
+
+@pytest.fixture(scope="module")
+def slow(module_fleet: Fleet) -> Iterator[Env]:
+    origin = CaptureOrigin()
+    config = config_for(server={"workers": 1}, pool={"shared": False}, app="slowapp:App",
+                        app_options={"origin": origin.address})
+    try:
+        yield Env(module_fleet.master(config, files={"slowapp.py": SLOW_APP}), origin, origin)
+    finally:
+        origin.close()
+
+
+@pytest.fixture
+def slow_env(slow: Env) -> Env:
+    slow.origin.reset()
+    return slow
+
+
+def test_app_path_absolute_form(slow_env: Env) -> None:
+    """Through an app's upstream_request_filter, an absolute-form target goes up in
+    origin-form with one Host, its authority, which session.host is too."""
+    seen = forwarded(slow_env, b"GET http://other.example/p HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert seen.line == b"GET /p HTTP/1.1"
+    assert [v for n, v in seen.headers if n.lower() == b"host"] == [b"other.example"]
+    assert seen.header(b"x-seen-host") == b"other.example"
+
+
+def test_app_path_keeps_host_and_drops_h2c(slow_env: Env) -> None:
+    """Through an app: ``Connection: host`` keeps Host; an h2c upgrade loses Upgrade and
+    HTTP2-Settings."""
+    seen = forwarded(slow_env, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: host\r\n\r\n")
+    assert seen.header(b"host") == b"t"
+    slow_env.origin.reset()
+    seen = forwarded(slow_env, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+    assert not {b"upgrade", b"http2-settings"} & seen.names()
+
+
+def test_app_path_trailers_are_not_headers(slow_env: Env) -> None:
+    """A chunked body and its trailer section in the head's read: req_header, built once the
+    read is parsed, holds the headers only, so the trailer does not go up as a header."""
+    seen = forwarded(slow_env, CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Admin: 1\r\n\r\n")
+    assert seen.body == b"hello"
+    assert seen.header(b"x-admin") is None
 
 
 # -- logging: once per client and reason a minute -----------------------------------------------
