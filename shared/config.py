@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from shared import privileges
 from shared.peer import parse_address
 
 
@@ -91,6 +92,22 @@ def _address(v: Any) -> str | None:
     return None
 
 
+def _user(v: Any) -> str | None:
+    try:
+        privileges.user_entry(v)
+    except LookupError as e:
+        return str(e)
+    return None
+
+
+def _group(v: Any) -> str | None:
+    try:
+        privileges.group_id(v)
+    except LookupError as e:
+        return str(e)
+    return None
+
+
 def _app(v: Any) -> str | None:
     if v is None:
         return None
@@ -118,7 +135,22 @@ class ServerConfig:
     worker_timeout_seconds: float = setting(
         30.0, "A worker silent for this long (no heartbeat) is killed and replaced.", _positive)
     control_socket: str | None = setting(
-        None, "Unix-domain socket of the master's control commands; none when unset.")
+        None, "Unix-domain socket of the master's control commands (mode 0600, owned by the "
+        "master's user); none when unset.")
+    max_connections: int = setting(
+        10000, "Most client connections one worker keeps open (an HTTP/2 connection counts "
+        "once). At the limit the worker stops accepting: new connections wait in the "
+        "listening socket's queue (they are not refused) until it is about 5% below. 0 means "
+        "no limit.",
+        _not_negative)
+    user: str | int | None = setting(
+        None, "User the workers run as, a name or a numeric id: the master binds the "
+        "listeners and stays as it is; each worker opens its logs and reads its TLS files, "
+        "then switches to this user before it loads the app. Needs a master started as root "
+        "(otherwise ignored, with a warning). Unset: the master's user.", _user)
+    group: str | int | None = setting(
+        None, "Group the workers run as, a name or a numeric id; unset: the primary group "
+        "of server.user. The supplementary groups are server.user's.", _group)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +298,11 @@ EMBEDDED_SOURCE = "<embedded default config>"
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(inner[0]) + " or unset"
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            names.append("unset")
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
     if origin is list:
         return "a list"
     if origin is dict:
@@ -359,6 +394,15 @@ def _convert(tp: Any, value: Any, where: _Path, problems: _Problems) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:
+            # Several types (a name or a numeric id): the first that takes the value.
+            for option in inner:
+                trial = _Problems()
+                converted = _convert(option, value, where, trial)
+                if not trial.found:
+                    return converted
+            problems.add(where, f"expected {_type_name(tp)}, got {value!r}")
+            return _INVALID
         return _convert(inner[0], value, where, problems)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, problems)
@@ -452,6 +496,7 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
     if config is _INVALID:
         raise problems.error(source, raw)
     _check_listeners(config, source, problems)
+    _check_identity(config, problems)
     if (config.app is None and problems.clean(("app",)) and problems.clean(("upstreams",))
             and not any(u.servers for u in config.upstreams.values())):
         problems.add(("upstreams",),
@@ -459,6 +504,24 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
     if problems.found:
         raise problems.error(source, raw)
     return dataclasses.replace(config, source=source, raw=raw)
+
+
+def _check_identity(config: Config, problems: _Problems) -> None:
+    """``server.group`` goes with ``server.user``, which together name a user and group that
+    exist (each was checked alone already)."""
+    server = config.server
+    if server is _INVALID or not (problems.clean(("server", "user"))
+                                  and problems.clean(("server", "group"))):
+        return
+    if server.user is None:
+        if server.group is not None:
+            problems.add(("server", "group"), "needs server.user: a worker that stays root "
+                         "could take any group back")
+        return
+    try:
+        privileges.resolve(server.user, server.group)
+    except LookupError as e:
+        problems.add(("server", "user"), str(e))
 
 
 def _check_listeners(config: Config, source: str, problems: _Problems) -> None:
