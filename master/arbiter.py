@@ -76,6 +76,9 @@ class WorkerProc:
     requests: int = 0
     connections: int = 0
     active_requests: int = 0
+    #: At ``server.max_connections``, not accepting (from its last heartbeat).
+    accept_paused: bool = False
+    accept_pauses: int = 0
     app_error: str = ""
     exit_code: int | None = None
     pool: dict[str, int] = field(default_factory=dict)
@@ -304,6 +307,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
             w.requests = msg.requests
             w.connections = msg.connections
             w.active_requests = msg.active_requests
+            w.accept_paused = msg.accept_paused
+            w.accept_pauses = msg.accept_pauses
             w.pool = {name: getattr(msg, name) for name in POOL_COUNTERS}
         elif isinstance(msg, ipc.Borrow):
             self._lend(w, msg)

@@ -280,8 +280,8 @@ def _print_status(data: dict[str, Any], as_json: bool) -> None:
           f"{'conns':>6} {'requests':>9}  state")
     workers: list[dict[str, Any]] = data.get("workers", [])
     for w in workers:
-        state = "draining" if w.get("draining") else ("ready" if w.get("ready", True)
-                                                      else "starting")
+        state = ("draining" if w.get("draining") else "starting" if not w.get("ready", True)
+                 else "paused (max_connections)" if w.get("accept_paused") else "ready")
         print(f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "
               f"{w['age_seconds']:>8} {w['rss_bytes'] / 2**20:>8.1f} {w['cpu_seconds']:>8} "
               f"{w.get('connections', '-'):>6} {w.get('requests', '-'):>9}  {state}")

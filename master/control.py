@@ -167,6 +167,7 @@ class ControlMixin:
                 "cpu_seconds": round(cpu, 2), "connections": w.connections,
                 "requests": w.requests, "active_requests": w.active_requests,
                 "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
+                "accept_paused": w.accept_paused, "accept_pauses": w.accept_pauses,
             })
         totals: dict[str, Any] = dict(self.retired_counts)
         for w in self.workers.values():

@@ -98,6 +98,10 @@ class Heartbeat(Message):
     reused_local: int = 0
     reused_shared: int = 0
     donated: int = 0
+    #: The worker holds ``server.max_connections`` and does not accept for now.
+    accept_paused: bool = False
+    #: How many times it stopped accepting at that limit since it started.
+    accept_pauses: int = 0
 
 
 # pool broker (worker <-> master; old master -> new master)

@@ -30,6 +30,7 @@ from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import add_app_dirs
 from shared.poolindex import PoolIndex
+from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
 from worker.h1_server import H1Server
@@ -86,7 +87,6 @@ class Worker:
         self.slot = boot.slot
         self.listen_fds = listen_fds
         self.channel = channel
-        self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
         self.drain_deadline = 0.0
 
@@ -109,6 +109,9 @@ class Worker:
         target = config.logging.access_log
         self.access_log = None if target == "off" else AccessLog(
             target, config.logging.access_log_format)
+        warning = fit_open_files(config.server.max_connections, config.pool.size_per_worker)
+        if warning:
+            log.warning("%s", warning)
         engine = self.engine = Engine(app, config, self.access_log, log)
         self.broker: BrokerClient | None = None
         if self.boot.pool_index_fd >= 0 and config.pool.shared:
@@ -116,17 +119,20 @@ class Worker:
             engine.broker = self.broker
             engine.pool.donor = self.broker.donate
         self.tls: dict[int, ServerTls] = {}
+        listening = []
         for fd, index in self.listen_fds:
             listener = config.listeners[index]
-            ctx = None
-            if listener.tls is not None:
-                if index not in self.tls:
-                    self.tls[index] = ServerTls(config, listener.tls, alpn=SERVER_ALPN)
-                ctx = self.tls[index].context
-            sock = socket.socket(fileno=fd)
-            server = loop.run_until_complete(loop.create_server(
-                partial(H1Server, engine), sock=sock, backlog=listener.backlog, ssl=ctx))
-            self.servers.append(server)
+            if listener.tls is not None and index not in self.tls:
+                self.tls[index] = ServerTls(config, listener.tls, alpn=SERVER_ALPN)
+            tls = self.tls.get(index)
+            listening.append(Listening(socket.socket(fileno=fd), listener.backlog,
+                                       tls.context if tls is not None else None))
+        limit = self.accepting = AcceptLimit(loop, partial(H1Server, engine), listening,
+                                             config.server.max_connections, log)
+        if limit.limit:
+            # Counted where the protocols count themselves: at accept, and when they go.
+            engine.connections = limit.connections
+        loop.run_until_complete(limit.open())
         self.stopped = loop.create_future()
         loop.add_reader(self.channel.fileno(), self._on_channel)
         loop.add_signal_handler(signal.SIGTERM, self.drain, config.server.grace_period_seconds)
@@ -212,6 +218,8 @@ class Worker:
         p = e.pool
         self._send(ipc.Heartbeat(requests=e.requests, connections=len(e.connections),
                                  active_requests=e.active_requests,
+                                 accept_paused=self.accepting.paused,
+                                 accept_pauses=self.accepting.pauses,
                                  upstream_requests=p.requests, connections_created=p.created,
                                  reused_local=p.reused, reused_shared=p.reused_shared,
                                  donated=p.donated))
@@ -240,18 +248,17 @@ class Worker:
         self.stopping = True
         self.drain_deadline = time.monotonic() + grace
         setproctitle.setproctitle(f"tenaya worker {self.slot} (draining)")
-        for server in self.servers:
-            # Closes this process's copy of the listening socket; the master keeps its own,
-            # so what waits in the accept queue is not lost.
-            server.close()
+        # Closes this process's copies of the listening sockets for good (a worker paused at
+        # server.max_connections does not resume); the master keeps its own, so what waits in
+        # the accept queues is not lost.
+        self.accepting.close()
         self.engine.drain()
         self.loop.call_soon(self._sweep)
 
     def stop_now(self) -> None:
         """Fast stop: close everything and exit."""
         self.stopping = True
-        for server in self.servers:
-            server.close()
+        self.accepting.close()
         if not self.stopped.done():
             self.stopped.set_result(None)
 
