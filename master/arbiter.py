@@ -33,7 +33,7 @@ from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
 from master.notify import report_start, sd_notify
 from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
-from shared import ipc
+from shared import ipc, privileges
 from shared.config import Config, ConfigError
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import child_env, python_command
@@ -156,6 +156,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         cannot load).
         """
         setproctitle.setproctitle("tenaya master")
+        self._warn_identity(self.config)
         upgrade_fd = os.environ.pop(ipc.UPGRADE_FD_ENV, None)
         parent: Channel | None = None
         if upgrade_fd is not None:
@@ -203,6 +204,16 @@ class Arbiter(UpgradeMixin, ControlMixin):
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
         self._run_deferred()
+
+    @staticmethod
+    def _warn_identity(config: Config) -> None:
+        """Says when ``server.user`` cannot be switched to (the master is not root)."""
+        try:
+            _, warning = privileges.for_workers(config.server.user, config.server.group)
+        except LookupError as e:
+            warning = f"server.user: {e}"
+        if warning:
+            log.warning("%s", warning)
 
     def _start_demo(self) -> None:
         """Adopts the demo origins an old master handed over when they serve the same
@@ -682,6 +693,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
             log.error("reload refused, still serving the old config%s: %s", count,
                       "; ".join(map(str, e.errors)))
             return
+        self._warn_identity(config)
         self.begin_generation(config, config.worker_count(), "reload")
 
     def handle_usr2(self) -> None:
@@ -712,16 +724,52 @@ class Arbiter(UpgradeMixin, ControlMixin):
             log.warning("one worker fewer: ignored, there is only one")
 
     def handle_usr1(self) -> None:
-        """Reopen log files, here and in every worker."""
+        """Reopen log files, here and in every worker. Workers that run as ``server.user``
+        get the files opened by the master (:meth:`_open_logs_for_workers`)."""
         for handler in log.handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.close()
-        for w in self.workers.values():
-            try:
-                w.channel.send(ipc.ReopenLogs())
-            except (ChannelClosed, OSError):
-                pass
+        paths, fds = self._open_logs_for_workers()
+        try:
+            for w in self.workers.values():
+                try:
+                    w.channel.send(ipc.ReopenLogs(paths=paths, fds=tuple(fds)))
+                except (ChannelClosed, OSError):
+                    pass
+        finally:
+            for fd in fds:
+                os.close(fd)
         log.info("log files reopened")
+
+    def _open_logs_for_workers(self) -> tuple[list[str], list[int]]:
+        """When the workers run as another user (``server.user``): the log files of the
+        config, opened (and created, after logrotate moved them) here, as the master's user,
+        since that user may not be allowed to open them, or to reach their folder. The files
+        keep their owner and mode. Otherwise nothing: workers reopen their files themselves."""
+        config = self.config
+        try:
+            identity, _ = privileges.for_workers(config.server.user, config.server.group)
+        except LookupError:
+            identity = None
+        if identity is None:
+            return [], []
+        targets = [config.logging.error_log, config.logging.access_log]
+        paths: list[str] = []
+        fds: list[int] = []
+        for target in targets:
+            if target in ("stderr", "stdout", "off"):
+                continue
+            path = os.path.abspath(target)
+            if path in paths:
+                continue
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                log.error("cannot open %s for the workers: %s", path, e.strerror or e)
+                continue
+            paths.append(path)
+            fds.append(fd)
+        return paths, fds
 
     def handle_chld(self) -> None:
         """Children are reaped after every tick."""

@@ -134,9 +134,14 @@ class Lend(Message):
 
 @dataclass(frozen=True, slots=True)
 class ReopenLogs(Message):
-    """Reopen the access and error log files (after logrotate moved them)."""
+    """Reopen the access and error log files (after logrotate moved them).
+
+    When the workers run as ``server.user``, which may not be allowed to open the files, the
+    master opens them and sends them in ``fds``: ``fds[i]`` is the file at ``paths[i]``
+    (absolute). A file not sent is reopened by the worker by its path."""
 
     TYPE = "reopen_logs"
+    paths: list[str] = field(default_factory=list)
 
 
 # old master <-> new master (binary upgrade)

@@ -58,6 +58,10 @@ class AccessLog:
             self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._own_fd = True
 
+    def fileno(self) -> int:
+        """The descriptor lines are written to (1 or 2 for stdout and stderr)."""
+        return self._fd
+
     def _local_time(self, now: float) -> str:
         second = int(now)
         if second != self._time_second:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib
 import logging
 import os
+import pkgutil
 import select
 import signal
 import socket
@@ -24,12 +27,13 @@ from functools import partial
 import setproctitle
 import uvloop
 
-from shared import ipc
+from shared import ipc, privileges
 from shared.app import AppLoadError, ProxyHttp, load_app
 from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import add_app_dirs
 from shared.poolindex import PoolIndex
+from shared.privileges import Identity
 from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
@@ -44,6 +48,13 @@ HEARTBEAT_SECONDS = 1.0
 SWEEP_SECONDS = 1.0
 DRAIN_SWEEP_SECONDS = 0.1
 BOOT_TIMEOUT_SECONDS = 30.0
+
+#: Imported before a worker switches to ``server.user``, beside all of Tenaya's own modules:
+#: what the standard library imports only when first used on the request path. The new user
+#: may not be able to read the interpreter's files (a Python installed under /root), and a
+#: module imported after the switch would then fail. The app's own imports come after it, as
+#: that user: the app's files and the libraries it uses must be readable by it.
+PRELOAD_MODULES = ("encodings.idna", "cryptography.x509")
 
 
 def setup_logging(config: Config, name: str) -> logging.Logger:
@@ -89,41 +100,45 @@ class Worker:
         self.channel = channel
         self.stopping = False
         self.drain_deadline = 0.0
+        #: Who this worker switched to (``server.user``), or None.
+        self.identity: Identity | None = None
+        #: Listeners whose certificate files the worker cannot read after its switch: their
+        #: certificates change on a reload, not on the fly.
+        self.tls_fixed: set[int] = set()
 
     def run(self) -> int:
         setproctitle.setproctitle(f"tenaya worker {self.slot}")
         config = from_mapping(self.boot.config, self.boot.source)
         self.config = config
         log = self.log = setup_logging(config, f"worker {self.slot}")
+        self._open_files(config)
+        try:
+            self.identity = switch_user(config)
+        except (OSError, LookupError) as e:
+            log.error("cannot run as server.user: %s", e)
+            return ipc.EXIT_BOOT
+        if self.identity is not None:
+            self._check_tls_files()
         try:
             app = _load_app(config)
             app.worker_id = self.slot
             app.configure(config)
         except AppLoadError as e:
-            return self._app_failed(str(e))
+            return self._app_failed(self._as_user(str(e)))
         except Exception as e:
-            return self._app_failed(f"{config.app or 'LoadBalancer'}.configure failed: "
-                                    f"{type(e).__name__}: {e}")
+            return self._app_failed(self._as_user(
+                f"{config.app or 'LoadBalancer'}.configure failed: {type(e).__name__}: {e}"))
         loop = self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        target = config.logging.access_log
-        self.access_log = None if target == "off" else AccessLog(
-            target, config.logging.access_log_format)
-        warning = fit_open_files(config.server.max_connections, config.pool.size_per_worker)
-        if warning:
-            log.warning("%s", warning)
         engine = self.engine = Engine(app, config, self.access_log, log)
         self.broker: BrokerClient | None = None
         if self.boot.pool_index_fd >= 0 and config.pool.shared:
             self.broker = BrokerClient(self.channel.send, PoolIndex.attach(self.boot.pool_index_fd))
             engine.broker = self.broker
             engine.pool.donor = self.broker.donate
-        self.tls: dict[int, ServerTls] = {}
         listening = []
         for fd, index in self.listen_fds:
             listener = config.listeners[index]
-            if listener.tls is not None and index not in self.tls:
-                self.tls[index] = ServerTls(config, listener.tls, alpn=SERVER_ALPN)
             tls = self.tls.get(index)
             listening.append(Listening(socket.socket(fileno=fd), listener.backlog,
                                        tls.context if tls is not None else None))
@@ -157,6 +172,43 @@ class Worker:
             loop.run_until_complete(asyncio.sleep(0))
             loop.close()
         return ipc.EXIT_OK
+
+    def _open_files(self, config: Config) -> None:
+        """What needs the master's user, before the switch to ``server.user``: the access log
+        (the error log is open already), the TLS certificates and keys, room for
+        ``server.max_connections`` in the limit of open files."""
+        target = config.logging.access_log
+        self.access_log = None if target == "off" else AccessLog(
+            target, config.logging.access_log_format)
+        self.tls: dict[int, ServerTls] = {}
+        for _, index in self.listen_fds:
+            listener = config.listeners[index]
+            if listener.tls is not None and index not in self.tls:
+                self.tls[index] = ServerTls(config, listener.tls, alpn=SERVER_ALPN)
+        warning = fit_open_files(config.server.max_connections, config.pool.size_per_worker)
+        if warning:
+            self.log.warning("%s", warning)
+
+    def _check_tls_files(self) -> None:
+        """After the switch: certificate files the new user cannot read are not watched for
+        changes (that would fail every second); says so once."""
+        unreadable: list[str] = []
+        for index, tls in self.tls.items():
+            paths = [path for c in tls.certs for path in (c.cert, c.key)
+                     if not os.access(path, os.R_OK)]
+            if paths:
+                self.tls_fixed.add(index)
+                unreadable += [path for path in paths if path not in unreadable]
+        if unreadable and self.identity is not None:
+            self.log.info("%s cannot read %s: certificate changes are picked up by a reload, "
+                          "not on the fly", self.identity.name, ", ".join(unreadable))
+
+    def _as_user(self, reason: str) -> str:
+        """An app load failure's reason, saying who could not load it after a switch."""
+        if self.identity is None:
+            return reason
+        return (f"{reason} (the worker runs as {self.identity.name}, server.user: the app "
+                "and the files it opens must be readable by that user)")
 
     def _flush_channel(self) -> None:
         """Before exit: what waits for the master (donated connections) goes out."""
@@ -196,7 +248,7 @@ class Worker:
             if isinstance(msg, ipc.Drain):
                 self.drain(msg.grace_seconds)
             elif isinstance(msg, ipc.ReopenLogs):
-                self.reopen_logs()
+                self.reopen_logs(msg)
             elif isinstance(msg, ipc.Lend):
                 if self.broker is not None:
                     self.broker.on_lend(msg)
@@ -228,8 +280,9 @@ class Worker:
     def _sweep(self) -> None:
         now = time.monotonic()
         self.engine.sweep(now)
-        for tls in self.tls.values():
-            tls.reload_if_changed()
+        for index, tls in self.tls.items():
+            if index not in self.tls_fixed:
+                tls.reload_if_changed()
         if self.access_log is not None:
             self.access_log.flush()
         if self.stopping:
@@ -262,12 +315,71 @@ class Worker:
         if not self.stopped.done():
             self.stopped.set_result(None)
 
-    def reopen_logs(self) -> None:
-        if self.access_log is not None:
-            self.access_log.reopen()
-        for h in self.log.handlers:
-            if isinstance(h, logging.FileHandler):
-                h.close()
+    def reopen_logs(self, msg: ipc.ReopenLogs | None = None) -> None:
+        """Reopens the log files (SIGUSR1 from logrotate, or the master's ``ReopenLogs``).
+
+        A file the master opened for this worker (``msg.fds``, when the worker runs as
+        ``server.user``, which may not be allowed to open it) is used as it is; any other is
+        opened by its path. The new file takes the old one's descriptor (``dup2``), so nothing
+        writes to a closed descriptor; a file that cannot be opened leaves the old one in use,
+        with an error in the log."""
+        given: dict[str, int] = {}
+        if msg is not None:
+            given = {os.path.abspath(path): fd for path, fd in zip(msg.paths, msg.fds,
+                                                                   strict=False)}
+            for fd in msg.fds[len(msg.paths):]:
+                os.close(fd)
+        try:
+            if self.access_log is not None and self.access_log.target not in (
+                    "stderr", "stdout"):
+                self.access_log.flush()
+                self._reopen(self.access_log.target, self.access_log.fileno(), given)
+            for h in self.log.handlers:
+                if isinstance(h, logging.FileHandler) and h.stream is not None:
+                    h.flush()
+                    self._reopen(h.baseFilename, h.stream.fileno(), given)
+        finally:
+            for fd in given.values():
+                os.close(fd)
+
+    def _reopen(self, path: str, current: int, given: dict[str, int]) -> None:
+        fd = given.pop(os.path.abspath(path), -1)
+        if fd < 0:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                self.log.error("cannot reopen %s: %s; still writing to the file it was", path,
+                               e.strerror or e)
+                return
+        try:
+            os.dup2(fd, current, inheritable=False)
+        finally:
+            os.close(fd)
+
+
+def switch_user(config: Config) -> Identity | None:
+    """Makes this process ``server.user``/``server.group`` when that is due (the master runs
+    as root: :func:`shared.privileges.for_workers`), after importing what code would import
+    later (:data:`PRELOAD_MODULES`, Tenaya's modules). Returns the identity switched to, or
+    None. Raises :class:`OSError` when the switch fails: the caller must not serve then."""
+    identity, _ = privileges.for_workers(config.server.user, config.server.group)
+    if identity is None:
+        return None
+    _preload()
+    privileges.switch_to(identity)
+    logging.getLogger("tenaya").debug("running as %s", identity.name)
+    return identity
+
+
+def _preload() -> None:
+    for package in ("shared", "worker"):
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__,
+                                         f"{package}."):
+            if not info.name.endswith(".__main__"):
+                importlib.import_module(info.name)
+    for name in PRELOAD_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def _load_app(config: Config) -> ProxyHttp:
@@ -293,12 +405,23 @@ def _wait_boot(channel: Channel) -> ipc.Boot:
 
 
 def check(config_path: str | None, app_spec: str | None) -> int:
-    """``python -m worker --check``: loads the config and the app the way a worker would."""
+    """``python -m worker --check``: loads the config and the app the way a worker would,
+    as ``server.user`` when a worker would switch to it."""
     try:
         config = load(config_path)
         if app_spec is not None:
             config = from_mapping({**config.raw, "app": app_spec}, config.source)
-        app = _load_app(config)
+        try:
+            identity = switch_user(config)
+        except OSError as e:
+            print(f"{config.source}: server.user: cannot switch: {e}", file=sys.stderr)
+            return 1
+        try:
+            app = _load_app(config)
+        except AppLoadError as e:
+            if identity is not None:
+                raise AppLoadError(f"{e} (as {identity.name}, server.user)") from None
+            raise
         app.configure(config)
     except ConfigError as e:
         print(e, file=sys.stderr)

@@ -1,20 +1,29 @@
 """What a public listener needs: ``server.max_connections`` (a worker at its limit stops
 accepting; new connections wait in the accept queue, unanswered but not reset, until one
-closes)."""
+closes), and ``server.user``/``server.group`` (the root master binds a privileged port and
+stays root; its workers switch to the user before they serve, and keep serving across log
+reopens, reloads and upgrades)."""
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
 import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import yaml
 from conftest import Fleet
-from helpers import HttpConn, Master, build_request, config_for, get, wait_for
+from helpers import HttpConn, Master, build_request, config_for, get, is_worker, wait_for
 
 #: How long a connection waiting in the accept queue is watched for an answer it must not get.
 UNANSWERED_SECONDS = 1.0
@@ -106,3 +115,155 @@ def test_draining_worker_at_its_limit_never_accepts_again(fleet: Fleet) -> None:
     log = m.read_error_log()
     assert not re.search(rf"\[worker 0 {old}\] \S+ accepting resumed", log), log
     assert get(m.port, "/").status == 200
+
+
+# -- server.user / server.group ------------------------------------------------------------
+
+
+def _free_privileged_port() -> int:
+    """A port below 1024 that nothing listens on at 127.0.0.1."""
+    for port in range(81, 1024):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise pytest.skip.Exception("no free port below 1024 on 127.0.0.1")
+
+
+def _ids(name: str, group: str) -> tuple[int, int]:
+    try:
+        return pwd.getpwnam(name).pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise pytest.skip.Exception(f"this system has no user {name!r} or group {group!r}"
+                                    ) from None
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:]}
+    raise AssertionError(f"no Groups line for {pid}")
+
+
+def assert_identities(master_pid: int, uid: int, gid: int, control: Path, count: int) -> None:
+    """The master runs as root; each of its ``count`` workers as ``uid``/``gid`` (real,
+    effective and saved; supplementary groups the user's), without the control socket; the
+    control socket is the master's alone (0600, root's)."""
+    master = psutil.Process(master_pid)
+    assert tuple(master.uids()) == (0, 0, 0)
+
+    def serving() -> list[psutil.Process]:
+        found = [c for c in master.children()
+                 if is_worker(c) and "(draining)" not in " ".join(c.cmdline())]
+        return found if len(found) == count else []
+
+    workers = wait_for(serving, timeout=30)
+    for w in workers:
+        assert tuple(w.uids()) == (uid, uid, uid), w
+        assert tuple(w.gids()) == (gid, gid, gid), w
+        assert _supplementary_groups(w.pid) == set(os.getgrouplist("nobody", gid))
+        assert str(control) not in {c.laddr for c in w.net_connections("unix")}
+    st = os.stat(control)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (st.st_uid, st.st_gid) == (0, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching the workers to another user needs "
+                    "a master started as root")
+def test_root_master_binds_a_privileged_port_and_its_workers_run_as_server_user(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """``server.user: nobody``, ``server.group: nogroup`` on 127.0.0.1 below 1024: the master
+    binds it and stays root; its workers run as nobody:nogroup and proxy to a real origin.
+    After logrotate moved the logs into a folder nobody cannot reach, a reopen still gets the
+    workers' lines into the new files; a reload and then an upgrade keep all of that."""
+    uid, gid = _ids("nobody", "nogroup")
+    origin = fleet.origin()
+    port = _free_privileged_port()
+    control = tmp_path / "ctl.sock"
+    pid_file = tmp_path / "tenaya.pid"
+    m = fleet.master(config_for(
+        {"o": [origin.address]}, listeners=[{"address": f"127.0.0.1:{port}"}],
+        server={"workers": 2, "user": "nobody", "group": "nogroup",
+                "control_socket": str(control), "pid_file": str(pid_file)}))
+    assert m.port == port
+    assert_identities(m.pid, uid, gid, control, 2)
+    assert get(port, "/as-nobody").status == 200
+    assert "/as-nobody" in origin.paths()
+
+    # logrotate moves the files away; new ones are made once the workers are told. The logs'
+    # folder is root's alone, so a worker could not open a file there itself.
+    os.chmod(m.workdir, 0o700)
+    wait_for(lambda: "/as-nobody" in m.read_access_log())
+    m.access_log.rename(m.access_log.with_name("access.log.1"))
+    m.error_log.rename(m.error_log.with_name("error.log.1"))
+    m.signal(signal.SIGUSR1)
+    wait_for(lambda: "log files reopened" in m.read_error_log())
+    wait_for(lambda: get(port, "/after-reopen").status == 200 and
+             "/after-reopen" in m.read_access_log())
+    # A worker told by SIGUSR1 itself reopens by path, which nobody cannot: it says so, in
+    # the new file, and goes on writing there.
+    worker = m.workers()[0]
+    worker.send_signal(signal.SIGUSR1)
+    wait_for(lambda: re.search(rf"\[worker \d+ {worker.pid}\] ERROR cannot reopen .*access",
+                               m.read_error_log()))
+    assert get(port, "/still-logged").status == 200
+    wait_for(lambda: "/still-logged" in m.read_access_log())
+
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: "generation 2 serving" in m.read_error_log(), timeout=30)
+    assert_identities(m.pid, uid, gid, control, 2)
+    assert get(port, "/after-reload").status == 200
+
+    m.signal(signal.SIGUSR2)
+    new = wait_for(lambda: (p := int(pid_file.read_text() or 0)) != m.pid and p, timeout=30)
+    try:
+        assert m.wait(timeout=30) == 0
+        assert_identities(new, uid, gid, control, 2)
+        assert get(port, "/after-upgrade").status == 200
+        assert "/after-upgrade" in origin.paths()
+    finally:
+        os.kill(new, signal.SIGTERM)
+        wait_for(lambda: not psutil.pid_exists(new) or
+                 psutil.Process(new).status() == psutil.STATUS_ZOMBIE, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_check_loads_the_app_as_server_user(tmp_path: Path) -> None:
+    """``check`` imports the app as the workers would, after switching to ``server.user``:
+    the built-in load balancer loads; an app in a folder that user cannot read does not, and
+    the reason says as whom."""
+    _ids("nobody", "nogroup")
+    app_dir = tmp_path / "private"
+    app_dir.mkdir(mode=0o700)
+    (app_dir / "privateapp.py").write_text("from shared import ProxyHttp\n"
+                                           "class App(ProxyHttp):\n"
+                                           "    def upstream_peer(self, session, ctx):\n"
+                                           "        return None\n")
+    for app, code, says in ((None, 0, "ok"), ("privateapp:App", 1, "(as nobody:nogroup, "
+                                                                   "server.user)")):
+        config = config_for({"o": ["127.0.0.1:9"]}, server={"user": "nobody"})
+        if app:
+            config["app"] = app
+        path = app_dir / "tenaya.yaml"
+        path.write_text(yaml.safe_dump(config))
+        out = subprocess.run([sys.executable, "-m", "master", "check", "-c", str(path)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == code, out.stderr
+        assert says in out.stdout + out.stderr
+
+
+def test_check_refuses_an_unknown_user(tmp_path: Path) -> None:
+    """``check`` and ``start`` refuse a ``server.user`` or ``server.group`` that does not
+    exist, naming the file, the key and the reason."""
+    path = tmp_path / "tenaya.yaml"
+    path.write_text(yaml.safe_dump(config_for(
+        {"o": ["127.0.0.1:9"]}, server={"user": "no-such-user-tenaya",
+                                        "group": "no-such-group-tenaya"})))
+    for command in ("check", "start"):
+        out = subprocess.run([sys.executable, "-m", "master", command, "-c", str(path)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1
+        assert f"{path}: server.user: no such user 'no-such-user-tenaya'" in out.stderr
+        assert f"{path}: server.group: no such group 'no-such-group-tenaya'" in out.stderr
