@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import psutil
 import pytest
 import yaml
@@ -89,6 +92,50 @@ def test_worker_at_max_connections_leaves_new_ones_waiting_until_one_closes(
     for conn in held:
         assert conn.request().status == 200
         conn.close()
+
+
+def h2c_connection(port: int, paths: list[str]) -> socket.socket:
+    """An HTTP/2 connection (prior knowledge) on which each of ``paths`` was fetched in turn
+    (200 each), left open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    for path in paths:
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                   (":authority", "127.0.0.1")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, ended = None, False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "the HTTP/2 connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                ended = ended or (isinstance(event, h2.events.StreamEnded)
+                                  and event.stream_id == stream)
+            sock.sendall(conn.data_to_send())
+        assert status == b"200"
+    return sock
+
+
+def test_an_http2_connection_counts_once(fleet: Fleet, tmp_path: Path) -> None:
+    """Under a limit of 2, an HTTP/2 connection that made three requests and an HTTP/1.1 one
+    are two connections: the worker pauses with 2, not before."""
+    origin = fleet.origin()
+    m = fleet.master(config_for({"o": [origin.address]}, server={
+        "workers": 1, "max_connections": 2, "control_socket": str(tmp_path / "ctl.sock")}))
+    with h2c_connection(m.port, ["/h2-1", "/h2-2", "/h2-3"]):
+        (worker,) = wait_for(lambda: [w for w in status(m)["workers"]
+                                      if w["connections"] == 1])
+        assert not worker["accept_paused"] and "accepting paused" not in m.read_error_log()
+        (held,) = held_connections(m.port, 1)
+        with held:
+            wait_for(lambda: "accepting paused: 2 connections open" in m.read_error_log())
+            with HttpConn(m.port) as third:
+                third.send(build_request("GET", "/third"))
+                assert_unanswered(third)
 
 
 def test_draining_worker_at_its_limit_never_accepts_again(fleet: Fleet) -> None:
