@@ -401,7 +401,13 @@ class H2Codec:
             raise _ConnectionError(ErrorCodes.ENHANCE_YOUR_CALM, "too many empty frames")
 
     def _stream_error(self, sid: int, code: int) -> None:
-        """Resets the stream, open or not (a refused or malformed one never opened)."""
+        """Resets the stream, open or not (a refused or malformed one never opened). A stream
+        still idle (a bad PRIORITY frame is the only frame that errs on one) cannot be reset:
+        "RST_STREAM frames MUST NOT be sent for a stream in the 'idle' state" (RFC 9113 6.4),
+        and the client could open it afterwards; "an endpoint MAY choose to treat a stream
+        error as a connection error" (5.4.1), which it is then."""
+        if sid > self.highest_inbound_stream_id:
+            raise _ConnectionError(ErrorCodes(code), "stream error on an idle stream")
         known = self.streams.pop(sid, None) is not None
         self._closed_as(sid, _BY_US)
         self._frame(RST_STREAM, 0, sid, _U32.pack(code))

@@ -989,7 +989,9 @@ def test_hpack_bomb_ends_the_connection() -> None:
 
 def test_self_dependency() -> None:
     """A HEADERS frame whose priority depends on its own stream: RST_STREAM PROTOCOL_ERROR;
-    PRIORITY frames are otherwise parsed and ignored."""
+    PRIORITY frames are otherwise parsed and ignored. A bad PRIORITY frame on a closed stream
+    resets it; on an idle one, which no RST_STREAM may name (RFC 9113 6.4) and the client may
+    still open, it ends the connection."""
     codec, handler = raw_codec()
     enc = hpack.Encoder()
     block = enc.encode(REQUEST)
@@ -1004,12 +1006,16 @@ def test_self_dependency() -> None:
     assert codec.receive_data(frame(PRIORITY, 0, 9, b"\x00\x00\x00\x03\x10"))
     assert codec.data_to_send() == b""
     assert handler.calls == [("request", 3, REQUEST, True, False)]
-    assert codec.receive_data(frame(PRIORITY, 0, 11, b"\x00\x00\x00\x0b\x10"))
-    assert codec.receive_data(frame(PRIORITY, 0, 13, b"\x00\x00\x00\x01"))
-    assert resets(codec.data_to_send()) == [(11, ErrorCodes.PROTOCOL_ERROR),
-                                            (13, ErrorCodes.FRAME_SIZE_ERROR)]
+    assert codec.receive_data(frame(PRIORITY, 0, 3, b"\x00\x00\x00\x03\x10"))
+    assert codec.receive_data(frame(PRIORITY, 0, 1, b"\x00\x00\x00\x01"))
+    assert resets(codec.data_to_send()) == [(3, ErrorCodes.PROTOCOL_ERROR),
+                                            (1, ErrorCodes.FRAME_SIZE_ERROR)]
     assert connection_error(codec, frame(PRIORITY, 0, 0, bytes(5))) == \
         ErrorCodes.PROTOCOL_ERROR
+    for bad, code in ((b"\x00\x00\x00\x0b\x10", ErrorCodes.PROTOCOL_ERROR),
+                      (b"\x00\x00\x00\x01", ErrorCodes.FRAME_SIZE_ERROR)):
+        codec, handler = raw_codec()
+        assert connection_error(codec, frame(PRIORITY, 0, 11, bad)) == code
 
 
 def test_self_dependency_across_continuation() -> None:
