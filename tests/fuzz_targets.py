@@ -18,15 +18,19 @@ idle the connection must be closed or plainly waiting for the client.
 
 :func:`check_h1` and :func:`check_h2` are the properties, raising ``AssertionError``: no
 exception escaped a protocol callback or reached the loop's exception handler or the error log;
-the loop fell idle; what the client got is well-formed; the upstream parsed every byte sent to it
-as HTTP/1.1, and each request it parsed belongs to exactly one client request, with the method
-and target the proxy parsed; a request the client got a 4xx for never reached the upstream
-whole (with ``strict``: not one byte of it); after the client goes, no request is left open.
+the loop fell idle; what the client got is well-formed (responses that httptools parses, or
+HTTP/2 frames and header blocks in a valid order); the upstream parsed every byte sent to it as
+HTTP/1.1, and each request it parsed belongs to exactly one client request, with the method and
+target the proxy parsed, one Host, one framing field, no hop-by-hop field; a request the proxy
+refused with a 4xx never reached the upstream whole (with ``strict``, when it came in one read:
+not one byte of it); after the client goes, no request is left counted or in flight. A bug
+listed in :data:`KNOWN_BUGS` (none now) makes them raise :class:`KnownBug` instead, so that the
+fuzzers look past it.
 
 The same module is the atheris entry point (``scripts/fuzz``): ``python tests/fuzz_targets.py
-h1|h2 [libFuzzer options] [corpus dirs]``. It lives in tests/ because it is test support (not
-shipped with the packages) and because one module keeps the suite's properties and the long
-run's the same.
+h1|h2 [libFuzzer options] [corpus dirs]``, and ``--seeds DIR`` writes the seed inputs. It lives
+in tests/ because it is test support (not shipped with the packages), and one module keeps the
+properties of the suite and of the long runs the same.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ _config: Config | None = None
 
 
 def config() -> Config:
-    """The config of every run (built once): small limits, one retry."""
+    """The config of every run (built once): the defaults, with limits small enough to
+    cross."""
     global _config
     if _config is None:
         _config = from_mapping({
@@ -157,6 +162,13 @@ class UpstreamRequest:
         return None
 
 
+def _soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """``loop.call_soon``, unless the run is over (a coroutine finalized after its loop closed
+    may still close a transport)."""
+    if not loop.is_closed():
+        loop.call_soon(fn, *args)
+
+
 class ClientTransport:
     """The client's end of a downstream connection, as the server protocol sees its transport.
 
@@ -166,6 +178,7 @@ class ClientTransport:
 
     def __init__(self, run: Run, protocol: asyncio.Protocol) -> None:
         self.run = run
+        self.loop = asyncio.get_running_loop()
         self.protocol = protocol
         self.received = bytearray()
         self.closing = False
@@ -189,7 +202,7 @@ class ClientTransport:
     def close(self) -> None:
         if not self.closing:
             self.closing = True
-            asyncio.get_running_loop().call_soon(self._lose, None)
+            _soon(self.loop, self._lose, None)
 
     abort = close
 
@@ -233,6 +246,7 @@ class OriginConn:
     def __init__(self, origin: Origin, up: UpstreamConn) -> None:
         self.origin = origin
         self.up = up
+        self.loop = asyncio.get_running_loop()
         self.index = len(origin.conns)
         origin.conns.append(self)
         self.parser = httptools.HttpRequestParser(self)
@@ -277,8 +291,8 @@ class OriginConn:
             self.origin.parse_errors.append((self.index, self.parse_error, bytes(self.sent)))
             self.current = None
             self.closing_after = True
-            asyncio.get_running_loop().call_soon(
-                self._deliver, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+            _soon(
+                self.loop, self._deliver, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n")
 
     def writelines(self, parts: Iterable[bytes]) -> None:
@@ -287,8 +301,8 @@ class OriginConn:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            asyncio.get_running_loop().call_soon(
-                self.origin.run.call, "upstream connection_lost", self.up.connection_lost, None)
+            _soon(self.loop, self.origin.run.call, "upstream connection_lost",
+                  self.up.connection_lost, None)
 
     abort = close
 
@@ -302,7 +316,7 @@ class OriginConn:
         if self.paused:
             self.paused = False
             if self.waiting:
-                asyncio.get_running_loop().call_soon(self._deliver, b"")
+                _soon(self.loop, self._deliver, b"")
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -338,7 +352,7 @@ class OriginConn:
         head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Origin-Seq: %d\r\n\r\n" % (
             len(body), origin.answered)
         reply = head if req.method == b"HEAD" else head + body
-        asyncio.get_running_loop().call_soon(self._deliver, reply)
+        _soon(self.loop, self._deliver, reply)
 
     def _deliver(self, reply: bytes) -> None:
         if reply:
@@ -392,6 +406,7 @@ class Run:
     sessions: list[Session] = field(default_factory=list)
     """Every session the engine finished, in order."""
     leaks: list[str] = field(default_factory=list)
+    """What the engine still counted once the client had gone."""
     transport: ClientTransport | None = None
     origin: Origin | None = None
     engine: Engine | None = None
@@ -401,7 +416,7 @@ class Run:
         """Calls a protocol callback as the loop would; an exception out of it is recorded."""
         try:
             return fn(*args)
-        except Exception as e:  # noqa: BLE001 - any exception escaping is the finding
+        except Exception as e:  # any exception escaping is the finding
             self.escapes.append(f"{what}: {type(e).__name__}: {e}")
             return None
 
@@ -488,8 +503,11 @@ class Conversation:
         self.run = Run(strict=strict, h2=h2)
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self.run.exception_handler)
+        self.warm = warm
         self.taken = 0
         self.ended = False
+        #: Every read delivered so far (what replays the run: see :meth:`replay`).
+        self.reads: list[bytes] = []
         _errors.records.clear()
         self.loop.run_until_complete(self._open(warm, h2))
 
@@ -512,8 +530,15 @@ class Conversation:
         """Delivers ``chunks``, one ``data_received`` each, as a transport would: not while
         reading is paused, none once closed; returns :attr:`open`."""
         if self.open:
-            self.loop.run_until_complete(self._send(list(chunks)))
+            chunks = list(chunks)
+            self.reads += chunks
+            self.loop.run_until_complete(self._send(chunks))
         return self.open
+
+    def replay(self) -> str:
+        """The call that serves the same reads again (for a failure's report)."""
+        h2 = ", h2=True" if self.run.h2 else ""
+        return f"run_connection({self.reads!r}, warm={self.warm}{h2})"
 
     async def _send(self, chunks: list[bytes]) -> None:
         run = self.run
@@ -843,7 +868,7 @@ def parse_h2_output(data: bytes, decoder: HpackDecoder | None = None) -> H2Outpu
             try:
                 fields = [(bytes(n), bytes(v)) for n, v in decoder.decode(b"".join(block[2]),
                                                                           raw=True)]
-            except Exception as e:  # noqa: BLE001 - hpack raises several kinds
+            except Exception as e:  # hpack raises several kinds
                 raise AssertionError(f"an undecodable header block on stream {sid}: {e!r}"
                                      ) from None
             blocks = headers.setdefault(sid, [])
@@ -868,9 +893,9 @@ def parse_h2_output(data: bytes, decoder: HpackDecoder | None = None) -> H2Outpu
     return H2Output(frames, headers, goaway, resets)
 
 
-def check_h2(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> H2Output | None:
+def check_h2(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> H2Output:
     """The properties of an HTTP/2 run: those shared with HTTP/1.1, and frames that parse.
-    Returns what the server sent (None if it did not parse)."""
+    Returns what the server sent; raises as :func:`check_h1` does."""
     f = Findings(tolerate)
     _common_checks(run, f)
     out = None
@@ -879,6 +904,7 @@ def check_h2(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> H2Output | Non
     except AssertionError as e:
         f.expect(False, str(e))
     f.raise_if_any()
+    assert out is not None
     return out
 
 

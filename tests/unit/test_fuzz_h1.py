@@ -52,7 +52,7 @@ def test_corpus_byte_at_a_time(name: str, warm: int) -> None:
     check(run_connection([data[i:i + 1] for i in range(len(data))], warm=warm))
 
 
-@fuzz_settings(400)
+@fuzz_settings(800)
 @given(data=st.data(), warm=st.integers(0, 2), timeout=st.booleans())
 def test_mutated_corpus(data: st.DataObject, warm: int, timeout: bool) -> None:
     """Corpus requests (and h2c conversations) with mutations, cut into random reads."""
@@ -61,7 +61,7 @@ def test_mutated_corpus(data: st.DataObject, warm: int, timeout: bool) -> None:
     verdict(run_connection(chunks, warm=warm, timeout=timeout, strict=len(chunks) == 1))
 
 
-@fuzz_settings(300)
+@fuzz_settings(600)
 @given(data=st.data(), warm=st.integers(0, 2))
 def test_pipelines(data: st.DataObject, warm: int) -> None:
     """One to four requests, built or from the corpus, maybe mutated, sent back to back."""
@@ -71,7 +71,7 @@ def test_pipelines(data: st.DataObject, warm: int) -> None:
     verdict(run_connection(chunks, warm=warm, strict=len(chunks) == 1))
 
 
-@fuzz_settings(150)
+@fuzz_settings(300)
 @given(raw=mutated(SEEDS, H1_TOKENS, most=3), warm=st.integers(0, 2))
 def test_anything_after_a_request(raw: bytes, warm: int) -> None:
     """A valid request, then anything in a read of its own: the first is answered, the rest
@@ -80,7 +80,7 @@ def test_anything_after_a_request(raw: bytes, warm: int) -> None:
 
 
 @pytest.mark.parametrize("warm", [1, 0], ids=["pooled", "connect"])
-@fuzz_settings(200)
+@fuzz_settings(300)
 @given(raw=st.one_of(h1_requests(), mutated(SEEDS, H1_TOKENS, most=2)))
 @example(raw=BAD_CHUNK)
 def test_rejected_request_sends_nothing_upstream(raw: bytes, warm: int) -> None:
