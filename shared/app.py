@@ -318,14 +318,19 @@ class AppLoadError(Exception):
     """The app named in the config could not be imported or built."""
 
 
+#: The app a config without ``app`` runs: the built-in load balancer, loaded like any other
+#: app. It is named, not imported, so that this module does not depend on the apps built on it.
+BUILTIN_APP = "shared.apps.load_balancer:LoadBalancer"
+
+
 def load_app(spec: str | None) -> ProxyHttp:
     """Imports ``MODULE:ATTRIBUTE`` and returns the app (built when the attribute is a class).
 
-    None gives the built-in load balancer. Raises :class:`AppLoadError` with the reason.
+    None gives the built-in load balancer (:data:`BUILTIN_APP`). Raises :class:`AppLoadError`
+    with the reason.
     """
     if spec is None:
-        from shared.lb import LoadBalancer
-        return LoadBalancer()
+        spec = BUILTIN_APP
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

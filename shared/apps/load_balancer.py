@@ -3,6 +3,9 @@
 Requests whose Host header (without port) is listed in an upstream's ``hosts`` go to that
 upstream; every other request goes to the first upstream. Each worker starts its rotation at its
 own slot, so consecutive new connections spread over the servers from the first request on.
+
+It is what a config without ``app`` runs (:data:`shared.app.BUILTIN_APP`), an ordinary
+:class:`~shared.app.ProxyHttp` subclass: an app may subclass it to add phases.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from shared.app import ProxyHttp
 from shared.config import Config
 from shared.errors import ErrorKind, upstream_error
+from shared.lb import RoundRobin
 from shared.peer import HttpPeer, PeerOptions
 from shared.session import Session
 
@@ -24,30 +28,14 @@ def _strip_port(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
-class RoundRobin:
-    """Cycles over a fixed list of peers."""
-
-    __slots__ = ("peers", "_next")
-
-    def __init__(self, peers: list[HttpPeer], start: int = 0) -> None:
-        self.peers = peers
-        self._next = start % len(peers) if peers else 0
-
-    def select(self) -> HttpPeer:
-        """The next peer in turn."""
-        i = self._next
-        peer = self.peers[i]
-        self._next = i + 1 if i + 1 < len(self.peers) else 0
-        return peer
-
-
 class LoadBalancer(ProxyHttp):
     """Round robin over the configured upstreams, with routing by Host."""
 
     def configure(self, config: Config) -> None:
+        """Builds one rotation per upstream with servers; the first is the default."""
         super().configure(config)
-        self.default: RoundRobin | None = None
-        self.by_host: dict[str, RoundRobin] = {}
+        self.default: RoundRobin[HttpPeer] | None = None
+        self.by_host: dict[str, RoundRobin[HttpPeer]] = {}
         for upstream in config.upstreams.values():
             if not upstream.servers:
                 continue
@@ -61,6 +49,8 @@ class LoadBalancer(ProxyHttp):
         self._route = bool(self.by_host)
 
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        """The next server of the upstream that the request's Host names, or of the first
+        upstream. Raises a ``NO_PEER`` error (502) when no upstream has servers."""
         rr = self.default
         if self._route:
             host = session.host

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from shared.lb import LoadBalancer
+from shared.apps.load_balancer import LoadBalancer
 
 
 class PidApp(LoadBalancer):

@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from shared.app import PHASES, AppLoadError, ProxyHttp, load_app, overridden_phases
+from shared.app import (
+    BUILTIN_APP,
+    PHASES,
+    AppLoadError,
+    ProxyHttp,
+    load_app,
+    overridden_phases,
+)
+from shared.apps.load_balancer import LoadBalancer
 from shared.errors import ErrorKind, upstream_error
 from shared.headers import ResponseHeader
-from shared.lb import LoadBalancer
 from shared.peer import HttpPeer
 
 
@@ -132,6 +139,12 @@ def test_load_app_none_is_load_balancer() -> None:
     app = load_app(None)
     assert type(app) is LoadBalancer
     assert list(overridden_phases(app)) == ["upstream_peer"]
+
+
+def test_load_app_none_is_the_builtin_app_by_name() -> None:
+    """The built-in load balancer is loaded by name, as any app: the same as naming it."""
+    assert BUILTIN_APP == "shared.apps.load_balancer:LoadBalancer"
+    assert type(load_app(BUILTIN_APP)) is LoadBalancer
 
 
 def test_load_app_builds_a_class() -> None:

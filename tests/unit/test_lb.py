@@ -1,54 +1,11 @@
-"""shared.lb: round robin and the built-in load balancer's routing by Host."""
+"""shared.lb: the selection algorithms behind the Selector interface (round robin today)."""
 
 from __future__ import annotations
 
-import typing
-from typing import Any
-
 import pytest
 
-from shared.config import Config, from_mapping
-from shared.errors import ErrorKind, ProxyError
-from shared.lb import LoadBalancer, RoundRobin
+from shared.lb import RoundRobin, Selector
 from shared.peer import HttpPeer
-from shared.session import Session
-
-
-class FakeSession:
-    """Just what upstream_peer reads: the Host header."""
-
-    def __init__(self, host: str | None) -> None:
-        self.host = host
-
-
-def session(host: str | None) -> Session:
-    """A fake session with this Host, typed as what upstream_peer takes."""
-    return typing.cast(Session, FakeSession(host))
-
-
-def config(upstreams: dict[str, Any], **extra: Any) -> Config:
-    """A validated config with these upstreams."""
-    return from_mapping({"upstreams": upstreams, **extra}, "<test>")
-
-
-ROUTED = config({
-    "web": {"servers": ["10.0.0.1:80", "10.0.0.2:80"]},
-    "api": {"servers": ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"],
-            "hosts": ["api.example.com", "API.internal"]},
-})
-
-
-def balancer(cfg: Config, worker_id: int = 0) -> LoadBalancer:
-    """A load balancer configured the way a worker does it."""
-    lb = LoadBalancer()
-    lb.worker_id = worker_id
-    lb.configure(cfg)
-    return lb
-
-
-def pick(lb: LoadBalancer, host: str | None, n: int = 1) -> list[str]:
-    """The addresses of the next ``n`` peers chosen for requests with this Host."""
-    return [str(lb.upstream_peer(session(host), None)) for _ in range(n)]
 
 
 def test_round_robin_cycles() -> None:
@@ -73,71 +30,43 @@ def test_round_robin_single_peer() -> None:
     assert [rr.select() for _ in range(3)] == [peer, peer, peer]
 
 
-def test_routes_by_host() -> None:
-    """A listed Host goes to its upstream, in round-robin order."""
-    lb = balancer(ROUTED)
-    assert pick(lb, "api.example.com", 4) == [
-        "10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080", "10.0.1.1:8080"]
+def test_round_robin_ignores_the_key() -> None:
+    """Round robin takes a key, as every selector does, and goes on in turn whatever it is."""
+    peers = [HttpPeer(f"10.0.0.{i}:80") for i in range(3)]
+    rr = RoundRobin(peers)
+    assert [rr.select(b"client-a"), rr.select(None), rr.select(b"client-a")] == peers
 
 
-@pytest.mark.parametrize(
-    "host", ["api.example.com:8443", "API.Example.COM", "Api.Example.Com:80", "api.internal"])
-def test_routes_by_host_ignoring_port_and_case(host: str) -> None:
-    """The port of the Host header is ignored, and names compare without case."""
-    assert pick(balancer(ROUTED), host) == ["10.0.1.1:8080"]
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_iter_is_the_failover_order(start: int) -> None:
+    """iter() begins with the peer select() would have chosen, then goes round the others,
+    each once."""
+    peers = [HttpPeer(f"10.0.0.{i}:80") for i in range(3)]
+    expected = RoundRobin(peers, start=start).select()
+    order = list(RoundRobin(peers, start=start).iter(b"key"))
+    assert order[0] is expected
+    assert order == [peers[(start + i) % 3] for i in range(3)]
 
 
-@pytest.mark.parametrize("host", ["www.example.com", "example.com:8080", "", None])
-def test_other_hosts_go_to_first_upstream(host: str | None) -> None:
-    """Unlisted, empty or missing Host goes to the first upstream."""
-    assert pick(balancer(ROUTED), host, 3) == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80"]
+def test_iter_takes_one_turn() -> None:
+    """An iter() takes one turn of the rotation however far it is read, so failing over does
+    not skew the rotation of the next requests."""
+    peers = [HttpPeer(f"10.0.0.{i}:80") for i in range(3)]
+    rr = RoundRobin(peers)
+    assert list(rr.iter()) == peers
+    assert next(rr.iter()) is peers[1]
+    assert [rr.select(), rr.select()] == [peers[2], peers[0]]
 
 
-def test_ipv6_literal_host_with_port() -> None:
-    """A Host of an IPv6 literal with a port routes by the bracketed address."""
-    lb = balancer(config({"web": {"servers": ["10.0.0.1:80"]},
-                          "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]}}))
-    assert pick(lb, "[::1]:8080") == ["10.0.6.1:80"]
+def test_iter_of_no_peers_is_empty() -> None:
+    """An empty set has no failover order; select() on it raises IndexError."""
+    rr: RoundRobin[HttpPeer] = RoundRobin([], start=3)
+    assert list(rr.iter()) == []
+    with pytest.raises(IndexError):
+        rr.select()
 
 
-def test_ipv6_literal_host_without_port() -> None:
-    """A Host of an IPv6 literal without a port (RFC 9110 uri-host) routes by that address."""
-    lb = balancer(config({"web": {"servers": ["10.0.0.1:80"]},
-                          "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]}}))
-    assert pick(lb, "[::1]") == ["10.0.6.1:80"]
-
-
-def test_without_hosts_everything_goes_to_first_upstream() -> None:
-    """With no hosts listed anywhere, only the first upstream is used."""
-    lb = balancer(config({"a": {"servers": ["10.0.0.1:80"]}, "b": {"servers": ["10.0.0.2:80"]}}))
-    assert pick(lb, "b", 2) == ["10.0.0.1:80", "10.0.0.1:80"]
-
-
-def test_first_upstream_with_servers_is_default() -> None:
-    """An upstream without servers is skipped when choosing the default."""
-    lb = balancer(config({"empty": {"hosts": ["x.example"]}, "web": {"servers": ["10.0.0.9:80"]}}))
-    assert pick(lb, "x.example") == ["10.0.0.9:80"]
-
-
-@pytest.mark.parametrize(("worker_id", "first"), [(0, 0), (1, 1), (2, 0), (3, 1)])
-def test_worker_id_offsets_the_start(worker_id: int, first: int) -> None:
-    """Each worker starts its rotation at its own slot, so workers spread over servers."""
-    lb = balancer(ROUTED, worker_id)
-    servers = ["10.0.0.1:80", "10.0.0.2:80"]
-    assert pick(lb, None, 2) == [servers[first], servers[1 - first]]
-    assert pick(lb, "api.example.com") == [f"10.0.1.{worker_id % 3 + 1}:8080"]
-
-
-def test_no_servers_is_no_peer() -> None:
-    """With an app set and no upstreams, choosing a peer fails with a 502 NO_PEER error."""
-    lb = balancer(config({}, app="mypackage.gateway:Gateway"))
-    with pytest.raises(ProxyError) as info:
-        pick(lb, "example.com")
-    assert info.value.kind is ErrorKind.NO_PEER
-    assert info.value.status == 502
-
-
-def test_peers_are_plain_http() -> None:
-    """Peers built from servers use plain HTTP on the given port."""
-    peer = balancer(ROUTED).upstream_peer(session(None), None)
-    assert (peer.host, peer.port, peer.tls) == ("10.0.0.1", 80, False)
+def test_round_robin_is_a_selector() -> None:
+    """RoundRobin provides the Selector interface (checked by mypy here, and at run time)."""
+    selector: Selector[HttpPeer] = RoundRobin([HttpPeer("10.0.0.1:80")])
+    assert isinstance(selector, Selector)
