@@ -8,6 +8,7 @@ when their peers have equal keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -47,6 +48,45 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
 def format_address(host: str, port: int) -> str:
     """The inverse of :func:`parse_address`."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class PoolKey(NamedTuple):
+    """What two connections must agree on to be interchangeable: :attr:`HttpPeer.pool_key`.
+
+    Requests share a pooled connection only when their peers' keys are equal; the pools (this
+    worker's, the broker's shared between workers, the HTTP/2 connections) are keyed by it. A
+    tuple, so it hashes and compares as one (and its msgpack form, sent to the broker, is the
+    list of its fields). Timeouts are not part of it: they govern how a connection is used,
+    not what it is connected to.
+    """
+
+    #: Where the connection goes: the address as given (a name is resolved per new connection).
+    host: str
+    #: Where the connection goes: the port.
+    port: int
+    #: A TLS connection never stands in for a plaintext one, nor the other way round.
+    tls: bool
+    #: The name the handshake sent and verified: a connection to one virtual host is not one to
+    #: another on the same address.
+    sni: str
+    #: A connection made without checking the certificate must not serve a peer that wants it
+    #: checked.
+    verify_cert: bool
+    #: As ``verify_cert``, for the check of the certificate's name.
+    verify_hostname: bool
+    #: The CA bundle the certificate was verified against: another trust store may refuse it.
+    ca_file: str | None
+    #: The client certificate presented (mTLS): the upstream may grant it rights another
+    #: client's connection must not get.
+    client_cert: str | None
+    #: The key of ``client_cert``, which goes with it.
+    client_key: str | None
+    #: The ALPN protocols offered, which decided what the connection speaks.
+    alpn: tuple[str, ...]
+    #: HTTP/2 connections are multiplexed and pooled apart from HTTP/1.1 ones.
+    http2: bool
+    #: The app's own separation (one pool per tenant, say), for what the other fields miss.
+    group_key: str
 
 
 @dataclass(slots=True)
@@ -114,7 +154,7 @@ class HttpPeer:
     """The host part of ``address`` (set from it)."""
     port: int = field(init=False)
     """The port of ``address`` (set from it)."""
-    _key: tuple[object, ...] | None = field(init=False, default=None, repr=False)
+    _key: PoolKey | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.address, tuple):
@@ -123,14 +163,14 @@ class HttpPeer:
             self.host, self.port = parse_address(self.address, 443 if self.tls else 80)
 
     @property
-    def pool_key(self) -> tuple[object, ...]:
-        """Everything that makes reusing a connection to this peer safe: host, port, TLS
-        settings, ALPN, HTTP/2 and ``group_key``. Requests share a pooled connection only when
-        their peers' keys are equal."""
+    def pool_key(self) -> PoolKey:
+        """Everything that makes reusing a connection to this peer safe, as a
+        :class:`PoolKey`: host, port, TLS settings, ALPN, HTTP/2 and ``group_key``. Requests
+        share a pooled connection only when their peers' keys are equal."""
         key = self._key
         if key is None:
             o = self.options
-            key = self._key = (
+            key = self._key = PoolKey(
                 self.host, self.port, self.tls, self.sni, o.verify_cert, o.verify_hostname,
                 o.ca_file, o.client_cert, o.client_key, o.alpn, o.http2, self.group_key,
             )

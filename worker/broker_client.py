@@ -21,6 +21,7 @@ from shared.ipc import MAX_FDS_PER_MESSAGE, ChannelClosed
 from shared.poolindex import PoolIndex, slot_of
 
 if TYPE_CHECKING:
+    from shared.peer import PoolKey
     from worker.upstream import UpstreamConn
 
 log = logging.getLogger("tenaya")
@@ -35,11 +36,11 @@ class BrokerClient:
     def __init__(self, send: Callable[[ipc.Message], None], index: PoolIndex) -> None:
         self._send = send
         self.index = index
-        self._keys: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+        self._keys: dict[PoolKey, tuple[bytes, int]] = {}
         self._pending: dict[int, asyncio.Future[socket.socket | None]] = {}
         self._ids = itertools.count(1)
 
-    def key_info(self, key: tuple[Any, ...]) -> tuple[bytes, int]:
+    def key_info(self, key: PoolKey) -> tuple[bytes, int]:
         """The key's bytes (as the broker knows it) and its index slot."""
         info = self._keys.get(key)
         if info is None:
@@ -47,11 +48,11 @@ class BrokerClient:
             info = self._keys[key] = (kb, slot_of(kb, self.index.slots))
         return info
 
-    def may_have(self, key: tuple[Any, ...]) -> bool:
+    def may_have(self, key: PoolKey) -> bool:
         """True when the broker may hold an idle connection for ``key`` (a hint)."""
         return self.index.available(self.key_info(key)[1])
 
-    async def borrow(self, key: tuple[Any, ...]) -> socket.socket | None:
+    async def borrow(self, key: PoolKey) -> socket.socket | None:
         """An idle connection for ``key`` from the broker, or None."""
         loop = asyncio.get_running_loop()
         request = next(self._ids)

@@ -33,7 +33,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -41,6 +41,7 @@ from shared.headers import RawHeaders
 from worker.upstream_h2 import H2Pool, UpstreamH2Conn
 
 if TYPE_CHECKING:
+    from shared.peer import PoolKey
     from worker.exchange import Exchange as ResponseHandler
 
 
@@ -77,7 +78,7 @@ class UpstreamConn(asyncio.Protocol):
         "idle_since", "closed", "write_paused", "tunnel", "reading_paused", "complete",
     )
 
-    def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
+    def __init__(self, key: PoolKey, pool: Pool) -> None:
         # Per-connection
         self.key = key
         self.pool = pool
@@ -443,14 +444,14 @@ class Pool:
     def __init__(self, size: int, idle_timeout: float) -> None:
         self.size = size
         self.idle_timeout = idle_timeout
-        self._idle: dict[tuple[Any, ...], list[UpstreamConn]] = {}
+        self._idle: dict[PoolKey, list[UpstreamConn]] = {}
         self._order: OrderedDict[UpstreamConn, None] = OrderedDict()
         #: Connections carrying an exchange now (the sweeper checks their read deadline).
         self.busy: set[UpstreamConn] = set()
         #: Gives connections to the pool broker; None when the pool is not shared.
         self.donor: Donor | None = None
         #: When this worker last returned a connection of each key (to tell hot keys).
-        self._last_put: dict[tuple[Any, ...], float] = {}
+        self._last_put: dict[PoolKey, float] = {}
         #: Upstream HTTP/2 connections (shared by many requests at once).
         self.h2 = H2Pool()
         # Counters
@@ -460,7 +461,7 @@ class Pool:
         self.reused_shared = 0
         self.donated = 0
 
-    def get(self, key: tuple[Any, ...]) -> UpstreamConn | None:
+    def get(self, key: PoolKey) -> UpstreamConn | None:
         """An idle connection for ``key``, or None."""
         stack = self._idle.get(key)
         while stack:

@@ -33,6 +33,7 @@ from h2.exceptions import ProtocolError
 from worker.h2_flow import WindowedSender
 
 if TYPE_CHECKING:
+    from shared.peer import PoolKey
     from worker.exchange import Exchange as ResponseHandler
     from worker.upstream import Pool
 
@@ -278,7 +279,7 @@ class UpstreamH2Stream:
 class UpstreamH2Conn(asyncio.Protocol):
     """One HTTP/2 client connection to an upstream."""
 
-    def __init__(self, key: tuple[Any, ...], pool: Pool) -> None:
+    def __init__(self, key: PoolKey, pool: Pool) -> None:
         self.key = key
         self.pool = pool
         self.transport: asyncio.Transport | None = None
@@ -408,9 +409,9 @@ class H2Pool:
     """Live upstream HTTP/2 connections by pool key (a worker's)."""
 
     def __init__(self) -> None:
-        self._conns: dict[tuple[Any, ...], list[UpstreamH2Conn]] = {}
+        self._conns: dict[PoolKey, list[UpstreamH2Conn]] = {}
 
-    def stream(self, key: tuple[Any, ...]) -> UpstreamH2Stream | None:
+    def stream(self, key: PoolKey) -> UpstreamH2Stream | None:
         """A new stream on a live connection with room, or None."""
         best = None
         for conn in self._conns.get(key, ()):

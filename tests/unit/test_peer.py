@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shared.peer import HttpPeer, PeerOptions, format_address, parse_address
+from shared.peer import HttpPeer, PeerOptions, PoolKey, format_address, parse_address
 
 
 @pytest.mark.parametrize(
@@ -165,3 +165,34 @@ def test_pool_key_equal_otherwise(change: dict[str, Any]) -> None:
     """Peers that differ only in timeouts share pooled connections."""
     assert make_peer(**change).pool_key == make_peer().pool_key
     assert hash(make_peer(**change).pool_key) == hash(make_peer().pool_key)
+
+
+def test_pool_key_names_its_fields() -> None:
+    """The key is a PoolKey whose fields say what they hold, in the order the plain tuple had
+    (so its msgpack form, the key the broker knows, is unchanged)."""
+    key = make_peer().pool_key
+    assert isinstance(key, PoolKey)
+    assert (key.host, key.port, key.tls, key.sni, key.group_key) == (
+        "10.0.0.1", 443, True, "api.example.com", "tenant-a")
+    assert (key.verify_cert, key.verify_hostname, key.ca_file, key.client_cert,
+            key.client_key, key.alpn, key.http2) == (
+        True, True, "/etc/ca.pem", "/etc/client.pem", "/etc/client.key", ("h2", "http/1.1"),
+        False)
+    assert tuple(key) == ("10.0.0.1", 443, True, "api.example.com", True, True, "/etc/ca.pem",
+                          "/etc/client.pem", "/etc/client.key", ("h2", "http/1.1"), False,
+                          "tenant-a")
+
+
+def test_pool_key_is_a_tuple_as_a_dict_key() -> None:
+    """A PoolKey equals and hashes as the plain tuple of its fields, so pools keyed by either
+    find the same entries."""
+    key = make_peer().pool_key
+    plain = tuple(key)
+    assert key == plain and hash(key) == hash(plain)
+    assert {plain: "idle"}[key] == "idle"
+
+
+def test_pool_key_is_computed_once() -> None:
+    """A peer's key is built on first use and the same object afterwards."""
+    peer = make_peer()
+    assert peer.pool_key is peer.pool_key
