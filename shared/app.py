@@ -290,12 +290,13 @@ class ProxyHttp:
         ``super().fail_to_proxy(...)``. May be ``async def``. Returns the status it wrote
         (the engine does not use it: the access log shows ``session.status``, or
         ``error.status`` when nothing was sent); an exception is logged and the default page
-        is written instead. Default: a short plain-text page, ``"<status> <error.kind.text>"``,
-        with status ``error.status``, unless the response has started.
+        is written instead. Default: a short plain-text page, ``"<status> <error.text>"``
+        (``"502 connect refused"``, ``"429 too many requests"``), with status
+        ``error.status``, unless the response has started.
         """
         status = error.status
         if not session.response_started:
-            session.respond(status, body=f"{status} {error.kind.text}\n".encode())
+            session.respond(status, body=f"{status} {error.text}\n".encode())
         return status
 
 

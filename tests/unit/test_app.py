@@ -19,7 +19,7 @@ from shared.app import (
     overridden_phases,
 )
 from shared.apps.load_balancer import LoadBalancer
-from shared.errors import ErrorKind, upstream_error
+from shared.errors import ErrorKind, ErrorSource, ProxyError, upstream_error
 from shared.headers import ResponseHeader
 from shared.peer import HttpPeer
 
@@ -271,3 +271,18 @@ def test_default_fail_to_proxy_after_response_started() -> None:
         session, upstream_error(ErrorKind.READ_TIMEOUT), None)  # type: ignore[arg-type]
     assert status == 504
     assert session.responses == []
+
+
+@pytest.mark.parametrize(("error", "status", "page"), [
+    (ProxyError.http_status(403, "no token"), 403, b"403 forbidden\n"),
+    (ProxyError.http_status(429), 429, b"429 too many requests\n"),
+    (ProxyError.http_status(599), 599, b"599 http status\n"),
+    (ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, status=503), 503,
+     b"503 no upstream peer\n"),
+], ids=["403", "429", "no_reason", "override"])
+def test_default_fail_to_proxy_of_a_chosen_status(error: ProxyError, status: int,
+                                                   page: bytes) -> None:
+    """An error of a status the app chose gets that status, and its reason as the text."""
+    session = FakeSession()
+    assert ProxyHttp().fail_to_proxy(session, error, None) == status  # type: ignore[arg-type]
+    assert session.responses == [(status, page)]

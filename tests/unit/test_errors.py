@@ -30,6 +30,7 @@ STATUS = {
     ErrorKind.BODY_TOO_LARGE: 413,
     ErrorKind.DOWNSTREAM_CLOSED: 499,
     ErrorKind.INTERNAL: 500,
+    ErrorKind.HTTP_STATUS: 500,
 }
 
 
@@ -131,3 +132,86 @@ def test_is_an_exception() -> None:
         raise upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s")
     assert info.value.kind is ErrorKind.READ_TIMEOUT
     assert info.value.status == 504
+
+
+# -- errors of a status the app chose (Pingora's ErrorType::HTTPStatus) ---------------------
+
+
+@pytest.mark.parametrize(("status", "text"), [
+    (401, "unauthorized"), (403, "forbidden"), (429, "too many requests"),
+    (503, "service unavailable"), (418, "i'm a teapot"), (599, "http status"),
+])
+def test_http_status_error(status: int, text: str) -> None:
+    """http_status() makes an HTTP_STATUS error with that status; its text is the reason
+    phrase (the kind's text for a status without one); it is never retried."""
+    error = ProxyError.http_status(status, cause="no token")
+    assert (error.kind, error.status, error.text) == (ErrorKind.HTTP_STATUS, status, text)
+    assert error.source is ErrorSource.INTERNAL
+    assert error.retryable() is False
+    assert str(error) == f"internal error: {status} {text}: no token"
+
+
+def test_http_status_error_source_and_context() -> None:
+    """The source and a context may be given; str() has the context before the cause."""
+    error = ProxyError.http_status(429, "10 requests/s", source=ErrorSource.DOWNSTREAM,
+                                   context="rate limit of 203.0.113.9")
+    assert error.source is ErrorSource.DOWNSTREAM
+    assert str(error) == ("downstream error: 429 too many requests: rate limit of 203.0.113.9: "
+                          "10 requests/s")
+
+
+def test_status_overrides_the_kind() -> None:
+    """status= on any kind sets the error's status; kind, text and str() stay the kind's."""
+    error = ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, cause="all down", status=503)
+    assert (error.status, error.text) == (503, "no upstream peer")
+    assert str(error) == "upstream error: no upstream peer: all down"
+
+
+def test_status_can_be_set_and_reset() -> None:
+    """A phase may set error.status (error_while_proxy, say); 0 goes back to the kind's."""
+    error = upstream_error(ErrorKind.READ_TIMEOUT)
+    error.status = 503
+    assert error.status == 503
+    error.status = 0
+    assert error.status == 504
+
+
+@pytest.mark.parametrize("status", [99, 600, 0, -1, "403", 403.0, True])
+def test_status_must_be_a_status_code(status: object) -> None:
+    """A status that is not an integer from 100 to 599 is refused when the error is made or
+    the status set."""
+    with pytest.raises(ValueError, match="an HTTP status is an integer from 100 to 599"):
+        ProxyError.http_status(status)  # type: ignore[arg-type]
+    if status != 0:
+        error = upstream_error(ErrorKind.READ_TIMEOUT)
+        with pytest.raises(ValueError):
+            error.status = status  # type: ignore[assignment]
+        assert error.status == 504
+
+
+# -- context, kept apart from cause (Pingora's context and cause) --------------------------
+
+
+@pytest.mark.parametrize(("error", "text"), [
+    (upstream_error(ErrorKind.CONNECT_REFUSED, ConnectionRefusedError(111, "Connection refused"),
+                    context="connecting to 10.0.0.1:80"),
+     "upstream error: connect refused: connecting to 10.0.0.1:80: [Errno 111] Connection "
+     "refused"),
+    (downstream_error(ErrorKind.BAD_REQUEST, context="reading the chunked body"),
+     "downstream error: bad request: reading the chunked body"),
+    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="my bug",
+                context="in request_filter"),
+     "internal error: in request_filter: my bug"),
+], ids=["upstream", "no_cause", "internal"])
+def test_str_has_the_context_before_the_cause(error: ProxyError, text: str) -> None:
+    """A context says where or what, between the kind and the cause."""
+    assert str(error) == text
+
+
+def test_context_is_empty_by_default_and_kept_apart() -> None:
+    """Without a context, context is "" and cause holds only the cause."""
+    cause = OSError("reset")
+    error = upstream_error(ErrorKind.CONNECTION_CLOSED, cause)
+    assert (error.context, error.cause) == ("", cause)
+    error.context = "reading the response head"
+    assert str(error) == "upstream error: connection closed: reading the response head: reset"
