@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from shared.errors import ProxyError
 
@@ -52,9 +52,19 @@ PHASES: dict[str, bool] = {
 }
 
 
-class ProxyHttp:
+#: The type of an app's per-request ``ctx``, the one :meth:`ProxyHttp.new_ctx` returns.
+CtxT = TypeVar("CtxT")
+
+
+class ProxyHttp(Generic[CtxT]):
     """Base class of Tenaya apps: subclass it and override :meth:`upstream_peer` and any other
     phase (the module's docstring shows their order).
+
+    The class is generic in the type of ``ctx`` (Pingora's ``type CTX``): an app that declares
+    ``class App(ProxyHttp[MyCtx])`` and ``def new_ctx(self) -> MyCtx`` gets its phases'
+    ``ctx: MyCtx`` checked by a type checker; :meth:`logging` and :meth:`fail_to_proxy` take
+    ``MyCtx | None``, since a request refused before it had a ``ctx`` reaches them with None.
+    ``class App(ProxyHttp)`` leaves ``ctx`` as ``Any``. Nothing changes at run time.
 
     The engine builds one app object per worker process (a class named in the config is called
     with no arguments), sets :attr:`worker_id`, calls :meth:`configure`, then calls the phases
@@ -95,7 +105,7 @@ class ProxyHttp:
         """
         self.config = config
 
-    def new_ctx(self) -> Any:
+    def new_ctx(self) -> CtxT:
         """Makes the per-request context: runs once at the start of each request, before any
         other phase.
 
@@ -103,11 +113,12 @@ class ProxyHttp:
         as ``session.ctx``. Must be a plain ``def``. An exception fails the request with a 500.
         A request the parser refused (400, 408, 431 before a request head was complete) goes
         straight to :meth:`fail_to_proxy` and :meth:`logging` with ``ctx`` None. Default:
-        None (the engine then does not call it at all).
+        None (the engine then does not call it at all): the ``ctx`` of an app that keeps no
+        per-request state, a ``ProxyHttp[None]``.
         """
-        return None
+        return cast("CtxT", None)
 
-    def early_request_filter(self, session: Session, ctx: Any) -> None:
+    def early_request_filter(self, session: Session, ctx: CtxT) -> None:
         """The first look at a request: runs once its head has arrived and was accepted.
 
         ``session.req_header`` is the request head; the body may still be arriving. Runs
@@ -119,7 +130,7 @@ class ProxyHttp:
         request with its status. Default: nothing.
         """
 
-    def request_filter(self, session: Session, ctx: Any) -> bool:
+    def request_filter(self, session: Session, ctx: CtxT) -> bool:
         """Checks the request, and may answer it here instead of proxying it.
 
         Runs after :meth:`early_request_filter`, before :meth:`upstream_peer`. May be
@@ -136,7 +147,7 @@ class ProxyHttp:
         """
         return False
 
-    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+    def upstream_peer(self, session: Session, ctx: CtxT) -> HttpPeer:
         """Chooses the upstream server for this request. Required: an app that does not
         override it is refused when it loads.
 
@@ -154,7 +165,7 @@ class ProxyHttp:
         raise NotImplementedError("an app must override upstream_peer")
 
     def connected_to_upstream(self, session: Session, reused: bool, peer: HttpPeer,
-                              ctx: Any) -> None:
+                              ctx: CtxT) -> None:
         """Runs once a connection to ``peer`` is ready, before the request is sent on it.
 
         ``reused`` is True when the connection was idle in a pool (this worker's, the pool
@@ -165,7 +176,7 @@ class ProxyHttp:
         """
 
     def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
-                                ctx: Any) -> None:
+                                ctx: CtxT) -> None:
         """Changes the request head just before it is sent upstream.
 
         Runs after :meth:`connected_to_upstream`, once per attempt. ``upstream_request`` is a
@@ -185,7 +196,7 @@ class ProxyHttp:
         """
 
     def request_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
-                            ctx: Any) -> bytes | None:
+                            ctx: CtxT) -> bytes | None:
         """Sees each piece of the request body on its way upstream.
 
         Runs for requests with a body only, after the request head was sent: once for each
@@ -198,7 +209,7 @@ class ProxyHttp:
         return None
 
     def upstream_response_filter(self, session: Session, upstream_response: ResponseHeader,
-                                 ctx: Any) -> None:
+                                 ctx: CtxT) -> None:
         """Changes the upstream's response head before :meth:`response_filter` sees it.
 
         Runs once the upstream's final response head has arrived (1xx interim responses are
@@ -210,7 +221,7 @@ class ProxyHttp:
         """
 
     def response_filter(self, session: Session, upstream_response: ResponseHeader,
-                        ctx: Any) -> None:
+                        ctx: CtxT) -> None:
         """Changes the response head before it goes to the client.
 
         Runs right after :meth:`upstream_response_filter`, with the same
@@ -223,7 +234,7 @@ class ProxyHttp:
         """
 
     def response_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
-                             ctx: Any) -> bytes | None:
+                             ctx: CtxT) -> bytes | None:
         """Sees each piece of the upstream's response body on its way to the client.
 
         Runs once for each piece as it arrives from the upstream (``end_of_stream`` False),
@@ -235,7 +246,8 @@ class ProxyHttp:
         """
         return None
 
-    def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> None:
+    def logging(self, session: Session, error: ProxyError | None,
+                ctx: CtxT | None) -> None:
         """Runs last, once for every request, when its response is complete or has failed.
 
         Also for requests answered by :meth:`request_filter`, refused as malformed, failed,
@@ -249,7 +261,7 @@ class ProxyHttp:
         """
 
     def fail_to_connect(self, session: Session, peer: HttpPeer, error: ProxyError,
-                        ctx: Any) -> ProxyError:
+                        ctx: CtxT) -> ProxyError:
         """Decides what a failed connection attempt to ``peer`` leads to.
 
         Runs when making a new connection to ``peer`` failed: ``error.kind`` is
@@ -265,7 +277,7 @@ class ProxyHttp:
         return error
 
     def error_while_proxy(self, session: Session, peer: HttpPeer, error: ProxyError,
-                          ctx: Any) -> ProxyError:
+                          ctx: CtxT) -> ProxyError:
         """Sees an upstream failure after the request was sent, before the response started.
 
         Runs when the connection to ``peer`` closed, timed out (``READ_TIMEOUT``) or answered
@@ -278,7 +290,7 @@ class ProxyHttp:
         """
         return error
 
-    def fail_to_proxy(self, session: Session, error: ProxyError, ctx: Any) -> int:
+    def fail_to_proxy(self, session: Session, error: ProxyError, ctx: CtxT | None) -> int:
         """Writes the error response of a failed request.
 
         Runs for every request that fails before its response is complete: refused by the
@@ -300,7 +312,7 @@ class ProxyHttp:
         return status
 
 
-def overridden_phases(app: ProxyHttp) -> dict[str, Any]:
+def overridden_phases(app: ProxyHttp[Any]) -> dict[str, Any]:
     """Maps each phase the app overrides to its bound method."""
     out = {}
     for name in PHASES:
@@ -324,7 +336,7 @@ class AppLoadError(Exception):
 BUILTIN_APP = "shared.apps.load_balancer:LoadBalancer"
 
 
-def load_app(spec: str | None) -> ProxyHttp:
+def load_app(spec: str | None) -> ProxyHttp[Any]:
     """Imports ``MODULE:ATTRIBUTE`` and returns the app (built when the attribute is a class).
 
     None gives the built-in load balancer (:data:`BUILTIN_APP`). Raises :class:`AppLoadError`

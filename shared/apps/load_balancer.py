@@ -10,8 +10,6 @@ It is what a config without ``app`` runs (:data:`shared.app.BUILTIN_APP`), an or
 
 from __future__ import annotations
 
-from typing import Any
-
 from shared.app import ProxyHttp
 from shared.config import Config
 from shared.errors import ErrorKind, upstream_error
@@ -28,7 +26,7 @@ def _strip_port(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
-class LoadBalancer(ProxyHttp):
+class LoadBalancer(ProxyHttp[None]):
     """Round robin over the configured upstreams, with routing by Host."""
 
     def configure(self, config: Config) -> None:
@@ -48,7 +46,7 @@ class LoadBalancer(ProxyHttp):
                 self.by_host[host.lower()] = rr
         self._route = bool(self.by_host)
 
-    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+    def upstream_peer(self, session: Session, ctx: None) -> HttpPeer:
         """The next server of the upstream that the request's Host names, or of the first
         upstream. Raises a ``NO_PEER`` error (502) when no upstream has servers."""
         rr = self.default

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,32 @@ class AsyncErrorWhileProxy(Minimal):
         return error
 
 
+@dataclass
+class Counted:
+    """A typed per-request context."""
+
+    chunks: int = 0
+
+
+class TypedCtx(ProxyHttp[Counted]):
+    """Declares its ctx type, as a typed app does (mypy then checks each phase's ``ctx``)."""
+
+    def new_ctx(self) -> Counted:
+        return Counted()
+
+    def upstream_peer(self, session: Any, ctx: Counted) -> HttpPeer:
+        return HttpPeer("127.0.0.1:9000")
+
+    def request_body_filter(self, session: Any, body: bytes, end_of_stream: bool,
+                            ctx: Counted) -> bytes | None:
+        ctx.chunks += 1
+        return None
+
+    def logging(self, session: Any, error: ProxyError | None, ctx: Counted | None) -> None:
+        if ctx is not None:
+            ctx.chunks = -ctx.chunks
+
+
 class BrokenInit(Minimal):
     def __init__(self) -> None:
         raise RuntimeError("GATEWAY_TOKEN is not set")
@@ -145,6 +172,18 @@ def test_load_app_none_is_the_builtin_app_by_name() -> None:
     """The built-in load balancer is loaded by name, as any app: the same as naming it."""
     assert BUILTIN_APP == "shared.apps.load_balancer:LoadBalancer"
     assert type(load_app(BUILTIN_APP)) is LoadBalancer
+
+
+def test_app_with_a_typed_ctx() -> None:
+    """An app generic in its ctx type loads and runs as any other: the type is for mypy."""
+    app = load_app(spec("TypedCtx"))
+    assert isinstance(app, TypedCtx)
+    assert sorted(overridden_phases(app)) == ["logging", "request_body_filter", "upstream_peer"]
+    ctx = app.new_ctx()
+    app.request_body_filter(None, b"x", False, ctx)
+    app.logging(None, None, ctx)
+    app.logging(None, None, None)
+    assert ctx == Counted(chunks=-1)
 
 
 def test_load_app_builds_a_class() -> None:
