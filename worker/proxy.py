@@ -659,7 +659,7 @@ class Engine:
             status = err.status
             if err.source is ErrorSource.DOWNSTREAM:
                 s.keep_alive = False
-            conn.respond(s, status, None, f"{status} {err.kind.text}\n".encode())
+            conn.respond(s, status, None, f"{status} {err.text}\n".encode())
         else:
             s.keep_alive = False
             conn.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared import HttpPeer, ProxyHttp
+from shared import HttpPeer, ProxyError, ProxyHttp
 
 
 class SyncRewriter(ProxyHttp):
@@ -45,6 +45,8 @@ class SyncRewriter(ProxyHttp):
             return True
         if req.path == "/boom":
             raise RuntimeError("app bug")
+        if req.path == "/limited":
+            raise ProxyError.http_status(429, cause="over the test quota")
         ctx["upper"] = req.path.startswith("/upper")
         return False
 
@@ -221,6 +223,16 @@ def test_phase_exception_is_500_and_worker_survives(env: Env) -> None:
         assert conn.request("GET", "/after-boom").status == 200
     assert "app bug" in env.master.read_error_log()
     assert sorted(w.pid for w in env.master.workers()) == pids
+
+
+def test_phase_raises_an_error_with_a_status_of_its_own(env: Env) -> None:
+    """A ProxyError.http_status(429) raised by a phase is answered with that status and its
+    reason on the default error page; nothing reaches the origin and the connection stays."""
+    with HttpConn(env.port) as conn:
+        resp = conn.request("GET", "/limited")
+        assert (resp.status, resp.body) == (429, b"429 too many requests\n")
+        assert conn.request("GET", "/after-limit").status == 200
+    assert env.origin.paths() == ["/after-limit"]
 
 
 @pytest.mark.parametrize("target", ["/headers", "/upper/x", "/chunked?parts=a,b,c",
