@@ -121,22 +121,24 @@ def config() -> Config:
 # -- recording ----------------------------------------------------------------------------
 
 
-class _ErrorLog(logging.Handler):
-    """Keeps the engine's ERROR records (an app error or a parser callback that failed)."""
+class _ErrorLog(logging.Filter):
+    """Keeps the engine's ERROR records (an app error or a parser callback that failed) and
+    lets no record through: the engine's logger needs no handler."""
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__()
         self.records: list[logging.LogRecord] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         self.records.append(record)
+        return False
 
 
 _log = logging.getLogger("tenaya.fuzz")
 _log.propagate = False
 _log.setLevel(logging.ERROR)
 _errors = _ErrorLog()
-_log.addHandler(_errors)
+_log.addFilter(_errors)
 
 
 @dataclass
