@@ -1,11 +1,16 @@
-"""Benchmark: Tenaya against nginx as a reverse proxy, in the same run, on loopback.
+"""Benchmark: Tenaya against nginx and against a bare Python proxy, in the same run, on loopback.
 
 Theory of operation. One nginx process serves as the origin: it answers every request with the
-same fixed 100-byte body over plaintext HTTP/1.1. Two proxies stand in front of it, each with the
-same worker count: Tenaya (``python -m master start``) and nginx with upstream keep-alive. A load
-generator then loads them in turns, and the order flips every round (T N, N T, T N, ...) so that
-a slow drift of the shared, noisy machine weighs on both alike. The case decides what the
-clients speak to the proxies (the proxies always speak HTTP/1.1 to the origin):
+same fixed 100-byte body over plaintext HTTP/1.1. The contenders stand in front of it, each with
+the same worker count: Tenaya (``python -m master start``), nginx with upstream keep-alive, and
+the pump (``loadtests.pump``: a minimal HTTP/1.1 keep-alive proxy on uvloop and httptools, the
+least per-request work a Python proxy can do, "the Python ceiling"; machines differ in how much
+they slow Python down, so Tenaya's figures are quoted against both). A load generator then loads
+them in turns, and the order flips every round (T N P, P N T, T N P, ...) so that a slow drift
+of the shared, noisy machine weighs on all alike. The pump speaks cleartext HTTP/1.1 only, so it
+takes part in the keepalive and close cases, not in tls, h2c and h2tls (``--no-pump`` leaves it
+out of every case). The case decides what the clients speak to the proxies (the proxies always
+speak HTTP/1.1 to the origin):
 
 - ``keepalive``: wrk, HTTP/1.1, keep-alive; ``close``: the same with a new connection per request;
 - ``tls``: wrk over HTTPS (HTTP/1.1, keep-alive). Both proxies use the same certificate (ECDSA
@@ -29,7 +34,10 @@ each proxy negotiated (version, cipher suite, ALPN). For every run we keep:
   its workers, measured with psutil just before and just after the load generator), hence
   requests per CPU-second, the figure DESIGN.md section 8 sets the goal on.
 
-The table shows the median over rounds for each proxy and the Tenaya/nginx ratios. Every child
+The table shows the median over rounds for each proxy, the range (min-max) of its main figures,
+and the ratios Tenaya/nginx, Tenaya/pump and pump/nginx: the ratio of the medians, and in brackets
+the range of the same ratio taken round by round (each round's runs are close in time). Every
+child
 runs in its own process group and is stopped in a ``finally`` (also on Ctrl-C or SIGTERM); every
 wait has a deadline; readiness is polled (a GET through the proxy must return the origin's body).
 
@@ -38,7 +46,7 @@ The cases are in ``loadtests.cases``, the servers (start, stop, configs, readine
 the table in ``loadtests.report``; this module measures a run and holds the command line.
 
 Usage: ``scripts/bench`` or ``python -m loadtests.bench --rounds 5 --duration 5 --case close``
-(``--case tls``, ``--case h2c``, ``--case h2tls``).
+(``--case tls``, ``--case h2c``, ``--case h2tls``; ``--no-pump``).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ from loadtests.loadgen import run_load
 from loadtests.report import (
     Run,
     Summary,
+    all_ratios,
     describe_run,
     ratios_of,
     render_table,
@@ -94,10 +103,14 @@ from loadtests.servers import (
     origin_config,
     run_guarded,
     start_nginx,
+    start_pump,
     start_tenaya,
 )
 
-DESCRIPTION = "Benchmark Tenaya against nginx as a reverse proxy (requests/s, p99, req/CPU-s)."
+DESCRIPTION = (
+    "Benchmark Tenaya against nginx and a bare uvloop + httptools proxy (the pump) as reverse "
+    "proxies (requests/s, p99, req/CPU-s)."
+)
 #: CPU times are ticks of 10 ms; more digits would be noise.
 CPU_DIGITS = 2
 
@@ -174,13 +187,24 @@ def in_flight(case: Case, args: argparse.Namespace) -> int:
     return connections * (args.streams if case.http2 else 1)
 
 
+def pump_absence(case: Case, args: argparse.Namespace) -> str:
+    """Why the pump does not take part in this run, or "" when it does."""
+    if args.no_pump:
+        return "--no-pump"
+    if not case.pump:
+        return f"it speaks cleartext HTTP/1.1 only, and case {case.name} is not"
+    return ""
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the origin and both proxies, run the rounds, stop everything; returns the report."""
+    """Start the origin and the contenders, run the rounds, stop everything; returns the
+    report."""
     case = CASES[args.case]
+    why_no_pump = pump_absence(case, args)
     tool = find_tool(case.tool, args.wrk if case.tool == TOOL_WRK else args.h2load)
     nginx = find_tool("nginx", args.nginx, ["/usr/sbin", "/usr/local/sbin"])
     concurrency = in_flight(case, args)
-    origin_port, tenaya_port, nginx_port = free_ports(3)
+    origin_port, tenaya_port, nginx_port, pump_port = free_ports(4)
     runs: list[Run] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tenaya-bench-")))
@@ -226,6 +250,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         stack.callback(proxy.stop)
         targets = {"tenaya": (tenaya, tenaya_port), "nginx": (proxy, nginx_port)}
+        pump: Server | None = None
+        if not why_no_pump:
+            pump = start_pump(tmp, port=pump_port, origin_port=origin_port, workers=args.workers)
+            stack.callback(pump.stop)
+            targets["pump"] = (pump, pump_port)
         handshakes = {name: handshake_summary(case, port) for name, (_, port) in targets.items()}
 
         if args.warmup > 0:
@@ -246,7 +275,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if log.is_file() and log.stat().st_size
         )
         tenaya_status = tenaya.exited()
-    summaries = {name: summarize(name, runs) for name in ("tenaya", "nginx")}
+        pump_status = pump.exited() if pump is not None else None
+        pump_log = log_tail(pump.log) if pump is not None and pump.log.stat().st_size else ""
+    summaries = {name: summarize(name, runs) for name in targets}
     return {
         "case": case.name,
         "tool": case.tool,
@@ -261,9 +292,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [asdict(r) | {"flagged": r.flagged} for r in runs],
         "summary": {name: asdict(s) for name, s in summaries.items()},
         "ratios_tenaya_over_nginx": ratios_of(summaries),
+        "ratios": all_ratios(runs, summaries),
+        "pump": {"takes_part": not why_no_pump, "why_not": why_no_pump},
         "tenaya_alive_at_end": tenaya_status is None,
         "tenaya_exit_status": tenaya_status,  # negative: killed by that signal
         "tenaya_log_tail": tenaya_log,
+        "pump_alive_at_end": None if why_no_pump else pump_status is None,
+        "pump_exit_status": pump_status,
+        "pump_log_tail": pump_log,
     }
 
 
@@ -323,6 +359,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run Tenaya with pool.shared: false (to compare the cost of sharing)",
     )
+    p.add_argument(
+        "--no-pump",
+        action="store_true",
+        help="leave out the pump (the bare uvloop + httptools proxy, loadtests/pump.py)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--wrk", help="path of wrk (default: found on PATH)")
     p.add_argument("--h2load", help="path of h2load (default: found on PATH)")
@@ -362,13 +403,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"x {args.duration}s, {load}, {BODY_BYTES}-byte body; medians over rounds"
         )
         summaries = {k: Summary(**v) for k, v in report["summary"].items()}
-        print(render_table(summaries, header, report_notes(report)))
+        print(render_table(summaries, header, report_notes(report), report["ratios"]))
     if report["tenaya_log_tail"].strip():
         print(f"tenaya's log (tail):\n{report['tenaya_log_tail']}", file=sys.stderr)
     if not report["tenaya_alive_at_end"]:
         status = report["tenaya_exit_status"]
         how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         print(f"bench: tenaya's master exited during the benchmark ({how})", file=sys.stderr)
+    if report["pump_log_tail"].strip():
+        print(f"the pump's log (tail):\n{report['pump_log_tail']}", file=sys.stderr)
+    if report["pump_alive_at_end"] is False:
+        status = report["pump_exit_status"]
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+        print(f"bench: the pump exited during the benchmark ({how})", file=sys.stderr)
     if flagged:
         print(
             f"bench: {flagged} run(s) flagged (errors or process changes); see above",

@@ -38,6 +38,11 @@ class Case:
         return "https" if self.tls else "http"
 
     @property
+    def pump(self) -> bool:
+        """Whether the pump (``loadtests.pump``, cleartext HTTP/1.1 only) takes part."""
+        return not self.tls and not self.http2
+
+    @property
     def protocol(self) -> str:
         """The application protocol h2load must report ("" for wrk's cases)."""
         if not self.http2:

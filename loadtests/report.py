@@ -1,6 +1,7 @@
-"""The benchmark's results and how they are shown: one Run per proxy and round, medians over
-the rounds (``Summary``), the Tenaya/nginx ratios, the progress lines and the table with its
-notes. Nothing here starts a server or a load generator.
+"""The benchmark's results and how they are shown: one Run per proxy and round, medians and
+ranges over the rounds (``Summary``), the ratios between the contenders (Tenaya/nginx,
+Tenaya/pump, pump/nginx: of the medians, and the same ratio round by round), the progress lines
+and the table with its notes. Nothing here starts a server or a load generator.
 
 ``median``, ``fmt`` and ``flags`` serve ``loadtests.pool_report`` too.
 """
@@ -19,7 +20,7 @@ from loadtests.cases import TOOL_H2LOAD
 class Run:
     """One counted run of wrk against one proxy."""
 
-    proxy: str  #: "tenaya" or "nginx"
+    proxy: str  #: "tenaya", "nginx" or "pump"
     round: int  #: 1-based round number
     ok_requests: int  #: responses below 400
     rps: float  #: ok_requests per second of the run
@@ -42,7 +43,8 @@ class Run:
 
 @dataclass(slots=True)
 class Summary:
-    """Medians over the rounds of one proxy."""
+    """Medians over the rounds of one proxy, and the lowest and highest value of the main
+    figures (None when no run had the figure)."""
 
     proxy: str
     runs: int
@@ -54,6 +56,14 @@ class Summary:
     total_non_2xx: int
     median_mean_ms: float | None = None
     median_max_ms: float | None = None
+    min_rps: float | None = None
+    max_rps: float | None = None
+    min_p99_ms: float | None = None
+    max_p99_ms: float | None = None
+    min_mean_ms: float | None = None
+    max_mean_ms: float | None = None
+    min_requests_per_cpu_second: float | None = None
+    max_requests_per_cpu_second: float | None = None
 
 
 def median(values: Sequence[float | None]) -> float | None:
@@ -62,9 +72,19 @@ def median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def low_high(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(min, max) of the values that are not None; (None, None) if there are none."""
+    present = [v for v in values if v is not None]
+    return (min(present), max(present)) if present else (None, None)
+
+
 def summarize(proxy: str, runs: Sequence[Run]) -> Summary:
     """Medians and error totals of one proxy's runs."""
     mine = [r for r in runs if r.proxy == proxy]
+    min_rps, max_rps = low_high([r.rps for r in mine])
+    min_p99, max_p99 = low_high([r.p99_ms for r in mine])
+    min_mean, max_mean = low_high([r.mean_ms for r in mine])
+    min_rpc, max_rpc = low_high([r.requests_per_cpu_second for r in mine])
     return Summary(
         proxy=proxy,
         runs=len(mine),
@@ -76,6 +96,14 @@ def summarize(proxy: str, runs: Sequence[Run]) -> Summary:
         total_non_2xx=sum(r.non_2xx for r in mine),
         median_mean_ms=median([r.mean_ms for r in mine]),
         median_max_ms=median([r.max_ms for r in mine]),
+        min_rps=min_rps,
+        max_rps=max_rps,
+        min_p99_ms=min_p99,
+        max_p99_ms=max_p99,
+        min_mean_ms=min_mean,
+        max_mean_ms=max_mean,
+        min_requests_per_cpu_second=min_rpc,
+        max_requests_per_cpu_second=max_rpc,
     )
 
 
@@ -105,8 +133,95 @@ def describe_run(run: Run) -> str:
     return line + flags(run.problems)
 
 
-def render_table(summaries: dict[str, Summary], header: str, notes: Sequence[str] = ()) -> str:
-    """The human-readable result: one row per proxy, the Tenaya/nginx ratios, then notes."""
+#: The ratios the report shows, numerator over denominator, in this order.
+PAIRS: tuple[tuple[str, str], ...] = (("tenaya", "nginx"), ("tenaya", "pump"), ("pump", "nginx"))
+#: Each ratio: its key in the JSON report, the Summary median and the Run figure it divides,
+#: and its column in the table.
+RATIO_FIGURES: tuple[tuple[str, str, str, str], ...] = (
+    ("rps", "median_rps", "rps", "req/s"),
+    (
+        "requests_per_cpu_second",
+        "median_requests_per_cpu_second",
+        "requests_per_cpu_second",
+        "req/CPU-s",
+    ),
+    ("p99", "median_p99_ms", "p99_ms", "p99"),
+    ("mean_latency", "median_mean_ms", "mean_ms", "mean"),
+    ("max_latency", "median_max_ms", "max_ms", "max"),
+)
+
+
+def pair_name(numerator: str, denominator: str) -> str:
+    """How a ratio is named in the report: ``tenaya/nginx``."""
+    return f"{numerator}/{denominator}"
+
+
+def ratios_of(
+    summaries: dict[str, Summary], numerator: str = "tenaya", denominator: str = "nginx"
+) -> dict[str, float | None]:
+    """One proxy's medians over another's (by default Tenaya's over nginx's): req/s,
+    req/CPU-s and the latencies."""
+    a, b = summaries[numerator], summaries[denominator]
+    return {key: _ratio(getattr(a, attr), getattr(b, attr)) for key, attr, _, _ in RATIO_FIGURES}
+
+
+def round_ratios(runs: Sequence[Run], numerator: str, denominator: str) -> dict[str, list[float]]:
+    """The same ratio round by round: each round's figure of one proxy over the other's, for
+    the rounds where both have it."""
+    by_round = {(r.proxy, r.round): r for r in runs}
+    rounds = sorted({r.round for r in runs})
+    out: dict[str, list[float]] = {}
+    for key, _, field_name, _ in RATIO_FIGURES:
+        values = []
+        for n in rounds:
+            a, b = by_round.get((numerator, n)), by_round.get((denominator, n))
+            if a is None or b is None:
+                continue
+            ratio = _ratio(getattr(a, field_name), getattr(b, field_name))
+            if ratio is not None:
+                values.append(ratio)
+        out[key] = values
+    return out
+
+
+def all_ratios(
+    runs: Sequence[Run], summaries: dict[str, Summary]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Every ratio of PAIRS whose two proxies took part, by pair name and figure:
+    ``of_medians`` (the ratio of the two medians), and ``median_of_rounds``, ``min_of_rounds``
+    and ``max_of_rounds`` of the same ratio round by round."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for numerator, denominator in PAIRS:
+        if numerator not in summaries or denominator not in summaries:
+            continue
+        of_medians = ratios_of(summaries, numerator, denominator)
+        per_round = round_ratios(runs, numerator, denominator)
+        figures: dict[str, dict[str, float | None]] = {}
+        for key, _, _, _ in RATIO_FIGURES:
+            low, high = low_high(per_round[key])
+            figures[key] = {
+                "of_medians": of_medians[key],
+                "median_of_rounds": median(per_round[key]),
+                "min_of_rounds": low,
+                "max_of_rounds": high,
+            }
+        out[pair_name(numerator, denominator)] = figures
+    return out
+
+
+def _span(low: float | None, high: float | None, spec: str) -> str:
+    """``low-high``, or '-' when unknown."""
+    return "-" if low is None or high is None else f"{low:{spec}}-{high:{spec}}"
+
+
+def render_table(
+    summaries: dict[str, Summary],
+    header: str,
+    notes: Sequence[str] = (),
+    ratios: dict[str, dict[str, dict[str, float | None]]] | None = None,
+) -> str:
+    """The human-readable result: one row of medians per proxy, their ranges over the rounds,
+    the ratios (``all_ratios``; without them, Tenaya/nginx of the medians), then notes."""
     rows = [
         header,
         "",
@@ -123,32 +238,47 @@ def render_table(summaries: dict[str, Summary], header: str, notes: Sequence[str
             f"{s.total_socket_errors:>8}{s.total_non_2xx:>9}"
             f"{s.flagged_runs:>6}/{s.runs}"
         )
-    ratios = ratios_of(summaries)
     rows += [
         "",
-        "tenaya/nginx (ratio of medians): "
-        + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in ratios.items() if v is not None),
+        "ranges over rounds (min-max):",
+        f"{'proxy':<8}{'req/s':>16}{'p99 ms':>14}{'mean ms':>14}{'req/CPU-s':>16}",
     ]
+    for s in summaries.values():
+        rows.append(
+            f"{s.proxy:<8}{_span(s.min_rps, s.max_rps, '.0f'):>16}"
+            f"{_span(s.min_p99_ms, s.max_p99_ms, '.2f'):>14}"
+            f"{_span(s.min_mean_ms, s.max_mean_ms, '.2f'):>14}"
+            f"{_span(s.min_requests_per_cpu_second, s.max_requests_per_cpu_second, '.0f'):>16}"
+        )
+    if ratios is None:
+        of_medians = ratios_of(summaries)
+        ratios = {
+            pair_name("tenaya", "nginx"): {
+                k: {"of_medians": v, "min_of_rounds": None, "max_of_rounds": None}
+                for k, v in of_medians.items()
+            }
+        }
+    rows += [
+        "",
+        "ratios: of the medians [min-max of the same ratio round by round]",
+        f"{'':<13}" + "".join(f" {label:>17}" for _, _, _, label in RATIO_FIGURES),
+    ]
+    for pair, figures in ratios.items():
+        cells = []
+        for key, _, _, _ in RATIO_FIGURES:
+            f = figures[key]
+            cell = fmt(f["of_medians"], ".2f")
+            if f["min_of_rounds"] is not None:
+                cell += f" [{_span(f['min_of_rounds'], f['max_of_rounds'], '.2f')}]"
+            cells.append(f" {cell:>17}")  # at least one space between cells
+        rows.append(f"{pair:<13}" + "".join(cells))
     return "\n".join([*rows, *notes])
-
-
-def ratios_of(summaries: dict[str, Summary]) -> dict[str, float | None]:
-    """Tenaya's medians over nginx's: req/s, req/CPU-s and the latencies."""
-    t, n = summaries["tenaya"], summaries["nginx"]
-    return {
-        "rps": _ratio(t.median_rps, n.median_rps),
-        "requests_per_cpu_second": _ratio(
-            t.median_requests_per_cpu_second, n.median_requests_per_cpu_second
-        ),
-        "p99": _ratio(t.median_p99_ms, n.median_p99_ms),
-        "mean_latency": _ratio(t.median_mean_ms, n.median_mean_ms),
-        "max_latency": _ratio(t.median_max_ms, n.median_max_ms),
-    }
 
 
 def report_notes(report: dict[str, Any]) -> list[str]:
     """Lines under the table: what the TLS handshakes negotiated (by the readiness probe, and
-    as h2load saw it), whether both proxies agree, and how to read h2load's latencies."""
+    as h2load saw it), whether the proxies agree, whether the pump took part, and how to read
+    h2load's latencies."""
     notes: list[str] = []
     probe = report["tls_handshake_by_probe"]
     if any(probe.values()):
@@ -169,7 +299,16 @@ def report_notes(report: dict[str, Any]) -> list[str]:
             + "; ".join(f"{name} {' | '.join(sorted(what))}" for name, what in seen.items())
         )
         if len({frozenset(v) for v in seen.values()}) > 1:
-            notes.append("WARNING: h2load negotiated different parameters with the two proxies")
+            notes.append("WARNING: h2load negotiated different parameters with the proxies")
+    pump = report["pump"]
+    notes.append("")
+    if pump["takes_part"]:
+        notes.append(
+            "pump: a bare uvloop + httptools HTTP/1.1 proxy in Python (loadtests/pump.py), "
+            "the Python ceiling"
+        )
+    else:
+        notes.append(f"pump: does not take part ({pump['why_not']})")
     if report["tool"] == TOOL_H2LOAD:
         notes.append(
             "latency: h2load prints no percentiles; mean and max are its 'time for request'"

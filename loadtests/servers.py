@@ -1,14 +1,15 @@
-"""The benchmarks' servers: starting and stopping nginx and Tenaya, their configs, and the
-readiness probes that say when they serve.
+"""The benchmarks' servers: starting and stopping nginx, Tenaya and the pump, their configs,
+and the readiness probes that say when they serve.
 
 Theory of operation. Every server runs as its own process group with its output in a log file
 (``Server``); ``stop`` asks the leader to stop, waits, then SIGKILLs whatever of the group is
 left, so a benchmark that stops its servers in a ``finally`` (also on SIGTERM or SIGHUP, see
 ``terminate_on_sigterm``) leaves nothing behind. One nginx serves as the origin: it answers
-every request with the same fixed BODY. nginx as a reverse proxy and Tenaya (``python -m master
-start``, run from this checkout) stand in front of it with the same worker count; their configs
-are written here. A server counts as ready once it has its workers and a run of GETs in a row,
-each on a fresh connection, return BODY (``wait_ready``); every wait has a deadline.
+every request with the same fixed BODY. nginx as a reverse proxy, Tenaya (``python -m master
+start``, run from this checkout) and, in the cleartext HTTP/1.1 cases, the pump (``python -m
+loadtests.pump``) stand in front of it with the same worker count; the configs are written
+here. A server counts as ready once it has its workers and a run of GETs in a row, each on a
+fresh connection, return BODY (``wait_ready``); every wait has a deadline.
 
 ``loadtests.bench`` and ``loadtests.pool_bench`` both start their servers with this module.
 """
@@ -490,6 +491,27 @@ def start_tenaya(
     return launch_tenaya(
         tmp / "tenaya.yaml", config, port=port, workers=workers, check=case_probe(case)
     )
+
+
+def start_pump(tmp: Path, *, port: int, origin_port: int, workers: int) -> Server:
+    """Start the pump (``python -m loadtests.pump``, ``workers`` processes: the first and its
+    forked siblings) from REPO_ROOT, its output in ``tmp/pump.out``; wait until it proxies BODY
+    over plaintext HTTP/1.1."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtests.pump",
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--origin",
+        f"{LOOPBACK}:{origin_port}",
+        "--workers",
+        str(workers),
+    ]
+    server = Server("pump", cmd, tmp / "pump.out", cwd=REPO_ROOT, env=tenaya_env())
+    # The first process serves too, so it has workers - 1 children.
+    wait_ready(server, port, workers=workers - 1, probes=PROBES_PER_WORKER * workers)
+    return server
 
 
 def find_tool(name: str, given: str | None, extra_dirs: Sequence[str] = ()) -> str:
