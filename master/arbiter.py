@@ -10,6 +10,20 @@ blocks on a worker and never runs app code: workers are fresh ``python -m worker
 Reload and upgrade never close a listening socket that may hold unaccepted connections: a new
 generation of workers accepts on the same sockets before the old one stops accepting, and a new
 master receives the sockets themselves (SCM_RIGHTS) before the old master drains.
+
+The arbiter is put together from parts that each hold it, rather than from mixins: the
+lifecycle's state table (:mod:`master.lifecycle`), the upgrade's two sides
+(:class:`~master.upgrade.Upgrade`), the control socket and its commands
+(:class:`~master.control.ControlServer`, :class:`~master.control.CommandHandlers`), the pool
+broker. Each descriptor the loop watches is registered with the handler that reads it
+(:class:`~master.selector.Selector`); the loop itself only dispatches.
+
+Where a new part plugs in (the health prober to come, say): a helper process the master runs
+beside its workers follows the demo origins (:mod:`master.demo_process`): started in
+:meth:`Arbiter.start`, recognised by pid in :meth:`Arbiter.reap` (or, when adopted from the old
+master in an upgrade, watched through a pidfd), named in the upgrade's ``Handover``, and stopped
+in :meth:`Arbiter.shutdown`. What it reports comes in on a pipe or socket registered with
+``self.sel.register(fd, handler)``, with no change to :meth:`Arbiter._tick`.
 """
 
 from __future__ import annotations
@@ -23,16 +37,18 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import setproctitle
 
-from master.broker import Broker, IdleConn
-from master.control import ControlConn, ControlMixin, ControlServer
+from master.broker import Broker
+from master.control import CommandHandlers, ControlServer
 from master.demo_process import DemoOrigins, DemoStartError
 from master.lifecycle import Lifecycle, State
 from master.listeners import Listener, ListenError, bind_all
 from master.notify import report_start, sd_notify
-from master.upgrade import Predecessor, StartError, Upgrade, UpgradeMixin
+from master.selector import Selector
+from master.upgrade import StartError, Upgrade
 from shared import ipc, privileges
 from shared.config import Config, ConfigError
 from shared.ipc import Channel, ChannelClosed
@@ -105,7 +121,7 @@ POOL_COUNTERS = ("upstream_requests", "connections_created", "reused_local", "re
                  "donated")
 
 
-class Arbiter(UpgradeMixin, ControlMixin):
+class Arbiter:
     """Supervises the workers of one config."""
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
@@ -118,7 +134,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.listeners: list[Listener] = []
         self.retired: list[Listener] = []
         self.workers: dict[int, WorkerProc] = {}
-        self.sel = selectors.DefaultSelector()
+        #: Every descriptor the loop watches, each with its handler.
+        self.sel = Selector()
         self.sig_queue: list[int] = []
         self.lifecycle = Lifecycle()
         self.stop_deadline = 0.0
@@ -126,7 +143,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.backoff: dict[int, float] = {}
         self.next_spawn: dict[int, float] = {}
         self.pending: Generation | None = None
-        self.upgrade: Upgrade | None = None
+        #: Both sides of a binary upgrade (SIGUSR2).
+        self.upgrade = Upgrade(self)
         #: Reloads and resizes (signal names) that came while booting or reloading, to run
         #: in order once serving.
         self.deferred: list[str] = []
@@ -135,8 +153,6 @@ class Arbiter(UpgradeMixin, ControlMixin):
         self.handed_demo: tuple[int, list[str]] = (0, [])
         self.control: ControlServer | None = None
         self.broker: Broker | None = None
-        #: After an upgrade: the new master, to which the broker's connections go at exit.
-        self.successor: Channel | None = None
         #: Counters of workers that have exited, so totals survive reloads.
         self.retired_counts: dict[str, int] = dict.fromkeys(POOL_COUNTERS, 0)
         self.started = time.time()
@@ -144,6 +160,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
 
     @property
     def stopping(self) -> bool:
+        """True once a stop has begun (the lifecycle is ``STOPPING``)."""
         return self.lifecycle.state is State.STOPPING
 
     # -- start ---------------------------------------------------------------------------
@@ -161,11 +178,11 @@ class Arbiter(UpgradeMixin, ControlMixin):
         parent: Channel | None = None
         if upgrade_fd is not None:
             parent = Channel(socket.socket(fileno=int(upgrade_fd)))
-            self.listeners = self._receive_listeners(parent)
+            self.listeners = self.upgrade.receive_listeners(parent)
         else:
             self.listeners = bind_all(self.config.listeners, self.num_workers)
         self._install_signals()
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, self._on_wake)
         if self.config.pool.shared:
             self.broker = Broker(self.sel, PoolIndex.create(), self.config.pool.size_shared,
                                  self.config.pool.idle_timeout_seconds)
@@ -184,19 +201,12 @@ class Arbiter(UpgradeMixin, ControlMixin):
                 reason = failed[0].app_error if failed else "stopped during start"
                 raise StartError(f"app failed to load: {reason}")
         self.lifecycle.to(State.SERVING)
-        self._write_pid_file()
+        self.write_pid_file()
         if self.config.server.control_socket:
             self._open_control()
         if parent is not None:
-            try:
-                adopted = self.demo is not None and self.demo.popen is None
-                parent.send(ipc.UpgradeReady(pid=os.getpid(), demo_adopted=adopted))
-                parent.flush()
-                # The old master's idle upstream connections follow once its workers are gone.
-                self.sel.register(parent.sock, selectors.EVENT_READ, Predecessor(parent))
-            except (ChannelClosed, OSError):
-                log.warning("the old master is gone")
-                parent.close()
+            # The old master's idle upstream connections follow once its workers are gone.
+            self.upgrade.report_ready(parent)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
         report_start(True)
         addresses = ", ".join(f"{'https' if lst.config.tls else 'http'}://{lst.bound_address}"
@@ -204,6 +214,31 @@ class Arbiter(UpgradeMixin, ControlMixin):
         log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
                  os.getpid())
         self._run_deferred()
+
+    def abandon_start(self) -> None:
+        """After :meth:`start` raised: moves to ``STOPPING`` (unless a stop signal already
+        did) and shuts down."""
+        if self.lifecycle.can(State.STOPPING):
+            self.lifecycle.to(State.STOPPING)
+        self.shutdown()
+
+    def _open_control(self) -> None:
+        """Opens the control socket; logs and serves on without it when it cannot be made."""
+        path = self.config.server.control_socket
+        assert path
+        try:
+            self.control = ControlServer(path, CommandHandlers(self), self.sel)
+        except OSError as e:
+            log.error("cannot open the control socket %s: %s", path, e.strerror)
+
+    def _on_wake(self, key: selectors.SelectorKey, mask: int) -> None:
+        """The wake-up pipe (written by the signal wakeup fd): emptied; the queued signals
+        are handled at the end of the tick."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     @staticmethod
     def _warn_identity(config: Config) -> None:
@@ -222,33 +257,38 @@ class Arbiter(UpgradeMixin, ControlMixin):
         if pid and addresses == self.config.demo_origins:
             self.demo = DemoOrigins.adopt(pid, addresses)
             if self.demo is not None:
-                self.sel.register(self.demo.pidfd, selectors.EVENT_READ, self.demo)
+                self.sel.register(self.demo.pidfd, self._on_demo_pidfd)
                 return
         try:
             self.demo = DemoOrigins.start(self.config.demo_origins)
         except DemoStartError as e:
             raise StartError(str(e)) from None
 
+    def _on_demo_pidfd(self, key: selectors.SelectorKey, mask: int) -> None:
+        """The adopted demo origins' pidfd is readable: they have exited."""
+        self._demo_exited(None)
+
     def _demo_exited(self, code: int | None) -> None:
         if self.demo is not None:
-            self._let_go_of_demo(stop=False)
+            self.let_go_of_demo(stop=False)
             if not self.stopping:
                 log.error("demo origins exited%s", "" if code is None else f" ({code})")
 
-    def _let_go_of_demo(self, stop: bool) -> None:
+    def let_go_of_demo(self, stop: bool) -> None:
         """Forgets the demo origins: stopped (``stop``), or left running (they exited, or a
         new master adopted them)."""
         demo, self.demo = self.demo, None
         if demo is None:
             return
         if demo.pidfd >= 0:
-            self._unregister(demo.pidfd)
+            self.sel.unregister(demo.pidfd)
         if stop:
             demo.stop()
         else:
             demo.release()
 
-    def _write_pid_file(self) -> None:
+    def write_pid_file(self) -> None:
+        """Writes this master's pid to ``server.pid_file`` (if set), replacing it atomically."""
         path = self.config.server.pid_file
         if path:
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -304,10 +344,18 @@ class Arbiter(UpgradeMixin, ControlMixin):
         channel = Channel(parent)
         w = WorkerProc(popen.pid, slot, number, channel, popen, now, now)
         self.workers[w.pid] = w
-        self.sel.register(channel.sock, selectors.EVENT_READ, w)
+        self.sel.register(channel.sock, partial(self._on_worker_readable, w))
         channel.send(ipc.Boot(slot=slot, generation=number, config=config.raw,
                               source=config.source, pool_index_fd=index_fd))
         log.debug("spawned worker %d of generation %d (pid %d)", slot, number, w.pid)
+
+    def _on_worker_readable(self, w: WorkerProc, key: selectors.SelectorKey, mask: int) -> None:
+        """A worker's channel is readable: its messages, or its end (the worker is gone)."""
+        try:
+            for msg in w.channel.read():
+                self._on_worker_message(w, msg)
+        except (ChannelClosed, OSError):
+            self._forget(w)
 
     def _on_worker_message(self, w: WorkerProc, msg: ipc.Message) -> None:
         w.last_seen = time.monotonic()
@@ -324,15 +372,16 @@ class Arbiter(UpgradeMixin, ControlMixin):
         elif isinstance(msg, ipc.Borrow):
             self._lend(w, msg)
         elif isinstance(msg, ipc.Donate):
-            self._take_donations(msg)
+            self.take_donations(msg)
             return
         elif isinstance(msg, ipc.AppFailed):
             w.app_error = msg.reason
         for fd in msg.fds:
             os.close(fd)
 
-    def _take_donations(self, msg: ipc.Message) -> None:
-        assert isinstance(msg, ipc.Donate)
+    def take_donations(self, msg: ipc.Donate) -> None:
+        """Gives the broker the idle connections in ``msg`` (from a worker, or from the old
+        master after an upgrade); closes them when there is no broker."""
         for i, fd in enumerate(msg.fds):
             if self.broker is not None and i < len(msg.keys):
                 self.broker.donate(msg.keys[i], fd)
@@ -350,14 +399,8 @@ class Arbiter(UpgradeMixin, ControlMixin):
             if sock is not None:
                 sock.close()
 
-    def _unregister(self, sock: socket.socket | int) -> None:
-        try:
-            self.sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
     def _forget(self, w: WorkerProc) -> None:
-        self._unregister(w.channel.sock)
+        self.sel.unregister(w.channel.sock)
         w.channel.close()
 
     def _drain_worker(self, w: WorkerProc, grace: float) -> None:
@@ -365,7 +408,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         try:
             w.channel.send(ipc.Drain(grace_seconds=grace))
         except (ChannelClosed, OSError):
-            self._kill(w.pid, signal.SIGTERM)
+            self.kill(w.pid, signal.SIGTERM)
 
     def reap(self) -> None:
         """Collects exited children; a worker that exited is replaced by manage_workers."""
@@ -381,9 +424,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
                 self.demo.popen.returncode = code
                 self._demo_exited(code)
                 continue
-            if self.upgrade is not None and pid == self.upgrade.popen.pid:
-                self.upgrade.popen.returncode = code
-                self._upgrade_failed(f"the new master exited with {code}")
+            if self.upgrade.reaped(pid, code):
                 continue
             w = self.workers.pop(pid, None)
             if w is None:
@@ -447,15 +488,16 @@ class Arbiter(UpgradeMixin, ControlMixin):
         for w in list(self.workers.values()):
             if w.killed_at:
                 if now - w.killed_at > KILL_GRACE_SECONDS:
-                    self._kill(w.pid, signal.SIGKILL)
+                    self.kill(w.pid, signal.SIGKILL)
             elif now - w.last_seen > timeout:
                 log.error("worker %d (pid %d) silent for %.0fs; killing it", w.slot, w.pid,
                           now - w.last_seen)
                 w.killed_at = now
-                self._kill(w.pid, signal.SIGABRT)
+                self.kill(w.pid, signal.SIGABRT)
 
     @staticmethod
-    def _kill(pid: int, sig: int) -> None:
+    def kill(pid: int, sig: int) -> None:
+        """Sends ``sig`` to ``pid``; a process already gone is no error."""
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -546,35 +588,9 @@ class Arbiter(UpgradeMixin, ControlMixin):
     # -- the loop ------------------------------------------------------------------------
 
     def _tick(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            data = key.data
-            if data is None:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            elif isinstance(data, WorkerProc):
-                try:
-                    for msg in data.channel.read():
-                        self._on_worker_message(data, msg)
-                except (ChannelClosed, OSError):
-                    self._forget(data)
-            elif isinstance(data, Upgrade):
-                self._on_upgrade_readable(data)
-            elif isinstance(data, ControlServer):
-                channel = data.accept()
-                if channel is not None:
-                    self.sel.register(channel.sock, selectors.EVENT_READ, ControlConn(channel))
-            elif isinstance(data, IdleConn):
-                if self.broker is not None:
-                    self.broker.on_readable(data)
-            elif isinstance(data, ControlConn):
-                self._on_control(data)
-            elif isinstance(data, Predecessor):
-                self._on_predecessor(data)
-            elif isinstance(data, DemoOrigins):
-                self._demo_exited(None)
+        """One turn of the loop: every ready descriptor's handler, the broker's sweep, the
+        queued signals (``handle_<name>``), then the reaping of exited children."""
+        self.sel.dispatch(timeout)
         if self.broker is not None:
             self.broker.sweep(time.monotonic())
         while self.sig_queue:
@@ -594,12 +610,10 @@ class Arbiter(UpgradeMixin, ControlMixin):
                         break
                     if time.monotonic() > self.stop_deadline:
                         for w in self.workers.values():
-                            self._kill(w.pid, signal.SIGKILL)
+                            self.kill(w.pid, signal.SIGKILL)
                     continue
                 self._check_generation()
-                up = self.upgrade
-                if up is not None and time.monotonic() > up.deadline:
-                    self._upgrade_failed("the new master did not report ready in time")
+                self.upgrade.check_deadline(time.monotonic())
                 self.murder_stuck()
                 self.manage_workers()
         finally:
@@ -608,17 +622,17 @@ class Arbiter(UpgradeMixin, ControlMixin):
 
     def shutdown(self) -> None:
         """Closes the listeners, stops the demo origins, removes the pid file."""
-        self._hand_pool_to_successor()
+        self.upgrade.hand_pool_to_successor()
         if self.broker is not None:
             self.broker.close()
         for lst in [*self.listeners, *self.retired]:
             lst.close()
         for w in list(self.workers.values()):
-            self._kill(w.pid, signal.SIGKILL)
+            self.kill(w.pid, signal.SIGKILL)
             self._forget(w)
         if self.control is not None:
             self.control.close()
-        self._let_go_of_demo(stop=True)
+        self.let_go_of_demo(stop=True)
         self._remove_pid_file()
 
     # -- signals -------------------------------------------------------------------------
@@ -629,18 +643,18 @@ class Arbiter(UpgradeMixin, ControlMixin):
             # A second stop signal: no more waiting.
             log.info("stopping now")
             for w in self.workers.values():
-                self._kill(w.pid, signal.SIGKILL)
+                self.kill(w.pid, signal.SIGKILL)
             self.stop_deadline = 0.0
             return
-        if self.upgrade is not None:
-            self._upgrade_failed("stopping")
+        if self.upgrade.in_progress:
+            self.upgrade.fail("stopping")
         if self.pending is not None:
             for w in self.workers.values():
                 if w.generation == self.pending.number:
                     w.draining = True
             self.pending = None
         self.lifecycle.to(State.STOPPING)
-        if self.successor is None:
+        if self.upgrade.successor is None:
             sd_notify("STOPPING=1")
         grace = self.config.server.grace_period_seconds if graceful else 0.0
         self.stop_deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
@@ -650,7 +664,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
                 self._drain_worker(w, grace)
             else:
                 w.draining = True
-                self._kill(w.pid, signal.SIGINT)
+                self.kill(w.pid, signal.SIGINT)
 
     def handle_term(self) -> None:
         self.stop(graceful=True)
@@ -701,7 +715,7 @@ class Arbiter(UpgradeMixin, ControlMixin):
         if not self.lifecycle.serving:
             log.warning("upgrade ignored while %s", self.lifecycle.state.value)
             return
-        self.begin_upgrade()
+        self.upgrade.begin()
 
     def handle_ttin(self) -> None:
         """One worker more."""

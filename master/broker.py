@@ -14,6 +14,7 @@ HTTP/2 state lives inside the process that made it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import selectors
@@ -21,6 +22,7 @@ import socket
 import time
 from collections import OrderedDict
 
+from master.selector import Selector
 from shared.poolindex import PoolIndex, slot_of
 
 log = logging.getLogger("tenaya")
@@ -41,7 +43,7 @@ class IdleConn:
 class Broker:
     """Holds idle connections by pool key (most recently donated first)."""
 
-    def __init__(self, sel: selectors.BaseSelector, index: PoolIndex, size: int,
+    def __init__(self, sel: Selector, index: PoolIndex, size: int,
                  idle_timeout: float) -> None:
         self.sel = sel
         self.index = index
@@ -76,7 +78,7 @@ class Broker:
         conn = IdleConn(sock, key, slot_of(key, self.index.slots))
         self._by_key.setdefault(key, []).append(conn)
         self._order[conn] = None
-        self.sel.register(sock, selectors.EVENT_READ, conn)
+        self.sel.register(sock, functools.partial(self._on_idle_readable, conn))
         self.index.add(conn.slot, 1)
 
     def lend(self, key: bytes) -> socket.socket | None:
@@ -97,8 +99,9 @@ class Broker:
         self.misses += 1
         return None
 
-    def on_readable(self, conn: IdleConn) -> None:
-        """An idle connection spoke or closed: it can't be reused."""
+    def _on_idle_readable(self, conn: IdleConn, key: selectors.SelectorKey, mask: int) -> None:
+        """The selector handler of an idle connection: it spoke or closed, so it can't be
+        reused."""
         self._drop(conn)
 
     def sweep(self, now: float) -> None:
@@ -124,10 +127,7 @@ class Broker:
 
     def _forget(self, conn: IdleConn) -> None:
         del self._order[conn]
-        try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        self.sel.unregister(conn.sock)
         self.index.add(conn.slot, -1)
 
     def _drop(self, conn: IdleConn) -> None:

@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from master import control
-from master.arbiter import POOL_COUNTERS, Arbiter, StartError
+from master.arbiter import POOL_COUNTERS, Arbiter
 from master.listeners import ListenError
 from master.notify import READY_FD_ENV, report_start
+from master.upgrade import StartError
 from shared.config import Config, ConfigError, from_mapping, load, reference
 from shared.paths import child_env, python_command
 
@@ -72,8 +73,7 @@ def cmd_start(args: argparse.Namespace, argv: list[str]) -> int:
     except (StartError, ListenError) as e:
         report_start(False, str(e))
         logging.getLogger("tenaya").error("cannot start: %s", e)
-        arbiter.lifecycle.state = arbiter.lifecycle.state.STOPPING
-        arbiter.shutdown()
+        arbiter.abandon_start()
         return 1
     return arbiter.run()
 

@@ -3,11 +3,17 @@
 ``python -m master status|reload|upgrade|reopen|stop`` connect to it, send one
 :class:`~shared.ipc.ControlRequest` and read one :class:`~shared.ipc.ControlReply`. Without a
 control socket those commands fall back to signals sent to the pid in the pid file.
+
+Two parts, as gunicorn's ``ctl`` package has them: :class:`ControlServer` owns the socket and
+its connections (registered with the master's selector; one request, one reply, closed), and
+:class:`CommandHandlers` holds the arbiter and answers each command. The server knows nothing
+of the arbiter, and the handlers nothing of sockets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -15,24 +21,102 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from master.selector import Selector
 from shared import ipc
 from shared.ipc import Channel, ChannelClosed
+
+if TYPE_CHECKING:
+    from master.arbiter import Arbiter
 
 log = logging.getLogger("tenaya")
 
 #: Longest wait for the master's answer.
 CLIENT_TIMEOUT_SECONDS = 10.0
+#: Longest the master blocks writing one reply to a client.
+REPLY_TIMEOUT_SECONDS = 2.0
+
+
+class CommandHandlers:
+    """The master's answer to each control command; the arbiter does the work.
+
+    ``reload``, ``upgrade``, ``reopen`` and ``stop`` do what SIGHUP, SIGUSR2, SIGUSR1 and
+    SIGTERM do (the arbiter's ``handle_<signal>``); ``status`` returns the figures.
+    """
+
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        #: Commands that act and reply with no data, by name.
+        self.actions: dict[str, Callable[[], None]] = {
+            "reload": arbiter.handle_hup, "upgrade": arbiter.handle_usr2,
+            "reopen": arbiter.handle_usr1, "stop": arbiter.handle_term,
+        }
+
+    def handle(self, command: str) -> ipc.ControlReply:
+        """Runs ``command``; the reply is ``ok`` with the status for ``status``, ``ok`` with no
+        data for an action, and not ``ok`` with the reason for an unknown command."""
+        if command == "status":
+            return ipc.ControlReply(ok=True, data=self.status())
+        action = self.actions.get(command)
+        if action is None:
+            return ipc.ControlReply(ok=False, error=f"unknown command {command!r}")
+        action()
+        return ipc.ControlReply(ok=True)
+
+    def status(self) -> dict[str, Any]:
+        """The master's and each worker's numbers, for ``python -m master status``."""
+        arbiter = self.arbiter
+        now = time.monotonic()
+        workers = []
+        for w in sorted(arbiter.workers.values(), key=lambda w: (w.generation, w.slot)):
+            rss = cpu = 0.0
+            try:
+                p = psutil.Process(w.pid)
+                rss = p.memory_info().rss
+                t = p.cpu_times()
+                cpu = t.user + t.system
+            except psutil.Error:
+                pass
+            workers.append({
+                "pid": w.pid, "slot": w.slot, "generation": w.generation,
+                "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
+                "cpu_seconds": round(cpu, 2), "connections": w.connections,
+                "requests": w.requests, "active_requests": w.active_requests,
+                "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
+                "accept_paused": w.accept_paused, "accept_pauses": w.accept_pauses,
+            })
+        totals: dict[str, Any] = dict(arbiter.retired_counts)
+        for w in arbiter.workers.values():
+            for name, value in w.pool.items():
+                totals[name] += value
+        reused = totals["reused_local"] + totals["reused_shared"]
+        totals["reuse_ratio"] = round(reused / totals["upstream_requests"], 5) if totals[
+            "upstream_requests"] else 0.0
+        return {
+            "pid": os.getpid(), "uptime_seconds": round(time.time() - arbiter.started, 1),
+            "state": arbiter.lifecycle.state.value, "generation": arbiter.generation,
+            "config": arbiter.config.source,
+            "listeners": [lst.bound_address for lst in arbiter.listeners],
+            "workers": workers, "pool": totals,
+            "broker": arbiter.broker.stats() if arbiter.broker is not None else None,
+        }
 
 
 class ControlServer:
-    """The listening side, owned by the master's loop."""
+    """The listening side: accepts clients on ``path`` and answers each one's request with
+    ``handlers``, in the master's loop (registered with ``sel``).
 
-    def __init__(self, path: str) -> None:
+    Raises ``OSError`` when the socket cannot be made (a folder that does not exist, no
+    permission); a socket file left by an earlier master is replaced.
+    """
+
+    def __init__(self, path: str, handlers: CommandHandlers, sel: Selector) -> None:
         self.path = path
+        self.handlers = handlers
+        self.sel = sel
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -46,13 +130,40 @@ class ControlServer:
         sock.setblocking(False)
         self.sock = sock
         self._inode = os.stat(path).st_ino
+        sel.register(sock, self._on_accept)
 
-    def accept(self) -> Channel | None:
+    def _on_accept(self, key: selectors.SelectorKey, mask: int) -> None:
+        """The listening socket is readable: a client connects."""
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
-            return None
-        return Channel(conn)
+            return
+        channel = Channel(conn)
+        self.sel.register(channel.sock, functools.partial(self._on_request, channel))
+
+    def _on_request(self, channel: Channel, key: selectors.SelectorKey, mask: int) -> None:
+        """A client's connection is readable: its request is answered, then it is closed. The
+        reply is written blocking, for :data:`REPLY_TIMEOUT_SECONDS` at most."""
+        try:
+            messages = channel.read()
+        except (ChannelClosed, OSError):
+            self.sel.unregister(channel.sock)
+            channel.close()
+            return
+        for msg in messages:
+            if not isinstance(msg, ipc.ControlRequest):
+                continue
+            reply = self.handlers.handle(msg.command)
+            try:
+                channel.sock.setblocking(True)
+                channel.sock.settimeout(REPLY_TIMEOUT_SECONDS)
+                channel.send(reply)
+                channel.flush()
+            except (ChannelClosed, OSError):
+                pass
+            self.sel.unregister(channel.sock)
+            channel.close()
+            return
 
     def close(self) -> None:
         """Closes the socket; removes the path only if it is still this socket's (after an
@@ -62,6 +173,7 @@ class ControlServer:
                 os.unlink(self.path)
         except OSError:
             pass
+        self.sel.unregister(self.sock)
         self.sock.close()
 
 
@@ -86,102 +198,3 @@ def request(path: str, command: str) -> ipc.ControlReply:
     finally:
         channel.close()
     raise TimeoutError(f"no answer from the master on {path}")
-
-
-def reply_data(reply: ipc.ControlReply) -> dict[str, Any]:
-    return dict(reply.data)
-
-
-class ControlConn:
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-
-
-class ControlMixin:
-    """The arbiter's answers on the control socket."""
-
-    control: ControlServer | None
-
-    def _open_control(self: Any) -> None:
-        path = self.config.server.control_socket
-        assert path
-        try:
-            self.control = ControlServer(path)
-        except OSError as e:
-            log.error("cannot open the control socket %s: %s", path, e.strerror)
-            return
-        self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
-
-    def _on_control(self: Any, conn: ControlConn) -> None:
-        try:
-            messages = conn.channel.read()
-        except (ChannelClosed, OSError):
-            self._unregister(conn.channel.sock)
-            conn.channel.close()
-            return
-        for msg in messages:
-            if not isinstance(msg, ipc.ControlRequest):
-                continue
-            reply = self._control_command(msg.command)
-            try:
-                conn.channel.sock.setblocking(True)
-                conn.channel.sock.settimeout(2.0)
-                conn.channel.send(reply)
-                conn.channel.flush()
-            except (ChannelClosed, OSError):
-                pass
-            self._unregister(conn.channel.sock)
-            conn.channel.close()
-            return
-
-    def _control_command(self: Any, command: str) -> ipc.ControlReply:
-        handlers: dict[str, Callable[[], None]] = {
-            "reload": self.handle_hup, "upgrade": self.handle_usr2,
-            "reopen": self.handle_usr1, "stop": self.handle_term,
-        }
-        if command == "status":
-            return ipc.ControlReply(ok=True, data=self.status())
-        handler = handlers.get(command)
-        if handler is None:
-            return ipc.ControlReply(ok=False, error=f"unknown command {command!r}")
-        handler()
-        return ipc.ControlReply(ok=True)
-
-    def status(self: Any) -> dict[str, Any]:
-        """The master's and each worker's numbers, for ``python -m master status``."""
-        now = time.monotonic()
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot)):
-            rss = cpu = 0.0
-            try:
-                p = psutil.Process(w.pid)
-                rss = p.memory_info().rss
-                t = p.cpu_times()
-                cpu = t.user + t.system
-            except psutil.Error:
-                pass
-            workers.append({
-                "pid": w.pid, "slot": w.slot, "generation": w.generation,
-                "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
-                "cpu_seconds": round(cpu, 2), "connections": w.connections,
-                "requests": w.requests, "active_requests": w.active_requests,
-                "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
-                "accept_paused": w.accept_paused, "accept_pauses": w.accept_pauses,
-            })
-        totals: dict[str, Any] = dict(self.retired_counts)
-        for w in self.workers.values():
-            for name, value in w.pool.items():
-                totals[name] += value
-        reused = totals["reused_local"] + totals["reused_shared"]
-        totals["reuse_ratio"] = round(reused / totals["upstream_requests"], 5) if totals[
-            "upstream_requests"] else 0.0
-        return {
-            "pid": os.getpid(), "uptime_seconds": round(time.time() - self.started, 1),
-            "state": self.lifecycle.state.value, "generation": self.generation,
-            "config": self.config.source,
-            "listeners": [lst.bound_address for lst in self.listeners],
-            "workers": workers, "pool": totals,
-            "broker": self.broker.stats() if self.broker is not None else None,
-        }
-

@@ -6,10 +6,15 @@ configured address). The new master binds only addresses it was not given, start
 writes the pid file and answers ``UpgradeReady``; then the old master drains. Once its workers
 are gone it sends the pool broker's idle upstream connections over the same channel and exits.
 If the new master exits or stays silent, the old one keeps serving and keeps the pid file.
+
+:class:`Upgrade` holds the arbiter and does both sides: as the old master it starts the new
+one, waits for its answer (:class:`NewMaster`) and hands it the pool at exit; as the new master
+it receives the listeners, reports ready and takes the old master's idle connections.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -19,13 +24,16 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from master.lifecycle import State
 from master.listeners import Listener, ListenError
 from shared import ipc
 from shared.ipc import MAX_FDS_PER_MESSAGE, Channel, ChannelClosed
 from shared.paths import child_env, python_command
+
+if TYPE_CHECKING:
+    from master.arbiter import Arbiter
 
 log = logging.getLogger("tenaya")
 
@@ -40,31 +48,40 @@ class StartError(Exception):
 
 
 @dataclass
-class Upgrade:
+class NewMaster:
     """A new master started by SIGUSR2, until it reports ready."""
 
+    #: The new master's process.
     popen: subprocess.Popen[bytes]
+    #: The upgrade channel: listeners go out, ``UpgradeReady`` comes back.
     channel: Channel
+    #: When the upgrade fails if the new master has not reported ready (monotonic clock).
     deadline: float
 
 
-class Predecessor:
-    """The channel from the old master after an upgrade: its idle connections come here."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-
-class UpgradeMixin:
+class Upgrade:
     """The arbiter's side of an upgrade, as the old master and as the new one."""
 
-    #: A new master being started, until it reports ready.
-    upgrade: Upgrade | None
-    #: After an upgrade: the new master, to which the broker's connections go at exit.
-    successor: Channel | None
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        #: A new master being started, until it reports ready.
+        self.new_master: NewMaster | None = None
+        #: After an upgrade: the new master, to which the broker's connections go at exit.
+        self.successor: Channel | None = None
 
-    def _receive_listeners(self: Any, channel: Channel) -> list[Listener]:
-        """Takes the listening sockets handed over by the old master, by address."""
+    @property
+    def in_progress(self) -> bool:
+        """True from :meth:`begin` until the new master reports ready or the upgrade fails."""
+        return self.new_master is not None
+
+    # -- as the new master ---------------------------------------------------------------
+
+    def receive_listeners(self, channel: Channel) -> list[Listener]:
+        """Takes the listening sockets handed over by the old master, by address, and binds
+        the configured addresses it did not send; remembers the demo origins it names (the
+        arbiter's ``handed_demo``). Raises :class:`StartError` when the old master sends
+        nothing in time, and ``ListenError`` when an address cannot be bound."""
+        arbiter = self.arbiter
         deadline = time.monotonic() + HANDOVER_TIMEOUT_SECONDS
         handover: ipc.Handover | None = None
         while handover is None:
@@ -83,11 +100,11 @@ class UpgradeMixin:
             by_address[address], fds = fds[:count], fds[count:]
         listeners: list[Listener] = []
         try:
-            for lc in self.config.listeners:
+            for lc in arbiter.config.listeners:
                 got = by_address.pop(lc.address, None)
                 listener = Listener.adopt(lc, got) if got else Listener(lc)
                 listeners.append(listener)
-                listener.ensure_slots(self.num_workers)
+                listener.ensure_slots(arbiter.num_workers)
         except ListenError:
             for listener in listeners:
                 listener.close()
@@ -97,19 +114,54 @@ class UpgradeMixin:
             for unused in by_address.values():
                 for fd in unused:
                     os.close(fd)
-        self.handed_demo = (handover.demo_pid, list(handover.demo_origins))
+        arbiter.handed_demo = (handover.demo_pid, list(handover.demo_origins))
         log.info("took over %d listening sockets from the old master",
                  sum(len(lst.sockets) for lst in listeners))
         return listeners
 
-    def begin_upgrade(self: Any) -> None:
-        """Starts a new master from the code on disk and hands it the listening sockets."""
+    def report_ready(self, channel: Channel) -> None:
+        """Once serving: tells the old master on ``channel`` (``UpgradeReady``, saying whether
+        the demo origins were adopted), then watches the channel for the idle upstream
+        connections it sends once its workers are gone. Logs a warning when it is gone."""
+        arbiter = self.arbiter
+        try:
+            adopted = arbiter.demo is not None and arbiter.demo.popen is None
+            channel.send(ipc.UpgradeReady(pid=os.getpid(), demo_adopted=adopted))
+            channel.flush()
+            arbiter.sel.register(channel.sock, functools.partial(self._on_predecessor, channel))
+        except (ChannelClosed, OSError):
+            log.warning("the old master is gone")
+            channel.close()
+
+    def _on_predecessor(self, channel: Channel, key: selectors.SelectorKey, mask: int) -> None:
+        """The old master's channel is readable: idle connections (``Donate``), or its end."""
+        try:
+            messages = channel.read()
+        except (ChannelClosed, OSError):
+            self.arbiter.sel.unregister(channel.sock)
+            channel.close()
+            return
+        for msg in messages:
+            if isinstance(msg, ipc.Donate):
+                self.arbiter.take_donations(msg)
+                log.info("took %d idle upstream connections from the old master", len(msg.fds))
+            else:
+                for fd in msg.fds:
+                    os.close(fd)
+
+    # -- as the old master ---------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Starts a new master from the code on disk and hands it the listening sockets; the
+        lifecycle moves to ``UPGRADING``. Logs and returns, still serving, when the new master
+        cannot be started or given the sockets."""
+        arbiter = self.arbiter
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent.set_inheritable(False)
         env = child_env()
         env[ipc.UPGRADE_FD_ENV] = str(child.fileno())
         try:
-            popen = subprocess.Popen(python_command("master", *self.argv),
+            popen = subprocess.Popen(python_command("master", *arbiter.argv),
                                      pass_fds=[child.fileno()], env=env,
                                      stdin=subprocess.DEVNULL)
         except OSError as e:
@@ -119,77 +171,87 @@ class UpgradeMixin:
         finally:
             child.close()
         channel = Channel(parent)
-        fds = tuple(s.fileno() for lst in self.listeners for s in lst.sockets)
+        fds = tuple(s.fileno() for lst in arbiter.listeners for s in lst.sockets)
         try:
-            demo = self.demo
-            channel.send(ipc.Handover(addresses=[lst.config.address for lst in self.listeners],
-                                      counts=[len(lst.sockets) for lst in self.listeners],
-                                      demo_pid=demo.pid if demo is not None else 0,
-                                      demo_origins=demo.addresses if demo is not None else [],
-                                      fds=fds))
+            demo = arbiter.demo
+            channel.send(ipc.Handover(
+                addresses=[lst.config.address for lst in arbiter.listeners],
+                counts=[len(lst.sockets) for lst in arbiter.listeners],
+                demo_pid=demo.pid if demo is not None else 0,
+                demo_origins=demo.addresses if demo is not None else [], fds=fds))
         except (ChannelClosed, OSError) as e:
             log.error("upgrade failed: cannot hand over the listeners: %s", e)
             channel.close()
             popen.kill()
             return
-        self.upgrade = Upgrade(popen, channel, time.monotonic() + UPGRADE_TIMEOUT_SECONDS)
-        self.sel.register(channel.sock, selectors.EVENT_READ, self.upgrade)
-        self.lifecycle.to(State.UPGRADING)
+        new = NewMaster(popen, channel, time.monotonic() + UPGRADE_TIMEOUT_SECONDS)
+        self.new_master = new
+        arbiter.sel.register(channel.sock, functools.partial(self._on_new_master, new))
+        arbiter.lifecycle.to(State.UPGRADING)
         log.info("upgrade: started a new master (pid %d)", popen.pid)
 
-    def _on_upgrade_readable(self: Any, up: Upgrade) -> None:
+    def _on_new_master(self, new: NewMaster, key: selectors.SelectorKey, mask: int) -> None:
+        """The upgrade channel is readable: on ``UpgradeReady`` this master lets the new one
+        have the demo origins (when it adopted them) and stops gracefully."""
         try:
-            messages = up.channel.read()
+            messages = new.channel.read()
         except (ChannelClosed, OSError):
-            self._upgrade_failed("the new master closed the upgrade channel")
+            self.fail("the new master closed the upgrade channel")
             return
+        arbiter = self.arbiter
         for msg in messages:
             if isinstance(msg, ipc.UpgradeReady):
                 log.info("upgrade: the new master (pid %d) serves; draining", msg.pid)
                 if msg.demo_adopted:
                     # The new master keeps the demo origins running: they are its now.
-                    self._let_go_of_demo(stop=False)
-                self._unregister(up.channel.sock)
-                self.successor = up.channel
-                self.upgrade = None
-                self.stop(graceful=True)
+                    arbiter.let_go_of_demo(stop=False)
+                arbiter.sel.unregister(new.channel.sock)
+                self.successor = new.channel
+                self.new_master = None
+                arbiter.stop(graceful=True)
                 return
 
-    def _upgrade_failed(self: Any, reason: str) -> None:
-        up = self.upgrade
-        if up is None:
+    def check_deadline(self, now: float) -> None:
+        """Fails the upgrade when the new master has not reported ready by its deadline."""
+        new = self.new_master
+        if new is not None and now > new.deadline:
+            self.fail("the new master did not report ready in time")
+
+    def reaped(self, pid: int, code: int) -> bool:
+        """Called for each child the arbiter reaps: True when ``pid`` was the new master (the
+        upgrade has then failed)."""
+        new = self.new_master
+        if new is None or pid != new.popen.pid:
+            return False
+        new.popen.returncode = code
+        self.fail(f"the new master exited with {code}")
+        return True
+
+    def fail(self, reason: str) -> None:
+        """Gives up the upgrade under way (if any): kills the new master, goes back to
+        ``SERVING`` and writes this master's pid file again."""
+        new = self.new_master
+        if new is None:
             return
-        self.upgrade = None
+        self.new_master = None
+        arbiter = self.arbiter
         log.error("upgrade failed, still serving: %s", reason)
-        self._unregister(up.channel.sock)
-        up.channel.close()
-        if up.popen.returncode is None:
-            self._kill(up.popen.pid, signal.SIGKILL)
-        if self.lifecycle.state is State.UPGRADING:
-            self.lifecycle.to(State.SERVING)
-        self._write_pid_file()
+        arbiter.sel.unregister(new.channel.sock)
+        new.channel.close()
+        if new.popen.returncode is None:
+            arbiter.kill(new.popen.pid, signal.SIGKILL)
+        if arbiter.lifecycle.state is State.UPGRADING:
+            arbiter.lifecycle.to(State.SERVING)
+        arbiter.write_pid_file()
 
-    def _on_predecessor(self: Any, pred: Predecessor) -> None:
-        try:
-            messages = pred.channel.read()
-        except (ChannelClosed, OSError):
-            self._unregister(pred.channel.sock)
-            pred.channel.close()
-            return
-        for msg in messages:
-            if isinstance(msg, ipc.Donate):
-                self._take_donations(msg)
-                log.info("took %d idle upstream connections from the old master", len(msg.fds))
-            else:
-                for fd in msg.fds:
-                    os.close(fd)
-
-    def _hand_pool_to_successor(self: Any) -> None:
-        """After an upgrade: the broker's idle connections go to the new master."""
+    def hand_pool_to_successor(self) -> None:
+        """At exit, after an upgrade: the broker's idle connections go to the new master.
+        Does nothing when there was no upgrade."""
         channel, self.successor = self.successor, None
         if channel is None:
             return
-        conns = self.broker.take_all() if self.broker is not None else []
+        broker = self.arbiter.broker
+        conns = broker.take_all() if broker is not None else []
         try:
             channel.sock.setblocking(True)
             channel.sock.settimeout(5.0)
@@ -206,4 +268,3 @@ class UpgradeMixin:
             for _, sock in conns:
                 sock.close()
             channel.close()
-
