@@ -11,37 +11,16 @@ between protocols is how a response is written (``write_head``, ``write_body``, 
 from __future__ import annotations
 
 import asyncio
-import http
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import httptools
 
 from shared.errors import ErrorKind, RetryType, upstream_error
 from shared.headers import RawHeaders
 from shared.session import Session
+from worker.http import status_line
+from worker.interfaces import ProxyEngine, Upstream
 from worker.upstream import UpstreamConn
-
-if TYPE_CHECKING:
-    from worker.proxy import Engine
-    from worker.upstream_h2 import UpstreamH2Stream
-
-    #: An upstream exchange: an HTTP/1.1 connection or an HTTP/2 stream.
-    Upstream: TypeAlias = UpstreamConn | UpstreamH2Stream
-
-STATUS_LINES: dict[int, bytes] = {
-    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
-}
-
-
-def status_line(status: int, reason: str | None = None) -> bytes:
-    """``HTTP/1.1 <status> <reason>`` with CRLF."""
-    if reason is None:
-        line = STATUS_LINES.get(status)
-        if line is not None:
-            return line
-        reason = ""
-    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-
 
 
 def peer_info(transport: asyncio.BaseTransport
@@ -58,12 +37,13 @@ def peer_info(transport: asyncio.BaseTransport
 class Exchange:
     """The upstream side of an exchange; subclasses write responses in their protocol."""
 
-    engine: Engine
+    engine: ProxyEngine
     active: Session | None
     up: Upstream | None
     closing: bool
     client_ip: bytes
     client_addr: tuple[str, int]
+    server_addr: tuple[str, int]
     scheme: bytes
     write_paused: bool
     held: list[bytes] | None
@@ -82,6 +62,18 @@ class Exchange:
         """The response body is complete."""
 
     def respond(self, s: Session, status: int, headers: Any, body: bytes) -> None:
+        raise NotImplementedError
+
+    def pause_body(self) -> None:
+        """The request body's buffer is full: stop reading it from the client."""
+        raise NotImplementedError
+
+    def resume_body(self) -> None:
+        """The request body's buffer has room again."""
+        raise NotImplementedError
+
+    def send_continue(self, s: Session) -> None:
+        """Answers ``Expect: 100-continue``."""
         raise NotImplementedError
 
     def finish(self, s: Session) -> None:
@@ -108,7 +100,7 @@ class Exchange:
     def switching_protocols(self, s: Session, headers: RawHeaders) -> None:
         """A 101 from the upstream; only HTTP/1.1 tunnels it."""
 
-    def tunnel_started(self, up: UpstreamConn) -> None:
+    def tunnel_started(self, up: Upstream) -> None:
         """After a 101: only HTTP/1.1 tunnels."""
         raise NotImplementedError
 

@@ -28,7 +28,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httptools
 
@@ -40,13 +40,10 @@ from shared.errors import (
 )
 from shared.headers import RawHeaders, ResponseHeader, split_absolute_form, valid_host
 from shared.session import Session
-from worker.exchange import STATUS_LINES, Exchange, peer_info, status_line
+from worker.exchange import Exchange, peer_info
 from worker.h2_server import PREFACE, H2Server
-
-if TYPE_CHECKING:
-    from worker.exchange import Upstream
-    from worker.proxy import Engine
-    from worker.upstream import UpstreamConn
+from worker.http import STATUS_LINES, status_line
+from worker.interfaces import ProxyEngine, Upstream
 
 # Response body framing, chosen when the response head is written.
 MODE_NONE = 0      # no body (HEAD, 1xx, 204, 304)
@@ -167,7 +164,7 @@ def _upgrade(s: Session) -> None:
 class H1Server(Exchange, asyncio.Protocol):
     """One client connection speaking HTTP/1.x."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ProxyEngine) -> None:
         # Global
         self.engine = engine
         self.max_head = engine.max_head
@@ -639,7 +636,7 @@ class H1Server(Exchange, asyncio.Protocol):
         parts.append(b"Connection: Upgrade\r\n\r\n")
         self.send(b"".join(parts))
 
-    def tunnel_started(self, up: UpstreamConn) -> None:
+    def tunnel_started(self, up: Upstream) -> None:
         """From now on bytes pass unparsed both ways."""
         self.tunnel = up.transport
         early, self.early = self.early, None

@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from h2.errors import ErrorCodes
 
 from shared.errors import ErrorKind, downstream_error
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
-from worker.exchange import Exchange, peer_info, status_line
+from worker.exchange import Exchange, peer_info
 from worker.h2_codec import PREFACE, H2Codec
 from worker.h2_flow import WindowedSender
 from worker.h2_hpack import Fields
-
-if TYPE_CHECKING:
-    from worker.proxy import Engine
+from worker.http import status_line
+from worker.interfaces import ProxyEngine
 
 __all__ = ["PREFACE", "H2Server", "H2Stream"]
 
@@ -231,7 +230,7 @@ class H2Stream(Exchange):
 class H2Server(asyncio.Protocol):
     """One client connection speaking HTTP/2."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ProxyEngine) -> None:
         # Global
         self.engine = engine
         # Per-connection
@@ -264,7 +263,7 @@ class H2Server(asyncio.Protocol):
         if self.tls is not None:
             self.scheme = b"https"
         self.last_active = time.monotonic()
-        self.engine.connections.add(self)  # type: ignore[arg-type]
+        self.engine.connections.add(self)
         self.conn.initiate_connection()
         if self.engine.draining:
             self.drain()
@@ -286,7 +285,7 @@ class H2Server(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.engine.connections.discard(self)  # type: ignore[arg-type]
+        self.engine.connections.discard(self)
         for stream in list(self.streams.values()):
             stream.reset_by_client()
 
@@ -405,7 +404,7 @@ class H2Server(asyncio.Protocol):
         self.requests += 1
         if ended:
             s.end_body()
-        self.engine.start(stream, s)  # type: ignore[arg-type]
+        self.engine.start(stream, s)
 
     def _count_reset(self) -> None:
         second = int(time.monotonic())

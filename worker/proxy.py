@@ -48,6 +48,8 @@ from shared.peer import HttpPeer, format_address
 from shared.session import Session
 from worker.accesslog import AccessLog
 from worker.broker_client import BrokerClient
+from worker.http import status_line
+from worker.interfaces import Downstream, DownstreamConn, Upstream
 from worker.log_throttle import LogThrottle
 from worker.tls import ClientTls
 from worker.upstream import Pool, UpstreamConn
@@ -55,9 +57,6 @@ from worker.upstream_h2 import UpstreamH2Conn, UpstreamH2Stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
-
-    from worker.exchange import Exchange, Upstream
-    from worker.h1_server import H1Server
 
 #: Methods whose request may be sent twice without changing its meaning (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -180,7 +179,7 @@ class Engine:
         self.client_tls = ClientTls()
         #: Upstream HTTP/2 connections being made, by pool key.
         self._h2_connecting: dict[tuple[Any, ...], asyncio.Future[None]] = {}
-        self.connections: set[H1Server] = set()
+        self.connections: set[DownstreamConn] = set()
         self.draining = False
         #: Lets the log line of a protection that fires through once per client and reason
         #: a minute (the request-side refusals here, the HTTP/2 server's).
@@ -203,14 +202,14 @@ class Engine:
         else:
             _step(coro, s)
 
-    def start(self, conn: Exchange, s: Session) -> None:
+    def start(self, conn: Downstream, s: Session) -> None:
         """A request head is complete and its turn has come."""
         self.active_requests += 1
         self.drive(self.run(conn, s), s)
 
     # -- the request side ----------------------------------------------------------------
 
-    async def run(self, conn: Exchange, s: Session) -> None:
+    async def run(self, conn: Downstream, s: Session) -> None:
         try:
             ctx = s.ctx = self.new_ctx() if self.new_ctx is not None else None
             if s.error is not None:
@@ -239,7 +238,7 @@ class Engine:
                                s.url[:200].decode("latin-1"))
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
-    async def proxy_to_upstream(self, conn: Exchange, s: Session) -> None:
+    async def proxy_to_upstream(self, conn: Downstream, s: Session) -> None:
         """Chooses a peer, gets a connection and sends the request (retrying what may be)."""
         ctx = s.ctx
         pool = self.pool
@@ -322,11 +321,11 @@ class Engine:
         else:
             up.close()
 
-    def retry(self, conn: Exchange, s: Session) -> None:
+    def retry(self, conn: Downstream, s: Session) -> None:
         """Sends the request again after its reused connection died before answering."""
         self.drive(self._retry(conn, s), s)
 
-    async def _retry(self, conn: Exchange, s: Session) -> None:
+    async def _retry(self, conn: Downstream, s: Session) -> None:
         try:
             await self.proxy_to_upstream(conn, s)
         except ProxyError as e:
@@ -413,7 +412,7 @@ class Engine:
             return b"Content-Length: %d\r\n" % s.content_length
         return b""
 
-    def request_head(self, conn: Exchange, s: Session, peer: HttpPeer) -> bytes:
+    def request_head(self, conn: Downstream, s: Session, peer: HttpPeer) -> bytes:
         """The upstream request head, from the request as parsed (fast path)."""
         ip = conn.client_ip
         xff = ip if s.xff is None else s.xff + b", " + ip
@@ -427,7 +426,7 @@ class Engine:
                     b"\r\nX-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
         return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
 
-    def plain_request(self, conn: Exchange, s: Session, peer: HttpPeer) -> RequestHeader:
+    def plain_request(self, conn: Downstream, s: Session, peer: HttpPeer) -> RequestHeader:
         """The upstream request as an object (hop-by-hop headers out, X-Forwarded-* in)."""
         src = s.req_header
         req = RequestHeader(src.method, src.path, "1.1", src.items())
@@ -445,7 +444,7 @@ class Engine:
             req.append("X-Forwarded-Host", host)
         return req
 
-    async def filtered_request(self, conn: Exchange, s: Session, peer: HttpPeer
+    async def filtered_request(self, conn: Downstream, s: Session, peer: HttpPeer
                                ) -> RequestHeader:
         """The upstream request through ``upstream_request_filter``."""
         req = self.plain_request(conn, s, peer)
@@ -478,7 +477,7 @@ class Engine:
             fields.append((b"content-length", b"%d" % s.content_length))
         return fields
 
-    async def send_body(self, conn: Exchange, s: Session, up: Upstream) -> None:
+    async def send_body(self, conn: Downstream, s: Session, up: Upstream) -> None:
         """Streams the request body upstream, pausing while the upstream is not writable."""
         h2 = up.h2
         chunked = not h2 and (s.chunked or self.p_request_body_filter is not None)
@@ -512,7 +511,7 @@ class Engine:
 
     # -- the response side ---------------------------------------------------------------
 
-    def response_head(self, conn: Exchange, s: Session, up: Upstream, status: int,
+    def response_head(self, conn: Downstream, s: Session, up: Upstream, status: int,
                       headers: RawHeaders) -> None:
         """The upstream response head, through the response phases the app overrides."""
         global _current
@@ -537,7 +536,7 @@ class Engine:
         finally:
             _current = prev
 
-    async def _finish_response_filter(self, conn: Exchange, s: Session, up: Upstream,
+    async def _finish_response_filter(self, conn: Downstream, s: Session, up: Upstream,
                                       pending: Any, resp: ResponseHeader) -> None:
         try:
             await pending
@@ -552,14 +551,12 @@ class Engine:
             up.resume_reading()
         conn.release_held()
 
-    def _write_filtered_head(self, conn: Exchange, s: Session, resp: ResponseHeader) -> None:
-        from worker.h1_server import status_line
-
+    def _write_filtered_head(self, conn: Downstream, s: Session, resp: ResponseHeader) -> None:
         fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in resp]
         conn.write_head(s, status_line(resp.status, resp.reason), fields,
                         self.p_response_body_filter is not None)
 
-    def _phase_failed(self, conn: Exchange, s: Session, up: Upstream, e: Exception) -> None:
+    def _phase_failed(self, conn: Downstream, s: Session, up: Upstream, e: Exception) -> None:
         self.log.exception("response phase failed", exc_info=e)
         conn.up = None
         conn.held = conn.held_done = None
@@ -578,7 +575,7 @@ class Engine:
 
     # -- failures and the end of a request -------------------------------------------------
 
-    def upstream_failed(self, conn: Exchange, s: Session, err: ProxyError) -> None:
+    def upstream_failed(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         """The upstream failed before the response started."""
         global _current
         if (err.retryable() and s.method in IDEMPOTENT and not s.has_body
@@ -597,7 +594,7 @@ class Engine:
         finally:
             _current = prev
 
-    def fail(self, conn: Exchange, s: Session, err: ProxyError) -> None:
+    def fail(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
         global _current
         prev, _current = _current, s
@@ -606,7 +603,7 @@ class Engine:
         finally:
             _current = prev
 
-    def _fail(self, conn: Exchange, s: Session, err: ProxyError) -> None:
+    def _fail(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         s.error = err
         up = conn.up
         if up is not None and conn.active is s:
@@ -645,7 +642,7 @@ class Engine:
             return
         conn.finish(s)
 
-    async def _finish_fail(self, conn: Exchange, s: Session, err: ProxyError, r: Any) -> None:
+    async def _finish_fail(self, conn: Downstream, s: Session, err: ProxyError, r: Any) -> None:
         try:
             await r
         except Exception:
@@ -654,7 +651,7 @@ class Engine:
         conn.finish(s)
 
     @staticmethod
-    def _default_error_response(conn: Exchange, s: Session, err: ProxyError) -> None:
+    def _default_error_response(conn: Downstream, s: Session, err: ProxyError) -> None:
         if not s.response_started:
             status = err.status
             if err.source is ErrorSource.DOWNSTREAM:

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 import httptools
 
 from shared.headers import RawHeaders
+from worker.interfaces import ResponseHandler
 from worker.upstream_h2 import H2Pool, UpstreamH2Conn
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
-    from worker.exchange import Exchange as ResponseHandler
 
 
 class _BytesAfterResponse(Exception):

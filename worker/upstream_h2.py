@@ -31,11 +31,10 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 from worker.h2_flow import WindowedSender
+from worker.interfaces import ResponseHandler, UpstreamPool
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
-    from worker.exchange import Exchange as ResponseHandler
-    from worker.upstream import Pool
 
 #: Streams open at once on one upstream connection when the server sets no lower limit.
 DEFAULT_MAX_STREAMS = 100
@@ -150,7 +149,7 @@ class UpstreamH2Stream:
         self.read_timeout = read_timeout
         self.deadline = time.monotonic() + read_timeout
         self.conn.pool.requests += 1
-        self.conn.pool.busy.add(self)  # type: ignore[arg-type]
+        self.conn.pool.busy.add(self)
         s = handler.active
         end = s is None or not s.has_body
         try:
@@ -214,7 +213,7 @@ class UpstreamH2Stream:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.conn.pool.busy.discard(self)  # type: ignore[arg-type]
+            self.conn.pool.busy.discard(self)
             self.conn.stream_closed(self, reset=True)
 
     def timed_out(self) -> None:
@@ -246,7 +245,7 @@ class UpstreamH2Stream:
             self.status = status
             self.ended_with_head = event.stream_ended is not None
             if handler is not None:
-                handler.upstream_head(self, status, headers)  # type: ignore[arg-type]
+                handler.upstream_head(self, status, headers)
         elif isinstance(event, ev.DataReceived):
             self.conn.ack(self.stream_id, event.flow_controlled_length)
             if handler is not None:
@@ -263,23 +262,23 @@ class UpstreamH2Stream:
         handler = self.handler
         self.handler = None
         self.closed = True
-        self.conn.pool.busy.discard(self)  # type: ignore[arg-type]
+        self.conn.pool.busy.discard(self)
         self.conn.stream_closed(self, reset=False)
         if handler is not None:
-            handler.upstream_done(self)  # type: ignore[arg-type]
+            handler.upstream_done(self)
 
     def _fail(self, exc: BaseException) -> None:
         handler = self.handler
         self.handler = None
         self.close()
         if handler is not None:
-            handler.upstream_failed(self, exc)  # type: ignore[arg-type]
+            handler.upstream_failed(self, exc)
 
 
 class UpstreamH2Conn(asyncio.Protocol):
     """One HTTP/2 client connection to an upstream."""
 
-    def __init__(self, key: PoolKey, pool: Pool) -> None:
+    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
         self.key = key
         self.pool = pool
         self.transport: asyncio.Transport | None = None
