@@ -276,7 +276,3 @@ class UpstreamPool(Protocol):
     def discard(self, up: Any) -> None:
         """An HTTP/1.1 connection closed: forget it."""
         ...
-
-    def h2_closed(self, conn: Any) -> None:
-        """An HTTP/2 connection closed or retired: no new streams on it."""
-        ...

@@ -36,7 +36,7 @@ from shared.poolindex import PoolIndex
 from shared.privileges import Identity
 from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
-from worker.broker_client import BrokerClient
+from worker.connector.broker_client import BrokerClient
 from worker.h1_server import H1Server
 from worker.proxy import Engine, RequestLogFilter
 from worker.tls import ServerTls
@@ -134,7 +134,7 @@ class Worker:
         self.broker: BrokerClient | None = None
         if self.boot.pool_index_fd >= 0 and config.pool.shared:
             self.broker = BrokerClient(self.channel.send, PoolIndex.attach(self.boot.pool_index_fd))
-            engine.broker = self.broker
+            engine.connector.broker = self.broker
             engine.pool.donor = self.broker.donate
         listening = []
         for fd, index in self.listen_fds:
@@ -165,7 +165,7 @@ class Worker:
                 conn.close()
             if self.channel.closed:
                 engine.pool.donor = None
-            engine.pool.close_all()
+            engine.connector.close_all()
             self._flush_channel()
             if self.access_log is not None:
                 self.access_log.close()

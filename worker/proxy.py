@@ -28,32 +28,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from shared.app import ProxyHttp, is_async, overridden_phases
 from shared.config import Config
-from shared.errors import (
-    ErrorKind,
-    ErrorSource,
-    ProxyError,
-    RetryType,
-    downstream_error,
-    upstream_error,
-)
+from shared.errors import ErrorKind, ErrorSource, ProxyError, downstream_error
 from shared.headers import RawHeaders, RequestHeader, ResponseHeader
 from shared.peer import HttpPeer, format_address
 from shared.session import Session
 from worker.accesslog import AccessLog
-from worker.broker_client import BrokerClient
+from worker.connector.connector import Connector
+from worker.connector.pool import Pool
 from worker.http import status_line
 from worker.interfaces import Downstream, DownstreamConn, Upstream
 from worker.log_throttle import LogThrottle
-from worker.tls import ClientTls
-from worker.upstream import Pool, UpstreamConn
-from worker.upstream_h2 import UpstreamH2Conn, UpstreamH2Stream
+from worker.upstream_h2 import UpstreamH2Stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -166,19 +158,19 @@ class Engine:
         self.response_phases = bool(self.p_upstream_response_filter or self.p_response_filter
                                     or self.p_response_body_filter)
         t = config.timeouts
-        self.connect_timeout = t.upstream_connect_seconds
         self.read_timeout = t.upstream_read_seconds
         self.keepalive = t.keepalive_seconds
         self.header_timeout = t.client_header_seconds
         self.max_head = config.limits.max_header_bytes
         self.max_body = config.limits.max_body_bytes
         self.max_retries = config.server.max_retries
-        self.pool = Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds)
-        #: The pool broker's client, when upstream connections are shared between workers.
-        self.broker: BrokerClient | None = None
-        self.client_tls = ClientTls()
-        #: Upstream HTTP/2 connections being made, by pool key.
-        self._h2_connecting: dict[tuple[Any, ...], asyncio.Future[None]] = {}
+        #: Where upstream exchanges come from (pools, broker, new connections).
+        self.connector = Connector(self.loop, Pool(config.pool.size_per_worker,
+                                                   config.pool.idle_timeout_seconds),
+                                   t.upstream_connect_seconds)
+        #: The connector's pool of idle HTTP/1.1 connections (its counters are the
+        #: heartbeat's).
+        self.pool = self.connector.pool
         self.connections: set[DownstreamConn] = set()
         self.draining = False
         #: Lets the log line of a protection that fires through once per client and reason
@@ -241,38 +233,13 @@ class Engine:
     async def proxy_to_upstream(self, conn: Downstream, s: Session) -> None:
         """Chooses a peer, gets a connection and sends the request (retrying what may be)."""
         ctx = s.ctx
-        pool = self.pool
-        up: Upstream | None
+        connector = self.connector
         while True:
             peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
             if self.a_upstream_peer:
                 peer = await peer
-            if peer.options.http2:
-                up = pool.h2.stream(peer.pool_key)
-                if up is None:
-                    # One connection at a time per key: requests that find none while one is
-                    # being made wait for it and share it.
-                    pending = self._h2_connecting.get(peer.pool_key)
-                    if pending is not None:
-                        await pending
-                        up = pool.h2.stream(peer.pool_key)
-                if up is not None:
-                    reused = True
-                    break
-            else:
-                up = pool.get(peer.pool_key)
-                if up is not None:
-                    reused = True
-                    break
-            broker = self.broker
-            if (broker is not None and not peer.tls and not peer.options.http2
-                    and broker.may_have(peer.pool_key)):
-                up = await self.borrow(peer)
-                if up is not None:
-                    reused = True
-                    break
             try:
-                up = await self.connect(peer)
+                up, reused = await connector.acquire(peer)
             except ProxyError as e:
                 if self.p_fail_to_connect is not None:
                     e = self.p_fail_to_connect(s, peer, e, ctx)
@@ -281,10 +248,9 @@ class Engine:
                     continue
                 s.peer = peer
                 raise
-            reused = False
             break
         if conn.closing:
-            self._give_back(up)
+            self.connector.give_back(up)
             return
         s.peer = peer
         s.upstream_reused = reused
@@ -307,19 +273,11 @@ class Engine:
             # The body failed (malformed, over the limit) before the head went up, in the read
             # that brought the head or while a connection was made: the origin gets nothing
             # of a refused request, and the connection stays as good as it was.
-            self._give_back(up)
+            self.connector.give_back(up)
             raise body_error
         conn.attach(s, up, head, read_timeout)
         if s.has_body:
             await self.send_body(conn, s, up)
-
-    def _give_back(self, up: Upstream) -> None:
-        """Returns a connection no request was written on to the pool (an HTTP/2 stream not
-        opened yet is closed)."""
-        if isinstance(up, UpstreamConn):
-            self.pool.put(up)
-        else:
-            up.close()
 
     def retry(self, conn: Downstream, s: Session) -> None:
         """Sends the request again after its reused connection died before answering."""
@@ -335,73 +293,16 @@ class Engine:
                                s.url[:200].decode("latin-1"))
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
-    async def borrow(self, peer: HttpPeer) -> UpstreamConn | None:
-        """An idle connection to ``peer`` from the pool broker, or None."""
-        sock = await self.broker.borrow(peer.pool_key)  # type: ignore[union-attr]
-        if sock is None:
-            return None
-        up = UpstreamConn(peer.pool_key, self.pool)
-        try:
-            # Made in a context of its own, like connect()'s: the connection outlives the request.
-            await self.loop.create_task(self.loop.create_connection(lambda: up, sock=sock),
-                                        context=contextvars.Context())
-        except OSError:
-            sock.close()
-            return None
-        self.pool.reused_shared += 1
-        return up
+    @property
+    def connect(self) -> Callable[[HttpPeer], Awaitable[Upstream]]:
+        """The connector's step that makes a new connection (an HTTP/2 one gives a stream on
+        it); raises :class:`ProxyError`. Assignable: a test harness stands its own origin in
+        for the network here."""
+        return self.connector.connect
 
-    async def connect(self, peer: HttpPeer) -> UpstreamConn:
-        """A new connection to ``peer`` (for HTTP/2: a stream on a new connection); raises
-        :class:`ProxyError` on failure."""
-        loop = self.loop
-        up: Any
-        done: asyncio.Future[None] | None = None
-        if peer.options.http2:
-            up = UpstreamH2Conn(peer.pool_key, self.pool)
-            done = self._h2_connecting[peer.pool_key] = loop.create_future()
-        else:
-            up = UpstreamConn(peer.pool_key, self.pool)
-        timeout = peer.options.connect_timeout or self.connect_timeout
-        if peer.tls:
-            ctx = self.client_tls.context(peer)
-            conn_coro = loop.create_connection(lambda: up, peer.host, peer.port, ssl=ctx,
-                                               server_hostname=peer.sni or peer.host,
-                                               ssl_handshake_timeout=timeout)
-        else:
-            conn_coro = loop.create_connection(lambda: up, peer.host, peer.port)
-        # In a context of its own: the transport runs its callbacks in the context it was made
-        # in, and a pooled connection serves many requests, not the one that made it.
-        task = loop.create_task(conn_coro, context=contextvars.Context())
-        timer = loop.call_later(timeout, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            raise upstream_error(ErrorKind.CONNECT_TIMEOUT, f"{peer} after {timeout:g}s",
-                                 RetryType.ALWAYS) from None
-        except ConnectionRefusedError as e:
-            raise upstream_error(ErrorKind.CONNECT_REFUSED, f"{peer}: {e.strerror}",
-                                 RetryType.ALWAYS) from None
-        except ssl.SSLError as e:
-            raise upstream_error(ErrorKind.TLS_ERROR, f"{peer}: {e.reason or e}") from None
-        except OSError as e:
-            raise upstream_error(ErrorKind.CONNECT_ERROR, f"{peer}: {e.strerror or e}",
-                                 RetryType.ALWAYS) from None
-        finally:
-            timer.cancel()
-            if done is not None:
-                if self._h2_connecting.get(peer.pool_key) is done:
-                    del self._h2_connecting[peer.pool_key]
-                done.set_result(None)
-        self.pool.created += 1
-        if peer.options.http2:
-            if peer.tls and up.transport.get_extra_info("ssl_object").selected_alpn_protocol(
-                    ) != "h2":
-                up.close()
-                raise upstream_error(ErrorKind.TLS_ERROR, f"{peer} did not agree to HTTP/2")
-            self.pool.h2.add(up)
-            return up.open_stream()  # type: ignore[no-any-return]
-        return up
+    @connect.setter
+    def connect(self, fn: Callable[[HttpPeer], Awaitable[Upstream]]) -> None:
+        self.connector.connect = fn
 
     def _framing(self, s: Session) -> bytes:
         if s.upgrade is not None:
@@ -683,7 +584,7 @@ class Engine:
 
     def sweep(self, now: float) -> None:
         """Once a second (more often while draining): idle and timed-out connections."""
-        self.pool.sweep(now)
+        self.connector.sweep(now)
         for conn in list(self.connections):
             conn.idle_check(now, self.keepalive, DRAIN_IDLE_SECONDS)
 

@@ -1,7 +1,8 @@
-"""One HTTP/1.1 connection to an upstream, and the per-worker pool of idle ones.
+"""One HTTP/1.1 connection to an upstream.
 
 An :class:`UpstreamConn` is either *busy* (it carries one exchange: its ``handler`` receives the
-response callbacks) or *idle* (it waits in the :class:`Pool`). An idle connection is watched:
+response callbacks) or *idle* (it waits in the pool, worker/connector/pool.py). An idle
+connection is watched:
 if the origin closes it or sends anything, it is dropped, so the pool never hands out a
 connection known to be dead (``pingora-pool`` ``idle_poll`` does the same).
 
@@ -31,15 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
 
 from shared.headers import RawHeaders
-from worker.interfaces import ResponseHandler
-from worker.upstream_h2 import H2Pool, UpstreamH2Conn
+from worker.interfaces import ResponseHandler, UpstreamPool
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
@@ -78,7 +76,7 @@ class UpstreamConn(asyncio.Protocol):
         "idle_since", "closed", "write_paused", "tunnel", "reading_paused", "complete",
     )
 
-    def __init__(self, key: PoolKey, pool: Pool) -> None:
+    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
         # Per-connection
         self.key = key
         self.pool = pool
@@ -413,6 +411,15 @@ class UpstreamConn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def went_idle(self) -> float:
+        """The exchange ended and the connection waits in a pool: reading resumes (an idle
+        connection is watched, and must be read to notice the origin closing it), and the
+        connection remembers since when, which it returns (``time.monotonic()``)."""
+        if self.reading_paused:
+            self.resume_reading()
+        now = self.idle_since = time.monotonic()
+        return now
+
     def donatable(self) -> bool:
         """True when the connection may move to another process: idle, plaintext HTTP/1.1,
         nothing buffered either way."""
@@ -423,134 +430,3 @@ class UpstreamConn(asyncio.Protocol):
 
     def fileno(self) -> int:
         return self.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
-
-
-#: A connection idle this long in a worker's pool goes to the broker, where any worker can
-#: use it (seconds).
-DONATE_AFTER_SECONDS = 1.0
-#: A key whose connection came back to this worker within this long before is hot: the
-#: worker keeps its connection instead of giving it to the broker (seconds).
-HOT_KEY_SECONDS = 0.05
-
-Donor = Callable[[list["UpstreamConn"]], int]
-
-
-class Pool:
-    """Idle upstream connections of one worker, by pool key, most recently used first.
-
-    Holds at most ``size`` idle connections over all keys; the oldest goes first when full.
-    """
-
-    def __init__(self, size: int, idle_timeout: float) -> None:
-        self.size = size
-        self.idle_timeout = idle_timeout
-        self._idle: dict[PoolKey, list[UpstreamConn]] = {}
-        self._order: OrderedDict[UpstreamConn, None] = OrderedDict()
-        #: Connections carrying an exchange now (the sweeper checks their read deadline).
-        self.busy: set[UpstreamConn] = set()
-        #: Gives connections to the pool broker; None when the pool is not shared.
-        self.donor: Donor | None = None
-        #: When this worker last returned a connection of each key (to tell hot keys).
-        self._last_put: dict[PoolKey, float] = {}
-        #: Upstream HTTP/2 connections (shared by many requests at once).
-        self.h2 = H2Pool()
-        # Counters
-        self.requests = 0
-        self.created = 0
-        self.reused = 0
-        self.reused_shared = 0
-        self.donated = 0
-
-    def get(self, key: PoolKey) -> UpstreamConn | None:
-        """An idle connection for ``key``, or None."""
-        stack = self._idle.get(key)
-        while stack:
-            up = stack.pop()
-            del self._order[up]
-            if not up.closed:
-                self.reused += 1
-                return up
-        return None
-
-    def put(self, up: UpstreamConn) -> None:
-        """Keeps a connection whose exchange ended cleanly; closes it if the pool is full."""
-        if up.closed:
-            return
-        if up.reading_paused:
-            # An idle connection is watched: it must be read to notice the origin closing.
-            up.resume_reading()
-        now = time.monotonic()
-        if self.donor is not None:
-            # A key this worker used a moment ago is hot: its next request is likely here, so
-            # the connection stays local (no round trip). A cold key's connection goes to the
-            # broker at once, where the next request for it finds it, whichever worker it
-            # reaches: with sparse traffic spread over many workers, that is most of the reuse.
-            last = self._last_put.get(up.key, 0.0)
-            self._last_put[up.key] = now
-            if now - last > HOT_KEY_SECONDS:
-                self._give_away([up])
-                return
-        if self.size <= 0:
-            self._give_away([up])
-            return
-        if len(self._order) >= self.size:
-            oldest = next(iter(self._order))
-            self.discard(oldest)
-            self._give_away([oldest])
-        up.idle_since = now
-        self._idle.setdefault(up.key, []).append(up)
-        self._order[up] = None
-
-    def discard(self, up: UpstreamConn) -> None:
-        """Forgets a connection that closed."""
-        self.busy.discard(up)
-        if up in self._order:
-            del self._order[up]
-            stack = self._idle.get(up.key)
-            if stack is not None:
-                stack.remove(up)
-                if not stack:
-                    del self._idle[up.key]
-
-    def h2_closed(self, conn: UpstreamH2Conn) -> None:
-        self.h2.remove(conn)
-
-    def _give_away(self, conns: list[UpstreamConn]) -> None:
-        """Donates connections to the broker (when shared), else closes them."""
-        if self.donor is not None:
-            self.donated += self.donor(conns)
-        else:
-            for up in conns:
-                up.close()
-
-    def sweep(self, now: float) -> None:
-        """Closes idle connections past their idle timeout, gives to the broker those idle
-        for a while (when shared), and fails exchanges whose upstream missed its read
-        deadline."""
-        limit = now - self.idle_timeout
-        donate_limit = now - DONATE_AFTER_SECONDS if self.donor is not None else limit
-        spare = []
-        for up in list(self._order):
-            if up.idle_since > donate_limit:
-                break
-            if up.idle_since <= limit:
-                up.close()
-            else:
-                self.discard(up)
-                spare.append(up)
-        if spare:
-            self._give_away(spare)
-        for up in [u for u in self.busy if u.deadline < now]:
-            up.timed_out()
-
-    def close_all(self) -> None:
-        """Worker exit: idle connections go to the broker (when shared) or are closed."""
-        self.h2.close_all()
-        conns = list(self._order)
-        for up in conns:
-            self.discard(up)
-        self._give_away(conns)
-
-    @property
-    def idle_count(self) -> int:
-        return len(self._order)

@@ -6,9 +6,11 @@ which offers the engine the same interface as an HTTP/1.1 :class:`~worker.upstre
 downstream exchanges need not know which protocol the upstream speaks. Trailers (gRPC's
 ``grpc-status``) reach the exchange through ``upstream_trailers``.
 
-The pool tells a connection with free streams from a full one: :class:`H2Pool` hands out a new
-stream on the least busy live connection for the key while it has room under the server's
-SETTINGS_MAX_CONCURRENT_STREAMS, and a new connection is made only when none has.
+The pool tells a connection with free streams from a full one (worker/connector/pool.py,
+``H2Pool``): it hands out a new stream on the least busy live connection for the key while it
+has room (:attr:`UpstreamH2Conn.capacity`, under the server's SETTINGS_MAX_CONCURRENT_STREAMS),
+and a new connection is made only when none has. A connection that closes or retires says so
+to the pool through the ``on_retire`` callback it was made with.
 
 A GOAWAY from the server retires the connection gracefully: streams above its last stream ID
 fail (the server never saw them, so they may be retried), the others run to their end, and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import h2.events as ev
@@ -278,9 +281,13 @@ class UpstreamH2Stream:
 class UpstreamH2Conn(asyncio.Protocol):
     """One HTTP/2 client connection to an upstream."""
 
-    def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
+    def __init__(self, key: PoolKey, pool: UpstreamPool,
+                 on_retire: Callable[[UpstreamH2Conn], None]) -> None:
         self.key = key
+        #: Where its streams count themselves (busy, requests).
         self.pool = pool
+        #: Tells the HTTP/2 pool that this connection takes no new streams.
+        self.on_retire = on_retire
         self.transport: asyncio.Transport | None = None
         self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding=None))
         self.streams: dict[int, UpstreamH2Stream] = {}
@@ -343,7 +350,7 @@ class UpstreamH2Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pool.h2_closed(self)
+        self.on_retire(self)
         self._fail_all(exc or ConnectionResetError("upstream closed the connection"))
 
     def _goaway(self, payload: bytes) -> None:
@@ -356,7 +363,7 @@ class UpstreamH2Conn(asyncio.Protocol):
         last &= 0x7FFFFFFF
         if not self.retired:
             self.retired = True
-            self.pool.h2_closed(self)
+            self.on_retire(self)
         for sid, stream in list(self.streams.items()):
             if sid > last:
                 stream._fail(ConnectionResetError(f"GOAWAY from the upstream ({code})"))
@@ -365,7 +372,7 @@ class UpstreamH2Conn(asyncio.Protocol):
 
     def _fail_all(self, exc: BaseException) -> None:
         self.closed = True
-        self.pool.h2_closed(self)
+        self.on_retire(self)
         for stream in list(self.streams.values()):
             stream._fail(exc)
         self.streams.clear()
@@ -399,37 +406,6 @@ class UpstreamH2Conn(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.pool.h2_closed(self)
+            self.on_retire(self)
             if self.transport is not None:
                 self.transport.close()
-
-
-class H2Pool:
-    """Live upstream HTTP/2 connections by pool key (a worker's)."""
-
-    def __init__(self) -> None:
-        self._conns: dict[PoolKey, list[UpstreamH2Conn]] = {}
-
-    def stream(self, key: PoolKey) -> UpstreamH2Stream | None:
-        """A new stream on a live connection with room, or None."""
-        best = None
-        for conn in self._conns.get(key, ()):
-            if not conn.closed and conn.capacity > 0 and (
-                    best is None or conn.capacity > best.capacity):
-                best = conn
-        return best.open_stream() if best is not None else None
-
-    def add(self, conn: UpstreamH2Conn) -> None:
-        self._conns.setdefault(conn.key, []).append(conn)
-
-    def remove(self, conn: UpstreamH2Conn) -> None:
-        conns = self._conns.get(conn.key)
-        if conns and conn in conns:
-            conns.remove(conn)
-            if not conns:
-                del self._conns[conn.key]
-
-    def close_all(self) -> None:
-        for conns in list(self._conns.values()):
-            for conn in list(conns):
-                conn.close()

@@ -8,7 +8,8 @@ import pytest
 
 import worker.upstream as upstream
 from shared.headers import RawHeaders
-from worker.upstream import Pool, UpstreamConn
+from worker.connector.pool import Pool
+from worker.upstream import UpstreamConn
 
 KEY_A = ("10.0.0.1", 80, False)
 KEY_B = ("10.0.0.2", 80, False)
