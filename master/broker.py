@@ -101,8 +101,10 @@ class Broker:
 
     def _on_idle_readable(self, conn: IdleConn, key: selectors.SelectorKey, mask: int) -> None:
         """The selector handler of an idle connection: it spoke or closed, so it can't be
-        reused."""
-        self._drop(conn)
+        reused. It may already be gone: lent or dropped by an earlier handler of the same
+        round (a worker's ``Borrow`` read just before)."""
+        if conn in self._order:
+            self._drop(conn)
 
     def sweep(self, now: float) -> None:
         """Closes connections idle past the idle timeout."""

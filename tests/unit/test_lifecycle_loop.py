@@ -139,3 +139,28 @@ def test_an_idle_connection_that_closes_is_dropped(broker: Broker) -> None:
     assert len(broker) == 0
     assert broker.stats()["dropped"] == 1
 
+
+def test_an_idle_connection_lent_in_the_same_round_as_it_closes(broker: Broker) -> None:
+    # A worker's Borrow and the origin's close are ready in the same select() round, the
+    # Borrow first: lend() drops the dead connection, then its own handler still runs.
+    a, b = socket.socketpair()
+    broker.donate(KEY, a.detach())
+    channel, worker = socket.socketpair()
+    lent: list[socket.socket | None] = []
+
+    def on_borrow(key: selectors.SelectorKey, mask: int) -> None:
+        channel.recv(1)
+        lent.append(broker.lend(KEY))
+
+    broker.sel.register(channel, on_borrow)
+    try:
+        worker.send(b"x")
+        b.close()
+        broker.sel.dispatch(1.0)
+        assert lent == [None]
+        assert len(broker) == 0
+        assert broker.stats()["dropped"] == 1
+    finally:
+        broker.sel.unregister(channel)
+        channel.close()
+        worker.close()
