@@ -13,14 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httptools
-
-from shared.errors import ErrorKind, RetryType, upstream_error
 from shared.headers import RawHeaders
 from shared.session import Session
 from worker.http import status_line
 from worker.interfaces import ProxyEngine, Upstream
-from worker.upstream import UpstreamConn
 
 
 def peer_info(transport: asyncio.BaseTransport
@@ -180,8 +176,8 @@ class Exchange:
             self.write_body(s, self.engine.body_filter(s, b"", True))
         self.end_body(s)
         # Reusable only if the whole request body went up (an origin may answer first).
-        if isinstance(up, UpstreamConn) and up.keep_alive and (s.body_sent or not s.has_body):
-            self.engine.pool.put(up)
+        if up.keep_alive and (s.body_sent or not s.has_body):
+            up.release()
         else:
             up.close()
         self.finish(s)
@@ -202,13 +198,7 @@ class Exchange:
         up.close()
         if s is None:
             return
-        if isinstance(exc, TimeoutError):
-            err = upstream_error(ErrorKind.READ_TIMEOUT, exc)
-        elif isinstance(exc, httptools.HttpParserError):
-            err = upstream_error(ErrorKind.INVALID_RESPONSE, exc)
-        else:
-            err = upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
-                                 RetryType.IF_REUSED if not up.got_bytes else RetryType.NEVER)
+        err = up.failure(exc)
         err.reused = s.upstream_reused
         if not s.response_started:
             self.engine.upstream_failed(self, s, err)

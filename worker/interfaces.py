@@ -29,8 +29,8 @@ from collections.abc import Callable, MutableSet
 from typing import Any, Protocol
 
 from shared.errors import ProxyError
-from shared.headers import RawHeaders
-from shared.peer import PoolKey
+from shared.headers import RawHeaders, RequestHeader
+from shared.peer import HttpPeer, PoolKey
 from shared.session import Downstream as SessionDownstream
 from shared.session import Session
 
@@ -61,17 +61,37 @@ class Upstream(Protocol):
     """When the response is late (``time.monotonic()``); the pool's sweep fails it then."""
     transport: asyncio.Transport | None
     """The connection's transport (an HTTP/1.1 tunnel writes to it after a 101)."""
-    h2: bool
-    """True for an HTTP/2 stream."""
+
+    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
+                     peer: HttpPeer, body_filtered: bool) -> Any:
+        """The request head in this client's protocol, for :meth:`start`: from ``req`` when
+        the app's ``upstream_request_filter`` made it, else from the request as received
+        (``s``, from ``client``, to ``peer``). ``body_filtered``: a ``request_body_filter``
+        may change the body's length."""
+        ...
 
     def start(self, handler: ResponseHandler, head: Any, head_only: bool,
               read_timeout: float) -> None:
-        """Sends the request head (in this client's form); the response goes to ``handler``.
-        ``head_only``: the request is HEAD (its response has no body)."""
+        """Sends the request head (as :meth:`request_head` made it); the response goes to
+        ``handler``. ``head_only``: the request is HEAD (its response has no body)."""
         ...
 
-    def write(self, data: bytes) -> None:
-        """Sends request body bytes as they are."""
+    def send_body(self, data: bytes) -> None:
+        """Sends a piece of the request body, framed as the head said."""
+        ...
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+        ...
+
+    def release(self) -> None:
+        """The exchange ended cleanly, or never began: the connection goes back to its pool
+        (an HTTP/2 stream is closed)."""
+        ...
+
+    def failure(self, exc: BaseException | None) -> ProxyError:
+        """The error a failure this client reported (``upstream_failed``) means, with the
+        retry it allows."""
         ...
 
     def pause_reading(self) -> None:
@@ -233,8 +253,6 @@ class ProxyEngine(Protocol):
     :meth:`response_head`)."""
     p_response_body_filter: Callable[..., Any] | None
     """The app's ``response_body_filter``, when it overrides it (else None)."""
-    pool: Any
-    """The upstream pool (an exchange returns its HTTP/1.1 connection to it)."""
 
     def start(self, conn: Downstream, s: Session) -> None:
         """A request head is complete and its turn has come."""
@@ -272,6 +290,10 @@ class UpstreamPool(Protocol):
 
     requests: int
     """Exchanges started, counted."""
+
+    def put(self, up: Any) -> None:
+        """An HTTP/1.1 connection whose exchange ended cleanly: keep it (or give it away)."""
+        ...
 
     def discard(self, up: Any) -> None:
         """An HTTP/1.1 connection closed: forget it."""

@@ -37,29 +37,20 @@ from shared.app import ProxyHttp, is_async, overridden_phases
 from shared.config import Config
 from shared.errors import ErrorKind, ErrorSource, ProxyError, downstream_error
 from shared.headers import RawHeaders, RequestHeader, ResponseHeader
-from shared.peer import HttpPeer, format_address
+from shared.peer import HttpPeer
 from shared.session import Session
 from worker.accesslog import AccessLog
 from worker.connector.connector import Connector
 from worker.connector.pool import Pool
-from worker.http import status_line
+from worker.http import status_line, upstream_request
 from worker.interfaces import Downstream, DownstreamConn, Upstream
 from worker.log_throttle import LogThrottle
-from worker.upstream_h2 import UpstreamH2Stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
 #: Methods whose request may be sent twice without changing its meaning (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-#: Request headers the proxy strips from the upstream request (hop-by-hop or rewritten).
-_UPSTREAM_DROP = ("connection", "keep-alive", "proxy-connection", "te", "trailer",
-                  "transfer-encoding", "upgrade", "expect", "content-length",
-                  "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "http2-settings")
-#: Request headers not sent to an HTTP/2 upstream (connection-specific, RFC 9113 8.2.2;
-#: Host becomes :authority).
-_H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te",
-                               "transfer-encoding", "upgrade", "content-length"})
 #: An idle connection of a draining worker is closed after idling this long (seconds).
 DRAIN_IDLE_SECONDS = 1.0
 
@@ -201,97 +192,97 @@ class Engine:
 
     # -- the request side ----------------------------------------------------------------
 
-    async def run(self, conn: Downstream, s: Session) -> None:
+    async def run(self, conn: Downstream, s: Session, retry: bool = False) -> None:
+        """The request side of ``s``, phase by phase in Pingora's order; ``retry``: again,
+        after its upstream failed before answering (:meth:`upstream_failed`), from
+        ``upstream_peer`` on. The response side runs as the response arrives (see the
+        class docstring)."""
         try:
-            ctx = s.ctx = self.new_ctx() if self.new_ctx is not None else None
-            if s.error is not None:
-                raise s.error
-            if s.method == b"CONNECT":
-                raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED, "CONNECT is not enabled")
-            if self.p_early_request_filter is not None:
-                r = self.p_early_request_filter(s, ctx)
-                if self.a_early:
+            if not retry:
+                ctx = s.ctx = self.new_ctx() if self.new_ctx is not None else None
+                if s.error is not None:
+                    raise s.error
+                if s.method == b"CONNECT":
+                    raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED,
+                                           "CONNECT is not enabled")
+                if self.p_early_request_filter is not None:
+                    r = self.p_early_request_filter(s, ctx)
+                    if self.a_early:
+                        await r
+                if self.p_request_filter is not None:
+                    r = self.p_request_filter(s, ctx)
+                    if self.a_request_filter:
+                        r = await r
+                    if r:
+                        if not s.response_started:
+                            raise ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
+                                             cause="request_filter returned True but wrote "
+                                                   "nothing")
+                        conn.finish(s)
+                        return
+            # The retry loop (Pingora's process_request): a failure to connect goes round
+            # here; one after the request went up comes back through upstream_failed.
+            ctx = s.ctx
+            while True:
+                peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
+                if self.a_upstream_peer:
+                    peer = await peer
+                try:
+                    up, reused = await self.connector.acquire(peer)
+                except ProxyError as e:
+                    if self.p_fail_to_connect is not None:
+                        e = self.p_fail_to_connect(s, peer, e, ctx)
+                    if self.may_retry(s, e, sent=False):
+                        s.retries += 1
+                        continue
+                    s.peer = peer
+                    raise
+                break
+            if conn.closing:
+                up.release()
+                return
+            s.peer = peer
+            s.upstream_reused = reused
+            if self.p_connected_to_upstream is not None:
+                r = self.p_connected_to_upstream(s, reused, peer, ctx)
+                if self.a_connected:
                     await r
-            if self.p_request_filter is not None:
-                r = self.p_request_filter(s, ctx)
-                if self.a_request_filter:
-                    r = await r
-                if r:
-                    if not s.response_started:
-                        raise ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
-                                         cause="request_filter returned True but wrote nothing")
-                    conn.finish(s)
-                    return
-            await self.proxy_to_upstream(conn, s)
+            req: RequestHeader | None = None
+            if self.p_upstream_request_filter is not None:
+                req = upstream_request(s, conn, peer)
+                r = self.p_upstream_request_filter(s, req, s.ctx)
+                if self.a_upstream_request:
+                    await r
+                for name in ("content-length", "transfer-encoding"):
+                    req.remove(name)
+            # The head in the peer's protocol (HTTP/1.1 from the parsed request when no
+            # phase made it an object).
+            head = up.request_head(s, req, conn, peer, self.p_request_body_filter is not None)
+            body_error = s._body_error
+            if body_error is not None:
+                # The body failed (malformed, over the limit) before the head went up, in the
+                # read that brought the head or while a connection was made: the origin gets
+                # nothing of a refused request, and the connection stays as good as it was.
+                up.release()
+                raise body_error
+            conn.attach(s, up, head, peer.options.read_timeout or self.read_timeout)
+            if s.has_body:
+                await self.send_body(conn, s, up)
         except ProxyError as e:
             self.fail(conn, s, e)
         except Exception as e:
-            self.log.exception("app error on %s %s", s.method.decode("latin-1"),
-                               s.url[:200].decode("latin-1"))
+            self.log.exception("app error on %s %s%s", s.method.decode("latin-1"),
+                               s.url[:200].decode("latin-1"), " (retry)" if retry else "")
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
-    async def proxy_to_upstream(self, conn: Downstream, s: Session) -> None:
-        """Chooses a peer, gets a connection and sends the request (retrying what may be)."""
-        ctx = s.ctx
-        connector = self.connector
-        while True:
-            peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
-            if self.a_upstream_peer:
-                peer = await peer
-            try:
-                up, reused = await connector.acquire(peer)
-            except ProxyError as e:
-                if self.p_fail_to_connect is not None:
-                    e = self.p_fail_to_connect(s, peer, e, ctx)
-                if e.retryable() and s.retries < self.max_retries:
-                    s.retries += 1
-                    continue
-                s.peer = peer
-                raise
-            break
-        if conn.closing:
-            self.connector.give_back(up)
-            return
-        s.peer = peer
-        s.upstream_reused = reused
-        if self.p_connected_to_upstream is not None:
-            r = self.p_connected_to_upstream(s, reused, peer, ctx)
-            if self.a_connected:
-                await r
-        head: Any
-        if self.p_upstream_request_filter is not None or s._req_header is not None:
-            req = await self.filtered_request(conn, s, peer)
-            head = (self.h2_fields(req, s, peer) if peer.options.http2
-                    else req.encode_head()[:-2] + self._framing(s) + b"\r\n")
-        elif peer.options.http2:
-            head = self.h2_fields(self.plain_request(conn, s, peer), s, peer)
-        else:
-            head = self.request_head(conn, s, peer)
-        read_timeout = peer.options.read_timeout or self.read_timeout
-        body_error = s._body_error
-        if body_error is not None:
-            # The body failed (malformed, over the limit) before the head went up, in the read
-            # that brought the head or while a connection was made: the origin gets nothing
-            # of a refused request, and the connection stays as good as it was.
-            self.connector.give_back(up)
-            raise body_error
-        conn.attach(s, up, head, read_timeout)
-        if s.has_body:
-            await self.send_body(conn, s, up)
-
-    def retry(self, conn: Downstream, s: Session) -> None:
-        """Sends the request again after its reused connection died before answering."""
-        self.drive(self._retry(conn, s), s)
-
-    async def _retry(self, conn: Downstream, s: Session) -> None:
-        try:
-            await self.proxy_to_upstream(conn, s)
-        except ProxyError as e:
-            self.fail(conn, s, e)
-        except Exception as e:
-            self.log.exception("app error on %s %s (retry)", s.method.decode("latin-1"),
-                               s.url[:200].decode("latin-1"))
-            self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
+    def may_retry(self, s: Session, err: ProxyError, sent: bool) -> bool:
+        """The one retry decision: ``err`` allows it (its retry type, and whether the failed
+        connection was reused), ``server.max_retries`` is not reached, and, once the request
+        went up (``sent``), sending it again cannot change its meaning (an idempotent method,
+        RFC 9110 9.2.2, and no body, which is not kept)."""
+        if sent and (s.method not in IDEMPOTENT or s.has_body):
+            return False
+        return err.retryable() and s.retries < self.max_retries
 
     @property
     def connect(self) -> Callable[[HttpPeer], Awaitable[Upstream]]:
@@ -304,84 +295,9 @@ class Engine:
     def connect(self, fn: Callable[[HttpPeer], Awaitable[Upstream]]) -> None:
         self.connector.connect = fn
 
-    def _framing(self, s: Session) -> bytes:
-        if s.upgrade is not None:
-            return b"Connection: Upgrade\r\nUpgrade: " + s.upgrade + b"\r\n"
-        if s.chunked or (self.p_request_body_filter is not None and s.has_body):
-            return b"Transfer-Encoding: chunked\r\n"
-        if s.content_length is not None:
-            return b"Content-Length: %d\r\n" % s.content_length
-        return b""
-
-    def request_head(self, conn: Downstream, s: Session, peer: HttpPeer) -> bytes:
-        """The upstream request head, from the request as parsed (fast path)."""
-        ip = conn.client_ip
-        xff = ip if s.xff is None else s.xff + b", " + ip
-        host = s.host_b
-        if host is None:
-            tail = [b"Host: ", str(peer).encode(), b"\r\nX-Forwarded-For: ", xff,
-                    b"\r\nX-Forwarded-Proto: ", conn.scheme, b"\r\n", self._framing(s),
-                    b"\r\n"]
-        else:
-            tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", conn.scheme,
-                    b"\r\nX-Forwarded-Host: ", host, b"\r\n", self._framing(s), b"\r\n"]
-        return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
-
-    def plain_request(self, conn: Downstream, s: Session, peer: HttpPeer) -> RequestHeader:
-        """The upstream request as an object (hop-by-hop headers out, X-Forwarded-* in)."""
-        src = s.req_header
-        req = RequestHeader(src.method, src.path, "1.1", src.items())
-        tokens = [t.decode("latin-1") for t in s.conn_tokens or ()]
-        for name in (*_UPSTREAM_DROP, *tokens):
-            req.remove(name)
-        client = conn.client_addr[0]
-        prior = src.get_all("x-forwarded-for")
-        req.append("X-Forwarded-For", ", ".join([*prior, client]))
-        req.append("X-Forwarded-Proto", conn.scheme.decode())
-        host = src.get("host")
-        if host is None:
-            req.append("Host", format_address(peer.host, peer.port))
-        else:
-            req.append("X-Forwarded-Host", host)
-        return req
-
-    async def filtered_request(self, conn: Downstream, s: Session, peer: HttpPeer
-                               ) -> RequestHeader:
-        """The upstream request through ``upstream_request_filter``."""
-        req = self.plain_request(conn, s, peer)
-        if self.p_upstream_request_filter is not None:
-            r = self.p_upstream_request_filter(s, req, s.ctx)
-            if self.a_upstream_request:
-                await r
-        for name in ("content-length", "transfer-encoding"):
-            req.remove(name)
-        return req
-
-    @staticmethod
-    def h2_fields(req: RequestHeader, s: Session, peer: HttpPeer) -> list[tuple[bytes, bytes]]:
-        """The upstream request as HTTP/2 header fields (lower-case names, pseudo-headers)."""
-        authority = req.get("host") or format_address(peer.host, peer.port)
-        fields = [(b":method", req.method.encode()), (b":scheme", b"https" if peer.tls
-                                                       else b"http"),
-                  (b":authority", authority.encode("latin-1")),
-                  (b":path", req.path.encode("latin-1"))]
-        for name, value in req:
-            n = name.lower()
-            if n not in _H2_UPSTREAM_DROP:
-                fields.append((n.encode("latin-1"), value.encode("latin-1")))
-        # gRPC needs to know that trailers will be read (RFC 9113 8.2.2 allows te: trailers).
-        for raw_name, raw_value in s.raw_headers:
-            if raw_name.lower() == b"te" and b"trailers" in raw_value.lower():
-                fields.append((b"te", b"trailers"))
-                break
-        if s.content_length is not None:
-            fields.append((b"content-length", b"%d" % s.content_length))
-        return fields
-
     async def send_body(self, conn: Downstream, s: Session, up: Upstream) -> None:
-        """Streams the request body upstream, pausing while the upstream is not writable."""
-        h2 = up.h2
-        chunked = not h2 and (s.chunked or self.p_request_body_filter is not None)
+        """Streams the request body upstream through ``request_body_filter``, pausing while
+        the upstream is not writable."""
         body_filter = self.p_request_body_filter
         while True:
             chunk = await s.read_body_chunk()
@@ -395,16 +311,9 @@ class Engine:
                 if r is not None:
                     chunk = r
             if chunk:
-                if chunked:
-                    up.transport.writelines(  # type: ignore[union-attr]
-                        (b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-                else:
-                    up.write(chunk)
+                up.send_body(chunk)
             if end:
-                if chunked:
-                    up.write(b"0\r\n\r\n")
-                elif isinstance(up, UpstreamH2Stream):
-                    up.end()
+                up.end_body()
                 s.body_sent = True
                 return
             if up.write_paused:
@@ -479,10 +388,9 @@ class Engine:
     def upstream_failed(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         """The upstream failed before the response started."""
         global _current
-        if (err.retryable() and s.method in IDEMPOTENT and not s.has_body
-                and s.retries < self.max_retries):
+        if self.may_retry(s, err, sent=True):
             s.retries += 1
-            self.retry(conn, s)
+            self.drive(self.run(conn, s, retry=True), s)
             return
         prev, _current = _current, s
         try:

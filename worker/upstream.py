@@ -36,8 +36,12 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from shared.headers import RawHeaders
-from worker.interfaces import ResponseHandler, UpstreamPool
+from shared.errors import ErrorKind, ProxyError, RetryType, upstream_error
+from shared.headers import RawHeaders, RequestHeader
+from shared.peer import HttpPeer
+from shared.session import Session
+from worker.http import upstream_request
+from worker.interfaces import Downstream, ResponseHandler, UpstreamPool
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
@@ -62,11 +66,21 @@ class StaleBytes(ConnectionError):
 _STATUS_LINE_START = b"HTTP/"
 
 
+def _framing(s: Session, body_filtered: bool) -> bytes:
+    """The framing lines of the upstream request: Upgrade, chunked (the body's length is not
+    known, or a ``request_body_filter`` may change it), Content-Length, or none."""
+    if s.upgrade is not None:
+        return b"Connection: Upgrade\r\nUpgrade: " + s.upgrade + b"\r\n"
+    if s.chunked or (body_filtered and s.has_body):
+        return b"Transfer-Encoding: chunked\r\n"
+    if s.content_length is not None:
+        return b"Content-Length: %d\r\n" % s.content_length
+    return b""
+
+
 class UpstreamConn(asyncio.Protocol):
     """A client connection to one upstream server."""
 
-    #: Not an HTTP/2 stream (see worker/upstream_h2.py).
-    h2 = False
     #: An HTTP/1.1 response always says its own framing (HTTP/2 may end with its head).
     ended_with_head = False
 
@@ -74,6 +88,7 @@ class UpstreamConn(asyncio.Protocol):
         "key", "pool", "transport", "parser", "handler", "headers", "trailers", "status",
         "head_only", "got_bytes", "keep_alive", "deadline", "read_timeout", "requests",
         "idle_since", "closed", "write_paused", "tunnel", "reading_paused", "complete",
+        "chunked_body",
     )
 
     def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
@@ -105,6 +120,8 @@ class UpstreamConn(asyncio.Protocol):
         #: The response is complete; the exchange ends once the read that completed it is
         #: parsed to its end (see the module docstring).
         self.complete = False
+        #: The request body goes in chunks (set with the head).
+        self.chunked_body = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -347,6 +364,32 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- exchange ------------------------------------------------------------------------
 
+    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
+                     peer: HttpPeer, body_filtered: bool) -> bytes:
+        """The request head in HTTP/1.1, for :meth:`start`: from ``req`` when the app's
+        ``upstream_request_filter`` made it; else, unless a phase built ``s.req_header``,
+        from the request as parsed (the fast path: the header lines the downstream protocol
+        collected, then X-Forwarded-*, Host when the client sent none, and the framing),
+        with one join. ``body_filtered``: a ``request_body_filter`` may change the body, which
+        then goes chunked; the body's framing is decided here (:meth:`send_body`)."""
+        self.chunked_body = s.chunked or body_filtered
+        if req is None:
+            if s._req_header is None:
+                ip = client.client_ip
+                xff = ip if s.xff is None else s.xff + b", " + ip
+                host = s.host_b
+                if host is None:
+                    tail = [b"Host: ", str(peer).encode(), b"\r\nX-Forwarded-For: ", xff,
+                            b"\r\nX-Forwarded-Proto: ", client.scheme, b"\r\n",
+                            _framing(s, body_filtered), b"\r\n"]
+                else:
+                    tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ",
+                            client.scheme, b"\r\nX-Forwarded-Host: ", host, b"\r\n",
+                            _framing(s, body_filtered), b"\r\n"]
+                return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
+            req = upstream_request(s, client, peer)
+        return req.encode_head()[:-2] + _framing(s, body_filtered) + b"\r\n"
+
     def start(self, handler: ResponseHandler, head: bytes, head_only: bool,
               read_timeout: float) -> None:
         """Sends a request head; the response goes to ``handler``."""
@@ -363,8 +406,36 @@ class UpstreamConn(asyncio.Protocol):
         self.transport.write(head)  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
-        """Sends request body bytes."""
+        """Sends request body bytes as they are."""
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def send_body(self, data: bytes) -> None:
+        """Sends a piece of the request body, as a chunk when the head said chunked."""
+        if self.chunked_body:
+            self.transport.writelines(  # type: ignore[union-attr]
+                (b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def end_body(self) -> None:
+        """The request body is complete: the last chunk, when chunked."""
+        if self.chunked_body:
+            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """The exchange ended cleanly (or never began): back to the pool."""
+        self.pool.put(self)
+
+    def failure(self, exc: BaseException | None) -> ProxyError:
+        """What a failure reported to the handler (``upstream_failed``) means: a late
+        response, an invalid one, or a connection that closed (retryable if no byte of a
+        response came and the connection was reused)."""
+        if isinstance(exc, TimeoutError):
+            return upstream_error(ErrorKind.READ_TIMEOUT, exc)
+        if isinstance(exc, httptools.HttpParserError):
+            return upstream_error(ErrorKind.INVALID_RESPONSE, exc)
+        return upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
+                              RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER)
 
     def pause_reading(self) -> None:
         if not self.closed and not self.reading_paused:

@@ -33,8 +33,13 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from shared.errors import ErrorKind, ProxyError, RetryType, upstream_error
+from shared.headers import RequestHeader
+from shared.peer import HttpPeer, format_address
+from shared.session import Session
 from worker.h2_flow import WindowedSender
-from worker.interfaces import ResponseHandler, UpstreamPool
+from worker.http import upstream_request
+from worker.interfaces import Downstream, ResponseHandler, UpstreamPool
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
@@ -45,6 +50,10 @@ DEFAULT_MAX_STREAMS = 100
 #: server limits (nginx's http2_max_requests is 1000), so that a new connection is ready
 #: before the server sends GOAWAY.
 MAX_STREAMS_PER_CONNECTION = 900
+#: Request fields not sent to an HTTP/2 upstream (connection-specific, RFC 9113 8.2.2; Host
+#: becomes :authority).
+_H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te",
+                               "transfer-encoding", "upgrade", "content-length"})
 _GOAWAY = 0x7
 _FRAME_HEAD = struct.Struct(">HBB")
 
@@ -118,10 +127,29 @@ class GoawayFilter:
         return b"".join(out), goaways
 
 
+def h2_fields(req: RequestHeader, s: Session, peer: HttpPeer) -> list[tuple[bytes, bytes]]:
+    """The upstream request as HTTP/2 header fields (lower-case names, pseudo-headers)."""
+    authority = req.get("host") or format_address(peer.host, peer.port)
+    fields = [(b":method", req.method.encode()), (b":scheme", b"https" if peer.tls
+                                                   else b"http"),
+              (b":authority", authority.encode("latin-1")),
+              (b":path", req.path.encode("latin-1"))]
+    for name, value in req:
+        n = name.lower()
+        if n not in _H2_UPSTREAM_DROP:
+            fields.append((n.encode("latin-1"), value.encode("latin-1")))
+    # gRPC needs to know that trailers will be read (RFC 9113 8.2.2 allows te: trailers).
+    for raw_name, raw_value in s.raw_headers:
+        if raw_name.lower() == b"te" and b"trailers" in raw_value.lower():
+            fields.append((b"te", b"trailers"))
+            break
+    if s.content_length is not None:
+        fields.append((b"content-length", b"%d" % s.content_length))
+    return fields
+
+
 class UpstreamH2Stream:
     """One request on an upstream HTTP/2 connection."""
-
-    h2 = True
 
     def __init__(self, conn: UpstreamH2Conn, stream_id: int) -> None:
         self.conn = conn
@@ -144,6 +172,16 @@ class UpstreamH2Stream:
         self.ended_with_head = False
 
     # -- what the engine and the exchange call ---------------------------------------------
+
+    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
+                     peer: HttpPeer, body_filtered: bool) -> list[tuple[bytes, bytes]]:
+        """The request head as HTTP/2 fields, for :meth:`start`: from ``req`` when the app's
+        ``upstream_request_filter`` made it, else from the request as the proxy forwards
+        it (:func:`~worker.http.upstream_request`). The body goes in DATA frames whatever
+        ``body_filtered`` says."""
+        if req is None:
+            req = upstream_request(s, client, peer)
+        return h2_fields(req, s, peer)
 
     def start(self, handler: ResponseHandler, head: Any, head_only: bool,
               read_timeout: float) -> None:
@@ -171,7 +209,11 @@ class UpstreamH2Stream:
             self.write_paused = True
         self.conn.flush()
 
-    def end(self) -> None:
+    def send_body(self, data: bytes) -> None:
+        """Sends a piece of the request body (HTTP/2 frames it: DATA)."""
+        self.write(data)
+
+    def end_body(self) -> None:
         """The request body is complete."""
         if self.closed:
             return
@@ -193,7 +235,7 @@ class UpstreamH2Stream:
         self.write_paused = False
         if self.pending_end:
             self.pending_end = False
-            self.end()
+            self.end_body()
         if self.handler is not None:
             self.handler.upstream_writable(True)
 
@@ -219,10 +261,25 @@ class UpstreamH2Stream:
             self.conn.pool.busy.discard(self)
             self.conn.stream_closed(self, reset=True)
 
+    def release(self) -> None:
+        """The exchange ended (or never began): a stream is not reused, it is closed."""
+        self.close()
+
+    def failure(self, exc: BaseException | None) -> ProxyError:
+        """What a failure reported to the handler (``upstream_failed``) means: a late
+        response, or a stream or connection that closed (retryable if no byte of a response
+        came and the connection was reused)."""
+        if isinstance(exc, TimeoutError):
+            return upstream_error(ErrorKind.READ_TIMEOUT, exc)
+        return upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
+                              RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER)
+
     def timed_out(self) -> None:
+        """Called by the sweep when the response is late."""
         self._fail(TimeoutError("upstream read timeout"))
 
     def donatable(self) -> bool:
+        """Never: a stream does not move to another worker."""
         return False
 
     # -- events from the connection ----------------------------------------------------------

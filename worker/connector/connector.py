@@ -150,14 +150,6 @@ class Connector:
             return up.open_stream()
         return up
 
-    def give_back(self, up: Upstream) -> None:
-        """Returns a connection no request was written on to the pool (an HTTP/2 stream not
-        opened yet is closed)."""
-        if isinstance(up, UpstreamConn):
-            self.pool.put(up)
-        else:
-            up.close()
-
     def sweep(self, now: float) -> None:
         """Once a second: idle connections past their time, exchanges past their deadline."""
         self.pool.sweep(now)
