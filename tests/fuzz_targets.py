@@ -64,11 +64,11 @@ from shared.config import Config, from_mapping
 from shared.errors import ErrorKind
 from shared.peer import HttpPeer
 from shared.session import Session
-from worker.h1_server import H1Server
-from worker.h2_codec import PREFACE
-from worker.h2_server import H2Server
-from worker.proxy import Engine
-from worker.upstream import UpstreamConn
+from worker.client.h1 import UpstreamConn
+from worker.h2.codec import PREFACE
+from worker.proxy.engine import Engine
+from worker.server.h1 import H1Server
+from worker.server.h2 import H2Server
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The request corpus (tests/requests/README.md): the seeds of the HTTP/1.1 fuzzers.

@@ -1,7 +1,7 @@
 """What both sides of the proxy build: status lines, and the upstream request as an object.
 
-Both the downstream protocols (worker/h1_server.py, worker/h2_server.py) and the upstream
-clients (worker/upstream.py, worker/upstream_h2.py) import this module, and it imports neither:
+Both the downstream protocols (worker/server/h1.py, worker/server/h2.py) and the upstream
+clients (worker/client/h1.py, worker/client/h2.py) import this module, and it imports neither:
 a status line is looked up, not formatted, on the hot path (one dict lookup per response), and
 :func:`upstream_request` is the one place that says which fields of a request go upstream
 when the request goes as an object (an app changed it, or the upstream speaks HTTP/2).

@@ -1,13 +1,13 @@
 """The seams of the data plane: the ``typing.Protocol`` each layer meets the next at.
 
 Theory of operation. The worker is built in layers that call each other through callbacks (the
-callback design is the measured hot path: see worker/proxy.py), so each layer holds a
+callback design is the measured hot path: see worker/proxy/engine.py), so each layer holds a
 reference to the one beside it. Each reference is typed by a protocol here, never by the
 class behind it, so that no layer needs to know another's classes (httpcore's
 ``interfaces.py`` is the model):
 
 - :class:`Upstream`: one exchange with an upstream, an HTTP/1.1 connection or an HTTP/2
-  stream (worker/upstream.py, worker/upstream_h2.py). The engine and the downstream exchanges
+  stream (worker/client/h1.py, worker/client/h2.py). The engine and the downstream exchanges
   drive it; both clients implement it.
 - :class:`ResponseHandler`: what an upstream calls back with the response: the downstream
   exchange (an HTTP/1.1 connection or an HTTP/2 stream).
@@ -170,20 +170,36 @@ class Downstream(ResponseHandler, SessionDownstream, Protocol):
     """A downstream exchange as the engine drives it: one request at a time on an HTTP/1.1
     connection, or one HTTP/2 stream."""
 
-    up: Upstream | None
-    """The upstream exchange serving the request, while there is one."""
-    closing: bool
-    """True once the exchange (or its connection) is closing: nothing more is written."""
-    client_ip: bytes
-    """The client's IP address, as X-Forwarded-For writes it."""
-    scheme: bytes
-    """``b"http"`` or ``b"https"``: how the client reached the proxy."""
-    write_paused: bool
-    """True while the client is not taking what is written."""
-    held: list[bytes] | None
-    """Response body held while an async ``response_filter`` runs, else None."""
-    held_done: Upstream | None
-    """The upstream whose response ended while its body was held."""
+    @property
+    def up(self) -> Upstream | None:
+        """The upstream exchange serving the request, while there is one."""
+        ...
+
+    @property
+    def closing(self) -> bool:
+        """True once the exchange (or its connection) is closing: nothing more is written."""
+        ...
+
+    @property
+    def client_ip(self) -> bytes:
+        """The client's IP address, as X-Forwarded-For writes it."""
+        ...
+
+    @property
+    def scheme(self) -> bytes:
+        """``b"http"`` or ``b"https"``: how the client reached the proxy."""
+        ...
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the client is not taking what is written."""
+        ...
+
+    @property
+    def held_done(self) -> Upstream | None:
+        """The upstream whose response ended while its body was held for an async
+        ``response_filter``."""
+        ...
 
     def attach(self, s: Session, up: Upstream, head: Any, read_timeout: float) -> None:
         """Sends the request head on ``up``; its response comes back to this exchange."""
@@ -191,6 +207,18 @@ class Downstream(ResponseHandler, SessionDownstream, Protocol):
 
     def write_head(self, s: Session, line: bytes, headers: RawHeaders, rechunk: bool) -> None:
         """Writes a response head (``line``: an HTTP/1.1 status line)."""
+        ...
+
+    def hold_body(self) -> None:
+        """An async ``response_filter`` runs: the response body waits."""
+        ...
+
+    def drop_held(self) -> None:
+        """The held response body will not be sent."""
+        ...
+
+    def forget_upstream(self) -> None:
+        """The exchange no longer has an upstream (the engine detaches it)."""
         ...
 
     def release_held(self) -> None:
@@ -227,7 +255,7 @@ class DownstreamConn(Protocol):
 
 
 class ProxyEngine(Protocol):
-    """What the downstream protocols need of the engine (worker/proxy.py's ``Engine``)."""
+    """What the downstream protocols need of the engine (worker/proxy/engine.py's ``Engine``)."""
 
     log: logging.Logger
     """The error log."""
@@ -246,8 +274,6 @@ class ProxyEngine(Protocol):
         """The open client connections (:class:`DownstreamConn`), counted at accept."""
         ...
 
-    active_requests: int
-    """Requests started and not yet logged."""
     response_phases: bool
     """True when the app overrides a response phase (the head goes through
     :meth:`response_head`)."""
@@ -260,6 +286,10 @@ class ProxyEngine(Protocol):
 
     def fail(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response and ends it."""
+        ...
+
+    def refuse(self, conn: Downstream, s: Session, err: ProxyError) -> None:
+        """Answers a request refused before its turn (counted as started) with an error."""
         ...
 
     def upstream_failed(self, conn: Downstream, s: Session, err: ProxyError) -> None:

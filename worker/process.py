@@ -37,8 +37,8 @@ from shared.privileges import Identity
 from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
 from worker.connector.broker_client import BrokerClient
-from worker.h1_server import H1Server
-from worker.proxy import Engine, RequestLogFilter
+from worker.proxy.engine import Engine, RequestLogFilter
+from worker.server.h1 import H1Server
 from worker.tls import ServerTls
 
 #: ALPN protocols the listeners offer, preferred first.
@@ -65,7 +65,7 @@ def setup_logging(config: Config, name: str) -> logging.Logger:
     the same object, closing it on a reopen (SIGUSR1) reopens the file for every logger.
 
     A line reads ``TIME [NAME PID] LEVEL [req ID] message``, the ``[req ID] `` part only for
-    lines written while a request's code runs (:class:`~worker.proxy.RequestLogFilter`).
+    lines written while a request's code runs (:class:`~worker.proxy.engine.RequestLogFilter`).
     Runs before the app is loaded, so its import and ``configure`` log here too. Returns the
     ``tenaya`` logger.
     """
@@ -373,8 +373,9 @@ def switch_user(config: Config) -> Identity | None:
 
 def _preload() -> None:
     for package in ("shared", "worker"):
-        for info in pkgutil.iter_modules(importlib.import_module(package).__path__,
-                                         f"{package}."):
+        # Their subpackages too (worker.server, worker.client ...): every module, at any depth.
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__,
+                                          f"{package}."):
             if not info.name.endswith(".__main__"):
                 importlib.import_module(info.name)
     for name in PRELOAD_MODULES:

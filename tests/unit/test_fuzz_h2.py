@@ -57,7 +57,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from worker.h2_codec import (
+from worker.h2.codec import (
     ACK,
     CONTINUATION,
     DATA,
@@ -74,7 +74,7 @@ from worker.h2_codec import (
     SETTINGS,
     WINDOW_UPDATE,
 )
-from worker.h2_hpack import DecodeError, Decoder, Fields, ListTooLarge
+from worker.h2.hpack import DecodeError, Decoder, Fields, ListTooLarge
 
 AUTHORITY = b"fuzz.test"
 GET: Fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),

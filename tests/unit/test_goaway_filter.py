@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from worker.upstream_h2 import GoawayFilter
+from worker.client.h2 import GoawayFilter
 
 GOAWAY = 0x7
 

@@ -39,8 +39,8 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from worker import h2_codec
-from worker.h2_codec import (
+from worker.h2 import codec as h2_codec
+from worker.h2.codec import (
     CLOSED_MEMORY,
     CONTINUATION,
     DATA,
@@ -60,8 +60,8 @@ from worker.h2_codec import (
     WINDOW_UPDATE,
     H2Codec,
 )
-from worker.h2_fields import check_request, header_list_size
-from worker.h2_hpack import Fields
+from worker.h2.fields import check_request, header_list_size
+from worker.h2.hpack import Fields
 
 REQUEST: Fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
                    (b":authority", b"example.com")]

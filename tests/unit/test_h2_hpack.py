@@ -8,8 +8,8 @@ import random
 import hpack
 import pytest
 
-import worker.h2_hpack as h2_hpack
-from worker.h2_hpack import (
+import worker.h2.hpack as h2_hpack
+from worker.h2.hpack import (
     BLOCK_CACHE_SIZE,
     STATIC,
     DecodeError,

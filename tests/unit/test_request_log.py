@@ -17,8 +17,8 @@ import pytest
 from shared.app import ProxyHttp
 from shared.config import from_mapping
 from shared.session import MAX_REQUEST_ID, Session
-from worker import proxy
-from worker.proxy import Engine, RequestLogFilter, current_session
+from worker.proxy import engine as proxy
+from worker.proxy.engine import Engine, RequestLogFilter, current_session
 
 GENERATED = re.compile(r"[0-9a-f]{12}-[0-9a-f]{6}")
 

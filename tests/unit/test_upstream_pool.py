@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-import worker.upstream as upstream
+import worker.client.h1 as upstream
 from shared.headers import RawHeaders
+from worker.client.h1 import UpstreamConn
 from worker.connector.pool import Pool
-from worker.upstream import UpstreamConn
 
 KEY_A = ("10.0.0.1", 80, False)
 KEY_B = ("10.0.0.2", 80, False)

@@ -14,8 +14,8 @@ import httptools
 import pytest
 
 from shared.headers import RawHeaders
+from worker.client.h1 import InvalidResponse, StaleBytes, UpstreamConn
 from worker.connector.pool import Pool
-from worker.upstream import InvalidResponse, StaleBytes, UpstreamConn
 
 KEY = ("10.0.0.1", 80, False)
 GET = b"GET / HTTP/1.1\r\n\r\n"

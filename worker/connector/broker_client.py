@@ -22,7 +22,7 @@ from shared.poolindex import PoolIndex, slot_of
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
-    from worker.upstream import UpstreamConn
+    from worker.client.h1 import UpstreamConn
 
 log = logging.getLogger("tenaya")
 

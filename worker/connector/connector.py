@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 from shared.errors import ErrorKind, RetryType, upstream_error
 from shared.peer import HttpPeer
+from worker.client.h1 import UpstreamConn
+from worker.client.h2 import UpstreamH2Conn
 from worker.connector.pool import H2Pool, Pool
 from worker.interfaces import Upstream
 from worker.tls import ClientTls
-from worker.upstream import UpstreamConn
-from worker.upstream_h2 import UpstreamH2Conn
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey

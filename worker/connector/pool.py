@@ -2,7 +2,7 @@
 
 :class:`Pool` keeps idle HTTP/1.1 connections by pool key, most recently used first, and the
 exchanges under way (whose read deadlines its sweep checks, for both protocols). An idle
-connection is watched (worker/upstream.py): one the origin closes or that speaks leaves the pool.
+connection is watched (worker/client/h1.py): one the origin closes or that speaks leaves the pool.
 When the pool is shared (``pool.shared``), a connection idle for a moment, or of a key this
 worker did not use a moment ago, goes to the pool broker instead, where any worker can use it.
 
@@ -16,9 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from worker.client.h1 import UpstreamConn
+from worker.client.h2 import UpstreamH2Conn, UpstreamH2Stream
 from worker.interfaces import Upstream
-from worker.upstream import UpstreamConn
-from worker.upstream_h2 import UpstreamH2Conn, UpstreamH2Stream
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
@@ -75,7 +75,7 @@ class Pool:
         if up.closed:
             return
         # The connection reads the clock (all of an HTTP/1.1 connection's times are its
-        # module's: worker/upstream.py).
+        # module's: worker/client/h1.py).
         now = up.went_idle()
         if self.donor is not None:
             # A key this worker used a moment ago is hot: its next request is likely here, so

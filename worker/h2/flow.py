@@ -7,7 +7,7 @@ from typing import Protocol
 
 class FlowConnection(Protocol):
     """What a sender needs of a connection: ``h2``'s ``H2Connection`` (upstreams) and the
-    downstream codec (worker/h2_codec.py) both have it."""
+    downstream codec (worker/h2/codec.py) both have it."""
 
     @property
     def max_outbound_frame_size(self) -> int: ...

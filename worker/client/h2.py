@@ -1,7 +1,7 @@
 """HTTP/2 to upstreams: one connection per origin per worker, many requests multiplexed on it.
 
 An :class:`UpstreamH2Conn` is one connection; each request on it is an :class:`UpstreamH2Stream`,
-which offers the engine the same interface as an HTTP/1.1 :class:`~worker.upstream.UpstreamConn`
+which offers the engine the same interface as an HTTP/1.1 :class:`~worker.client.h1.UpstreamConn`
 (``start``, ``write``, ``end``, ``pause_reading``, ``detach`` ...), so the engine and the
 downstream exchanges need not know which protocol the upstream speaks. Trailers (gRPC's
 ``grpc-status``) reach the exchange through ``upstream_trailers``.
@@ -37,7 +37,7 @@ from shared.errors import ErrorKind, ProxyError, RetryType, upstream_error
 from shared.headers import RequestHeader
 from shared.peer import HttpPeer, format_address
 from shared.session import Session
-from worker.h2_flow import WindowedSender
+from worker.h2.flow import WindowedSender
 from worker.http import upstream_request
 from worker.interfaces import Downstream, ResponseHandler, UpstreamPool
 

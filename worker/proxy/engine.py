@@ -1,12 +1,13 @@
 """The proxy engine: drives an app's phases for each request, in Pingora's order.
 
 The request side (filters, peer choice, connect with retries, the upstream request head and
-body) is one coroutine per request, :meth:`Engine.run`. For an app whose phases are all plain
+body) is one coroutine per request, :meth:`Engine.run`; the class docstring lists every phase
+in order, and where it runs. For an app whose phases are all plain
 ``def``, that coroutine is stepped by hand (:func:`_step`) instead of being wrapped in a Task:
 with a pooled connection it finishes without ever suspending, so a request costs no task and no
 loop iteration. An app with ``async def`` phases gets a real Task per request, so its code sees
 ``asyncio.current_task()`` and timeouts as usual. The response side is callbacks from the
-upstream connection (worker/h1_server.py).
+upstream connection through the downstream exchange (worker/server/exchange.py).
 
 Which request a log line belongs to (:func:`current_session`, read by
 :class:`RequestLogFilter` on the error log's handler) is known two ways, each the cheapest for
@@ -116,7 +117,27 @@ def _step(coro: Coroutine[Any, Any, None], s: Session, _fut: Any = None) -> None
 
 
 class Engine:
-    """The per-worker proxy: the app, its phases, the upstream pool, the connections."""
+    """The per-worker proxy: the app, its phases, the upstream connector, the connections.
+
+    One request's phases, in Pingora's order (``docs/user_guide/phase_chart.md``); each runs
+    only when the app overrides it (looked up once, here):
+
+    - the request side, :meth:`run` (one coroutine, stepped by hand when no phase is async):
+      ``early_request_filter`` → ``request_filter`` (True: the app answered) →
+      ``upstream_peer`` → connect (:meth:`Connector.acquire
+      <worker.connector.connector.Connector.acquire>`; on failure ``fail_to_connect``, then
+      the retry loop) → ``connected_to_upstream`` → ``upstream_request_filter`` → the head
+      in the peer's protocol (:meth:`Upstream.request_head
+      <worker.interfaces.Upstream.request_head>`) → ``request_body_filter`` on each chunk
+      (:meth:`send_body`);
+    - the response side, called back by the upstream through the downstream exchange:
+      ``upstream_response_filter`` and ``response_filter`` (:meth:`response_head`) →
+      ``response_body_filter`` on each piece (:meth:`body_filter`) → ``logging``
+      (:meth:`request_done`, once per request whatever happened);
+    - on failure: an upstream that fails before the response starts comes back to the retry
+      loop (:meth:`upstream_failed`), else ``error_while_proxy``; then ``fail_to_proxy``
+      (:meth:`fail`) writes the error response.
+    """
 
     def __init__(self, app: ProxyHttp, config: Config, access_log: AccessLog | None,
                  log: logging.Logger) -> None:
@@ -205,10 +226,12 @@ class Engine:
                 if s.method == b"CONNECT":
                     raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED,
                                            "CONNECT is not enabled")
+                # 1. early_request_filter
                 if self.p_early_request_filter is not None:
                     r = self.p_early_request_filter(s, ctx)
                     if self.a_early:
                         await r
+                # 2. request_filter: True when the app answered by itself
                 if self.p_request_filter is not None:
                     r = self.p_request_filter(s, ctx)
                     if self.a_request_filter:
@@ -224,9 +247,11 @@ class Engine:
             # here; one after the request went up comes back through upstream_failed.
             ctx = s.ctx
             while True:
+                # 3. upstream_peer
                 peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
                 if self.a_upstream_peer:
                     peer = await peer
+                # 4. connect: the pools, the broker, or a new connection
                 try:
                     up, reused = await self.connector.acquire(peer)
                 except ProxyError as e:
@@ -243,10 +268,12 @@ class Engine:
                 return
             s.peer = peer
             s.upstream_reused = reused
+            # 5. connected_to_upstream
             if self.p_connected_to_upstream is not None:
                 r = self.p_connected_to_upstream(s, reused, peer, ctx)
                 if self.a_connected:
                     await r
+            # 6. upstream_request_filter, on the upstream request as an object
             req: RequestHeader | None = None
             if self.p_upstream_request_filter is not None:
                 req = upstream_request(s, conn, peer)
@@ -266,8 +293,12 @@ class Engine:
                 up.release()
                 raise body_error
             conn.attach(s, up, head, peer.options.read_timeout or self.read_timeout)
+            # 7. request_body_filter, on each chunk of the body on its way up
             if s.has_body:
                 await self.send_body(conn, s, up)
+            # 8. The response phases run as the response arrives: response_head
+            # (upstream_response_filter, response_filter), body_filter (response_body_filter),
+            # request_done (logging).
         except ProxyError as e:
             self.fail(conn, s, e)
         except Exception as e:
@@ -336,7 +367,7 @@ class Engine:
                     r = self.p_response_filter(s, resp, s.ctx)
                     if self.a_response_filter:
                         up.pause_reading()
-                        conn.held = []
+                        conn.hold_body()
                         self.drive(self._finish_response_filter(conn, s, up, r, resp), s)
                         return
             except Exception as e:
@@ -354,7 +385,7 @@ class Engine:
             self._phase_failed(conn, s, up, e)
             return
         if conn.closing:
-            conn.held = conn.held_done = None
+            conn.drop_held()
             return
         self._write_filtered_head(conn, s, resp)
         if conn.held_done is not None or not conn.write_paused:
@@ -368,8 +399,8 @@ class Engine:
 
     def _phase_failed(self, conn: Downstream, s: Session, up: Upstream, e: Exception) -> None:
         self.log.exception("response phase failed", exc_info=e)
-        conn.up = None
-        conn.held = conn.held_done = None
+        conn.forget_upstream()
+        conn.drop_held()
         up.detach()
         self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
@@ -403,6 +434,12 @@ class Engine:
         finally:
             _current = prev
 
+    def refuse(self, conn: Downstream, s: Session, err: ProxyError) -> None:
+        """A request the downstream protocol refuses before its turn (unparseable, or its
+        head too slow): counted as started, then answered as :meth:`fail` answers."""
+        self.active_requests += 1
+        self.fail(conn, s, err)
+
     def fail(self, conn: Downstream, s: Session, err: ProxyError) -> None:
         """Answers ``s`` with an error response (through ``fail_to_proxy``) and ends it."""
         global _current
@@ -417,7 +454,7 @@ class Engine:
         up = conn.up
         if up is not None and conn.active is s:
             # The upstream exchange can't complete (its request body, say, was refused).
-            conn.up = None
+            conn.forget_upstream()
             up.detach()
         if err.source is ErrorSource.DOWNSTREAM or (s.has_body and not s.body_done):
             s.keep_alive = False

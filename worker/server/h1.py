@@ -2,7 +2,7 @@
 
 Theory of operation. httptools parses what the client sends and calls back; when a request
 head is complete, a :class:`~shared.session.Session` is made from it. The first session on a
-connection becomes *active* and is handed to the engine (worker/proxy.py); requests pipelined
+connection becomes *active* and is handed to the engine (worker/proxy/engine.py); requests pipelined
 behind it wait in order, with reading paused. The active session's upstream response arrives
 through the ``upstream_*`` callbacks (this class is the upstream connection's handler) and is
 framed for the client: passed with its length, re-chunked, or delimited by closing. When the
@@ -40,10 +40,10 @@ from shared.errors import (
 )
 from shared.headers import RawHeaders, ResponseHeader, split_absolute_form, valid_host
 from shared.session import Session
-from worker.exchange import Exchange, peer_info
-from worker.h2_server import PREFACE, H2Server
 from worker.http import STATUS_LINES, status_line
 from worker.interfaces import ProxyEngine, Upstream
+from worker.server.exchange import Exchange, peer_info
+from worker.server.select import PREFACE_START, alpn_chose_h2, is_h2_preface, switch_to_h2
 
 # Response body framing, chosen when the response head is written.
 MODE_NONE = 0      # no body (HEAD, 1xx, 204, 304)
@@ -236,7 +236,7 @@ class H1Server(Exchange, asyncio.Protocol):
         if tls is not None:
             self.tls = tls
             self.scheme = b"https"
-            if tls.selected_alpn_protocol() == "h2":
+            if alpn_chose_h2(tls):
                 self._switch_to_h2(transport, b"")  # type: ignore[arg-type]
                 return
         self.last_active = time.monotonic()
@@ -257,8 +257,8 @@ class H1Server(Exchange, asyncio.Protocol):
             if self.early is not None:
                 self._hold_early(data)
             return
-        if not self.requests and self.current is None and data[:4] == b"PRI " and data.startswith(
-                PREFACE):
+        if (not self.requests and self.current is None and data[:4] == PREFACE_START
+                and is_h2_preface(data)):
             # HTTP/2 with prior knowledge (h2c) on a plaintext listener.
             self._switch_to_h2(self.transport, data)  # type: ignore[arg-type]
             return
@@ -314,12 +314,8 @@ class H1Server(Exchange, asyncio.Protocol):
     def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
         """Hands the connection to the HTTP/2 protocol (which counts itself)."""
         self.engine.connections.discard(self)
-        h2 = H2Server(self.engine)
         self.closing = True
-        transport.set_protocol(h2)
-        h2.connection_made(transport)
-        if data:
-            h2.data_received(data)
+        switch_to_h2(self.engine, transport, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -712,8 +708,7 @@ class H1Server(Exchange, asyncio.Protocol):
             s.method = s.method or b"-"
         s.keep_alive = False
         self.active = s
-        self.engine.active_requests += 1
-        self.engine.fail(self, s, err)
+        self.engine.refuse(self, s, err)
 
     # -- end of a request ----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The downstream HTTP/2 connection: streams as exchanges.
 
-Theory of operation. :class:`H2Server` owns the connection and its codec (worker/h2_codec.py:
+Theory of operation. :class:`H2Server` owns the connection and its codec (worker/h2/codec.py:
 framing, HPACK, stream states and windows); every request stream becomes an
 :class:`H2Stream`, an exchange like an HTTP/1.1
 connection, so the engine and the upstream side are the same for both protocols (an HTTP/2
@@ -30,12 +30,12 @@ from h2.errors import ErrorCodes
 from shared.errors import ErrorKind, downstream_error
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
-from worker.exchange import Exchange, peer_info
-from worker.h2_codec import PREFACE, H2Codec
-from worker.h2_flow import WindowedSender
-from worker.h2_hpack import Fields
+from worker.h2.codec import PREFACE, H2Codec
+from worker.h2.flow import WindowedSender
+from worker.h2.hpack import Fields
 from worker.http import status_line
 from worker.interfaces import ProxyEngine
+from worker.server.exchange import Exchange, peer_info
 
 __all__ = ["PREFACE", "H2Server", "H2Stream"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from shared.headers import valid_host
-from worker.h2_hpack import Fields
+from worker.h2.hpack import Fields
 
 #: Characters allowed in a field name: tchar (RFC 9110 5.6.2), lower case only.
 _BAD_NAME = re.compile(rb"[^a-z0-9!#$%&'*+.^_`|~-]")

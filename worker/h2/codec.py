@@ -9,7 +9,7 @@ codec is tested by feeding it bytes (the ``h2`` package's client is the referenc
 
 It replaces the ``h2`` package on the downstream hot path because h2's general state machine,
 event objects and header checks cost ~55 us per request in CPython, more than the rest of the
-proxy together; ``h2`` still speaks HTTP/2 to upstreams (worker/upstream_h2.py). This codec is
+proxy together; ``h2`` still speaks HTTP/2 to upstreams (worker/client/h2.py). This codec is
 only what a server needs: client-initiated streams, no server push, no priorities (parsed and
 ignored, as RFC 9113 deprecates them).
 
@@ -30,8 +30,8 @@ from typing import Protocol
 
 from h2.errors import ErrorCodes
 
-from worker.h2_fields import check_request, check_trailers, header_list_size
-from worker.h2_hpack import (
+from worker.h2.fields import check_request, check_trailers, header_list_size
+from worker.h2.hpack import (
     DEFAULT_TABLE_SIZE,
     DecodeError,
     Decoder,

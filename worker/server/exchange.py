@@ -182,6 +182,19 @@ class Exchange:
             up.close()
         self.finish(s)
 
+    def hold_body(self) -> None:
+        """An async ``response_filter`` runs: the response body waits (until
+        :meth:`release_held`)."""
+        self.held = []
+
+    def drop_held(self) -> None:
+        """The held response body will not be sent (the exchange is closing or failed)."""
+        self.held = self.held_done = None
+
+    def forget_upstream(self) -> None:
+        """The exchange no longer has an upstream (the engine detaches it)."""
+        self.up = None
+
     def release_held(self) -> None:
         """The response head went out: send the body that waited for it."""
         held, self.held = self.held, None
