@@ -258,8 +258,13 @@ class Worker:
 
     def _master_gone(self) -> None:
         if not self.channel.closed or not self.stopping:
-            self.loop.remove_reader(self.channel.fileno()) if not self.channel.closed else None
+            if not self.channel.closed:
+                self.loop.remove_reader(self.channel.fileno())
             self.channel.close()
+            if self.broker is not None:
+                # No Lend can come any more: a borrow under way connects by itself now, not
+                # after BORROW_TIMEOUT_SECONDS.
+                self.broker.fail_pending()
             self.log.warning("lost the master; draining")
             self.drain(self.config.server.grace_period_seconds)
 

@@ -98,6 +98,8 @@ class BrokerClient:
         return given
 
     def fail_pending(self) -> None:
+        """The master's channel is lost: every borrow under way ends now with None (its
+        request connects by itself), instead of at its timeout."""
         for fut in self._pending.values():
             _settle(fut, None)
         self._pending.clear()
