@@ -312,7 +312,7 @@ class UpstreamH2Stream:
                 handler.upstream_body(event.data)
         elif isinstance(event, ev.TrailersReceived):
             if handler is not None:
-                handler.upstream_trailers(event.headers)  # type: ignore[attr-defined]
+                handler.upstream_trailers(event.headers)
         elif isinstance(event, ev.StreamEnded):
             self._finish()
         elif isinstance(event, ev.StreamReset):

@@ -248,7 +248,7 @@ class Engine:
             ctx = s.ctx
             while True:
                 # 3. upstream_peer
-                peer = self.p_upstream_peer(s, ctx)  # type: ignore[misc]
+                peer = self.p_upstream_peer(s, ctx)
                 if self.a_upstream_peer:
                     peer = await peer
                 # 4. connect: the pools, the broker, or a new connection
@@ -409,7 +409,7 @@ class Engine:
         global _current
         prev, _current = _current, s
         try:
-            r = self.p_response_body_filter(s, data, end, s.ctx)  # type: ignore[misc]
+            r = self.p_response_body_filter(s, data, end, s.ctx)
         finally:
             _current = prev
         return data if r is None else r

@@ -27,7 +27,7 @@ def peer_info(transport: asyncio.BaseTransport
     sock = transport.get_extra_info("sockname")
     client = tuple(peer[:2]) if peer else ("", 0)
     server = tuple(sock[:2]) if sock else ("", 0)
-    return client, client[0].encode(), server, transport.get_extra_info("ssl_object")  # type: ignore[return-value]
+    return client, client[0].encode(), server, transport.get_extra_info("ssl_object")
 
 
 class Exchange:

@@ -754,7 +754,7 @@ class H1Server(Exchange, asyncio.Protocol):
                 self.batching = False
                 self.end_batch()
             self.closing = True
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     # -- draining ----------------------------------------------------------------------------
 

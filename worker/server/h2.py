@@ -30,14 +30,14 @@ from h2.errors import ErrorCodes
 from shared.errors import ErrorKind, downstream_error
 from shared.headers import RawHeaders, ResponseHeader
 from shared.session import Session
-from worker.h2.codec import PREFACE, H2Codec
+from worker.h2.codec import H2Codec
 from worker.h2.flow import WindowedSender
 from worker.h2.hpack import Fields
 from worker.http import status_line
 from worker.interfaces import ProxyEngine
 from worker.server.exchange import Exchange, peer_info
 
-__all__ = ["PREFACE", "H2Server", "H2Stream"]
+__all__ = ["H2Server", "H2Stream"]
 
 MAX_CONCURRENT_STREAMS = 128
 #: Streams the client may reset per second before the connection is closed.
