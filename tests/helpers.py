@@ -567,6 +567,20 @@ def chunked_body(pieces: Iterable[bytes]) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
 
 
+class FakeTransport:
+    """A transport for protocol unit tests: records what is written and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class HttpConn:
     """A raw HTTP/1.1 client connection: what is sent and read is exactly the bytes."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import FakeTransport
 
 import worker.client.h1 as upstream
 from shared.headers import RawHeaders
@@ -23,20 +24,6 @@ class Clock:
 
     def monotonic(self) -> float:
         return self.now
-
-
-class FakeTransport:
-    """Records what the connection writes and whether it closed it."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class Handler:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httptools
 import pytest
+from helpers import FakeTransport
 
 from shared.headers import RawHeaders
 from worker.client.h1 import InvalidResponse, StaleBytes, UpstreamConn
@@ -19,20 +20,6 @@ from worker.connector.pool import Pool
 
 KEY = ("10.0.0.1", 80, False)
 GET = b"GET / HTTP/1.1\r\n\r\n"
-
-
-class FakeTransport:
-    """Records what the connection writes and whether it closed it."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @dataclass
