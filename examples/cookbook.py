@@ -45,6 +45,7 @@ def peer_option(options: dict[str, Any], key: str, default: str) -> HttpPeer:
 
 # -- (a) authentication ----------------------------------------------------------------------
 
+
 class BearerAuth(ProxyHttp):
     """Lets through requests with ``Authorization: Bearer <token>`` for a known token.
 
@@ -66,8 +67,9 @@ class BearerAuth(ProxyHttp):
     def request_filter(self, session: Session, ctx: Any) -> bool:
         credentials = session.req_header.get("Authorization")
         if credentials is None:
-            session.respond(401, {"WWW-Authenticate": 'Bearer realm="tenaya"'},
-                            "credentials needed\n")
+            session.respond(
+                401, {"WWW-Authenticate": 'Bearer realm="tenaya"'}, "credentials needed\n"
+            )
             return True
         scheme, _, token = credentials.partition(" ")
         if scheme.lower() != "bearer" or not self.known(token.strip().encode("latin-1")):
@@ -85,12 +87,14 @@ class BearerAuth(ProxyHttp):
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
         return self.origin
 
-    def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
-                                ctx: Any) -> None:
+    def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> None:
         upstream_request.remove("Authorization")
 
 
 # -- (b) routing by header and by path prefix --------------------------------------------------
+
 
 @dataclass
 class Route:
@@ -119,16 +123,20 @@ class Router(ProxyHttp):
         self.default = Route(peer_option(options, "default", DEMO_ORIGINS[0]))
         self.header = str(options.get("header", "X-Backend"))
         by_header = options.get("header_routes", {})
-        self.by_header = {str(value): Route(peer_option(by_header, value, ""))
-                          for value in by_header}
+        self.by_header = {
+            str(value): Route(peer_option(by_header, value, "")) for value in by_header
+        }
         by_prefix = options.get("prefix_routes", {"/api/v1": DEMO_ORIGINS[-1]})
         for prefix in by_prefix:
             if not prefix.startswith("/") or prefix.endswith("/"):
-                raise ValueError(f"app_options.prefix_routes: {prefix!r} must start with / and "
-                                 f"not end with one")
+                raise ValueError(
+                    f"app_options.prefix_routes: {prefix!r} must start with / and not end with one"
+                )
         # Longest first, so that /api/v1 wins over /api.
-        self.by_prefix = [(prefix, Route(peer_option(by_prefix, prefix, ""), strip=prefix))
-                          for prefix in sorted(by_prefix, key=len, reverse=True)]
+        self.by_prefix = [
+            (prefix, Route(peer_option(by_prefix, prefix, ""), strip=prefix))
+            for prefix in sorted(by_prefix, key=len, reverse=True)
+        ]
 
     def new_ctx(self) -> Any:
         return {"route": self.default}
@@ -138,23 +146,31 @@ class Router(ProxyHttp):
         route = self.by_header.get(req.get(self.header) or "")
         if route is None:
             path = req.path.partition("?")[0]
-            route = next((r for prefix, r in self.by_prefix
-                          if path == prefix or path.startswith(prefix + "/")), self.default)
+            route = next(
+                (
+                    r
+                    for prefix, r in self.by_prefix
+                    if path == prefix or path.startswith(prefix + "/")
+                ),
+                self.default,
+            )
         ctx["route"] = route
         return False
 
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
         return ctx["route"].peer
 
-    def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
-                                ctx: Any) -> None:
+    def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> None:
         strip = ctx["route"].strip
         if strip:
-            rest = upstream_request.path[len(strip):]
+            rest = upstream_request.path[len(strip) :]
             upstream_request.path = rest if rest.startswith("/") else "/" + rest
 
 
 # -- (c) a canary ------------------------------------------------------------------------------
+
 
 def canary_bucket(key: str) -> int:
     """A number from 0 to 99 that depends on ``key`` only (the same in every worker and run)."""
@@ -178,8 +194,11 @@ class Canary(ProxyHttp):
         self.stable = peer_option(options, "stable", DEMO_ORIGINS[0])
         self.canary = peer_option(options, "canary", DEMO_ORIGINS[-1])
         percent = options.get("percent", 10)
-        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not (
-                0 <= percent <= 100):
+        if (
+            isinstance(percent, bool)
+            or not isinstance(percent, (int, float))
+            or not (0 <= percent <= 100)
+        ):
             raise ValueError(f"app_options.percent: expected 0 to 100, got {percent!r}")
         self.percent = percent
 
@@ -191,12 +210,14 @@ class Canary(ProxyHttp):
         ctx["canary"] = canary_bucket(key) < self.percent
         return self.canary if ctx["canary"] else self.stable
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader,
-                        ctx: Any) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+    ) -> None:
         upstream_response.set("X-Canary", "yes" if ctx["canary"] else "no")
 
 
 # -- (d) adding response headers ---------------------------------------------------------------
+
 
 class ResponseHeaders(ProxyHttp):
     """Sets response header fields on every response from the origin.
@@ -223,8 +244,9 @@ class ResponseHeaders(ProxyHttp):
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
         return self.origin
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader,
-                        ctx: Any) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+    ) -> None:
         for name, value in self.headers:
             upstream_response.set(name, value)
 
@@ -271,7 +293,13 @@ class TenantLog(ProxyHttp):
         if ctx is None:
             return  # a request refused before it was read: no context
         req = session.req_header
-        log.info("tenant=%s %s %s status=%d upstream=%s ms=%.1f%s", ctx.tenant, req.method,
-                 req.path, session.status or (error.status if error else 0),
-                 session.peer or "-", (time.monotonic() - ctx.started) * 1000,
-                 f" error={error.kind.name}" if error else "")
+        log.info(
+            "tenant=%s %s %s status=%d upstream=%s ms=%.1f%s",
+            ctx.tenant,
+            req.method,
+            req.path,
+            session.status or (error.status if error else 0),
+            session.peer or "-",
+            (time.monotonic() - ctx.started) * 1000,
+            f" error={error.kind.name}" if error else "",
+        )

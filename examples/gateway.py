@@ -28,10 +28,12 @@ class Gateway(ProxyHttp):
     def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
         return self.api if session.req_header.path.startswith("/api/") else self.web
 
-    def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
-                                ctx: Any) -> None:
+    def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> None:
         upstream_request.set("X-Gateway", "tenaya")
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader,
-                        ctx: Any) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+    ) -> None:
         upstream_response.set("Server", "tenaya-gateway")

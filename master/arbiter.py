@@ -69,9 +69,15 @@ KILL_GRACE_SECONDS = 2.0
 STOP_MARGIN_SECONDS = 2.0
 
 _SIGNALS: dict[int, str] = {
-    signal.SIGTERM: "term", signal.SIGQUIT: "quit", signal.SIGINT: "int",
-    signal.SIGHUP: "hup", signal.SIGUSR1: "usr1", signal.SIGUSR2: "usr2",
-    signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGCHLD: "chld",
+    signal.SIGTERM: "term",
+    signal.SIGQUIT: "quit",
+    signal.SIGINT: "int",
+    signal.SIGHUP: "hup",
+    signal.SIGUSR1: "usr1",
+    signal.SIGUSR2: "usr2",
+    signal.SIGTTIN: "ttin",
+    signal.SIGTTOU: "ttou",
+    signal.SIGCHLD: "chld",
 }
 
 
@@ -117,15 +123,24 @@ class Generation:
 
 
 #: Counters a worker reports about its upstream connections.
-POOL_COUNTERS = ("upstream_requests", "connections_created", "reused_local", "reused_shared",
-                 "donated")
+POOL_COUNTERS = (
+    "upstream_requests",
+    "connections_created",
+    "reused_local",
+    "reused_shared",
+    "donated",
+)
 
 
 class Arbiter:
     """Supervises the workers of one config."""
 
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
-                 argv: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.reload_config = reload_config
         self.argv = argv or ["start"]
@@ -184,15 +199,20 @@ class Arbiter:
         self._install_signals()
         self.sel.register(self._wake_r, self._on_wake)
         if self.config.pool.shared:
-            self.broker = Broker(self.sel, PoolIndex.create(), self.config.pool.size_shared,
-                                 self.config.pool.idle_timeout_seconds)
+            self.broker = Broker(
+                self.sel,
+                PoolIndex.create(),
+                self.config.pool.size_shared,
+                self.config.pool.idle_timeout_seconds,
+            )
         if self.config.demo_origins:
             self._start_demo()
         for slot in range(self.num_workers):
             self.spawn(slot)
         deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-        while (len(self.workers) < self.num_workers
-               or not all(w.ready for w in self.workers.values())):
+        while len(self.workers) < self.num_workers or not all(
+            w.ready for w in self.workers.values()
+        ):
             if time.monotonic() > deadline:
                 raise StartError("workers did not report ready in time")
             self._tick(0.5)
@@ -209,10 +229,11 @@ class Arbiter:
             self.upgrade.report_ready(parent)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
         report_start(True)
-        addresses = ", ".join(f"{'https' if lst.config.tls else 'http'}://{lst.bound_address}"
-                              for lst in self.listeners)
-        log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers,
-                 os.getpid())
+        addresses = ", ".join(
+            f"{'https' if lst.config.tls else 'http'}://{lst.bound_address}"
+            for lst in self.listeners
+        )
+        log.info("serving on %s with %d workers (pid %d)", addresses, self.num_workers, os.getpid())
         self._run_deferred()
 
     def abandon_start(self) -> None:
@@ -325,19 +346,29 @@ class Arbiter:
         number = gen.number if gen else self.generation
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent.set_inheritable(False)
-        pairs = [(sock.fileno(), index) for index, lst in enumerate(listeners)
-                 for sock in lst.sockets_for(slot, count)]
+        pairs = [
+            (sock.fileno(), index)
+            for index, lst in enumerate(listeners)
+            for sock in lst.sockets_for(slot, count)
+        ]
         # The worker puts the app's directories on its path itself (shared/paths.py).
-        cmd = python_command("worker", "--channel-fd", str(child.fileno()),
-                             "--listen-fds", ",".join(f"{fd}@{index}" for fd, index in pairs))
+        cmd = python_command(
+            "worker",
+            "--channel-fd",
+            str(child.fileno()),
+            "--listen-fds",
+            ",".join(f"{fd}@{index}" for fd, index in pairs),
+        )
         env = child_env()
-        index_fd = (self.broker.index.fd if self.broker is not None and config.pool.shared
-                    else -1)
+        index_fd = self.broker.index.fd if self.broker is not None and config.pool.shared else -1
         extra = [index_fd] if index_fd >= 0 else []
         try:
-            popen = subprocess.Popen(cmd, pass_fds=[child.fileno(), *(fd for fd, _ in pairs),
-                                                    *extra],
-                                     stdin=subprocess.DEVNULL, env=env)
+            popen = subprocess.Popen(
+                cmd,
+                pass_fds=[child.fileno(), *(fd for fd, _ in pairs), *extra],
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         finally:
             child.close()
         now = time.monotonic()
@@ -345,8 +376,15 @@ class Arbiter:
         w = WorkerProc(popen.pid, slot, number, channel, popen, now, now)
         self.workers[w.pid] = w
         self.sel.register(channel.sock, partial(self._on_worker_readable, w))
-        channel.send(ipc.Boot(slot=slot, generation=number, config=config.raw,
-                              source=config.source, pool_index_fd=index_fd))
+        channel.send(
+            ipc.Boot(
+                slot=slot,
+                generation=number,
+                config=config.raw,
+                source=config.source,
+                pool_index_fd=index_fd,
+            )
+        )
         log.debug("spawned worker %d of generation %d (pid %d)", slot, number, w.pid)
 
     def _on_worker_readable(self, w: WorkerProc, key: selectors.SelectorKey, mask: int) -> None:
@@ -391,8 +429,9 @@ class Arbiter:
     def _lend(self, w: WorkerProc, msg: ipc.Borrow) -> None:
         sock = self.broker.lend(msg.key) if self.broker is not None else None
         try:
-            w.channel.send(ipc.Lend(request=msg.request,
-                                    fds=(sock.fileno(),) if sock is not None else ()))
+            w.channel.send(
+                ipc.Lend(request=msg.request, fds=(sock.fileno(),) if sock is not None else ())
+            )
         except (ChannelClosed, OSError):
             pass
         finally:
@@ -457,8 +496,12 @@ class Arbiter:
         if code == ipc.EXIT_APP_LOAD:
             log.error("worker %d could not load the app: %s", w.slot, w.app_error or "see above")
         else:
-            log.error("worker %d (pid %d) exited with %s; respawning", w.slot, w.pid,
-                      f"signal {-code}" if code < 0 else f"code {code}")
+            log.error(
+                "worker %d (pid %d) exited with %s; respawning",
+                w.slot,
+                w.pid,
+                f"signal {-code}" if code < 0 else f"code {code}",
+            )
         if young or code == ipc.EXIT_APP_LOAD:
             delay = self.backoff.get(w.slot, BACKOFF_FIRST_SECONDS / 2) * 2
             self.backoff[w.slot] = min(delay, BACKOFF_MAX_SECONDS)
@@ -468,8 +511,11 @@ class Arbiter:
         """Spawns a worker for every slot of the current generation that has none."""
         if not self.lifecycle.serving:
             return
-        taken = {w.slot for w in self.workers.values()
-                 if w.generation == self.generation and not w.draining}
+        taken = {
+            w.slot
+            for w in self.workers.values()
+            if w.generation == self.generation and not w.draining
+        }
         now = time.monotonic()
         for slot in range(self.num_workers):
             if slot not in taken and self.next_spawn.get(slot, 0) <= now:
@@ -490,8 +536,12 @@ class Arbiter:
                 if now - w.killed_at > KILL_GRACE_SECONDS:
                     self.kill(w.pid, signal.SIGKILL)
             elif now - w.last_seen > timeout:
-                log.error("worker %d (pid %d) silent for %.0fs; killing it", w.slot, w.pid,
-                          now - w.last_seen)
+                log.error(
+                    "worker %d (pid %d) silent for %.0fs; killing it",
+                    w.slot,
+                    w.pid,
+                    now - w.last_seen,
+                )
                 w.killed_at = now
                 self.kill(w.pid, signal.SIGABRT)
 
@@ -509,8 +559,9 @@ class Arbiter:
         """Starts ``count`` workers of a new generation on ``config``; the old generation
         drains once they are all ready (see :meth:`_check_generation`)."""
         old = {lst.config.address: lst for lst in self.listeners}
-        gen = Generation(self.generation + 1, config, [], count,
-                         time.monotonic() + BOOT_TIMEOUT_SECONDS)
+        gen = Generation(
+            self.generation + 1, config, [], count, time.monotonic() + BOOT_TIMEOUT_SECONDS
+        )
         try:
             for lc in config.listeners:
                 listener = old.get(lc.address)
@@ -554,8 +605,9 @@ class Arbiter:
             if failed:
                 gen.failure = f"app failed to load: {failed[0].app_error}"
         if gen.failure:
-            log.error("reload failed, still serving generation %d: %s", self.generation,
-                      gen.failure)
+            log.error(
+                "reload failed, still serving generation %d: %s", self.generation, gen.failure
+            )
             for w in new:
                 self._drain_worker(w, 0.0)
             self._undo_listeners(gen)
@@ -684,8 +736,13 @@ class Arbiter:
             return False
         if name != "hup" or name not in self.deferred:
             self.deferred.append(name)
-        log.info("%s deferred until %s", what, "the workers are ready"
-                 if state is State.BOOTING else f"generation {self.generation + 1} serves")
+        log.info(
+            "%s deferred until %s",
+            what,
+            "the workers are ready"
+            if state is State.BOOTING
+            else f"generation {self.generation + 1} serves",
+        )
         return True
 
     def _run_deferred(self) -> None:
@@ -704,8 +761,11 @@ class Arbiter:
             config = self.reload_config() if self.reload_config else self.config
         except ConfigError as e:
             count = f" ({len(e.errors)} errors)" if len(e.errors) > 1 else ""
-            log.error("reload refused, still serving the old config%s: %s", count,
-                      "; ".join(map(str, e.errors)))
+            log.error(
+                "reload refused, still serving the old config%s: %s",
+                count,
+                "; ".join(map(str, e.errors)),
+            )
             return
         self._warn_identity(config)
         self.begin_generation(config, config.worker_count(), "reload")

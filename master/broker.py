@@ -43,8 +43,7 @@ class IdleConn:
 class Broker:
     """Holds idle connections by pool key (most recently donated first)."""
 
-    def __init__(self, sel: Selector, index: PoolIndex, size: int,
-                 idle_timeout: float) -> None:
+    def __init__(self, sel: Selector, index: PoolIndex, size: int, idle_timeout: float) -> None:
         self.sel = sel
         self.index = index
         self.size = size
@@ -143,8 +142,13 @@ class Broker:
         conn.sock.close()
 
     def stats(self) -> dict[str, int]:
-        return {"idle": len(self._order), "donated": self.donated, "lent": self.lent,
-                "misses": self.misses, "dropped": self.dropped}
+        return {
+            "idle": len(self._order),
+            "donated": self.donated,
+            "lent": self.lent,
+            "misses": self.misses,
+            "dropped": self.dropped,
+        }
 
 
 def _readable(sock: socket.socket) -> bool:

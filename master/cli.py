@@ -22,7 +22,9 @@ from shared.paths import child_env, python_command
 
 #: Signal sent for each command when the master has no control socket.
 _COMMAND_SIGNALS = {
-    "stop": signal.SIGTERM, "reload": signal.SIGHUP, "upgrade": signal.SIGUSR2,
+    "stop": signal.SIGTERM,
+    "reload": signal.SIGHUP,
+    "upgrade": signal.SIGUSR2,
     "reopen": signal.SIGUSR1,
 }
 
@@ -47,11 +49,16 @@ def _print_invalid(e: ConfigError) -> None:
 
 
 def _setup_master_log(level: str, target: str) -> None:
-    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if target == "stderr"
-                                else logging.StreamHandler(sys.stdout) if target == "stdout"
-                                else logging.FileHandler(target))
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s [master %(process)d] %(levelname)s %(message)s"))
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr)
+        if target == "stderr"
+        else logging.StreamHandler(sys.stdout)
+        if target == "stdout"
+        else logging.FileHandler(target)
+    )
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [master %(process)d] %(levelname)s %(message)s")
+    )
     root = logging.getLogger("tenaya")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -87,9 +94,15 @@ def _daemonize(argv: list[str]) -> int:
     env = child_env()
     env[READY_FD_ENV] = str(write_fd)
     with open(os.devnull, "r+b") as devnull:
-        proc = subprocess.Popen(python_command("master", *child_argv), env=env,
-                                pass_fds=[write_fd], stdin=devnull, stdout=devnull,
-                                stderr=devnull, start_new_session=True)
+        proc = subprocess.Popen(
+            python_command("master", *child_argv),
+            env=env,
+            pass_fds=[write_fd],
+            stdin=devnull,
+            stdout=devnull,
+            stderr=devnull,
+            start_new_session=True,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
@@ -136,37 +149,47 @@ def _master_pid(config: Config) -> int:
     path = config.server.pid_file
     if not path:
         if config.server.control_socket:
-            raise LookupError(f"no master is running: {config.server.control_socket} "
-                              "does not exist")
-        raise LookupError(f"{config.source}: neither server.control_socket nor "
-                          "server.pid_file is set, so the master cannot be found")
+            raise LookupError(
+                f"no master is running: {config.server.control_socket} does not exist"
+            )
+        raise LookupError(
+            f"{config.source}: neither server.control_socket nor "
+            "server.pid_file is set, so the master cannot be found"
+        )
     try:
         with open(path) as f:
             content = f.read().strip()
     except FileNotFoundError:
         raise LookupError(f"no master is running: {path} does not exist") from None
     except OSError as e:
-        raise LookupError(f"cannot read the pid file {path}: "
-                          f"{(e.strerror or str(e)).lower()}") from None
+        raise LookupError(
+            f"cannot read the pid file {path}: {(e.strerror or str(e)).lower()}"
+        ) from None
     # Only a positive number names one process: 0 and negative pids name process groups.
     if not (content.isascii() and content.isdigit() and int(content) > 0):
         shown = content if len(content) <= _PID_FILE_QUOTE else content[:_PID_FILE_QUOTE] + "..."
         found = f"it holds {shown!r}" if content else "it is empty"
-        raise LookupError(f"no master found: the pid file {path} does not hold a process id "
-                          f"({found})")
+        raise LookupError(
+            f"no master found: the pid file {path} does not hold a process id ({found})"
+        )
     pid = int(content)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        raise LookupError(f"no master is running: the pid file {path} names process {pid}, "
-                          "which is not running") from None
+        raise LookupError(
+            f"no master is running: the pid file {path} names process {pid}, which is not running"
+        ) from None
     except PermissionError:
-        raise LookupError(f"the pid file {path} names process {pid}, which belongs to another "
-                          "user: run this command as that user") from None
+        raise LookupError(
+            f"the pid file {path} names process {pid}, which belongs to another "
+            "user: run this command as that user"
+        ) from None
     if not _is_master(pid):
         # A stale pid file whose pid the system gave to another process: never signal it.
-        raise LookupError(f"no master is running: the pid file {path} names process {pid}, "
-                          "which is not a Tenaya master")
+        raise LookupError(
+            f"no master is running: the pid file {path} names process {pid}, "
+            "which is not a Tenaya master"
+        )
     return pid
 
 
@@ -202,15 +225,19 @@ def cmd_control(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"tenaya: no master is running: nothing listens on {path}", file=sys.stderr)
             return 1
         except PermissionError:
-            print(f"tenaya: {path} belongs to another user: run this command as that user",
-                  file=sys.stderr)
+            print(
+                f"tenaya: {path} belongs to another user: run this command as that user",
+                file=sys.stderr,
+            )
             return 1
         except TimeoutError:
             print(f"tenaya: the master on {path} did not answer", file=sys.stderr)
             return 1
         except OSError as e:
-            print(f"tenaya: cannot reach the master on {path}: "
-                  f"{(e.strerror or str(e)).lower()}", file=sys.stderr)
+            print(
+                f"tenaya: cannot reach the master on {path}: {(e.strerror or str(e)).lower()}",
+                file=sys.stderr,
+            )
             return 1
         if not reply.ok:
             print(f"tenaya: {reply.error}", file=sys.stderr)
@@ -256,14 +283,18 @@ def _status_from_pid(pid: int) -> dict[str, object]:
             if not title.startswith("tenaya worker"):
                 continue
             t = child.cpu_times()
-            workers.append({"pid": child.pid, "slot": title.split()[2] if len(title.split()) > 2
-                            else "?", "age_seconds": round(time.time() - child.create_time(), 1),
-                            "rss_bytes": child.memory_info().rss,
-                            "cpu_seconds": round(t.user + t.system, 2)})
+            workers.append(
+                {
+                    "pid": child.pid,
+                    "slot": title.split()[2] if len(title.split()) > 2 else "?",
+                    "age_seconds": round(time.time() - child.create_time(), 1),
+                    "rss_bytes": child.memory_info().rss,
+                    "cpu_seconds": round(t.user + t.system, 2),
+                }
+            )
         except psutil.Error:
             continue
-    return {"pid": pid, "uptime_seconds": round(time.time() - started, 1),
-            "workers": workers}
+    return {"pid": pid, "uptime_seconds": round(time.time() - started, 1), "workers": workers}
 
 
 def _print_status(data: dict[str, Any], as_json: bool) -> None:
@@ -272,37 +303,53 @@ def _print_status(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return
-    print(f"master {data['pid']}  up {data['uptime_seconds']}s  "
-          f"state {data.get('state', '?')}  generation {data.get('generation', '?')}")
+    print(
+        f"master {data['pid']}  up {data['uptime_seconds']}s  "
+        f"state {data.get('state', '?')}  generation {data.get('generation', '?')}"
+    )
     if data.get("listeners"):
         print("listening on " + ", ".join(data["listeners"]))
-    print(f"{'pid':>8} {'slot':>4} {'gen':>4} {'age s':>8} {'rss MiB':>8} {'cpu s':>8} "
-          f"{'conns':>6} {'requests':>9}  state")
+    print(
+        f"{'pid':>8} {'slot':>4} {'gen':>4} {'age s':>8} {'rss MiB':>8} {'cpu s':>8} "
+        f"{'conns':>6} {'requests':>9}  state"
+    )
     workers: list[dict[str, Any]] = data.get("workers", [])
     for w in workers:
-        state = ("draining" if w.get("draining") else "starting" if not w.get("ready", True)
-                 else "paused (max_connections)" if w.get("accept_paused") else "ready")
-        print(f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "
-              f"{w['age_seconds']:>8} {w['rss_bytes'] / 2**20:>8.1f} {w['cpu_seconds']:>8} "
-              f"{w.get('connections', '-'):>6} {w.get('requests', '-'):>9}  {state}")
+        state = (
+            "draining"
+            if w.get("draining")
+            else "starting"
+            if not w.get("ready", True)
+            else "paused (max_connections)"
+            if w.get("accept_paused")
+            else "ready"
+        )
+        print(
+            f"{w['pid']:>8} {w['slot']:>4} {w.get('generation', '-'):>4} "
+            f"{w['age_seconds']:>8} {w['rss_bytes'] / 2**20:>8.1f} {w['cpu_seconds']:>8} "
+            f"{w.get('connections', '-'):>6} {w.get('requests', '-'):>9}  {state}"
+        )
     totals = data.get("pool")
     if totals is None:
         # From the pid file alone (no control socket): psutil knows no counters.
         print("pool: no figures without the control socket (server.control_socket)")
         return
-    print(f"{'pid':>8} {'upstream':>9} {'reused':>7} {'reuse %':>8} {'local':>6} "
-          f"{'borrowed':>9} {'new conns':>10} {'donated':>8}")
+    print(
+        f"{'pid':>8} {'upstream':>9} {'reused':>7} {'reuse %':>8} {'local':>6} "
+        f"{'borrowed':>9} {'new conns':>10} {'donated':>8}"
+    )
     for w in workers:
         pool = w.get("pool") or {}
         if not pool:  # no heartbeat yet
-            print(f"{w['pid']:>8} {'-':>9} {'-':>7} {'-':>8} {'-':>6} {'-':>9} {'-':>10} "
-                  f"{'-':>8}")
+            print(f"{w['pid']:>8} {'-':>9} {'-':>7} {'-':>8} {'-':>6} {'-':>9} {'-':>10} {'-':>8}")
             continue
         reused = pool["reused_local"] + pool["reused_shared"]
-        print(f"{w['pid']:>8} {pool['upstream_requests']:>9} {reused:>7} "
-              f"{_percent(reused, pool['upstream_requests']):>8} {pool['reused_local']:>6} "
-              f"{pool['reused_shared']:>9} {pool['connections_created']:>10} "
-              f"{pool['donated']:>8}")
+        print(
+            f"{w['pid']:>8} {pool['upstream_requests']:>9} {reused:>7} "
+            f"{_percent(reused, pool['upstream_requests']):>8} {pool['reused_local']:>6} "
+            f"{pool['reused_shared']:>9} {pool['connections_created']:>10} "
+            f"{pool['donated']:>8}"
+        )
     print(_pool_line(totals, workers))
     print(_broker_line(data.get("broker")))
 
@@ -323,13 +370,16 @@ def _pool_line(totals: dict[str, Any], workers: list[dict[str, Any]]) -> str:
     requests = totals["upstream_requests"]
     local, shared = totals["reused_local"], totals["reused_shared"]
     ratio = f"{100 * totals['reuse_ratio']:.1f}%" if requests else "-"
-    line = (f"pool: {_plural(requests, 'upstream request', 'upstream requests')}, "
-            f"{local + shared} reused ({ratio}: {local} local, {shared} from the broker), "
-            f"{_plural(totals['connections_created'], 'new connection', 'new connections')}, "
-            f"{totals['donated']} donated to the broker")
+    line = (
+        f"pool: {_plural(requests, 'upstream request', 'upstream requests')}, "
+        f"{local + shared} reused ({ratio}: {local} local, {shared} from the broker), "
+        f"{_plural(totals['connections_created'], 'new connection', 'new connections')}, "
+        f"{totals['donated']} donated to the broker"
+    )
     # The totals keep the figures of workers that have exited (reloads, respawns).
-    live = {name: sum((w.get("pool") or {}).get(name, 0) for w in workers) for name in
-            POOL_COUNTERS}
+    live = {
+        name: sum((w.get("pool") or {}).get(name, 0) for w in workers) for name in POOL_COUNTERS
+    }
     if any(live[name] != totals[name] for name in POOL_COUNTERS):
         line += "; exited workers included"
     return line
@@ -341,25 +391,34 @@ def _broker_line(broker: dict[str, int] | None) -> str:
     (missed); and those it closed instead (dropped: dead, idle too long, or no room)."""
     if broker is None:
         return "broker: off (pool.shared is false)"
-    return (f"broker: {broker['idle']} idle, {broker['donated']} received, {broker['lent']} "
-            f"lent, {_plural(broker['misses'], 'borrow', 'borrows')} missed, "
-            f"{broker['dropped']} dropped")
+    return (
+        f"broker: {broker['idle']} idle, {broker['donated']} received, {broker['lent']} "
+        f"lent, {_plural(broker['misses'], 'borrow', 'borrows')} missed, "
+        f"{broker['dropped']} dropped"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m master",
-        description="Tenaya: a programmable HTTP proxy (master process).")
+        prog="python -m master", description="Tenaya: a programmable HTTP proxy (master process)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     start = sub.add_parser("start", help="start serving (foreground)")
-    start.add_argument("-c", "--config", help="YAML config file (default: the embedded "
-                       "demo config: a load balancer on 127.0.0.1:6188)")
+    start.add_argument(
+        "-c",
+        "--config",
+        help="YAML config file (default: the embedded "
+        "demo config: a load balancer on 127.0.0.1:6188)",
+    )
     start.add_argument("--app", help="the app as MODULE:ATTRIBUTE (overrides app:)")
-    start.add_argument("--workers", type=int, help="worker processes (overrides "
-                       "server.workers)")
-    start.add_argument("-d", "--daemon", action="store_true",
-                       help="run in the background; return once serving (exit 0) or failed")
+    start.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    start.add_argument(
+        "-d",
+        "--daemon",
+        action="store_true",
+        help="run in the background; return once serving (exit 0) or failed",
+    )
     start.set_defaults(func=cmd_start)
 
     check = sub.add_parser("check", help="validate a config and import its app")
@@ -368,14 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     helps = {
-        "stop": "graceful stop (SIGTERM)", "reload": "re-read the config, new workers "
-        "(SIGHUP)", "upgrade": "start a new master from the code on disk (SIGUSR2)",
-        "reopen": "reopen log files (SIGUSR1)", "status": "the master's and workers' numbers",
+        "stop": "graceful stop (SIGTERM)",
+        "reload": "re-read the config, new workers (SIGHUP)",
+        "upgrade": "start a new master from the code on disk (SIGUSR2)",
+        "reopen": "reopen log files (SIGUSR1)",
+        "status": "the master's and workers' numbers",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
-        p.add_argument("-c", "--config", help="the config the master runs (to find its "
-                       "control socket or pid file; default: the embedded config)")
+        p.add_argument(
+            "-c",
+            "--config",
+            help="the config the master runs (to find its "
+            "control socket or pid file; default: the embedded config)",
+        )
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=cmd_control, json=False)

@@ -51,8 +51,10 @@ class CommandHandlers:
         self.arbiter = arbiter
         #: Commands that act and reply with no data, by name.
         self.actions: dict[str, Callable[[], None]] = {
-            "reload": arbiter.handle_hup, "upgrade": arbiter.handle_usr2,
-            "reopen": arbiter.handle_usr1, "stop": arbiter.handle_term,
+            "reload": arbiter.handle_hup,
+            "upgrade": arbiter.handle_usr2,
+            "reopen": arbiter.handle_usr1,
+            "stop": arbiter.handle_term,
         }
 
     def handle(self, command: str) -> ipc.ControlReply:
@@ -80,27 +82,41 @@ class CommandHandlers:
                 cpu = t.user + t.system
             except psutil.Error:
                 pass
-            workers.append({
-                "pid": w.pid, "slot": w.slot, "generation": w.generation,
-                "age_seconds": round(now - w.started, 1), "rss_bytes": int(rss),
-                "cpu_seconds": round(cpu, 2), "connections": w.connections,
-                "requests": w.requests, "active_requests": w.active_requests,
-                "ready": w.ready, "draining": w.draining, "pool": dict(w.pool),
-                "accept_paused": w.accept_paused, "accept_pauses": w.accept_pauses,
-            })
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "slot": w.slot,
+                    "generation": w.generation,
+                    "age_seconds": round(now - w.started, 1),
+                    "rss_bytes": int(rss),
+                    "cpu_seconds": round(cpu, 2),
+                    "connections": w.connections,
+                    "requests": w.requests,
+                    "active_requests": w.active_requests,
+                    "ready": w.ready,
+                    "draining": w.draining,
+                    "pool": dict(w.pool),
+                    "accept_paused": w.accept_paused,
+                    "accept_pauses": w.accept_pauses,
+                }
+            )
         totals: dict[str, Any] = dict(arbiter.retired_counts)
         for w in arbiter.workers.values():
             for name, value in w.pool.items():
                 totals[name] += value
         reused = totals["reused_local"] + totals["reused_shared"]
-        totals["reuse_ratio"] = round(reused / totals["upstream_requests"], 5) if totals[
-            "upstream_requests"] else 0.0
+        totals["reuse_ratio"] = (
+            round(reused / totals["upstream_requests"], 5) if totals["upstream_requests"] else 0.0
+        )
         return {
-            "pid": os.getpid(), "uptime_seconds": round(time.time() - arbiter.started, 1),
-            "state": arbiter.lifecycle.state.value, "generation": arbiter.generation,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - arbiter.started, 1),
+            "state": arbiter.lifecycle.state.value,
+            "generation": arbiter.generation,
             "config": arbiter.config.source,
             "listeners": [lst.bound_address for lst in arbiter.listeners],
-            "workers": workers, "pool": totals,
+            "workers": workers,
+            "pool": totals,
             "broker": arbiter.broker.stats() if arbiter.broker is not None else None,
         }
 

@@ -34,19 +34,25 @@ class DemoOrigin(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"  # type: ignore[union-attr]
-                                 b"Connection: close\r\n\r\n")
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"  # type: ignore[union-attr]
+                b"Connection: close\r\n\r\n"
+            )
             self.transport.close()  # type: ignore[union-attr]
 
     def on_url(self, url: bytes) -> None:
         self.url = url
 
     def on_message_complete(self) -> None:
-        body = (f"Hello from Tenaya demo origin {self.name}\n"
-                f"You asked for {self.url.decode('latin-1')}\n").encode()
+        body = (
+            f"Hello from Tenaya demo origin {self.name}\n"
+            f"You asked for {self.url.decode('latin-1')}\n"
+        ).encode()
         keep = self.parser.should_keep_alive()
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\nX-Demo-Origin: %s\r\n" % (len(body), self.name.encode()))
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nX-Demo-Origin: %s\r\n" % (len(body), self.name.encode())
+        )
         if not keep:
             head += b"Connection: close\r\n"
         method = self.parser.get_method()
@@ -68,8 +74,11 @@ async def serve(addresses: list[str]) -> None:
     servers = []
     for address in addresses:
         host, port = parse_address(address)
-        servers.append(await loop.create_server(
-            functools.partial(DemoOrigin, address), host, port, reuse_address=True))
+        servers.append(
+            await loop.create_server(
+                functools.partial(DemoOrigin, address), host, port, reuse_address=True
+            )
+        )
     print("ready", flush=True)
     await stop
     for server in servers:

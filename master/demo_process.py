@@ -32,8 +32,13 @@ class DemoOrigins:
     """The process serving the demo origins on ``addresses``: this master's child (``popen``)
     or adopted from the master before it (``pidfd``)."""
 
-    def __init__(self, addresses: list[str], pid: int,
-                 popen: subprocess.Popen[bytes] | None = None, pidfd: int = -1) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        pid: int,
+        popen: subprocess.Popen[bytes] | None = None,
+        pidfd: int = -1,
+    ) -> None:
         self.addresses = list(addresses)
         self.pid = pid
         self.popen = popen
@@ -44,8 +49,12 @@ class DemoOrigins:
     def start(cls, addresses: list[str]) -> DemoOrigins:
         """Starts the demo origins and waits until they listen. Raises
         :class:`DemoStartError`."""
-        popen = subprocess.Popen(python_command("master.demo", *addresses), env=child_env(),
-                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        popen = subprocess.Popen(
+            python_command("master.demo", *addresses),
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         assert popen.stdout is not None
         line = popen.stdout.readline()
         popen.stdout.close()
@@ -62,8 +71,9 @@ class DemoOrigins:
             pidfd = os.pidfd_open(pid)
         except OSError:
             return None
-        log.info("kept the demo origins on %s (pid %d) from the old master",
-                 ", ".join(addresses), pid)
+        log.info(
+            "kept the demo origins on %s (pid %d) from the old master", ", ".join(addresses), pid
+        )
         return cls(addresses, pid, pidfd=pidfd)
 
     def release(self) -> None:

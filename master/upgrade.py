@@ -115,8 +115,10 @@ class Upgrade:
                 for fd in unused:
                     os.close(fd)
         arbiter.handed_demo = (handover.demo_pid, list(handover.demo_origins))
-        log.info("took over %d listening sockets from the old master",
-                 sum(len(lst.sockets) for lst in listeners))
+        log.info(
+            "took over %d listening sockets from the old master",
+            sum(len(lst.sockets) for lst in listeners),
+        )
         return listeners
 
     def report_ready(self, channel: Channel) -> None:
@@ -161,9 +163,12 @@ class Upgrade:
         env = child_env()
         env[ipc.UPGRADE_FD_ENV] = str(child.fileno())
         try:
-            popen = subprocess.Popen(python_command("master", *arbiter.argv),
-                                     pass_fds=[child.fileno()], env=env,
-                                     stdin=subprocess.DEVNULL)
+            popen = subprocess.Popen(
+                python_command("master", *arbiter.argv),
+                pass_fds=[child.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
         except OSError as e:
             log.error("upgrade failed: cannot start a new master: %s", e)
             parent.close()
@@ -174,11 +179,15 @@ class Upgrade:
         fds = tuple(s.fileno() for lst in arbiter.listeners for s in lst.sockets)
         try:
             demo = arbiter.demo
-            channel.send(ipc.Handover(
-                addresses=[lst.config.address for lst in arbiter.listeners],
-                counts=[len(lst.sockets) for lst in arbiter.listeners],
-                demo_pid=demo.pid if demo is not None else 0,
-                demo_origins=demo.addresses if demo is not None else [], fds=fds))
+            channel.send(
+                ipc.Handover(
+                    addresses=[lst.config.address for lst in arbiter.listeners],
+                    counts=[len(lst.sockets) for lst in arbiter.listeners],
+                    demo_pid=demo.pid if demo is not None else 0,
+                    demo_origins=demo.addresses if demo is not None else [],
+                    fds=fds,
+                )
+            )
         except (ChannelClosed, OSError) as e:
             log.error("upgrade failed: cannot hand over the listeners: %s", e)
             channel.close()
@@ -256,9 +265,12 @@ class Upgrade:
             channel.sock.setblocking(True)
             channel.sock.settimeout(5.0)
             for i in range(0, len(conns), MAX_FDS_PER_MESSAGE):
-                batch = conns[i:i + MAX_FDS_PER_MESSAGE]
-                channel.send(ipc.Donate(keys=[k for k, _ in batch],
-                                        fds=tuple(sock.fileno() for _, sock in batch)))
+                batch = conns[i : i + MAX_FDS_PER_MESSAGE]
+                channel.send(
+                    ipc.Donate(
+                        keys=[k for k, _ in batch], fds=tuple(sock.fileno() for _, sock in batch)
+                    )
+                )
             channel.flush()
             if conns:
                 log.info("handed %d idle upstream connections to the new master", len(conns))

@@ -12,6 +12,14 @@ from shared.peer import HttpPeer, PeerOptions
 from shared.session import Session
 
 __all__ = [
-    "ErrorKind", "ErrorSource", "HttpPeer", "PeerOptions", "ProxyError", "ProxyHttp",
-    "RequestHeader", "ResponseHeader", "RetryType", "Session",
+    "ErrorKind",
+    "ErrorSource",
+    "HttpPeer",
+    "PeerOptions",
+    "ProxyError",
+    "ProxyHttp",
+    "RequestHeader",
+    "ResponseHeader",
+    "RetryType",
+    "Session",
 ]

@@ -164,8 +164,9 @@ class ProxyHttp(Generic[CtxT]):
         """
         raise NotImplementedError("an app must override upstream_peer")
 
-    def connected_to_upstream(self, session: Session, reused: bool, peer: HttpPeer,
-                              ctx: CtxT) -> None:
+    def connected_to_upstream(
+        self, session: Session, reused: bool, peer: HttpPeer, ctx: CtxT
+    ) -> None:
         """Runs once a connection to ``peer`` is ready, before the request is sent on it.
 
         ``reused`` is True when the connection was idle in a pool (this worker's, the pool
@@ -175,8 +176,9 @@ class ProxyHttp(Generic[CtxT]):
         ``async def``. The return value is ignored. Default: nothing.
         """
 
-    def upstream_request_filter(self, session: Session, upstream_request: RequestHeader,
-                                ctx: CtxT) -> None:
+    def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: CtxT
+    ) -> None:
         """Changes the request head just before it is sent upstream.
 
         Runs after :meth:`connected_to_upstream`, once per attempt. ``upstream_request`` is a
@@ -195,8 +197,9 @@ class ProxyHttp(Generic[CtxT]):
         up as described above).
         """
 
-    def request_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
-                            ctx: CtxT) -> bytes | None:
+    def request_body_filter(
+        self, session: Session, body: bytes, end_of_stream: bool, ctx: CtxT
+    ) -> bytes | None:
         """Sees each piece of the request body on its way upstream.
 
         Runs for requests with a body only, after the request head was sent: once for each
@@ -208,8 +211,9 @@ class ProxyHttp(Generic[CtxT]):
         """
         return None
 
-    def upstream_response_filter(self, session: Session, upstream_response: ResponseHeader,
-                                 ctx: CtxT) -> None:
+    def upstream_response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: CtxT
+    ) -> None:
         """Changes the upstream's response head before :meth:`response_filter` sees it.
 
         Runs once the upstream's final response head has arrived (1xx interim responses are
@@ -220,8 +224,9 @@ class ProxyHttp(Generic[CtxT]):
         ignored; an exception turns the response into a 500. Default: nothing.
         """
 
-    def response_filter(self, session: Session, upstream_response: ResponseHeader,
-                        ctx: CtxT) -> None:
+    def response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: CtxT
+    ) -> None:
         """Changes the response head before it goes to the client.
 
         Runs right after :meth:`upstream_response_filter`, with the same
@@ -233,8 +238,9 @@ class ProxyHttp(Generic[CtxT]):
         an exception turns the response into a 500. Default: nothing.
         """
 
-    def response_body_filter(self, session: Session, body: bytes, end_of_stream: bool,
-                             ctx: CtxT) -> bytes | None:
+    def response_body_filter(
+        self, session: Session, body: bytes, end_of_stream: bool, ctx: CtxT
+    ) -> bytes | None:
         """Sees each piece of the upstream's response body on its way to the client.
 
         Runs once for each piece as it arrives from the upstream (``end_of_stream`` False),
@@ -246,8 +252,7 @@ class ProxyHttp(Generic[CtxT]):
         """
         return None
 
-    def logging(self, session: Session, error: ProxyError | None,
-                ctx: CtxT | None) -> None:
+    def logging(self, session: Session, error: ProxyError | None, ctx: CtxT | None) -> None:
         """Runs last, once for every request, when its response is complete or has failed.
 
         Also for requests answered by :meth:`request_filter`, refused as malformed, failed,
@@ -260,8 +265,9 @@ class ProxyHttp(Generic[CtxT]):
         return value is ignored. Default: nothing.
         """
 
-    def fail_to_connect(self, session: Session, peer: HttpPeer, error: ProxyError,
-                        ctx: CtxT) -> ProxyError:
+    def fail_to_connect(
+        self, session: Session, peer: HttpPeer, error: ProxyError, ctx: CtxT
+    ) -> ProxyError:
         """Decides what a failed connection attempt to ``peer`` leads to.
 
         Runs when making a new connection to ``peer`` failed: ``error.kind`` is
@@ -276,8 +282,9 @@ class ProxyHttp(Generic[CtxT]):
         """
         return error
 
-    def error_while_proxy(self, session: Session, peer: HttpPeer, error: ProxyError,
-                          ctx: CtxT) -> ProxyError:
+    def error_while_proxy(
+        self, session: Session, peer: HttpPeer, error: ProxyError, ctx: CtxT
+    ) -> ProxyError:
         """Sees an upstream failure after the request was sent, before the response started.
 
         Runs when the connection to ``peer`` closed, timed out (``READ_TIMEOUT``) or answered

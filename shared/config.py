@@ -44,8 +44,9 @@ class ConfigError(Exception):
     one); ``str(error)`` is one line ``"FILE: KEY.PATH: reason"`` per mistake. :attr:`source`,
     :attr:`path` and :attr:`reason` are those of the first mistake."""
 
-    def __init__(self, source: str, path: str, reason: str,
-                 more: Sequence[ConfigProblem] = ()) -> None:
+    def __init__(
+        self, source: str, path: str, reason: str, more: Sequence[ConfigProblem] = ()
+    ) -> None:
         super().__init__(source, path, reason)
         self.source = source
         self.path = path
@@ -65,8 +66,7 @@ class ConfigError(Exception):
 Check = Callable[[Any], str | None]
 
 
-def setting(default: Any, doc: str, check: Check | None = None,
-            each: Check | None = None) -> Any:
+def setting(default: Any, doc: str, check: Check | None = None, each: Check | None = None) -> Any:
     """Declares one setting: its default, its documentation and optional extra checks, each a
     function returning a reason when the value is refused: ``check`` of the whole value,
     ``each`` of every item of a list (each refused item is a mistake of its own)."""
@@ -120,6 +120,7 @@ def _app(v: Any) -> str | None:
 def _one_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in choices else f"expected one of {', '.join(choices)}"
+
     return check
 
 
@@ -128,29 +129,43 @@ class ServerConfig:
     workers: int = setting(0, "Worker processes; 0 means one per CPU.", _not_negative)
     pid_file: str | None = setting(None, "Where the master writes its pid; none when unset.")
     grace_period_seconds: float = setting(
-        30.0, "On a graceful stop, longest wait for in-flight requests to finish.", _not_negative)
+        30.0, "On a graceful stop, longest wait for in-flight requests to finish.", _not_negative
+    )
     max_retries: int = setting(
-        3, "How many times a retryable failure (e.g. connect refused) picks a peer again.",
-        _not_negative)
+        3,
+        "How many times a retryable failure (e.g. connect refused) picks a peer again.",
+        _not_negative,
+    )
     worker_timeout_seconds: float = setting(
-        30.0, "A worker silent for this long (no heartbeat) is killed and replaced.", _positive)
+        30.0, "A worker silent for this long (no heartbeat) is killed and replaced.", _positive
+    )
     control_socket: str | None = setting(
-        None, "Unix-domain socket of the master's control commands (mode 0600, owned by the "
-        "master's user); none when unset.")
+        None,
+        "Unix-domain socket of the master's control commands (mode 0600, owned by the "
+        "master's user); none when unset.",
+    )
     max_connections: int = setting(
-        10000, "Most client connections one worker keeps open (an HTTP/2 connection counts "
+        10000,
+        "Most client connections one worker keeps open (an HTTP/2 connection counts "
         "once). At the limit the worker stops accepting: new connections wait in the "
         "listening socket's queue (they are not refused) until it is about 5% below. 0 means "
         "no limit.",
-        _not_negative)
+        _not_negative,
+    )
     user: str | int | None = setting(
-        None, "User the workers run as, a name or a numeric id: the master binds the "
+        None,
+        "User the workers run as, a name or a numeric id: the master binds the "
         "listeners and stays as it is; each worker opens its logs and reads its TLS files, "
         "then switches to this user before it loads the app. Needs a master started as root "
-        "(otherwise ignored, with a warning). Unset: the master's user.", _user)
+        "(otherwise ignored, with a warning). Unset: the master's user.",
+        _user,
+    )
     group: str | int | None = setting(
-        None, "Group the workers run as, a name or a numeric id; unset: the primary group "
-        "of server.user. The supplementary groups are server.user's.", _group)
+        None,
+        "Group the workers run as, a name or a numeric id; unset: the primary group "
+        "of server.user. The supplementary groups are server.user's.",
+        _group,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,86 +176,109 @@ class CertConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    cert: str = setting("", "PEM certificate chain of the default certificate (used when the "
-                        "client sends no SNI or an unknown name).")
+    cert: str = setting(
+        "",
+        "PEM certificate chain of the default certificate (used when the "
+        "client sends no SNI or an unknown name).",
+    )
     key: str = setting("", "PEM private key of the default certificate.")
     certificates: list[CertConfig] = setting(
-        [], "More certificates, each chosen by SNI for the DNS names in its subjectAltName.")
+        [], "More certificates, each chosen by SNI for the DNS names in its subjectAltName."
+    )
     client_ca: str | None = setting(
-        None, "PEM CA bundle: when set, clients must present a certificate it signed (mTLS).")
+        None, "PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."
+    )
     min_version: str = setting("1.2", "Oldest TLS version accepted.", _one_of("1.2", "1.3"))
     ciphers: str | None = setting(
-        None, "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); unset: "
-        "ECDHE with AES-GCM or ChaCha20 only.")
+        None,
+        "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); unset: "
+        "ECDHE with AES-GCM or ChaCha20 only.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
-    address: str = setting("127.0.0.1:6188", "HOST:PORT to listen on ([::1]:PORT for IPv6).",
-                           _address)
+    address: str = setting(
+        "127.0.0.1:6188", "HOST:PORT to listen on ([::1]:PORT for IPv6).", _address
+    )
     backlog: int = setting(2048, "Length of each socket's accept queue.", _positive)
     tls: TlsConfig | None = setting(None, "Terminate TLS on this listener (see tls.*).")
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    servers: list[str] = setting([], "HOST:PORT of each server, tried in round-robin order.",
-                                 each=_address)
+    servers: list[str] = setting(
+        [], "HOST:PORT of each server, tried in round-robin order.", each=_address
+    )
     hosts: list[str] = setting(
-        [], "Host header values routed to this upstream by the load balancer; the first "
-        "upstream also takes every other host.")
+        [],
+        "Host header values routed to this upstream by the load balancer; the first "
+        "upstream also takes every other host.",
+    )
     http2: bool = setting(
-        False, "Speak HTTP/2 to these servers (h2c prior knowledge; needed for gRPC).")
+        False, "Speak HTTP/2 to these servers (h2c prior knowledge; needed for gRPC)."
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     idle_timeout_seconds: float = setting(
-        60.0, "An idle upstream connection unused for this long is closed.", _positive)
+        60.0, "An idle upstream connection unused for this long is closed.", _positive
+    )
     size_per_worker: int = setting(
-        128, "Most idle upstream connections one worker keeps (over all peers).", _not_negative)
+        128, "Most idle upstream connections one worker keeps (over all peers).", _not_negative
+    )
     shared: bool = setting(
-        True, "Share idle plaintext HTTP/1.1 upstream connections between workers through "
-        "the master's pool broker.")
+        True,
+        "Share idle plaintext HTTP/1.1 upstream connections between workers through "
+        "the master's pool broker.",
+    )
     size_shared: int = setting(
-        1024, "Most idle upstream connections the pool broker holds (over all peers).",
-        _not_negative)
+        1024,
+        "Most idle upstream connections the pool broker holds (over all peers).",
+        _not_negative,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_header_bytes: int = setting(
-        32768, "Largest request line plus headers; larger gets 431.", _positive)
+        32768, "Largest request line plus headers; larger gets 431.", _positive
+    )
     max_body_bytes: int = setting(
-        104857600, "Largest request body; larger gets 413. 0 means no limit.", _not_negative)
+        104857600, "Largest request body; larger gets 413. 0 means no limit.", _not_negative
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     keepalive_seconds: float = setting(
-        75.0, "An idle downstream keep-alive connection is closed after this long.", _positive)
+        75.0, "An idle downstream keep-alive connection is closed after this long.", _positive
+    )
     client_header_seconds: float = setting(
-        60.0, "Longest time a client may take to send a request's head (408 after).",
-        _positive)
+        60.0, "Longest time a client may take to send a request's head (408 after).", _positive
+    )
     upstream_connect_seconds: float = setting(
-        5.0, "Longest wait for a new upstream connection (504 after).", _positive)
+        5.0, "Longest wait for a new upstream connection (504 after).", _positive
+    )
     upstream_read_seconds: float = setting(
-        60.0, "Longest wait for an upstream response head or body read (504 after).",
-        _positive)
+        60.0, "Longest wait for an upstream response head or body read (504 after).", _positive
+    )
     upstream_write_seconds: float = setting(
-        60.0, "Longest time a write to an upstream may stay blocked.", _positive)
+        60.0, "Longest time a write to an upstream may stay blocked.", _positive
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    access_log: str = setting(
-        "stderr", "Access log: stderr, stdout, off, or a file path.")
+    access_log: str = setting("stderr", "Access log: stderr, stdout, off, or a file path.")
     access_log_format: str = setting(
-        "combined", "combined (nginx's format plus the upstream and time) or json.",
-        _one_of("combined", "json"))
+        "combined",
+        "combined (nginx's format plus the upstream and time) or json.",
+        _one_of("combined", "json"),
+    )
     error_log: str = setting("stderr", "Error log: stderr or a file path.")
-    level: str = setting("info", "Error log level.",
-                         _one_of("debug", "info", "warning", "error"))
+    level: str = setting("info", "Error log level.", _one_of("debug", "info", "warning", "error"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,12 +299,18 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     app: str | None = setting(
-        None, "The app as MODULE:ATTRIBUTE (a ProxyHttp subclass or instance); unset: the "
-        "built-in load balancer.", _app)
+        None,
+        "The app as MODULE:ATTRIBUTE (a ProxyHttp subclass or instance); unset: the "
+        "built-in load balancer.",
+        _app,
+    )
     app_options: dict[str, Any] = setting({}, "Free-form settings handed to the app.")
     demo_origins: list[str] = setting(
-        [], "HOST:PORT of demo origins the master starts itself (each answers with a page "
-        "naming itself).", each=_address)
+        [],
+        "HOST:PORT of demo origins the master starts itself (each answers with a page "
+        "naming itself).",
+        each=_address,
+    )
     #: Where this config came from (a file path, or "<embedded default>"); not a setting.
     source: str = field(default="<defaults>", compare=False)
     #: The raw mapping it was loaded from, to hand to workers; not a setting.
@@ -286,8 +330,12 @@ class Config:
 _NOT_SETTINGS = {"source", "raw"}
 
 EMBEDDED_DEFAULT: dict[str, Any] = {
-    "server": {"workers": 2, "grace_period_seconds": 10, "pid_file": "/tmp/tenaya-6188.pid",
-               "control_socket": "/tmp/tenaya-6188.sock"},
+    "server": {
+        "workers": 2,
+        "grace_period_seconds": 10,
+        "pid_file": "/tmp/tenaya-6188.pid",
+        "control_socket": "/tmp/tenaya-6188.sock",
+    },
     "listeners": [{"address": "127.0.0.1:6188"}],
     "upstreams": {"demo": {"servers": ["127.0.0.1:6190", "127.0.0.1:6191"]}},
     "demo_origins": ["127.0.0.1:6190", "127.0.0.1:6191"],
@@ -375,13 +423,14 @@ class _Problems:
 
     def clean(self, where: _Path) -> bool:
         """True when no mistake was found at ``where`` or under it."""
-        return not any(found[:len(where)] == where for found, _, _ in self.found)
+        return not any(found[: len(where)] == where for found, _, _ in self.found)
 
     def error(self, source: str, raw: Any) -> ConfigError:
         """The error listing every mistake, in the order of their keys in ``raw``."""
         ordered = sorted(self.found, key=lambda found: _position(raw, found[0]))
-        return ConfigError.of([ConfigProblem(source, _show(shown), reason)
-                               for _, shown, reason in ordered])
+        return ConfigError.of(
+            [ConfigProblem(source, _show(shown), reason) for _, shown, reason in ordered]
+        )
 
 
 def _convert(tp: Any, value: Any, where: _Path, problems: _Problems) -> Any:
@@ -497,10 +546,15 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
         raise problems.error(source, raw)
     _check_listeners(config, source, problems)
     _check_identity(config, problems)
-    if (config.app is None and problems.clean(("app",)) and problems.clean(("upstreams",))
-            and not any(u.servers for u in config.upstreams.values())):
-        problems.add(("upstreams",),
-                     "the built-in load balancer needs at least one upstream with servers")
+    if (
+        config.app is None
+        and problems.clean(("app",))
+        and problems.clean(("upstreams",))
+        and not any(u.servers for u in config.upstreams.values())
+    ):
+        problems.add(
+            ("upstreams",), "the built-in load balancer needs at least one upstream with servers"
+        )
     if problems.found:
         raise problems.error(source, raw)
     return dataclasses.replace(config, source=source, raw=raw)
@@ -510,13 +564,16 @@ def _check_identity(config: Config, problems: _Problems) -> None:
     """``server.group`` goes with ``server.user``, which together name a user and group that
     exist (each was checked alone already)."""
     server = config.server
-    if server is _INVALID or not (problems.clean(("server", "user"))
-                                  and problems.clean(("server", "group"))):
+    if server is _INVALID or not (
+        problems.clean(("server", "user")) and problems.clean(("server", "group"))
+    ):
         return
     if server.user is None:
         if server.group is not None:
-            problems.add(("server", "group"), "needs server.user: a worker that stays root "
-                         "could take any group back")
+            problems.add(
+                ("server", "group"),
+                "needs server.user: a worker that stays root could take any group back",
+            )
         return
     try:
         privileges.resolve(server.user, server.group)
@@ -540,15 +597,18 @@ def _check_listeners(config: Config, source: str, problems: _Problems) -> None:
             _check_tls(config, source, ("listeners", i, "tls"), listener.tls, problems)
 
 
-def _check_tls(config: Config, source: str, where: _Path, tls: TlsConfig,
-               problems: _Problems) -> None:
+def _check_tls(
+    config: Config, source: str, where: _Path, tls: TlsConfig, problems: _Problems
+) -> None:
     """The files a TLS listener names must be readable (a worker would fail later); a file
     setting refused already is not looked at again."""
     pairs: list[tuple[_Path, str]] = [((*where, "cert"), tls.cert), ((*where, "key"), tls.key)]
     for i, c in enumerate(tls.certificates):
         if c is not _INVALID:
-            pairs += [((*where, "certificates", i, "cert"), c.cert),
-                      ((*where, "certificates", i, "key"), c.key)]
+            pairs += [
+                ((*where, "certificates", i, "cert"), c.cert),
+                ((*where, "certificates", i, "key"), c.key),
+            ]
     if tls.client_ca:
         pairs.append(((*where, "client_ca"), tls.client_ca))
     located = dataclasses.replace(config, source=source)
@@ -595,8 +655,10 @@ def reference() -> str:
             if typing.get_origin(tp) in (typing.Union, types.UnionType):
                 inner = [a for a in args if a is not type(None)]
                 if inner and dataclasses.is_dataclass(inner[0]):
-                    rows.append(f"| `{prefix}{f.name}` | a mapping or unset | `unset` | "
-                                f"{f.metadata.get('doc', '')} |")
+                    rows.append(
+                        f"| `{prefix}{f.name}` | a mapping or unset | `unset` | "
+                        f"{f.metadata.get('doc', '')} |"
+                    )
                     walk(inner[0], f"{prefix}{f.name}.")
                     continue
             if dataclasses.is_dataclass(tp):
@@ -614,10 +676,18 @@ def reference() -> str:
                 default = f.default_factory()
             else:
                 default = ""
-            shown = "unset" if default is None else yaml.safe_dump(
-                default, default_flow_style=True).strip().removesuffix("...").strip()
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | "
-                        f"{f.metadata.get('doc', '')} |")
+            shown = (
+                "unset"
+                if default is None
+                else yaml.safe_dump(default, default_flow_style=True)
+                .strip()
+                .removesuffix("...")
+                .strip()
+            )
+            rows.append(
+                f"| `{prefix}{f.name}` | {_type_name(tp)} | `{shown}` | "
+                f"{f.metadata.get('doc', '')} |"
+            )
 
     walk(Config, "")
     return "\n".join(rows) + "\n"

@@ -147,8 +147,9 @@ class ProxyError(Exception):
         response; ``UPSTREAM`` logs the error as a warning. Raises ``ValueError`` when
         ``status`` is not an integer from 100 to 599.
         """
-        return cls(ErrorKind.HTTP_STATUS, source, RetryType.NEVER, cause, status=status,
-                   context=context)
+        return cls(
+            ErrorKind.HTTP_STATUS, source, RetryType.NEVER, cause, status=status, context=context
+        )
 
     @property
     def status(self) -> int:
@@ -205,13 +206,19 @@ def _checked_status(status: int) -> int:
     return status
 
 
-def upstream_error(kind: ErrorKind, cause: BaseException | str | None = None,
-                   retry: RetryType = RetryType.NEVER, *, context: str = "") -> ProxyError:
+def upstream_error(
+    kind: ErrorKind,
+    cause: BaseException | str | None = None,
+    retry: RetryType = RetryType.NEVER,
+    *,
+    context: str = "",
+) -> ProxyError:
     """A :class:`ProxyError` whose source is the upstream."""
     return ProxyError(kind, ErrorSource.UPSTREAM, retry, cause, context=context)
 
 
-def downstream_error(kind: ErrorKind, cause: BaseException | str | None = None, *,
-                     context: str = "") -> ProxyError:
+def downstream_error(
+    kind: ErrorKind, cause: BaseException | str | None = None, *, context: str = ""
+) -> ProxyError:
     """A :class:`ProxyError` whose source is the downstream client."""
     return ProxyError(kind, ErrorSource.DOWNSTREAM, RetryType.NEVER, cause, context=context)

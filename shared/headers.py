@@ -22,7 +22,8 @@ _HOST = re.compile(
     rb"(?:" + _REG_CHAR + rb"*(?:%[0-9A-Fa-f]{2}" + _REG_CHAR + rb"*)*"
     rb"|\[[0-9A-Fa-f:.]+\]"
     rb"|\[[vV][0-9A-Fa-f]+\.(?:" + _REG_CHAR + rb"|:)+\])"
-    rb"(?::[0-9]{0,5})?").fullmatch
+    rb"(?::[0-9]{0,5})?"
+).fullmatch
 #: An absolute-form request target (RFC 9112 3.2.2): scheme, authority, and the rest.
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.DOTALL).fullmatch
 
@@ -36,7 +37,7 @@ def valid_host(value: bytes) -> bool:
         return False
     if value[:1] == b"[" and value[1:2] not in (b"v", b"V"):
         try:
-            ipaddress.IPv6Address(value[1:value.index(b"]")].decode("ascii"))
+            ipaddress.IPv6Address(value[1 : value.index(b"]")].decode("ascii"))
         except ValueError:
             return False
     return True
@@ -51,8 +52,12 @@ def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
     if m is None:
         return None
     scheme, authority, rest = m.groups()
-    if (scheme.lower() not in (b"http", b"https") or not authority or b"#" in rest
-            or not valid_host(authority)):
+    if (
+        scheme.lower() not in (b"http", b"https")
+        or not authority
+        or b"#" in rest
+        or not valid_host(authority)
+    ):
         return None
     if rest[:1] != b"/":
         rest = b"/" + rest
@@ -102,7 +107,7 @@ class Headers:
         for i, (n, _) in enumerate(self._fields):
             if n.lower() == lname:
                 self._fields[i] = (name, value)
-                self._fields[i + 1:] = [f for f in self._fields[i + 1:] if f[0].lower() != lname]
+                self._fields[i + 1 :] = [f for f in self._fields[i + 1 :] if f[0].lower() != lname]
                 return
         self._fields.append((name, value))
 
@@ -160,8 +165,9 @@ class RequestHeader(Headers):
     """The HTTP version of the request line: ``"1.0"``, ``"1.1"`` or ``"2"`` on
     ``session.req_header``, where changing it has no effect; ``"1.1"`` on ``upstream_request``."""
 
-    def __init__(self, method: str, path: str, version: str = "1.1",
-                 fields: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self, method: str, path: str, version: str = "1.1", fields: Iterable[tuple[str, str]] = ()
+    ) -> None:
         super().__init__(fields)
         self.method = method
         self.path = path
@@ -169,8 +175,11 @@ class RequestHeader(Headers):
 
     def encode_head(self) -> bytes:
         """The request line and fields as HTTP/1.1 bytes, ending with the empty line."""
-        return (f"{self.method} {self.path} HTTP/{self.version}\r\n".encode("latin-1")
-                + self.encode() + b"\r\n")
+        return (
+            f"{self.method} {self.path} HTTP/{self.version}\r\n".encode("latin-1")
+            + self.encode()
+            + b"\r\n"
+        )
 
 
 class ResponseHeader(Headers):
@@ -185,15 +194,17 @@ class ResponseHeader(Headers):
     """The reason phrase to send, or None for the standard one of ``status``. The upstream's own
     phrase is not kept (None when the phases get it)."""
 
-    def __init__(self, status: int, fields: Iterable[tuple[str, str]] = (),
-                 reason: str | None = None) -> None:
+    def __init__(
+        self, status: int, fields: Iterable[tuple[str, str]] = (), reason: str | None = None
+    ) -> None:
         super().__init__(fields)
         self.status = status
         self.reason = reason
 
     @classmethod
-    def build(cls, status: int, headers: Iterable[tuple[str, str]] | dict[str, str] = ()
-              ) -> ResponseHeader:
+    def build(
+        cls, status: int, headers: Iterable[tuple[str, str]] | dict[str, str] = ()
+    ) -> ResponseHeader:
         """A response header from a status and a dict or a list of ``(name, value)``
         fields."""
         fields = headers.items() if isinstance(headers, dict) else headers

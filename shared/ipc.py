@@ -42,6 +42,7 @@ class Message:
 
 # master -> worker
 
+
 @dataclass(frozen=True, slots=True)
 class Boot(Message):
     """First message to a new worker: who it is and the config it runs."""
@@ -67,6 +68,7 @@ class Drain(Message):
 
 
 # worker -> master
+
 
 @dataclass(frozen=True, slots=True)
 class Ready(Message):
@@ -105,6 +107,7 @@ class Heartbeat(Message):
 
 
 # pool broker (worker <-> master; old master -> new master)
+
 
 @dataclass(frozen=True, slots=True)
 class Donate(Message):
@@ -146,6 +149,7 @@ class ReopenLogs(Message):
 
 # old master <-> new master (binary upgrade)
 
+
 @dataclass(frozen=True, slots=True)
 class Handover(Message):
     """From the old master to the new one: every listening socket, in ``fds``.
@@ -176,6 +180,7 @@ class UpgradeReady(Message):
 
 # control socket (python -m master status / reload / ...)
 
+
 @dataclass(frozen=True, slots=True)
 class ControlRequest(Message):
     """A command for the master: ``status``, ``reload``, ``upgrade``, ``reopen`` or ``stop``."""
@@ -195,8 +200,22 @@ class ControlReply(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Boot, Drain, Ready, AppFailed, Heartbeat, ReopenLogs, Handover,
-                              UpgradeReady, ControlRequest, ControlReply, Donate, Borrow, Lend)
+    cls.TYPE: cls
+    for cls in (
+        Boot,
+        Drain,
+        Ready,
+        AppFailed,
+        Heartbeat,
+        ReopenLogs,
+        Handover,
+        UpgradeReady,
+        ControlRequest,
+        ControlReply,
+        Donate,
+        Borrow,
+        Lend,
+    )
 }
 
 #: Environment variable naming the inherited descriptor of the upgrade channel; a master
@@ -332,8 +351,8 @@ class Channel:
                 raise ChannelClosed(f"frame of {n} bytes")
             if len(self._in) < 4 + n:
                 break
-            body = bytes(self._in[4:4 + n])
-            del self._in[:4 + n]
+            body = bytes(self._in[4 : 4 + n])
+            del self._in[: 4 + n]
             msg = decode(body, self._in_fds)
             if msg is not None:
                 out.append(msg)

@@ -88,13 +88,16 @@ def add_app_dirs(config_source: str | None) -> None:
     clashes = shadowing(dirs)
     if clashes:
         path, name = clashes[0]
-        raise ValueError(f"{path} has the name of Tenaya's package {name!r}: an 'import {name}' "
-                         f"in the app would get Tenaya's, so rename it"
-                         + (f" (and {len(clashes) - 1} more: "
-                            + ", ".join(p for p, _ in clashes[1:]) + ")"
-                            if len(clashes) > 1 else ""))
+        raise ValueError(
+            f"{path} has the name of Tenaya's package {name!r}: an 'import {name}' "
+            f"in the app would get Tenaya's, so rename it"
+            + (
+                f" (and {len(clashes) - 1} more: " + ", ".join(p for p, _ in clashes[1:]) + ")"
+                if len(clashes) > 1
+                else ""
+            )
+        )
     for d in reversed(dirs):
         if d in sys.path:
             sys.path.remove(d)
         sys.path.insert(0, d)
-

@@ -24,7 +24,7 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
         end = text.find("]")
         if end < 0:
             raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
             raise ValueError(f"{text!r}: expected ':PORT' after ']'")
         port_text = rest[1:] if rest else None
@@ -171,8 +171,18 @@ class HttpPeer:
         if key is None:
             o = self.options
             key = self._key = PoolKey(
-                self.host, self.port, self.tls, self.sni, o.verify_cert, o.verify_hostname,
-                o.ca_file, o.client_cert, o.client_key, o.alpn, o.http2, self.group_key,
+                self.host,
+                self.port,
+                self.tls,
+                self.sni,
+                o.verify_cert,
+                o.verify_hostname,
+                o.ca_file,
+                o.client_cert,
+                o.client_key,
+                o.alpn,
+                o.http2,
+                self.group_key,
             )
         return key
 

@@ -38,7 +38,7 @@ class PoolIndex:
         size = _HEADER.size + 4 * slots
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-        self.counts = memoryview(self._map)[_HEADER.size:].cast("I")
+        self.counts = memoryview(self._map)[_HEADER.size :].cast("I")
 
     @classmethod
     def create(cls, slots: int = DEFAULT_SLOTS) -> PoolIndex:

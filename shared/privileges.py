@@ -37,8 +37,11 @@ class Identity:
 
     def is_current(self) -> bool:
         """True when this process already runs as this user and group."""
-        return (os.getresuid() == (self.uid,) * 3 and os.getresgid() == (self.gid,) * 3
-                and set(os.getgroups()) <= {*self.groups, self.gid})
+        return (
+            os.getresuid() == (self.uid,) * 3
+            and os.getresgid() == (self.gid,) * 3
+            and set(os.getgroups()) <= {*self.groups, self.gid}
+        )
 
 
 def user_entry(value: str | int) -> tuple[int, pwd.struct_passwd | None]:
@@ -101,8 +104,10 @@ def resolve(user: str | int | None, group: str | int | None) -> Identity | None:
     elif entry is not None:
         gid = entry.pw_gid
     else:
-        raise LookupError(f"user id {uid} has no entry in the user database, so its group is "
-                          "not known: set server.group")
+        raise LookupError(
+            f"user id {uid} has no entry in the user database, so its group is "
+            "not known: set server.group"
+        )
     groups = tuple(os.getgrouplist(entry.pw_name, gid)) if entry is not None else ()
     name = f"{entry.pw_name if entry is not None else uid}:{_group_name(gid)}"
     return Identity(uid, gid, groups, name)
@@ -118,8 +123,9 @@ def current_name() -> str:
     return f"{user}:{_group_name(os.getegid())}"
 
 
-def for_workers(user: str | int | None, group: str | int | None
-                ) -> tuple[Identity | None, str | None]:
+def for_workers(
+    user: str | int | None, group: str | int | None
+) -> tuple[Identity | None, str | None]:
     """What a worker of a process running as now does with ``server.user``/``server.group``:
     (the identity to switch to, or None for no switch; a warning for the log, or None).
 
@@ -134,8 +140,10 @@ def for_workers(user: str | int | None, group: str | int | None
         return identity, None
     if (identity.uid, identity.gid) == (os.geteuid(), os.getegid()):
         return None, None
-    return None, (f"server.user is {identity.name}, but the master does not run as root: "
-                  f"ignored, the workers run as {current_name()}")
+    return None, (
+        f"server.user is {identity.name}, but the master does not run as root: "
+        f"ignored, the workers run as {current_name()}"
+    )
 
 
 def switch_to(identity: Identity) -> None:

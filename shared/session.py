@@ -98,18 +98,45 @@ class Session:
 
     __slots__ = (
         # Set by the connection.
-        "conn", "method", "url", "version", "raw_headers", "fwd", "host_b", "keep_alive",
-        "content_length", "chunked", "expect_continue", "conn_tokens", "xff", "start_time",
+        "conn",
+        "method",
+        "url",
+        "version",
+        "raw_headers",
+        "fwd",
+        "host_b",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "conn_tokens",
+        "xff",
+        "start_time",
         "upgrade",
         "max_body",
         # Request body.
-        "_body", "_body_size", "body_done", "body_sent", "body_bytes", "_body_waiter",
+        "_body",
+        "_body_size",
+        "body_done",
+        "body_sent",
+        "body_bytes",
+        "_body_waiter",
         "_body_error",
         "_continue_sent",
         # Proxy state.
-        "ctx", "_req_header", "peer", "upstream_reused", "retries", "_request_id",
+        "ctx",
+        "_req_header",
+        "peer",
+        "upstream_reused",
+        "retries",
+        "_request_id",
         # Response state.
-        "response_started", "response_done", "status", "resp_bytes", "error", "resp_mode",
+        "response_started",
+        "response_done",
+        "status",
+        "resp_bytes",
+        "error",
+        "resp_mode",
         "trailers",
         "__weakref__",
     )
@@ -246,8 +273,9 @@ class Session:
         """
         h = self._req_header
         if h is None:
-            h = RequestHeader(self.method.decode("latin-1"), self.url.decode("latin-1"),
-                              self.version)
+            h = RequestHeader(
+                self.method.decode("latin-1"), self.url.decode("latin-1"), self.version
+            )
             h._fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
             self._req_header = h
         return h

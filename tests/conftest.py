@@ -41,8 +41,13 @@ class Fleet:
         self._origins.append(o)
         return o
 
-    def master(self, config: dict[str, Any], files: dict[str, str] | None = None,
-               args: tuple[str, ...] = (), start: bool = True) -> Master:
+    def master(
+        self,
+        config: dict[str, Any],
+        files: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        start: bool = True,
+    ) -> Master:
         """A :class:`Master` for ``config``; started and serving unless ``start`` is False."""
         m = Master(self._dir("master"), config, files, args)
         self._masters.append(m)

@@ -30,12 +30,21 @@ _SCALE = {"ci": 1, "explore": 20}
 # Inputs that show only known bugs are rejected (see verdict): that is not a strategy's fault.
 _LENIENT = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
-    "tenaya-ci", deadline=None, derandomize=True, database=None, print_blob=False,
-    phases=(Phase.explicit, Phase.generate), suppress_health_check=_LENIENT)
+    "tenaya-ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=_LENIENT,
+)
 settings.register_profile(
-    "tenaya-explore", deadline=None, derandomize=False,
+    "tenaya-explore",
+    deadline=None,
+    derandomize=False,
     database=DirectoryBasedExampleDatabase(str(ROOT / "build" / "hypothesis")),
-    suppress_health_check=_LENIENT)
+    suppress_health_check=_LENIENT,
+)
 PROFILE = os.environ.get("TENAYA_FUZZ_PROFILE", "ci")
 if PROFILE not in _SCALE:
     raise RuntimeError(f"TENAYA_FUZZ_PROFILE={PROFILE!r}: use one of {sorted(_SCALE)}")
@@ -43,8 +52,11 @@ if PROFILE not in _SCALE:
 
 def fuzz_settings(examples: int, **options: Any) -> settings:
     """The profile's settings with ``examples`` examples (times the profile's scale)."""
-    return settings(settings.get_profile(f"tenaya-{PROFILE}"),
-                    max_examples=examples * _SCALE[PROFILE], **options)
+    return settings(
+        settings.get_profile(f"tenaya-{PROFILE}"),
+        max_examples=examples * _SCALE[PROFILE],
+        **options,
+    )
 
 
 def verdict(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> None:
@@ -58,35 +70,73 @@ def verdict(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> None:
 
 #: Bytes that matter to an HTTP/1.1 parser, put in by the mutator.
 H1_TOKENS = (
-    b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b"0", b"-1", b"+1",
-    b"18446744073709551616", b"ffffffffffffffff", b"chunked", b",", b";ext=1", b"\r\n\r\n",
-    b"0\r\n\r\n", b"HTTP/1.1", b"HTTP/1.0", b"Host: a.test\r\n", b"Content-Length: 5\r\n",
-    b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n",
-    b"Transfer-Encoding: gzip, chunked\r\n", b"Transfer-Encoding: chunked, gzip\r\n",
-    b"Connection: close\r\n", b"Connection: keep-alive, x-drop\r\n", b"Expect: 100-continue\r\n",
-    b"Upgrade: websocket\r\nConnection: Upgrade\r\n", b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n",
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"Trailer: x\r\n", b"X-Forwarded-For: 1.2.3.4\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b"\x00",
+    b"\x7f",
+    b"\xff",
+    b"0",
+    b"-1",
+    b"+1",
+    b"18446744073709551616",
+    b"ffffffffffffffff",
+    b"chunked",
+    b",",
+    b";ext=1",
+    b"\r\n\r\n",
+    b"0\r\n\r\n",
+    b"HTTP/1.1",
+    b"HTTP/1.0",
+    b"Host: a.test\r\n",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: 0\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+    b"Transfer-Encoding: chunked, gzip\r\n",
+    b"Connection: close\r\n",
+    b"Connection: keep-alive, x-drop\r\n",
+    b"Expect: 100-continue\r\n",
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\n",
+    b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"Trailer: x\r\n",
+    b"X-Forwarded-For: 1.2.3.4\r\n",
 )
 #: Bytes that matter to an HTTP/2 codec: frame headers of every type, settings, HPACK.
 H2_TOKENS = (
-    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", b"\x00\x00\x00\x04\x01\x00\x00\x00\x00",
-    b"\x00\x00\x08\x06\x00\x00\x00\x00\x00pingping", b"\x00\x00\x04\x08\x00\x00\x00\x00\x00",
+    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    b"\x00\x00\x00\x04\x01\x00\x00\x00\x00",
+    b"\x00\x00\x08\x06\x00\x00\x00\x00\x00pingping",
+    b"\x00\x00\x04\x08\x00\x00\x00\x00\x00",
     b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x08",
     b"\x00\x00\x00\x09\x04\x00\x00\x00\x01",
-    b"\x00\x00\x00\x00\x01\x00\x00\x00\x01", b"\x00\x00\x08\x07\x00\x00\x00\x00\x00", b"\x7f\xff",
-    b"\xff\xff\xff\xff", b"\x80", b"\x82\x86\x84", b"\x3f\xe1\x1f", b"\x00\x04\x00\x00\x00\x00",
-    b"\x00\x01\x00\x00\x00\x00", b"\x00\x05\x00\xff\xff\xff", b"\x00\x03\x00\x00\x00\x00",
+    b"\x00\x00\x00\x00\x01\x00\x00\x00\x01",
+    b"\x00\x00\x08\x07\x00\x00\x00\x00\x00",
+    b"\x7f\xff",
+    b"\xff\xff\xff\xff",
+    b"\x80",
+    b"\x82\x86\x84",
+    b"\x3f\xe1\x1f",
+    b"\x00\x04\x00\x00\x00\x00",
+    b"\x00\x01\x00\x00\x00\x00",
+    b"\x00\x05\x00\xff\xff\xff",
+    b"\x00\x03\x00\x00\x00\x00",
 )
 
 
-def _mutate(data: bytes, draw: Callable[[Any], Any], tokens: Sequence[bytes],
-            others: Sequence[bytes]) -> bytes:
+def _mutate(
+    data: bytes, draw: Callable[[Any], Any], tokens: Sequence[bytes], others: Sequence[bytes]
+) -> bytes:
     op = draw(st.sampled_from(("flip", "insert", "token", "delete", "duplicate", "splice")))
     n = len(data)
     i = draw(st.integers(0, n))
     if op == "flip" and n:
         i = min(i, n - 1)
-        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1:]
+        return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
     if op == "insert":
         return data[:i] + draw(st.binary(min_size=1, max_size=8)) + data[i:]
     if op == "token":
@@ -99,13 +149,14 @@ def _mutate(data: bytes, draw: Callable[[Any], Any], tokens: Sequence[bytes],
         return data[:k] + data[i:j] + data[k:]
     if op == "splice" and others:
         other = draw(st.sampled_from(others))
-        return data[:i] + other[draw(st.integers(0, len(other))):]
+        return data[:i] + other[draw(st.integers(0, len(other))) :]
     return data
 
 
 @st.composite
-def mutated(draw: Callable[[Any], Any], seeds: Sequence[bytes], tokens: Sequence[bytes],
-            most: int = 4) -> bytes:
+def mutated(
+    draw: Callable[[Any], Any], seeds: Sequence[bytes], tokens: Sequence[bytes], most: int = 4
+) -> bytes:
     """One of ``seeds`` with up to ``most`` mutations: a byte changed, random bytes or a
     ``tokens`` entry put in, a range dropped or repeated, another seed's tail spliced on."""
     data = draw(st.sampled_from(seeds))
@@ -124,21 +175,53 @@ def reads(draw: Callable[[Any], Any], data: bytes) -> list[bytes]:
     if how == "random":
         return split(data, draw(st.lists(st.integers(1, len(data)), max_size=8)))
     k = draw(st.integers(1, 16))
-    return [data[i:i + k] for i in range(0, len(data), k)]
+    return [data[i : i + k] for i in range(0, len(data), k)]
 
 
-_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE",
-            b"CONNECT", b"PROPFIND")
-_TARGETS = (b"/", b"/a/b?c=d&e", b"/%2e%2e/x", b"*", b"http://a.test/abs", b"a.test:443",
-            b"/" + b"x" * 300)
+_METHODS = (
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"OPTIONS",
+    b"PATCH",
+    b"TRACE",
+    b"CONNECT",
+    b"PROPFIND",
+)
+_TARGETS = (
+    b"/",
+    b"/a/b?c=d&e",
+    b"/%2e%2e/x",
+    b"*",
+    b"http://a.test/abs",
+    b"a.test:443",
+    b"/" + b"x" * 300,
+)
 _FIELDS = (
-    b"Accept: */*", b"User-Agent: fuzz", b"Connection: close", b"Connection: keep-alive",
-    b"Connection: x-hop", b"X-Hop: dropped", b"Connection: close, x-forwarded-for",
-    b"Connection: content-length", b"Connection: host", b"Connection: upgrade",
-    b"Keep-Alive: timeout=5", b"Expect: 100-continue",
-    b"Upgrade: websocket", b"X-Forwarded-For: 203.0.113.9", b"X-Forwarded-Proto: https",
-    b"Te: trailers", b"Trailer: X-Sum", b"Cookie: a=b", b"X-Long: " + b"v" * 200,
-    b"Transfer-Encoding: gzip", b"Content-Length: 3", b"Host: other.test",
+    b"Accept: */*",
+    b"User-Agent: fuzz",
+    b"Connection: close",
+    b"Connection: keep-alive",
+    b"Connection: x-hop",
+    b"X-Hop: dropped",
+    b"Connection: close, x-forwarded-for",
+    b"Connection: content-length",
+    b"Connection: host",
+    b"Connection: upgrade",
+    b"Keep-Alive: timeout=5",
+    b"Expect: 100-continue",
+    b"Upgrade: websocket",
+    b"X-Forwarded-For: 203.0.113.9",
+    b"X-Forwarded-Proto: https",
+    b"Te: trailers",
+    b"Trailer: X-Sum",
+    b"Cookie: a=b",
+    b"X-Long: " + b"v" * 200,
+    b"Transfer-Encoding: gzip",
+    b"Content-Length: 3",
+    b"Host: other.test",
 )
 
 

@@ -111,10 +111,13 @@ def config() -> Config:
     cross."""
     global _config
     if _config is None:
-        _config = from_mapping({
-            "app": "fuzz_targets:FuzzApp",
-            "limits": {"max_header_bytes": MAX_HEADER_BYTES, "max_body_bytes": MAX_BODY_BYTES},
-        }, "fuzz")
+        _config = from_mapping(
+            {
+                "app": "fuzz_targets:FuzzApp",
+                "limits": {"max_header_bytes": MAX_HEADER_BYTES, "max_body_bytes": MAX_BODY_BYTES},
+            },
+            "fuzz",
+        )
     return _config
 
 
@@ -294,8 +297,10 @@ class OriginConn:
             self.current = None
             self.closing_after = True
             _soon(
-                self.loop, self._deliver, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                b"Connection: close\r\n\r\n")
+                self.loop,
+                self._deliver,
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
 
     def writelines(self, parts: Iterable[bytes]) -> None:
         self.write(b"".join(parts))
@@ -303,8 +308,13 @@ class OriginConn:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            _soon(self.loop, self.origin.run.call, "upstream connection_lost",
-                  self.up.connection_lost, None)
+            _soon(
+                self.loop,
+                self.origin.run.call,
+                "upstream connection_lost",
+                self.up.connection_lost,
+                None,
+            )
 
     abort = close
 
@@ -352,7 +362,9 @@ class OriginConn:
         origin.answered += 1
         body = b"origin %d" % origin.answered
         head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Origin-Seq: %d\r\n\r\n" % (
-            len(body), origin.answered)
+            len(body),
+            origin.answered,
+        )
         reply = head if req.method == b"HEAD" else head + body
         _soon(self.loop, self._deliver, reply)
 
@@ -422,8 +434,7 @@ class Run:
             self.escapes.append(f"{what}: {type(e).__name__}: {e}")
             return None
 
-    def exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]
-                          ) -> None:
+    def exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         self.escapes.append(f"loop: {context.get('message')}: {exc!r}")
 
@@ -525,8 +536,13 @@ class Conversation:
     def open(self) -> bool:
         """The connection still takes reads (not closed, no hang or escape so far)."""
         t = self.run.transport
-        return (not self.ended and t is not None and not t.closing and not self.run.hangs
-                and not self.run.escapes)
+        return (
+            not self.ended
+            and t is not None
+            and not t.closing
+            and not self.run.hangs
+            and not self.run.escapes
+        )
 
     def send(self, chunks: Iterable[bytes]) -> bool:
         """Delivers ``chunks``, one ``data_received`` each, as a transport would: not while
@@ -562,7 +578,7 @@ class Conversation:
     def take(self) -> bytes:
         """What the client got since the last call."""
         data = self.run.received
-        new, self.taken = data[self.taken:], len(data)
+        new, self.taken = data[self.taken :], len(data)
         return new
 
     def finish(self, timeout: bool = True) -> Run:
@@ -577,7 +593,8 @@ class Conversation:
                 self.loop.close()
             for r in _errors.records:
                 self.run.escapes.append(
-                    f"error log: {r.getMessage()}: {r.exc_info and r.exc_info[1]!r}")
+                    f"error log: {r.getMessage()}: {r.exc_info and r.exc_info[1]!r}"
+                )
         return self.run
 
     async def _finish(self, timeout: bool) -> None:
@@ -601,8 +618,14 @@ class Conversation:
             run.leaks.append(f"{len(engine.pool.busy)} upstream connections still busy")
 
 
-def run_connection(chunks: Sequence[bytes], *, warm: int = 0, h2: bool = False,
-                   timeout: bool = True, strict: bool = False) -> Run:
+def run_connection(
+    chunks: Sequence[bytes],
+    *,
+    warm: int = 0,
+    h2: bool = False,
+    timeout: bool = True,
+    strict: bool = False,
+) -> Run:
     """Serves one client connection that sends ``chunks`` (one ``data_received`` each), then
     waits and goes (see :class:`Conversation`). Returns what happened."""
     conv = Conversation(warm=warm, h2=h2, strict=strict)
@@ -658,15 +681,16 @@ def parse_responses(data: bytes, methods: Sequence[bytes], closed: bool) -> list
     pos = 0
     while pos < len(data):
         end = data.find(b"\r\n\r\n", pos)
-        assert end >= 0, f"an incomplete response head at {pos}: {data[pos:pos + 200]!r}"
+        assert end >= 0, f"an incomplete response head at {pos}: {data[pos : pos + 200]!r}"
         end += 4
         rec = _ResponseHead()
         parser = httptools.HttpResponseParser(rec)
         try:
             parser.feed_data(data[pos:end])
         except httptools.HttpParserError as e:
-            raise AssertionError(f"a malformed response head at {pos}: {e}: "
-                                 f"{data[pos:end]!r}") from None
+            raise AssertionError(
+                f"a malformed response head at {pos}: {e}: {data[pos:end]!r}"
+            ) from None
         assert rec.head_done, f"a response head the parser did not finish: {data[pos:end]!r}"
         status = parser.get_status_code()
         method = methods[len(out)] if len(out) < len(methods) else b"?"
@@ -681,13 +705,13 @@ def parse_responses(data: bytes, methods: Sequence[bytes], closed: bool) -> list
             body = b""
         elif lengths:
             n = int(lengths[0])
-            body = data[pos:pos + n]
-            assert len(body) == n or closed, f"a body cut short: {data[pos - 200:]!r}"
+            body = data[pos : pos + n]
+            assert len(body) == n or closed, f"a body cut short: {data[pos - 200 :]!r}"
             pos += n
         elif chunked:
             # Byte at a time, to find where the chunked body ends.
             while not rec.done and pos < len(data):
-                parser.feed_data(data[pos:pos + 1])
+                parser.feed_data(data[pos : pos + 1])
                 pos += 1
             assert rec.done or closed, "a chunked body cut short"
             body = rec.body
@@ -709,13 +733,22 @@ class KnownBug(AssertionError):
 KNOWN_BUGS: dict[str, str] = {}
 #: Fields that never go upstream on their own (hop-by-hop, RFC 9110 7.6.1): the proxy frames
 #: the request itself, and adds Connection and Upgrade only for an upgrade.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                         b"upgrade"})
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
 
 #: Fields the proxy writes itself (so a client naming them in Connection does not drop them):
 #: the framing, the X-Forwarded-* fields, and Host, which it keeps.
-_ADDED_BY_PROXY = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto",
-                             b"x-forwarded-host", b"content-length", b"transfer-encoding"})
+_ADDED_BY_PROXY = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"content-length",
+        b"transfer-encoding",
+    }
+)
 
 
 class Findings:
@@ -749,8 +782,9 @@ def _common_checks(run: Run, f: Findings) -> None:
     f.expect(not run.leaks, "left behind: " + "; ".join(run.leaks))
     origin = run.origin
     assert origin is not None
-    f.expect(not origin.parse_errors,
-             f"the upstream could not parse what it got: {origin.parse_errors}")
+    f.expect(
+        not origin.parse_errors, f"the upstream could not parse what it got: {origin.parse_errors}"
+    )
     for r in origin.requests:
         tags = [t for t in r.sessions if t is not None]
         if len(tags) != 1 or len(r.sessions) != 1:
@@ -763,29 +797,41 @@ def _common_checks(run: Run, f: Findings) -> None:
         f.expect(r.target == s.url, f"upstream got {r.target!r}, the proxy parsed {s.url!r}")
         names = [n.lower() for n, _ in r.headers]
         tokens = set(s.conn_tokens or ())
-        f.expect(names.count(b"host") == 1,
-                 f"upstream got {names.count(b'host')} Host fields for {s!r}")
+        f.expect(
+            names.count(b"host") == 1, f"upstream got {names.count(b'host')} Host fields for {s!r}"
+        )
         framing = [n for n in names if n in (b"content-length", b"transfer-encoding")]
         f.expect(len(framing) <= 1, f"upstream got framing fields {framing} for {s!r}")
         upgrade = s.upgrade is not None
         for n in names:
-            f.expect(n not in _HOP_BY_HOP or (upgrade and n in (b"connection", b"upgrade")),
-                     f"the hop-by-hop field {n!r} went upstream for {s!r}")
-            f.expect(n not in tokens or n in _ADDED_BY_PROXY,
-                     f"{n!r}, named in Connection, went upstream for {s!r}")
+            f.expect(
+                n not in _HOP_BY_HOP or (upgrade and n in (b"connection", b"upgrade")),
+                f"the hop-by-hop field {n!r} went upstream for {s!r}",
+            )
+            f.expect(
+                n not in tokens or n in _ADDED_BY_PROXY,
+                f"{n!r}, named in Connection, went upstream for {s!r}",
+            )
     for s in run.sessions:
         status = s.status if s.response_started else 0
         f.expect(status < 500, f"{s!r} got {status} ({s.error}) though the upstream never fails")
         sent = origin.requests_of(s)
         if sent:
-            f.expect(s.version in ("1.0", "1.1", "2"),
-                     f"an HTTP/{s.version} request went upstream as HTTP/1.1: {s!r}")
-        if (400 <= status < 500 and s.error is not None
-                and s.error.kind is not ErrorKind.DOWNSTREAM_CLOSED):  # refused by the proxy
+            f.expect(
+                s.version in ("1.0", "1.1", "2"),
+                f"an HTTP/{s.version} request went upstream as HTTP/1.1: {s!r}",
+            )
+        if (
+            400 <= status < 500
+            and s.error is not None
+            and s.error.kind is not ErrorKind.DOWNSTREAM_CLOSED
+        ):  # refused by the proxy
             if run.strict:
                 f.expect(not sent, f"{s!r} got {status} ({s.error}) but reached the upstream")
-            f.expect(not [r for r in sent if r.complete],
-                     f"{s!r} got {status} ({s.error}) but reached the upstream whole")
+            f.expect(
+                not [r for r in sent if r.complete],
+                f"{s!r} got {status} ({s.error}) but reached the upstream whole",
+            )
         whole = [r for r in sent if r.complete]
         f.expect(len(whole) <= 1 + s.retries, f"{s!r} went upstream whole {len(whole)} times")
 
@@ -803,8 +849,10 @@ def check_h1(run: Run, tolerate: Collection[str] = KNOWN_BUGS) -> list[Response]
         responses = parse_responses(run.received, [s.method for s in answered], t.closing)
     except AssertionError as e:
         f.expect(False, str(e))
-    f.expect(len(responses) <= len(answered),
-             f"{len(responses)} responses for {len(answered)} requests answered")
+    f.expect(
+        len(responses) <= len(answered),
+        f"{len(responses)} responses for {len(answered)} requests answered",
+    )
     for i, (r, s) in enumerate(zip(responses, answered, strict=False)):
         f.expect(r.status == s.status, f"response {i} is {r.status}, the session says {s.status}")
     f.raise_if_any()
@@ -840,9 +888,9 @@ def parse_h2_output(data: bytes, decoder: HpackDecoder | None = None) -> H2Outpu
     while pos < len(data):
         assert len(data) - pos >= 9, f"a cut frame header at {pos}"
         try:
-            f, length = Frame.parse_frame_header(memoryview(data[pos:pos + 9]))
+            f, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
             assert len(data) - pos - 9 >= length, f"a cut frame at {pos}"
-            f.parse_body(memoryview(data[pos + 9:pos + 9 + length]))
+            f.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
         except HyperframeError as e:
             raise AssertionError(f"a malformed frame at {pos}: {e}") from None
         pos += 9 + length
@@ -852,7 +900,8 @@ def parse_h2_output(data: bytes, decoder: HpackDecoder | None = None) -> H2Outpu
         assert goaway is None or goaway.error_code == 0, f"{f} after {goaway}"
         if block is not None:
             assert isinstance(f, ContinuationFrame) and f.stream_id == block[0], (
-                f"{f} inside the header block of stream {block[0]}")
+                f"{f} inside the header block of stream {block[0]}"
+            )
         sid = f.stream_id
         if isinstance(f, (HeadersFrame, DataFrame, ContinuationFrame)):
             assert sid % 2 == 1, f"{f} on an even stream"
@@ -868,15 +917,18 @@ def parse_h2_output(data: bytes, decoder: HpackDecoder | None = None) -> H2Outpu
         if isinstance(f, (HeadersFrame, ContinuationFrame)) and "END_HEADERS" in f.flags:
             assert block is not None
             try:
-                fields = [(bytes(n), bytes(v)) for n, v in decoder.decode(b"".join(block[2]),
-                                                                          raw=True)]
+                fields = [
+                    (bytes(n), bytes(v)) for n, v in decoder.decode(b"".join(block[2]), raw=True)
+                ]
             except Exception as e:  # hpack raises several kinds
-                raise AssertionError(f"an undecodable header block on stream {sid}: {e!r}"
-                                     ) from None
+                raise AssertionError(
+                    f"an undecodable header block on stream {sid}: {e!r}"
+                ) from None
             blocks = headers.setdefault(sid, [])
             if not blocks:
                 assert fields[:1] and fields[0][0] == b":status" and len(fields[0][1]) == 3, (
-                    f"a response head without :status first: {fields}")
+                    f"a response head without :status first: {fields}"
+                )
             else:
                 assert block[1], f"trailers without END_STREAM on stream {sid}"
                 assert not any(n.startswith(b":") for n, _ in fields), "pseudo in trailers"
@@ -941,26 +993,60 @@ def h2_transcripts() -> list[bytes]:
     def head(sid: int, fields: list[tuple[bytes, bytes]], flags: int) -> bytes:
         return frame(0x1, flags | 0x4, sid, enc.encode(fields))
 
-    get = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a"),
-           (b":authority", b"fuzz.test"), (b"user-agent", b"seed")]
-    post = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/form?x=1"),
-            (b":authority", b"fuzz.test"), (b"content-length", b"11"),
-            (b"content-type", b"text/plain")]
-    grpc = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/svc/Call"),
-            (b":authority", b"fuzz.test"), (b"te", b"trailers")]
+    get = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/a"),
+        (b":authority", b"fuzz.test"),
+        (b"user-agent", b"seed"),
+    ]
+    post = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", b"/form?x=1"),
+        (b":authority", b"fuzz.test"),
+        (b"content-length", b"11"),
+        (b"content-type", b"text/plain"),
+    ]
+    grpc = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/svc/Call"),
+        (b":authority", b"fuzz.test"),
+        (b"te", b"trailers"),
+    ]
     out = [PREFACE + settings + head(1, get, 0x1)]
     enc = HpackEncoder()
-    out.append(PREFACE + settings + head(1, post, 0) + frame(0x0, 0, 1, b"hello")
-               + frame(0x0, 0x8 | 0x1, 1, b"\x02 world\0\0"))
+    out.append(
+        PREFACE
+        + settings
+        + head(1, post, 0)
+        + frame(0x0, 0, 1, b"hello")
+        + frame(0x0, 0x8 | 0x1, 1, b"\x02 world\0\0")
+    )
     enc = HpackEncoder()
-    out.append(PREFACE + settings + head(1, grpc, 0) + frame(0x0, 0, 1, b"\0\0\0\0\0")
-               + head(1, [(b"x-end", b"1")], 0x1))
+    out.append(
+        PREFACE
+        + settings
+        + head(1, grpc, 0)
+        + frame(0x0, 0, 1, b"\0\0\0\0\0")
+        + head(1, [(b"x-end", b"1")], 0x1)
+    )
     enc = HpackEncoder()
-    out.append(PREFACE + frame(0x4, 0, 0) + frame(0x6, 0, 0, b"pingpong") + head(1, get, 0x1)
-               + head(3, get, 0x1) + frame(0x8, 0, 0, struct.pack(">L", 1000))
-               + frame(0x4, 0x1, 0) + head(5, post, 0) + frame(0x3, 0, 5, struct.pack(">L", 8))
-               + frame(0x2, 0, 7, struct.pack(">LB", 0, 16)) + head(7, get, 0x1)
-               + frame(0x7, 0, 0, struct.pack(">LL", 7, 0)))
+    out.append(
+        PREFACE
+        + frame(0x4, 0, 0)
+        + frame(0x6, 0, 0, b"pingpong")
+        + head(1, get, 0x1)
+        + head(3, get, 0x1)
+        + frame(0x8, 0, 0, struct.pack(">L", 1000))
+        + frame(0x4, 0x1, 0)
+        + head(5, post, 0)
+        + frame(0x3, 0, 5, struct.pack(">L", 8))
+        + frame(0x2, 0, 7, struct.pack(">LB", 0, 16))
+        + head(7, get, 0x1)
+        + frame(0x7, 0, 0, struct.pack(">LL", 7, 0))
+    )
     return out
 
 

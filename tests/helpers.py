@@ -51,15 +51,22 @@ CLIENT_TIMEOUT = 10.0
 T = TypeVar("T")
 
 #: The master's ``serving on`` line: one ``http://`` or ``https://`` (TLS) address per listener.
-_SERVING = re.compile(r"serving on (https?://127\.0\.0\.1:\d+(?:, https?://127\.0\.0\.1:\d+)*)"
-                      r" with (\d+) workers \(pid (\d+)\)")
+_SERVING = re.compile(
+    r"serving on (https?://127\.0\.0\.1:\d+(?:, https?://127\.0\.0\.1:\d+)*)"
+    r" with (\d+) workers \(pid (\d+)\)"
+)
 _SERVING_ADDRESS = re.compile(r"(https?)://127\.0\.0\.1:(\d+)")
 
 
 # -- waiting -------------------------------------------------------------------------------
 
-def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> T:
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
     """Polls ``condition`` until it returns something true; returns that. Raises
     ``AssertionError`` naming ``what`` when ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
@@ -72,8 +79,9 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
-def wait_until_stable(value: Callable[[], int], settle: float = 1.0, timeout: float = 30.0,
-                      interval: float = 0.05) -> int:
+def wait_until_stable(
+    value: Callable[[], int], settle: float = 1.0, timeout: float = 30.0, interval: float = 0.05
+) -> int:
     """Polls ``value`` until it has not changed for ``settle`` seconds; returns it (a flow
     that backpressure stopped)."""
     deadline = time.monotonic() + timeout
@@ -114,6 +122,7 @@ def pattern_sha256(size: int) -> str:
 
 
 # -- the origin ------------------------------------------------------------------------------
+
 
 class HeaderLookup:
     """Case-insensitive lookups in a ``headers`` list of (name, value) pairs."""
@@ -195,8 +204,9 @@ class Origin:
             loop = self._loop = asyncio.new_event_loop()
             try:
                 self._gate = asyncio.Event()
-                self._server = loop.run_until_complete(asyncio.start_server(
-                    self._handle, "127.0.0.1", 0, limit=1 << 20, ssl=self.tls))
+                self._server = loop.run_until_complete(
+                    asyncio.start_server(self._handle, "127.0.0.1", 0, limit=1 << 20, ssl=self.tls)
+                )
                 self.port = self._server.sockets[0].getsockname()[1]
             except BaseException as e:  # pragma: no cover - reported to the starter
                 errors.append(e)
@@ -280,22 +290,24 @@ class Origin:
             while True:
                 try:
                     if seq and self.close_idle_after is not None:
-                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
-                                                      self.close_idle_after)
+                        head = await asyncio.wait_for(
+                            reader.readuntil(b"\r\n\r\n"), self.close_idle_after
+                        )
                     else:
                         head = await reader.readuntil(b"\r\n\r\n")
                 except TimeoutError:
                     self.idle_closed += 1
                     break
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                        ConnectionError):
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     break
                 seq += 1
                 try:
                     req = _parse_head(head, conn_id, seq)
                 except _BadRequest:
-                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
+                    writer.write(
+                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
                     break
                 if self.drop_reused and seq > 1:
                     self.dropped += 1
@@ -313,8 +325,9 @@ class Origin:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def _read_body(self, req: RecordedRequest, reader: asyncio.StreamReader
-                         ) -> AsyncIterator[bytes]:
+    async def _read_body(
+        self, req: RecordedRequest, reader: asyncio.StreamReader
+    ) -> AsyncIterator[bytes]:
         """Yields the request body in pieces as it arrives."""
         te = (req.header("transfer-encoding") or "").lower()
         if "chunked" in te:
@@ -346,8 +359,9 @@ class Origin:
                 left -= len(data)
                 yield data
 
-    async def _route(self, req: RecordedRequest, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> bool:
+    async def _route(
+        self, req: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         """Answers one request; returns whether the connection stays open.
 
         Routes (by path): ``/sleep?s=SECONDS`` waits, then echoes; ``/large?size=N`` sends N
@@ -385,8 +399,9 @@ class Origin:
                 n += len(data)
                 self.sink_received += len(data)
             req.complete = True
-            body = json.dumps({"bytes": n, "sha256": h.hexdigest(),
-                               "framing": req.framing}).encode()
+            body = json.dumps(
+                {"bytes": n, "sha256": h.hexdigest(), "framing": req.framing}
+            ).encode()
             await self._send(writer, 200, extra, body, keep, head_only)
             return keep
         parts = []
@@ -400,8 +415,9 @@ class Origin:
             return keep
         if path == "/interim":
             code = int(query.get("code", ["100"])[0])
-            writer.write(f"HTTP/1.1 {code} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n"
-                         .encode())
+            writer.write(
+                f"HTTP/1.1 {code} Interim\r\nLink: </style.css>; rel=preload\r\n\r\n".encode()
+            )
             await writer.drain()
         if path == "/early":
             # Answers before reading the body, then drains it until the peer closes (a
@@ -416,16 +432,16 @@ class Origin:
         if path == "/eof":
             body = query.get("body", ["until the end"])[0].encode()
             ctype = query.get("type", ["text/plain"])[0]
-            writer.write(_head(200, [("Content-Type", ctype), *extra], True)
-                         + (b"" if head_only else body))
+            writer.write(
+                _head(200, [("Content-Type", ctype), *extra], True) + (b"" if head_only else body)
+            )
             return False
         if path == "/garbage":
             writer.write(b"THIS IS NOT HTTP\r\n\r\n")
             return False
         if path == "/stall":
             n = int(query.get("sent", ["10"])[0])
-            writer.write(_head(200, [("Content-Length", str(n + 1000)), *extra], keep)
-                         + b"s" * n)
+            writer.write(_head(200, [("Content-Length", str(n + 1000)), *extra], keep) + b"s" * n)
             await writer.drain()
             while await reader.read(1 << 16):
                 pass
@@ -465,23 +481,37 @@ class Origin:
                 fields = [("ETag", '"v1"'), *extra]
                 writer.write(_head(status, fields, keep))
                 return keep
-            await self._send(writer, status, extra, f"status {status}\n".encode(), keep,
-                             head_only)
+            await self._send(writer, status, extra, f"status {status}\n".encode(), keep, head_only)
             return keep
         echo = {
-            "origin": self.name, "method": req.method, "target": req.target,
-            "version": req.version, "headers": req.headers,
-            "body": req.body.decode("latin-1"), "framing": req.framing,
-            "conn_id": req.conn_id, "conn_seq": req.conn_seq,
+            "origin": self.name,
+            "method": req.method,
+            "target": req.target,
+            "version": req.version,
+            "headers": req.headers,
+            "body": req.body.decode("latin-1"),
+            "framing": req.framing,
+            "conn_id": req.conn_id,
+            "conn_seq": req.conn_seq,
         }
         await self._send(writer, 200, extra, json.dumps(echo).encode(), keep, head_only)
         return keep
 
-    async def _send(self, writer: asyncio.StreamWriter, status: int,
-                    extra: list[tuple[str, ...]], body: bytes, keep: bool,
-                    head_only: bool) -> None:
-        fields = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                  ("X-Origin", self.name), *extra]
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        extra: list[tuple[str, ...]],
+        body: bytes,
+        keep: bool,
+        head_only: bool,
+    ) -> None:
+        fields = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("X-Origin", self.name),
+            *extra,
+        ]
         writer.write(_head(status, fields, keep) + (b"" if head_only else body))
         await writer.drain()
 
@@ -521,11 +551,19 @@ def _head(status: int, fields: Iterable[tuple[str, ...]], keep: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
-            404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    304: "Not Modified",
+    404: "Not Found",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 # -- clients -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Response(HeaderLookup):
@@ -547,9 +585,14 @@ class Response(HeaderLookup):
         return json.loads(self.body)
 
 
-def build_request(method: str = "GET", target: str = "/", headers: Iterable[tuple[str, str]]
-                  = (), body: bytes = b"", version: str = "1.1",
-                  host: str | None = "test.local") -> bytes:
+def build_request(
+    method: str = "GET",
+    target: str = "/",
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    version: str = "1.1",
+    host: str | None = "test.local",
+) -> bytes:
     """A request's bytes; Content-Length is added for a body unless a framing header is
     given."""
     fields = list(headers)
@@ -584,8 +627,9 @@ class FakeTransport:
 class HttpConn:
     """A raw HTTP/1.1 client connection: what is sent and read is exactly the bytes."""
 
-    def __init__(self, port: int, timeout: float = CLIENT_TIMEOUT,
-                 rcvbuf: int | None = None) -> None:
+    def __init__(
+        self, port: int, timeout: float = CLIENT_TIMEOUT, rcvbuf: int | None = None
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             if rcvbuf is not None:
@@ -611,8 +655,14 @@ class HttpConn:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def request(self, method: str = "GET", target: str = "/", headers: Iterable[tuple[str, str]]
-                = (), body: bytes = b"", version: str = "1.1") -> Response:
+    def request(
+        self,
+        method: str = "GET",
+        target: str = "/",
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        version: str = "1.1",
+    ) -> Response:
         """Sends one request and reads its response."""
         self.send(build_request(method, target, headers, body, version))
         return self.read_response(method)
@@ -635,8 +685,8 @@ class HttpConn:
         while True:
             i = self.buf.find(sep)
             if i >= 0:
-                out = bytes(self.buf[:i + len(sep)])
-                del self.buf[:i + len(sep)]
+                out = bytes(self.buf[: i + len(sep)])
+                del self.buf[: i + len(sep)]
                 return out
             if not self._fill():
                 raise ConnectionError(f"connection closed (buffered: {bytes(self.buf)[:200]!r})")
@@ -713,7 +763,7 @@ class HttpConn:
             if not self.buf and not self._fill():
                 raise ConnectionError(f"connection closed with {left} of {n} bytes to go")
             piece = bytes(self.buf[:left])
-            del self.buf[:len(piece)]
+            del self.buf[: len(piece)]
             sink(piece)
             left -= len(piece)
 
@@ -736,8 +786,13 @@ class HttpConn:
         return True
 
 
-def get(port: int, target: str = "/", headers: Iterable[tuple[str, str]] = (),
-        method: str = "GET", body: bytes = b"") -> Response:
+def get(
+    port: int,
+    target: str = "/",
+    headers: Iterable[tuple[str, str]] = (),
+    method: str = "GET",
+    body: bytes = b"",
+) -> Response:
     """One request on a new connection, closed afterwards."""
     with HttpConn(port) as conn:
         return conn.request(method, target, headers, body)
@@ -745,7 +800,7 @@ def get(port: int, target: str = "/", headers: Iterable[tuple[str, str]] = (),
 
 # -- the master ----------------------------------------------------------------------------
 
-_ORIGIN_APP = '''
+_ORIGIN_APP = """
 import os
 from shared import HttpPeer, ProxyHttp
 
@@ -756,7 +811,7 @@ class App(ProxyHttp):
 
     def upstream_peer(self, session, ctx):
         return self.peer
-'''
+"""
 
 
 def origin_app(phases: str = "") -> str:
@@ -824,8 +879,14 @@ class Master:
     (default: ``workdir``).
     """
 
-    def __init__(self, workdir: Path, config: dict[str, Any], files: dict[str, str] | None = None,
-                 args: Iterable[str] = (), cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        files: dict[str, str] | None = None,
+        args: Iterable[str] = (),
+        cwd: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.cwd = cwd or workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -838,8 +899,11 @@ class Master:
         for name, text in (files or {}).items():
             (workdir / name).write_text(text)
         self.args = list(args)
-        self.error_log = Path(logging_cfg["error_log"]) if logging_cfg["error_log"] not in (
-            "stderr", "stdout") else workdir / "master.stderr"
+        self.error_log = (
+            Path(logging_cfg["error_log"])
+            if logging_cfg["error_log"] not in ("stderr", "stdout")
+            else workdir / "master.stderr"
+        )
         self.access_log = Path(logging_cfg["access_log"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -856,10 +920,13 @@ class Master:
         err = open(self.workdir / "master.stderr", "wb")  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "master", "start", "-c", str(self.config_path),
-                 *self.args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd,
-                start_new_session=True)
+                [sys.executable, "-m", "master", "start", "-c", str(self.config_path), *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
         finally:
             out.close()
             err.close()
@@ -879,8 +946,9 @@ class Master:
                 assert int(m.group(3)) == proc.pid
                 return self
             if proc.poll() is not None:
-                raise AssertionError(f"master exited with {proc.returncode} before serving:\n"
-                                     f"{self.logs()}")
+                raise AssertionError(
+                    f"master exited with {proc.returncode} before serving:\n{self.logs()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"master not serving after {timeout:g}s:\n{self.logs()}")
@@ -972,10 +1040,12 @@ class Master:
 
 # -- nginx as an origin --------------------------------------------------------------------
 
+
 def nginx_binary() -> str:
     """The nginx executable (scripts/test installs it)."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                      else None)
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
     assert found, "nginx is not installed (scripts/test installs it)"
     return found
 
@@ -1043,15 +1113,28 @@ http {{
             log = open(w / "nginx.stderr", "wb")  # noqa: SIM115 - closed below
             try:
                 self.proc = subprocess.Popen(
-                    [nginx_binary(), "-p", str(w), "-c", str(conf), "-e",
-                     str(w / "nginx-error.log")],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                    [
+                        nginx_binary(),
+                        "-p",
+                        str(w),
+                        "-c",
+                        str(conf),
+                        "-e",
+                        str(w / "nginx-error.log"),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
             finally:
                 log.close()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
-                with contextlib.suppress(OSError), socket.create_connection(
-                        ("127.0.0.1", self.port), timeout=1):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1),
+                ):
                     return self
                 time.sleep(0.02)
             self.stop()  # probably lost the port to someone else: try another
@@ -1076,6 +1159,7 @@ http {{
 
 
 # -- processes -----------------------------------------------------------------------------
+
 
 def fd_count(pid: int) -> int:
     """Open descriptors of a process, from /proc/PID/fd."""

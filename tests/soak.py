@@ -38,8 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import Master, config_for, free_port, wait_for  # noqa: E402
 
 COUNTERS = ("TcpOutRsts", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpEstabResets")
-DIAGNOSTIC = ("TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnData", "TcpExtPAWSTimewait",
-              "TcpRetransSegs")
+DIAGNOSTIC = (
+    "TcpExtTCPAbortOnClose",
+    "TcpExtTCPAbortOnData",
+    "TcpExtPAWSTimewait",
+    "TcpRetransSegs",
+)
 #: Longest wait for one reload or upgrade to complete.
 STEP_SECONDS = 30.0
 #: Load after the last step, before the counters are read.
@@ -48,8 +52,9 @@ SETTLE_SECONDS = 1.0
 
 def nstat() -> dict[str, int]:
     names = (*COUNTERS, *DIAGNOSTIC)
-    out = subprocess.run(["nstat", "-az", *names], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["nstat", "-az", *names], capture_output=True, text=True, check=True
+    ).stdout
     values = {}
     for line in out.splitlines():
         parts = line.split()
@@ -60,8 +65,14 @@ def nstat() -> dict[str, int]:
 
 def parse_wrk(out: str) -> dict[str, int]:
     m = re.search(r"(\d+) requests in", out)
-    result = {"requests": int(m.group(1)) if m else 0, "connect": 0, "read": 0, "write": 0,
-              "timeout": 0, "non2xx": 0}
+    result = {
+        "requests": int(m.group(1)) if m else 0,
+        "connect": 0,
+        "read": 0,
+        "write": 0,
+        "timeout": 0,
+        "non2xx": 0,
+    }
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         for key, value in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True):
@@ -81,28 +92,39 @@ def master_pid(pid_file: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--action",
-                        choices=("reload", "upgrade", "resize", "kill-workers", "none"),
-                        required=True)
+    parser.add_argument(
+        "--action", choices=("reload", "upgrade", "resize", "kill-workers", "none"), required=True
+    )
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--mode", choices=("keepalive", "close"), default="keepalive")
     parser.add_argument("--connections", type=int, default=20)
-    parser.add_argument("--duration", type=int, default=60,
-                        help="longest run of wrk, in seconds; it is stopped after the steps")
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=60,
+        help="longest run of wrk, in seconds; it is stopped after the steps",
+    )
     args = parser.parse_args()
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     work = Path(tempfile.mkdtemp(prefix="tenaya-soak-"))
     # The built-in demo origin: a separate process, fast enough not to be the bottleneck.
     origin_address = f"127.0.0.1:{free_port()}"
-    origin = subprocess.Popen([sys.executable, "-m", "master.demo", origin_address],
-                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    origin = subprocess.Popen(
+        [sys.executable, "-m", "master.demo", origin_address],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     assert origin.stdout is not None and origin.stdout.readline().strip() == b"ready"
     pid_file = work / "tenaya.pid"
-    master = Master(work / "master", config_for(
-        {"origin": [origin_address]},
-        server={"workers": 2, "grace_period_seconds": 10, "pid_file": str(pid_file)},
-        logging={"access_log": "off"}))
+    master = Master(
+        work / "master",
+        config_for(
+            {"origin": [origin_address]},
+            server={"workers": 2, "grace_period_seconds": 10, "pid_file": str(pid_file)},
+            logging={"access_log": "off"},
+        ),
+    )
     wrk: subprocess.Popen[str] | None = None
     result: dict[str, object] = {"action": args.action, "mode": args.mode, "done": 0}
     try:
@@ -111,8 +133,9 @@ def main() -> int:
         cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "5s"]
         if args.mode == "close":
             cmd += ["-H", "Connection: close"]
-        wrk = subprocess.Popen([*cmd, f"{master.url}/"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        wrk = subprocess.Popen(
+            [*cmd, f"{master.url}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         time.sleep(1.0)  # let the load reach a steady state before the first step
         pid = master.pid
         for i in range(args.count):
@@ -120,19 +143,24 @@ def main() -> int:
                 break
             if args.action == "reload":
                 os.kill(pid, signal.SIGHUP)
-                wait_for(lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
-                         timeout=STEP_SECONDS)
+                wait_for(
+                    lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
+                    timeout=STEP_SECONDS,
+                )
             elif args.action == "upgrade":
                 old = pid
                 os.kill(old, signal.SIGUSR2)
-                pid = wait_for(lambda old=old: (p := master_pid(pid_file)) != old and p,
-                               timeout=STEP_SECONDS)
+                pid = wait_for(
+                    lambda old=old: (p := master_pid(pid_file)) != old and p, timeout=STEP_SECONDS
+                )
                 wait_for(lambda old=old: not _alive(old), timeout=STEP_SECONDS)
             elif args.action == "resize":
                 # One worker more, then one fewer, and so on.
                 os.kill(pid, signal.SIGTTIN if i % 2 == 0 else signal.SIGTTOU)
-                wait_for(lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
-                         timeout=STEP_SECONDS)
+                wait_for(
+                    lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
+                    timeout=STEP_SECONDS,
+                )
             elif args.action == "kill-workers":
                 for w in master.workers():
                     w.kill()

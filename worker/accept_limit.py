@@ -63,8 +63,7 @@ class AcceptState(enum.Enum):
 
 #: Which states each state may move to.
 TRANSITIONS: dict[AcceptState, frozenset[AcceptState]] = {
-    AcceptState.OPENING: frozenset({AcceptState.ACCEPTING, AcceptState.PAUSED,
-                                    AcceptState.CLOSED}),
+    AcceptState.OPENING: frozenset({AcceptState.ACCEPTING, AcceptState.PAUSED, AcceptState.CLOSED}),
     AcceptState.ACCEPTING: frozenset({AcceptState.PAUSED, AcceptState.CLOSED}),
     AcceptState.PAUSED: frozenset({AcceptState.OPENING, AcceptState.CLOSED}),
     AcceptState.CLOSED: frozenset(),
@@ -128,8 +127,14 @@ class AcceptLimit:
     client connections (0: no limit). :attr:`connections` is the set the engine counts its
     connections in; :meth:`open` starts accepting, :meth:`close` stops for good."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol],
-                 listening: list[Listening], limit: int, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.Protocol],
+        listening: list[Listening],
+        limit: int,
+        log: logging.Logger,
+    ) -> None:
         self.loop = loop
         self.factory = factory
         self.listening = listening
@@ -152,7 +157,8 @@ class AcceptLimit:
     def paused(self) -> bool:
         """True while the worker is at its limit and does not accept."""
         return self.state is AcceptState.PAUSED or (
-            self.state is AcceptState.OPENING and self.pauses > 0)
+            self.state is AcceptState.OPENING and self.pauses > 0
+        )
 
     def _to(self, new: AcceptState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -171,8 +177,9 @@ class AcceptLimit:
                     break
                 sock = item.spare.dup()
                 try:
-                    server = await self.loop.create_server(self.factory, sock=sock,
-                                                           backlog=item.backlog, ssl=item.ssl)
+                    server = await self.loop.create_server(
+                        self.factory, sock=sock, backlog=item.backlog, ssl=item.ssl
+                    )
                 except BaseException:
                     sock.close()
                     raise
@@ -198,8 +205,11 @@ class AcceptLimit:
         self._to(AcceptState.ACCEPTING)
         self.connections.paused = False
         if resumed and self._logged:
-            self.log.info("accepting resumed: %d connections open (paused for %.1fs)",
-                          len(self.connections), time.monotonic() - self._paused_at)
+            self.log.info(
+                "accepting resumed: %d connections open (paused for %.1fs)",
+                len(self.connections),
+                time.monotonic() - self._paused_at,
+            )
         if self.limit:
             # The count may have reached the limit again while the servers were made.
             self._schedule()
@@ -247,11 +257,17 @@ class AcceptLimit:
             self._unlogged += 1
             self._logged = False
             return
-        more = (f" ({self._unlogged} more pauses since the last one logged)"
-                if self._unlogged else "")
-        self.log.warning("accepting paused: %d connections open, server.max_connections is "
-                         "%d; new connections wait in the accept queue until %d%s", count,
-                         self.limit, self.connections.resume_at, more)
+        more = (
+            f" ({self._unlogged} more pauses since the last one logged)" if self._unlogged else ""
+        )
+        self.log.warning(
+            "accepting paused: %d connections open, server.max_connections is "
+            "%d; new connections wait in the accept queue until %d%s",
+            count,
+            self.limit,
+            self.connections.resume_at,
+            more,
+        )
         self._last_log = now
         self._unlogged = 0
         self._logged = True
@@ -275,6 +291,8 @@ def fit_open_files(max_connections: int, upstream_idle: int) -> str | None:
     fits = new - upstream_idle - FD_MARGIN
     if fits >= max_connections:
         return None
-    return (f"server.max_connections is {max_connections}, but the hard limit of open files "
-            f"(ulimit -Hn) is {hard}: a worker runs out of descriptors before that, from about "
-            f"{max(0, fits // 2)} connections waiting on upstreams or {max(0, fits)} idle ones")
+    return (
+        f"server.max_connections is {max_connections}, but the hard limit of open files "
+        f"(ulimit -Hn) is {hard}: a worker runs out of descriptors before that, from about "
+        f"{max(0, fits // 2)} connections waiting on upstreams or {max(0, fits)} idle ones"
+    )

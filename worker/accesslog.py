@@ -77,19 +77,32 @@ class AccessLog:
         upstream = str(s.peer) if s.peer is not None else "-"
         status = s.status or (s.error.status if s.error is not None else 0)
         if self.fmt == "json":
-            line = json.dumps({
-                "time": now, "client": s.client_addr[0], "method": s.method.decode("latin-1"),
-                "url": s.url.decode("latin-1"), "version": s.version, "status": status,
-                "bytes": s.resp_bytes, "referer": _header(s, b"referer"),
-                "user_agent": _header(s, b"user-agent"), "upstream": upstream,
-                "request_time": round(elapsed, 6),
-                "error": str(s.error) if s.error is not None else None,
-                "request_id": s.request_id,
-            }) + "\n"
+            line = (
+                json.dumps(
+                    {
+                        "time": now,
+                        "client": s.client_addr[0],
+                        "method": s.method.decode("latin-1"),
+                        "url": s.url.decode("latin-1"),
+                        "version": s.version,
+                        "status": status,
+                        "bytes": s.resp_bytes,
+                        "referer": _header(s, b"referer"),
+                        "user_agent": _header(s, b"user-agent"),
+                        "upstream": upstream,
+                        "request_time": round(elapsed, 6),
+                        "error": str(s.error) if s.error is not None else None,
+                        "request_id": s.request_id,
+                    }
+                )
+                + "\n"
+            )
         else:
-            line = (f'{s.client_addr[0]} - - [{self._local_time(now)}] "{_escape(request)}" '
-                    f'{status} {s.resp_bytes} "{_escape(_header(s, b"referer"))}" '
-                    f'"{_escape(_header(s, b"user-agent"))}" {upstream} {elapsed:.3f}\n')
+            line = (
+                f'{s.client_addr[0]} - - [{self._local_time(now)}] "{_escape(request)}" '
+                f'{status} {s.resp_bytes} "{_escape(_header(s, b"referer"))}" '
+                f'"{_escape(_header(s, b"user-agent"))}" {upstream} {elapsed:.3f}\n'
+            )
         data = line.encode("utf-8", "replace")
         self._buf.append(data)
         self._size += len(data)

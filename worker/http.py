@@ -17,9 +17,21 @@ from shared.session import Session
 from worker.interfaces import Downstream
 
 #: Request fields the proxy strips from the upstream request (hop-by-hop or rewritten).
-UPSTREAM_DROP = ("connection", "keep-alive", "proxy-connection", "te", "trailer",
-                 "transfer-encoding", "upgrade", "expect", "content-length",
-                 "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "http2-settings")
+UPSTREAM_DROP = (
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-for",
+    "http2-settings",
+)
 
 #: ``HTTP/1.1 <status> <reason>\r\n`` for every status the standard library names.
 STATUS_LINES: dict[int, bytes] = {

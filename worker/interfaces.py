@@ -35,7 +35,11 @@ from shared.session import Downstream as SessionDownstream
 from shared.session import Session
 
 __all__ = [
-    "Downstream", "DownstreamConn", "ProxyEngine", "ResponseHandler", "Upstream",
+    "Downstream",
+    "DownstreamConn",
+    "ProxyEngine",
+    "ResponseHandler",
+    "Upstream",
     "UpstreamPool",
 ]
 
@@ -62,16 +66,23 @@ class Upstream(Protocol):
     transport: asyncio.Transport | None
     """The connection's transport (an HTTP/1.1 tunnel writes to it after a 101)."""
 
-    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
-                     peer: HttpPeer, body_filtered: bool) -> Any:
+    def request_head(
+        self,
+        s: Session,
+        req: RequestHeader | None,
+        client: Downstream,
+        peer: HttpPeer,
+        body_filtered: bool,
+    ) -> Any:
         """The request head in this client's protocol, for :meth:`start`: from ``req`` when
         the app's ``upstream_request_filter`` made it, else from the request as received
         (``s``, from ``client``, to ``peer``). ``body_filtered``: a ``request_body_filter``
         may change the body's length."""
         ...
 
-    def start(self, handler: ResponseHandler, head: Any, head_only: bool,
-              read_timeout: float) -> None:
+    def start(
+        self, handler: ResponseHandler, head: Any, head_only: bool, read_timeout: float
+    ) -> None:
         """Sends the request head (as :meth:`request_head` made it); the response goes to
         ``handler``. ``head_only``: the request is HEAD (its response has no body)."""
         ...
@@ -269,6 +280,7 @@ class ProxyEngine(Protocol):
     """``timeouts.client_header_seconds``."""
     draining: bool
     """True once the worker drains."""
+
     @property
     def connections(self) -> MutableSet[Any]:
         """The open client connections (:class:`DownstreamConn`), counted at accept."""
@@ -296,8 +308,9 @@ class ProxyEngine(Protocol):
         """The upstream failed before the response started: retry or fail."""
         ...
 
-    def response_head(self, conn: Downstream, s: Session, up: Upstream, status: int,
-                      headers: RawHeaders) -> None:
+    def response_head(
+        self, conn: Downstream, s: Session, up: Upstream, status: int, headers: RawHeaders
+    ) -> None:
         """The upstream response head, through the app's response phases."""
         ...
 

@@ -76,8 +76,11 @@ def setup_logging(config: Config, name: str) -> logging.Logger:
     else:
         handler = logging.FileHandler(target)
     handler.addFilter(RequestLogFilter())
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s [{name} %(process)d] %(levelname)s %(request_tag)s%(message)s"))
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s [{name} %(process)d] %(levelname)s %(request_tag)s%(message)s"
+        )
+    )
     level = config.logging.level.upper()
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -92,8 +95,7 @@ def setup_logging(config: Config, name: str) -> logging.Logger:
 class Worker:
     """Runs once the process has its boot message."""
 
-    def __init__(self, boot: ipc.Boot, listen_fds: list[tuple[int, int]],
-                 channel: Channel) -> None:
+    def __init__(self, boot: ipc.Boot, listen_fds: list[tuple[int, int]], channel: Channel) -> None:
         self.boot = boot
         self.slot = boot.slot
         self.listen_fds = listen_fds
@@ -126,8 +128,11 @@ class Worker:
         except AppLoadError as e:
             return self._app_failed(self._as_user(str(e)))
         except Exception as e:
-            return self._app_failed(self._as_user(
-                f"{config.app or 'LoadBalancer'}.configure failed: {type(e).__name__}: {e}"))
+            return self._app_failed(
+                self._as_user(
+                    f"{config.app or 'LoadBalancer'}.configure failed: {type(e).__name__}: {e}"
+                )
+            )
         loop = self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         engine = self.engine = Engine(app, config, self.access_log, log)
@@ -140,10 +145,16 @@ class Worker:
         for fd, index in self.listen_fds:
             listener = config.listeners[index]
             tls = self.tls.get(index)
-            listening.append(Listening(socket.socket(fileno=fd), listener.backlog,
-                                       tls.context if tls is not None else None))
-        limit = self.accepting = AcceptLimit(loop, partial(H1Server, engine), listening,
-                                             config.server.max_connections, log)
+            listening.append(
+                Listening(
+                    socket.socket(fileno=fd),
+                    listener.backlog,
+                    tls.context if tls is not None else None,
+                )
+            )
+        limit = self.accepting = AcceptLimit(
+            loop, partial(H1Server, engine), listening, config.server.max_connections, log
+        )
         if limit.limit:
             # Counted where the protocols count themselves: at accept, and when they go.
             engine.connections = limit.connections
@@ -178,8 +189,9 @@ class Worker:
         (the error log is open already), the TLS certificates and keys, room for
         ``server.max_connections`` in the limit of open files."""
         target = config.logging.access_log
-        self.access_log = None if target == "off" else AccessLog(
-            target, config.logging.access_log_format)
+        self.access_log = (
+            None if target == "off" else AccessLog(target, config.logging.access_log_format)
+        )
         self.tls: dict[int, ServerTls] = {}
         for _, index in self.listen_fds:
             listener = config.listeners[index]
@@ -194,21 +206,27 @@ class Worker:
         changes (that would fail every second); says so once."""
         unreadable: list[str] = []
         for index, tls in self.tls.items():
-            paths = [path for c in tls.certs for path in (c.cert, c.key)
-                     if not os.access(path, os.R_OK)]
+            paths = [
+                path for c in tls.certs for path in (c.cert, c.key) if not os.access(path, os.R_OK)
+            ]
             if paths:
                 self.tls_fixed.add(index)
                 unreadable += [path for path in paths if path not in unreadable]
         if unreadable and self.identity is not None:
-            self.log.info("%s cannot read %s: certificate changes are picked up by a reload, "
-                          "not on the fly", self.identity.name, ", ".join(unreadable))
+            self.log.info(
+                "%s cannot read %s: certificate changes are picked up by a reload, not on the fly",
+                self.identity.name,
+                ", ".join(unreadable),
+            )
 
     def _as_user(self, reason: str) -> str:
         """An app load failure's reason, saying who could not load it after a switch."""
         if self.identity is None:
             return reason
-        return (f"{reason} (the worker runs as {self.identity.name}, server.user: the app "
-                "and the files it opens must be readable by that user)")
+        return (
+            f"{reason} (the worker runs as {self.identity.name}, server.user: the app "
+            "and the files it opens must be readable by that user)"
+        )
 
     def _flush_channel(self) -> None:
         """Before exit: what waits for the master (donated connections) goes out."""
@@ -273,13 +291,20 @@ class Worker:
             return
         e = self.engine
         p = e.pool
-        self._send(ipc.Heartbeat(requests=e.requests, connections=len(e.connections),
-                                 active_requests=e.active_requests,
-                                 accept_paused=self.accepting.paused,
-                                 accept_pauses=self.accepting.pauses,
-                                 upstream_requests=p.requests, connections_created=p.created,
-                                 reused_local=p.reused, reused_shared=p.reused_shared,
-                                 donated=p.donated))
+        self._send(
+            ipc.Heartbeat(
+                requests=e.requests,
+                connections=len(e.connections),
+                active_requests=e.active_requests,
+                accept_paused=self.accepting.paused,
+                accept_pauses=self.accepting.pauses,
+                upstream_requests=p.requests,
+                connections_created=p.created,
+                reused_local=p.reused,
+                reused_shared=p.reused_shared,
+                donated=p.donated,
+            )
+        )
         self.loop.call_later(HEARTBEAT_SECONDS, self._heartbeat)
 
     def _sweep(self) -> None:
@@ -330,13 +355,13 @@ class Worker:
         with an error in the log."""
         given: dict[str, int] = {}
         if msg is not None:
-            given = {os.path.abspath(path): fd for path, fd in zip(msg.paths, msg.fds,
-                                                                   strict=False)}
-            for fd in msg.fds[len(msg.paths):]:
+            given = {
+                os.path.abspath(path): fd for path, fd in zip(msg.paths, msg.fds, strict=False)
+            }
+            for fd in msg.fds[len(msg.paths) :]:
                 os.close(fd)
         try:
-            if self.access_log is not None and self.access_log.target not in (
-                    "stderr", "stdout"):
+            if self.access_log is not None and self.access_log.target not in ("stderr", "stdout"):
                 self.access_log.flush()
                 self._reopen(self.access_log.target, self.access_log.fileno(), given)
             for h in self.log.handlers:
@@ -353,8 +378,9 @@ class Worker:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
-                self.log.error("cannot reopen %s: %s; still writing to the file it was", path,
-                               e.strerror or e)
+                self.log.error(
+                    "cannot reopen %s: %s; still writing to the file it was", path, e.strerror or e
+                )
                 return
         try:
             os.dup2(fd, current, inheritable=False)
@@ -379,8 +405,7 @@ def switch_user(config: Config) -> Identity | None:
 def _preload() -> None:
     for package in ("shared", "worker"):
         # Their subpackages too (worker.server, worker.client ...): every module, at any depth.
-        for info in pkgutil.walk_packages(importlib.import_module(package).__path__,
-                                          f"{package}."):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
             if not info.name.endswith(".__main__"):
                 importlib.import_module(info.name)
     for name in PRELOAD_MODULES:
@@ -436,20 +461,22 @@ def check(config_path: str | None, app_spec: str | None) -> int:
         print(f"{config.source}: app: {e}", file=sys.stderr)
         return ipc.EXIT_APP_LOAD
     except Exception as e:
-        print(f"{config.source}: app: configure failed: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        print(f"{config.source}: app: configure failed: {type(e).__name__}: {e}", file=sys.stderr)
         return ipc.EXIT_APP_LOAD
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker",
-                                     description="A Tenaya worker (started by the master).")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker", description="A Tenaya worker (started by the master)."
+    )
     parser.add_argument("--channel-fd", type=int)
-    parser.add_argument("--listen-fds", default="",
-                        help="FD@LISTENER_INDEX,... of the sockets to accept on")
-    parser.add_argument("--check", action="store_true",
-                        help="load the config and the app, then exit")
+    parser.add_argument(
+        "--listen-fds", default="", help="FD@LISTENER_INDEX,... of the sockets to accept on"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="load the config and the app, then exit"
+    )
     parser.add_argument("-c", "--config")
     parser.add_argument("--app")
     args = parser.parse_args(argv)

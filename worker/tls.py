@@ -110,9 +110,14 @@ class _ServerContext(ssl.SSLContext):
 
     sslobject_class = _AlertingObject
 
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 server_side: bool = False, server_hostname: str | bytes | None = None,
-                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
         obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         if isinstance(obj, _AlertingObject):
             obj.outgoing = outgoing
@@ -129,8 +134,7 @@ def _mtimes(cert: str, key: str) -> tuple[float, float]:
 class ServerTls:
     """The TLS side of one listener."""
 
-    def __init__(self, config: Config, tls: TlsConfig, alpn: tuple[str, ...] = SERVER_ALPN
-                 ) -> None:
+    def __init__(self, config: Config, tls: TlsConfig, alpn: tuple[str, ...] = SERVER_ALPN) -> None:
         self.tls = tls
         self.alpn = alpn
         self._client_ca = config.resolve(tls.client_ca) if tls.client_ca else None
@@ -143,8 +147,9 @@ class ServerTls:
 
     def _make(self, cert: str, key: str) -> _Cert:
         ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if self.tls.min_version == "1.3"
-                               else ssl.TLSVersion.TLSv1_2)
+        ctx.minimum_version = (
+            ssl.TLSVersion.TLSv1_3 if self.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        )
         ctx.set_ciphers(self.tls.ciphers or DEFAULT_CIPHERS)
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         ctx.set_alpn_protocols(list(self.alpn))

@@ -22,7 +22,7 @@ def _strip_port(host: str) -> str:
     """``example.com:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
     if host.startswith("["):
         end = host.find("]")
-        return host[:end + 1] if end > 0 else host
+        return host[: end + 1] if end > 0 else host
     return host.rsplit(":", 1)[0]
 
 
@@ -38,8 +38,9 @@ class LoadBalancer(ProxyHttp[None]):
             if not upstream.servers:
                 continue
             options = PeerOptions(http2=upstream.http2)
-            rr = RoundRobin([HttpPeer(s, options=options) for s in upstream.servers],
-                            start=self.worker_id)
+            rr = RoundRobin(
+                [HttpPeer(s, options=options) for s in upstream.servers], start=self.worker_id
+            )
             if self.default is None:
                 self.default = rr
             for host in upstream.hosts:

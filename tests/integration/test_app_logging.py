@@ -22,7 +22,8 @@ HEAD = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[worker (\d+) (\d+)\] "
 #: A request id Tenaya generates.
 GENERATED = r"[0-9a-f]{12}-[0-9a-f]{6}"
 
-MYGW = origin_app('''
+MYGW = (
+    origin_app("""
     def request_filter(self, session, ctx):
         log.info("tenant=%s", session.req_header.get("X-Tenant") or "-")
         if session.req_header.path == "/boom":
@@ -31,26 +32,31 @@ MYGW = origin_app('''
 
     def response_filter(self, session, upstream_response, ctx):
         log.warning("answered %d", upstream_response.status)
-''') + '''
+""")
+    + """
 import logging
 
 log = logging.getLogger("mygw")
 logging.getLogger("mygw.boot").info("loaded")
-'''
+"""
+)
 
-ASYNC_MYGW = origin_app('''
+ASYNC_MYGW = (
+    origin_app("""
     async def request_filter(self, session, ctx):
         tenant = session.req_header.get("X-Tenant")
         log.info("tenant=%s before", tenant)
         await asyncio.sleep(0.2)
         log.info("tenant=%s after", tenant)
         return False
-''') + '''
+""")
+    + """
 import asyncio
 import logging
 
 log = logging.getLogger("mygw")
-'''
+"""
+)
 
 
 def start(fleet: Fleet, source: str) -> Master:
@@ -61,8 +67,9 @@ def start(fleet: Fleet, source: str) -> Master:
 
 def lines(master: Master, pattern: str) -> list[re.Match[str]]:
     """The error log's lines that match ``pattern`` whole."""
-    return [m for line in master.read_error_log().splitlines()
-            if (m := re.fullmatch(pattern, line))]
+    return [
+        m for line in master.read_error_log().splitlines() if (m := re.fullmatch(pattern, line))
+    ]
 
 
 def worker_pids(master: Master) -> set[int]:
@@ -90,8 +97,13 @@ def test_app_lines_have_the_format_and_the_request_id(fleet: Fleet) -> None:
 def test_lines_outside_a_request_have_no_request_id(fleet: Fleet) -> None:
     """What the app logs while it loads (once per worker) has the format, without ``[req``."""
     master = start(fleet, MYGW)
-    found = wait_for(lambda: len(lines(master, HEAD + "INFO loaded")) == master.workers_count
-                     and lines(master, HEAD + "INFO loaded"), what="a loaded line per worker")
+    found = wait_for(
+        lambda: (
+            len(lines(master, HEAD + "INFO loaded")) == master.workers_count
+            and lines(master, HEAD + "INFO loaded")
+        ),
+        what="a loaded line per worker",
+    )
     assert {int(m.group(2)) for m in found} == worker_pids(master)
     assert master.read_error_log().count("loaded") == master.workers_count
 
@@ -105,13 +117,24 @@ def test_a_request_without_an_id_gets_a_generated_one(fleet: Fleet) -> None:
     get(master.port, "/", [("X-Tenant", "t3"), ("X-Request-Id", "has space")])
     ids = []
     for tenant in ("t1", "t2", "t3"):
-        (m,) = wait_for(lambda t=tenant: lines(master, HEAD + rf"INFO \[req ({GENERATED})\] "
-                                                         rf"tenant={t}"),
-                        what=f"the line of {tenant}")
+        (m,) = wait_for(
+            lambda t=tenant: lines(
+                master,
+                HEAD + rf"INFO \[req ({GENERATED})\] "
+                rf"tenant={t}",
+            ),
+            what=f"the line of {tenant}",
+        )
         ids.append(m.group(3))
     assert len(set(ids)) == 3
-    warnings = [m.group(3) for m in lines(master, HEAD + rf"WARNING \[req ({GENERATED})\] "
-                                                          r"answered 200")]
+    warnings = [
+        m.group(3)
+        for m in lines(
+            master,
+            HEAD + rf"WARNING \[req ({GENERATED})\] "
+            r"answered 200",
+        )
+    ]
     assert sorted(warnings) == sorted(ids)
 
 
@@ -120,22 +143,26 @@ def test_the_level_applies_to_app_loggers(fleet: Fleet) -> None:
     # The master's "serving on" line is info too: wait on a port of our own instead.
     origin = fleet.origin("app")
     port = free_port()
-    config = config_for(app="mygw:App", app_options={"origin": origin.address},
-                        listeners=[{"address": f"127.0.0.1:{port}"}],
-                        logging={"level": "warning"})
+    config = config_for(
+        app="mygw:App",
+        app_options={"origin": origin.address},
+        listeners=[{"address": f"127.0.0.1:{port}"}],
+        logging={"level": "warning"},
+    )
     master = fleet.master(config, files={"mygw.py": MYGW}, start=False)
     master.spawn()
 
     def answered() -> bool:
         try:
-            return get(port, "/", [("X-Request-Id", "lvl-1"), ("X-Tenant", "acme")]
-                       ).status == 200
+            return get(port, "/", [("X-Request-Id", "lvl-1"), ("X-Tenant", "acme")]).status == 200
         except OSError:
             return False
 
     wait_for(answered, timeout=30, what="the master to answer")
-    wait_for(lambda: lines(master, HEAD + r"WARNING \[req lvl-1\] answered 200"),
-             what="the app's warning line")
+    wait_for(
+        lambda: lines(master, HEAD + r"WARNING \[req lvl-1\] answered 200"),
+        what="the app's warning line",
+    )
     log = master.read_error_log()
     assert "tenant=acme" not in log
     assert "loaded" not in log
@@ -146,8 +173,10 @@ def test_app_error_shows_the_path_as_text(fleet: Fleet) -> None:
     with the request's id, then the traceback."""
     master = start(fleet, MYGW)
     assert get(master.port, "/boom", [("X-Request-Id", "boom-1")]).status == 500
-    wait_for(lambda: lines(master, HEAD + r"ERROR \[req boom-1\] app error on GET /boom"),
-             what="the app error line")
+    wait_for(
+        lambda: lines(master, HEAD + r"ERROR \[req boom-1\] app error on GET /boom"),
+        what="the app error line",
+    )
     log = master.read_error_log()
     assert "b'/boom'" not in log
     assert "ValueError: boom" in log
@@ -157,14 +186,16 @@ def test_async_phases_keep_each_requests_id(fleet: Fleet) -> None:
     """Two requests at once in an async phase that waits between two lines: after the wait,
     each line still carries its own request's id."""
     origin = fleet.origin("app")
-    config = config_for(app="mygw:App", app_options={"origin": origin.address},
-                        server={"workers": 1})
+    config = config_for(
+        app="mygw:App", app_options={"origin": origin.address}, server={"workers": 1}
+    )
     master = fleet.master(config, files={"mygw.py": ASYNC_MYGW})
     statuses: list[int] = []
 
     def request(n: int) -> None:
-        statuses.append(get(master.port, "/", [("X-Request-Id", f"id-{n}"),
-                                               ("X-Tenant", f"t{n}")]).status)
+        statuses.append(
+            get(master.port, "/", [("X-Request-Id", f"id-{n}"), ("X-Tenant", f"t{n}")]).status
+        )
 
     threads = [threading.Thread(target=request, args=(n,)) for n in range(4)]
     for t in threads:
@@ -172,11 +203,21 @@ def test_async_phases_keep_each_requests_id(fleet: Fleet) -> None:
     for t in threads:
         t.join()
     assert statuses == [200] * 4
-    found = wait_for(lambda: len(m := lines(master, HEAD + r"INFO \[req ([^\]]+)\] "
-                                                    r"tenant=(\S+) (before|after)")) == 8 and m,
-                     what="eight lines")
-    assert {(m.group(3), m.group(4)) for m in found} == {
-        (f"id-{n}", f"t{n}") for n in range(4)}
+    found = wait_for(
+        lambda: (
+            len(
+                m := lines(
+                    master,
+                    HEAD + r"INFO \[req ([^\]]+)\] "
+                    r"tenant=(\S+) (before|after)",
+                )
+            )
+            == 8
+            and m
+        ),
+        what="eight lines",
+    )
+    assert {(m.group(3), m.group(4)) for m in found} == {(f"id-{n}", f"t{n}") for n in range(4)}
     # The requests overlapped: some request began before another's after line.
     order = [m.group(5) for m in found]
     assert order.index("after") > 1

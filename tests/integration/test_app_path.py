@@ -18,26 +18,37 @@ if TYPE_CHECKING:
     from conftest import Fleet
 
 #: A user's module that, if it ever ran, would leave a mark beside itself.
-MARKING_MODULE = '''
+MARKING_MODULE = """
 import pathlib
 pathlib.Path(__file__).with_suffix(".ran").write_text("ran")
 raise ImportError("the user's module ran")
-'''
+"""
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "master", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "master", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # (``python -m master`` in a directory with a master.py runs that file before any of Tenaya's
 # code can: there the README says to use the ``tenaya`` command.)
-@pytest.mark.parametrize(("name", "where"), [
-    ("worker", "beside_config"), ("shared", "beside_config"), ("master", "beside_config"),
-    ("worker", "current_dir"), ("shared", "current_dir"),
-])
-def test_check_refuses_a_module_named_like_a_package(tmp_path: Path, name: str,
-                                                     where: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        ("worker", "beside_config"),
+        ("shared", "beside_config"),
+        ("master", "beside_config"),
+        ("worker", "current_dir"),
+        ("shared", "current_dir"),
+    ],
+)
+def test_check_refuses_a_module_named_like_a_package(tmp_path: Path, name: str, where: str) -> None:
     """``check`` names the clashing file and exits 1; the file never runs."""
     project = tmp_path / "project"
     project.mkdir()
@@ -58,8 +69,9 @@ def test_check_refuses_a_module_named_like_a_package(tmp_path: Path, name: str,
 def test_start_refuses_a_module_named_like_a_package(fleet: Fleet) -> None:
     """``start`` stops with the same reason, without respawning the worker in a loop."""
     config = config_for(app="myapp:App", app_options={"origin": "127.0.0.1:9"})
-    m = fleet.master(config, files={"myapp.py": origin_app(), "worker.py": MARKING_MODULE},
-                     start=False)
+    m = fleet.master(
+        config, files={"myapp.py": origin_app(), "worker.py": MARKING_MODULE}, start=False
+    )
     proc = m.spawn()
     assert proc.wait(60) == 1
     assert "worker.py has the name of Tenaya's package 'worker'" in m.logs()
@@ -69,8 +81,10 @@ def test_start_refuses_a_module_named_like_a_package(fleet: Fleet) -> None:
 def test_builtin_balancer_serves_beside_a_shared_py(fleet: Fleet) -> None:
     """With no app, modules of the user's in the current directory do not matter."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"origin": [origin.address]}),
-                     files={"shared.py": MARKING_MODULE, "worker.py": MARKING_MODULE})
+    m = fleet.master(
+        config_for({"origin": [origin.address]}),
+        files={"shared.py": MARKING_MODULE, "worker.py": MARKING_MODULE},
+    )
     assert get(m.port, "/x").status == 200
     assert origin.paths() == ["/x"]
     assert not (m.workdir / "shared.ran").exists()
@@ -80,16 +94,17 @@ def test_app_imports_its_helper_beside_the_config(fleet: Fleet, tmp_path: Path) 
     """A helper module beside the config imports, whatever the master's current directory."""
     origin = fleet.origin()
     helper = "TAG = 'from-helper'\n"
-    app = origin_app('''
+    app = origin_app("""
     def upstream_request_filter(self, session, upstream_request, ctx):
         import myhelper
         upstream_request.set("X-Tag", myhelper.TAG)
-''')
+""")
     config = config_for(app="myapp:App", app_options={"origin": origin.address})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    m = Master(tmp_path / "project", config, files={"myapp.py": app, "myhelper.py": helper},
-               cwd=elsewhere)
+    m = Master(
+        tmp_path / "project", config, files={"myapp.py": app, "myhelper.py": helper}, cwd=elsewhere
+    )
     try:
         m.start()
         assert get(m.port, "/").status == 200

@@ -22,19 +22,25 @@ GOOD = {
     "upstreams": {"main": {"servers": ["127.0.0.1:9001", "127.0.0.1:9002"]}},
 }
 
-APP = '''
+APP = """
 from shared import HttpPeer, ProxyHttp
 
 
 class Fixed(ProxyHttp):
     def upstream_peer(self, session, ctx):
         return HttpPeer("127.0.0.1:9001")
-'''
+"""
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "master", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "master", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def write(tmp_path: Path, config: typing.Any, name: str = "tenaya.yaml") -> Path:
@@ -62,24 +68,39 @@ def test_check_good_config_with_app_beside_it(tmp_path: Path) -> None:
 
 
 BAD = {
-    "unknown_key": ({**GOOD, "server": {"wokers": 2}},
-                    "server.wokers: unknown key (did you mean 'workers'?)"),
-    "unknown_top_level_key": ({**GOOD, "upstream": {}},
-                              "upstream: unknown key (did you mean 'upstreams'?)"),
-    "wrong_type_int": ({**GOOD, "server": {"workers": "two"}},
-                       "server.workers: expected an integer, got 'two'"),
-    "wrong_type_bool_for_int": ({**GOOD, "server": {"workers": True}},
-                                "server.workers: expected an integer, got True"),
-    "wrong_type_number": ({**GOOD, "timeouts": {"upstream_read_seconds": "fast"}},
-                          "timeouts.upstream_read_seconds: expected a number, got 'fast'"),
+    "unknown_key": (
+        {**GOOD, "server": {"wokers": 2}},
+        "server.wokers: unknown key (did you mean 'workers'?)",
+    ),
+    "unknown_top_level_key": (
+        {**GOOD, "upstream": {}},
+        "upstream: unknown key (did you mean 'upstreams'?)",
+    ),
+    "wrong_type_int": (
+        {**GOOD, "server": {"workers": "two"}},
+        "server.workers: expected an integer, got 'two'",
+    ),
+    "wrong_type_bool_for_int": (
+        {**GOOD, "server": {"workers": True}},
+        "server.workers: expected an integer, got True",
+    ),
+    "wrong_type_number": (
+        {**GOOD, "timeouts": {"upstream_read_seconds": "fast"}},
+        "timeouts.upstream_read_seconds: expected a number, got 'fast'",
+    ),
     "negative": ({**GOOD, "server": {"workers": -1}}, "server.workers: must be 0 or more"),
-    "listener_without_port": ({**GOOD, "listeners": [{"address": "127.0.0.1"}]},
-                              "listeners[0].address: "),
-    "listener_port_out_of_range": ({**GOOD, "listeners": [{"address": "127.0.0.1:99999"}]},
-                                   "listeners[0].address: "),
+    "listener_without_port": (
+        {**GOOD, "listeners": [{"address": "127.0.0.1"}]},
+        "listeners[0].address: ",
+    ),
+    "listener_port_out_of_range": (
+        {**GOOD, "listeners": [{"address": "127.0.0.1:99999"}]},
+        "listeners[0].address: ",
+    ),
     "upstream_bad_address": (
         {**GOOD, "upstreams": {"main": {"servers": ["127.0.0.1:9001", "::1:80"]}}},
-        "upstreams.main.servers"),
+        "upstreams.main.servers",
+    ),
     "no_upstream": ({"listeners": [{"address": "127.0.0.1:0"}]}, "upstreams: "),
     "bad_app_spec": ({**GOOD, "app": "justamodule"}, "app: expected MODULE:ATTRIBUTE"),
     "bad_enum": ({**GOOD, "logging": {"level": "loud"}}, "logging.level: expected one of"),
@@ -118,15 +139,22 @@ def test_check_missing_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("app, files, reason", [
-    ("brokenapp:App", {"brokenapp.py": "import no_such_module_anywhere\n"},
-     "no_such_module_anywhere"),
-    ("missingapp:App", {}, "missingapp"),
-    ("okapp:Missing", {"okapp.py": "X = 1\n"}, "Missing"),
-    ("notanapp:App", {"notanapp.py": "class App:\n    pass\n"}, "ProxyHttp"),
-])
-def test_check_app_that_fails_to_import(tmp_path: Path, app: str, files: dict[str, str],
-                                        reason: str) -> None:
+@pytest.mark.parametrize(
+    "app, files, reason",
+    [
+        (
+            "brokenapp:App",
+            {"brokenapp.py": "import no_such_module_anywhere\n"},
+            "no_such_module_anywhere",
+        ),
+        ("missingapp:App", {}, "missingapp"),
+        ("okapp:Missing", {"okapp.py": "X = 1\n"}, "Missing"),
+        ("notanapp:App", {"notanapp.py": "class App:\n    pass\n"}, "ProxyHttp"),
+    ],
+)
+def test_check_app_that_fails_to_import(
+    tmp_path: Path, app: str, files: dict[str, str], reason: str
+) -> None:
     """An app that cannot be loaded: exit non-zero with the file, ``app`` and the reason,
     and no traceback."""
     for name, text in files.items():
@@ -167,17 +195,24 @@ def test_config_reference_lists_every_setting() -> None:
     assert len(paths) > 15
     for p in paths:
         assert f"`{p}`" in result.stdout, f"{p} missing from the reference"
-    for p in ("limits.max_header_bytes", "limits.max_body_bytes",
-              "timeouts.upstream_read_seconds", "upstreams.<name>.servers"):
+    for p in (
+        "limits.max_header_bytes",
+        "limits.max_body_bytes",
+        "timeouts.upstream_read_seconds",
+        "upstreams.<name>.servers",
+    ):
         assert f"`{p}`" in result.stdout
 
 
 def test_check_reports_every_error_at_once(tmp_path: Path) -> None:
     """A config with several mistakes: exit 1 and one ``FILE: key.path: reason`` line for
     each, in the order of the file, in one run."""
-    path = write(tmp_path, "server:\n  wokers: 2\nlisteners:\n  - address: 127.0.0.1\n"
-                           "upstreams:\n  web:\n    servers: [10.0.0.1:80, localhost]\n"
-                           "logging:\n  level: loud\n")
+    path = write(
+        tmp_path,
+        "server:\n  wokers: 2\nlisteners:\n  - address: 127.0.0.1\n"
+        "upstreams:\n  web:\n    servers: [10.0.0.1:80, localhost]\n"
+        "logging:\n  level: loud\n",
+    )
     result = run("check", "-c", str(path))
     assert result.returncode == 1
     assert result.stdout == ""
@@ -196,8 +231,13 @@ CONTROL_COMMANDS = ("status", "stop", "reload")
 
 def exited_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, timeout=30, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return int(proc.stdout)
 
 
@@ -215,8 +255,9 @@ def test_no_pid_file(tmp_path: Path, command: str) -> None:
     """The pid file does not exist: the master is not running, said as a sentence."""
     pid_file = tmp_path / "tenaya.pid"
     path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
-    assert_says(run(command, "-c", str(path)),
-                f"tenaya: no master is running: {pid_file} does not exist")
+    assert_says(
+        run(command, "-c", str(path)), f"tenaya: no master is running: {pid_file} does not exist"
+    )
 
 
 @pytest.mark.parametrize("command", CONTROL_COMMANDS)
@@ -226,17 +267,23 @@ def test_pid_file_of_a_process_that_exited(tmp_path: Path, command: str) -> None
     pid = exited_pid()
     pid_file.write_text(f"{pid}\n")
     path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
-    assert_says(run(command, "-c", str(path)),
-                f"tenaya: no master is running: the pid file {pid_file} names process {pid}, "
-                "which is not running")
+    assert_says(
+        run(command, "-c", str(path)),
+        f"tenaya: no master is running: the pid file {pid_file} names process {pid}, "
+        "which is not running",
+    )
 
 
-@pytest.mark.parametrize(("content", "found"), [
-    ("garbage\n", "it holds 'garbage'"),
-    ("", "it is empty"),
-    ("0\n", "it holds '0'"),
-    ("-1\n", "it holds '-1'"),
-], ids=["text", "empty", "zero", "negative"])
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        ("garbage\n", "it holds 'garbage'"),
+        ("", "it is empty"),
+        ("0\n", "it holds '0'"),
+        ("-1\n", "it holds '-1'"),
+    ],
+    ids=["text", "empty", "zero", "negative"],
+)
 def test_pid_file_without_a_pid(tmp_path: Path, content: str, found: str) -> None:
     """A pid file that holds no process id says what it holds; 0 and negative numbers, which
     name process groups, are refused too. (``status`` and not ``stop``: should this break,
@@ -244,9 +291,10 @@ def test_pid_file_without_a_pid(tmp_path: Path, content: str, found: str) -> Non
     pid_file = tmp_path / "tenaya.pid"
     pid_file.write_text(content)
     path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
-    assert_says(run("status", "-c", str(path)),
-                f"tenaya: no master found: the pid file {pid_file} does not hold a process id "
-                f"({found})")
+    assert_says(
+        run("status", "-c", str(path)),
+        f"tenaya: no master found: the pid file {pid_file} does not hold a process id ({found})",
+    )
 
 
 def test_pid_file_naming_another_program_is_not_signalled(tmp_path: Path) -> None:
@@ -257,9 +305,11 @@ def test_pid_file_naming_another_program_is_not_signalled(tmp_path: Path) -> Non
     try:
         pid_file.write_text(f"{other.pid}\n")
         path = write(tmp_path, {**GOOD, "server": {"pid_file": str(pid_file)}})
-        assert_says(run("stop", "-c", str(path)),
-                    f"tenaya: no master is running: the pid file {pid_file} names process "
-                    f"{other.pid}, which is not a Tenaya master")
+        assert_says(
+            run("stop", "-c", str(path)),
+            f"tenaya: no master is running: the pid file {pid_file} names process "
+            f"{other.pid}, which is not a Tenaya master",
+        )
         assert other.poll() is None, "the other program was signalled"
     finally:
         other.kill()
@@ -271,8 +321,9 @@ def test_no_control_socket(tmp_path: Path, command: str) -> None:
     """Only a control socket configured, and it does not exist: said as a sentence."""
     sock = tmp_path / "ctl.sock"
     path = write(tmp_path, {**GOOD, "server": {"control_socket": str(sock)}})
-    assert_says(run(command, "-c", str(path)),
-                f"tenaya: no master is running: {sock} does not exist")
+    assert_says(
+        run(command, "-c", str(path)), f"tenaya: no master is running: {sock} does not exist"
+    )
 
 
 @pytest.mark.parametrize("command", CONTROL_COMMANDS)
@@ -283,5 +334,7 @@ def test_control_socket_nobody_listens_on(tmp_path: Path, command: str) -> None:
         s.bind(str(sock_path))
     assert sock_path.exists()
     path = write(tmp_path, {**GOOD, "server": {"control_socket": str(sock_path)}})
-    assert_says(run(command, "-c", str(path)),
-                f"tenaya: no master is running: nothing listens on {sock_path}")
+    assert_says(
+        run(command, "-c", str(path)),
+        f"tenaya: no master is running: nothing listens on {sock_path}",
+    )

@@ -37,8 +37,13 @@ def cookbook_module() -> ModuleType:
     return sys.modules[name]
 
 
-def recipe(fleet: Fleet, name: str, options: dict[str, object],
-           files: dict[str, str] | None = None, app: str | None = None) -> Master:
+def recipe(
+    fleet: Fleet,
+    name: str,
+    options: dict[str, object],
+    files: dict[str, str] | None = None,
+    app: str | None = None,
+) -> Master:
     """A serving master running the recipe ``cookbook:<name>`` with ``app_options``."""
     config = config_for(app=app or f"cookbook:{name}", app_options=options)
     return fleet.master(config, files={"cookbook.py": COOKBOOK, **(files or {})})
@@ -46,11 +51,13 @@ def recipe(fleet: Fleet, name: str, options: dict[str, object],
 
 # -- (a) authentication ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def auth(module_fleet: Fleet) -> tuple[Master, Origin]:
     origin = module_fleet.origin("app")
-    return recipe(module_fleet, "BearerAuth", {"origin": origin.address,
-                                               "tokens": ["s3cret", "other-token"]}), origin
+    return recipe(
+        module_fleet, "BearerAuth", {"origin": origin.address, "tokens": ["s3cret", "other-token"]}
+    ), origin
 
 
 def test_auth_without_credentials_is_401(auth: tuple[Master, Origin]) -> None:
@@ -62,10 +69,10 @@ def test_auth_without_credentials_is_401(auth: tuple[Master, Origin]) -> None:
     assert origin.requests == []
 
 
-@pytest.mark.parametrize("credentials", ["Bearer wrong", "Bearer s3cre", "Basic czNjcmV0",
-                                         "Bearer"])
-def test_auth_with_wrong_credentials_is_403(auth: tuple[Master, Origin],
-                                            credentials: str) -> None:
+@pytest.mark.parametrize(
+    "credentials", ["Bearer wrong", "Bearer s3cre", "Basic czNjcmV0", "Bearer"]
+)
+def test_auth_with_wrong_credentials_is_403(auth: tuple[Master, Origin], credentials: str) -> None:
     master, origin = auth
     origin.reset()
     resp = get(master.port, "/private", [("Authorization", credentials)])
@@ -89,6 +96,7 @@ def test_auth_with_a_known_token_is_proxied(auth: tuple[Master, Origin], token: 
 
 # -- (b) routing by header and by path prefix ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def router(module_fleet: Fleet) -> tuple[Master, dict[str, Origin]]:
     origins = {name: module_fleet.origin(name) for name in ("web", "beta", "api", "old")}
@@ -101,19 +109,28 @@ def router(module_fleet: Fleet) -> tuple[Master, dict[str, Origin]]:
     return recipe(module_fleet, "Router", options), origins
 
 
-@pytest.mark.parametrize(("target", "headers", "answered_by", "origin_saw"), [
-    ("/api/v1/users?id=7", [], "api", "/users?id=7"),
-    ("/api/v1", [], "api", "/"),
-    ("/api/v1?q=1", [], "api", "/?q=1"),
-    ("/api/v2/users", [], "old", "/v2/users"),
-    ("/api/v1x", [], "old", "/v1x"),
-    ("/index.html", [], "web", "/index.html"),
-    ("/index.html", [("X-Backend", "beta")], "beta", "/index.html"),
-    ("/api/v1/users", [("X-Backend", "beta")], "beta", "/api/v1/users"),
-    ("/index.html", [("X-Backend", "gamma")], "web", "/index.html"),
-], ids=lambda v: str(v) if isinstance(v, str) else "")
-def test_router(router: tuple[Master, dict[str, Origin]], target: str,
-                headers: list[tuple[str, str]], answered_by: str, origin_saw: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "headers", "answered_by", "origin_saw"),
+    [
+        ("/api/v1/users?id=7", [], "api", "/users?id=7"),
+        ("/api/v1", [], "api", "/"),
+        ("/api/v1?q=1", [], "api", "/?q=1"),
+        ("/api/v2/users", [], "old", "/v2/users"),
+        ("/api/v1x", [], "old", "/v1x"),
+        ("/index.html", [], "web", "/index.html"),
+        ("/index.html", [("X-Backend", "beta")], "beta", "/index.html"),
+        ("/api/v1/users", [("X-Backend", "beta")], "beta", "/api/v1/users"),
+        ("/index.html", [("X-Backend", "gamma")], "web", "/index.html"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
+def test_router(
+    router: tuple[Master, dict[str, Origin]],
+    target: str,
+    headers: list[tuple[str, str]],
+    answered_by: str,
+    origin_saw: str,
+) -> None:
     """The header route wins; then the longest whole-segment prefix, which is taken off the
     path; then the default origin, with the path as sent."""
     master, origins = router
@@ -128,14 +145,22 @@ def test_router(router: tuple[Master, dict[str, Origin]], target: str,
 
 # -- (c) a canary ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def canary_origins(module_fleet: Fleet) -> dict[str, Origin]:
     return {name: module_fleet.origin(name) for name in ("stable", "canary")}
 
 
 def canary_master(fleet: Fleet, origins: dict[str, Origin], percent: int) -> Master:
-    return recipe(fleet, "Canary", {"stable": origins["stable"].address,
-                                    "canary": origins["canary"].address, "percent": percent})
+    return recipe(
+        fleet,
+        "Canary",
+        {
+            "stable": origins["stable"].address,
+            "canary": origins["canary"].address,
+            "percent": percent,
+        },
+    )
 
 
 def answered_by(master: Master, request_id: str) -> str:
@@ -147,8 +172,9 @@ def answered_by(master: Master, request_id: str) -> str:
 
 
 @pytest.mark.parametrize(("percent", "side"), [(0, "stable"), (100, "canary")])
-def test_canary_extremes(fleet: Fleet, canary_origins: dict[str, Origin], percent: int,
-                         side: str) -> None:
+def test_canary_extremes(
+    fleet: Fleet, canary_origins: dict[str, Origin], percent: int, side: str
+) -> None:
     """0 sends nothing to the canary and 100 everything, whatever the request id."""
     master = canary_master(fleet, canary_origins, percent)
     for o in canary_origins.values():
@@ -158,8 +184,9 @@ def test_canary_extremes(fleet: Fleet, canary_origins: dict[str, Origin], percen
     assert len(canary_origins[side].requests) == 31
 
 
-def test_canary_share_follows_the_request_id(fleet: Fleet,
-                                             canary_origins: dict[str, Origin]) -> None:
+def test_canary_share_follows_the_request_id(
+    fleet: Fleet, canary_origins: dict[str, Origin]
+) -> None:
     """With 50 %, each request id goes where the recipe's hash puts it, the same way every
     time, whichever worker serves it; both sides get a part."""
     bucket = cookbook_module().canary_bucket
@@ -173,9 +200,14 @@ def test_canary_share_follows_the_request_id(fleet: Fleet,
 
 def test_canary_refuses_a_bad_percent(fleet: Fleet, canary_origins: dict[str, Origin]) -> None:
     """A wrong setting stops the start, with the key and the value in the log."""
-    config = config_for(app="cookbook:Canary", app_options={
-        "stable": canary_origins["stable"].address, "canary": canary_origins["canary"].address,
-        "percent": 150})
+    config = config_for(
+        app="cookbook:Canary",
+        app_options={
+            "stable": canary_origins["stable"].address,
+            "canary": canary_origins["canary"].address,
+            "percent": 150,
+        },
+    )
     master = fleet.master(config, files={"cookbook.py": COOKBOOK}, start=False)
     assert master.spawn().wait(60) != 0
     assert "app_options.percent: expected 0 to 100, got 150" in master.logs()
@@ -183,12 +215,18 @@ def test_canary_refuses_a_bad_percent(fleet: Fleet, canary_origins: dict[str, Or
 
 # -- (d) adding response headers -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def with_headers(module_fleet: Fleet) -> Master:
     origin = module_fleet.origin("plain")
-    return recipe(module_fleet, "ResponseHeaders", {
-        "origin": origin.address,
-        "headers": {"Strict-Transport-Security": "max-age=63072000", "X-Origin": "hidden"}})
+    return recipe(
+        module_fleet,
+        "ResponseHeaders",
+        {
+            "origin": origin.address,
+            "headers": {"Strict-Transport-Security": "max-age=63072000", "X-Origin": "hidden"},
+        },
+    )
 
 
 @pytest.mark.parametrize("target", ["/page", "/status/404", "/chunked?parts=a,b"])
@@ -204,7 +242,7 @@ def test_response_headers_are_added(with_headers: Master, target: str) -> None:
 
 # The test only needs to read the recipe's log lines: this app adds a file handler to its
 # logger, as an app that wants its lines in a file of its own can.
-CAPTURE = '''
+CAPTURE = """
 import logging
 
 from cookbook import TenantLog
@@ -218,7 +256,7 @@ class App(TenantLog):
         logger = logging.getLogger("myapp")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-'''
+"""
 
 
 def test_tenant_log_line(fleet: Fleet, tmp_path: Path) -> None:
@@ -226,8 +264,13 @@ def test_tenant_log_line(fleet: Fleet, tmp_path: Path) -> None:
     the status and the origin that answered."""
     origin = fleet.origin("shop")
     log_file = tmp_path / "myapp.log"
-    master = recipe(fleet, "TenantLog", {"origin": origin.address, "log_file": str(log_file)},
-                    files={"capture.py": CAPTURE}, app="capture:App")
+    master = recipe(
+        fleet,
+        "TenantLog",
+        {"origin": origin.address, "log_file": str(log_file)},
+        files={"capture.py": CAPTURE},
+        app="capture:App",
+    )
     assert get(master.port, "/orders?page=2", [("X-Tenant", "acme")]).status == 200
     assert get(master.port, "/status/503").status == 503
 
@@ -237,7 +280,19 @@ def test_tenant_log_line(fleet: Fleet, tmp_path: Path) -> None:
 
     found = wait_for(lambda: len(lines()) >= 2 and lines(), what="two myapp log lines")
     up = re.escape(origin.address)
-    assert any(re.fullmatch(rf"myapp INFO tenant=acme GET /orders\?page=2 status=200 "
-                            rf"upstream={up} ms=\d+\.\d", line) for line in found), found
-    assert any(re.fullmatch(rf"myapp INFO tenant=- GET /status/503 status=503 "
-                            rf"upstream={up} ms=\d+\.\d", line) for line in found), found
+    assert any(
+        re.fullmatch(
+            rf"myapp INFO tenant=acme GET /orders\?page=2 status=200 "
+            rf"upstream={up} ms=\d+\.\d",
+            line,
+        )
+        for line in found
+    ), found
+    assert any(
+        re.fullmatch(
+            rf"myapp INFO tenant=- GET /status/503 status=503 "
+            rf"upstream={up} ms=\d+\.\d",
+            line,
+        )
+        for line in found
+    ), found

@@ -56,8 +56,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(module_fleet: Fleet) -> Env:
     origin = module_fleet.origin("corpus")
-    config = config_for(upstreams={"corpus": [origin.address]},
-                        limits={"max_body_bytes": MAX_BODY})
+    config = config_for(upstreams={"corpus": [origin.address]}, limits={"max_body_bytes": MAX_BODY})
     return Env(module_fleet.master(config), origin)
 
 

@@ -148,9 +148,11 @@ def test_upstream_request_filter_rewrites_request(env: Env) -> None:
     """Headers added and removed by upstream_request_filter, and its new path, are what the
     origin gets; the proxy's own forwarded headers are still there."""
     with HttpConn(env.port) as conn:
-        resp = conn.request("GET", "/api/items?q=1", [("Host", "app.test"),
-                                                      ("X-Secret", "token"),
-                                                      ("X-Keep", "kept")])
+        resp = conn.request(
+            "GET",
+            "/api/items?q=1",
+            [("Host", "app.test"), ("X-Secret", "token"), ("X-Keep", "kept")],
+        )
     assert resp.status == 200
     (req,) = env.origin.requests
     assert req.target == "/v2/items?q=1"
@@ -166,10 +168,19 @@ def test_hop_by_hop_headers_removed_on_rewritten_requests(env: Env) -> None:
     """With upstream_request_filter the request head is rebuilt: hop-by-hop fields are still
     removed, a client's X-Forwarded-For is still extended."""
     with HttpConn(env.port) as conn:
-        resp = conn.request("GET", "/hop", [
-            ("Connection", "keep-alive, X-Private"), ("X-Private", "1"),
-            ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Proxy-Connection", "keep-alive"),
-            ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https")])
+        resp = conn.request(
+            "GET",
+            "/hop",
+            [
+                ("Connection", "keep-alive, X-Private"),
+                ("X-Private", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Proxy-Connection", "keep-alive"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("X-Forwarded-Proto", "https"),
+            ],
+        )
     assert resp.status == 200
     (req,) = env.origin.requests
     for name in ("Connection", "X-Private", "Keep-Alive", "TE", "Proxy-Connection"):
@@ -235,14 +246,16 @@ def test_phase_raises_an_error_with_a_status_of_its_own(env: Env) -> None:
     assert env.origin.paths() == ["/after-limit"]
 
 
-@pytest.mark.parametrize("target", ["/headers", "/upper/x", "/chunked?parts=a,b,c",
-                                    "/large?size=300000"])
+@pytest.mark.parametrize(
+    "target", ["/headers", "/upper/x", "/chunked?parts=a,b,c", "/large?size=300000"]
+)
 def test_async_response_filter(fleet: Fleet, target: str) -> None:
     """An ``async def`` response_filter: its changes reach the client with the whole body,
     whether the origin's head and body came in one read or many."""
     origin = fleet.origin("custom")
-    config = config_for(upstreams={"origin": [origin.address]},
-                        app="rewriter:AsyncResponseRewriter")
+    config = config_for(
+        upstreams={"origin": [origin.address]}, app="rewriter:AsyncResponseRewriter"
+    )
     master = fleet.master(config, files={"rewriter.py": APP})
     with HttpConn(master.port, timeout=3) as conn:
         for _ in range(2):

@@ -23,8 +23,13 @@ def _write_config(tmp_path: Path, config: dict[str, object]) -> Path:
 
 
 def _start(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "master", "start", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "master", "start", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _live_masters(cwd: Path) -> set[int]:
@@ -33,8 +38,11 @@ def _live_masters(cwd: Path) -> set[int]:
     out = set()
     for p in psutil.process_iter():
         try:
-            if (p.status() != psutil.STATUS_ZOMBIE and "tenaya master" in " ".join(p.cmdline())
-                    and p.cwd() == str(cwd)):
+            if (
+                p.status() != psutil.STATUS_ZOMBIE
+                and "tenaya master" in " ".join(p.cmdline())
+                and p.cwd() == str(cwd)
+            ):
                 out.add(p.pid)
         except psutil.Error:
             pass
@@ -53,9 +61,12 @@ def test_daemon_returns_once_serving(fleet: Fleet, tmp_path: Path) -> None:
     origin = fleet.origin()
     port = free_port()
     pid_file = tmp_path / "tenaya.pid"
-    config = config_for({"origin": [origin.address]}, listeners=[
-        {"address": f"127.0.0.1:{port}"}], server={"pid_file": str(pid_file)},
-        logging={"access_log": "off", "error_log": str(tmp_path / "error.log")})
+    config = config_for(
+        {"origin": [origin.address]},
+        listeners=[{"address": f"127.0.0.1:{port}"}],
+        server={"pid_file": str(pid_file)},
+        logging={"access_log": "off", "error_log": str(tmp_path / "error.log")},
+    )
     path = _write_config(tmp_path, config)
     result = _start("-c", str(path), "--daemon", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -64,16 +75,23 @@ def test_daemon_returns_once_serving(fleet: Fleet, tmp_path: Path) -> None:
         assert f"master pid {pid}" in result.stdout
         assert get(port, "/").status == 200  # serving already, no waiting
     finally:
-        subprocess.run([sys.executable, "-m", "master", "stop", "-c", str(path)], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            [sys.executable, "-m", "master", "stop", "-c", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         wait_for(lambda: _gone(pid), timeout=30)
 
 
 def test_daemon_reports_a_failed_start(tmp_path: Path) -> None:
     """`start --daemon` with an app that cannot load exits 1 with the reason, and leaves no
     process behind."""
-    config = config_for(listeners=[{"address": f"127.0.0.1:{free_port()}"}], app="nope:App",
-                        logging={"error_log": str(tmp_path / "error.log")})
+    config = config_for(
+        listeners=[{"address": f"127.0.0.1:{free_port()}"}],
+        app="nope:App",
+        logging={"error_log": str(tmp_path / "error.log")},
+    )
     result = _start("-c", str(_write_config(tmp_path, config)), "-d", cwd=tmp_path)
     assert result.returncode == 1
     assert "No module named 'nope'" in result.stderr
@@ -86,10 +104,10 @@ def test_second_master_on_a_taken_address_is_refused(fleet: Fleet, tmp_path: Pat
     joining that process's SO_REUSEPORT group."""
     origin = fleet.origin()
     port = free_port()
-    first = fleet.master(config_for({"origin": [origin.address]},
-                                    listeners=[{"address": f"127.0.0.1:{port}"}]))
-    config = config_for({"origin": [origin.address]},
-                        listeners=[{"address": f"127.0.0.1:{port}"}])
+    first = fleet.master(
+        config_for({"origin": [origin.address]}, listeners=[{"address": f"127.0.0.1:{port}"}])
+    )
+    config = config_for({"origin": [origin.address]}, listeners=[{"address": f"127.0.0.1:{port}"}])
     result = _start("-c", str(_write_config(tmp_path, config)), cwd=tmp_path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

@@ -63,10 +63,15 @@ def demo_config(workdir: Path) -> tuple[dict[str, Any], list[str]]:
     origins' addresses."""
     listen, *origin_ports = distinct_free_ports(3)
     demo = [f"127.0.0.1:{port}" for port in origin_ports]
-    config = config_for({"demo": demo}, listeners=[{"address": f"127.0.0.1:{listen}"}],
-                        server={"pid_file": str(workdir / "tenaya.pid"),
-                                "control_socket": str(workdir / "ctl.sock")},
-                        demo_origins=demo)
+    config = config_for(
+        {"demo": demo},
+        listeners=[{"address": f"127.0.0.1:{listen}"}],
+        server={
+            "pid_file": str(workdir / "tenaya.pid"),
+            "control_socket": str(workdir / "ctl.sock"),
+        },
+        demo_origins=demo,
+    )
     return config, demo
 
 
@@ -81,8 +86,9 @@ class Client(threading.Thread):
     every failure. ``keep_alive``: one connection at a time, replaced only when a response
     says ``Connection: close``; otherwise a new connection per request."""
 
-    def __init__(self, port: int, origins: list[str], keep_alive: bool,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, port: int, origins: list[str], keep_alive: bool, stop: threading.Event
+    ) -> None:
         super().__init__(name=f"load-{'kept' if keep_alive else 'fresh'}", daemon=True)
         self.port = port
         self.origins = origins
@@ -133,8 +139,11 @@ class Client(threading.Thread):
 
     def _check(self, target: str, resp: Response) -> None:
         origin = resp.header("x-demo-origin") or ""
-        if (resp.status == 200 and origin in self.origins
-                and resp.body == expected_body(origin, target)):
+        if (
+            resp.status == 200
+            and origin in self.origins
+            and resp.body == expected_body(origin, target)
+        ):
             self.answered[origin] += 1
         else:
             self.failures.append(f"{target}: {resp.status} from {origin!r}: {resp.body[:200]!r}")
@@ -228,8 +237,7 @@ def settled_fds(pid: int, expected: Counter[str]) -> None:
 
     with contextlib.suppress(AssertionError):
         wait_for(settled, timeout=10, what="the master's descriptors to settle")
-    assert seen[-1] == expected, (pid, "more:", seen[-1] - expected,
-                                  "fewer:", expected - seen[-1])
+    assert seen[-1] == expected, (pid, "more:", seen[-1] - expected, "fewer:", expected - seen[-1])
 
 
 def kill_all(masters: list[psutil.Process], demo: psutil.Process) -> None:
@@ -248,12 +256,18 @@ def kill_all(masters: list[psutil.Process], demo: psutil.Process) -> None:
 def upgrade(old: psutil.Process, first: Master, pid_file: Path) -> psutil.Process:
     """SIGUSR2 to ``old``; returns the new master once it serves and ``old`` has exited."""
     old.send_signal(signal.SIGUSR2)
-    new_pid = wait_for(lambda: (p := read_pid(pid_file)) != old.pid and p,
-                       timeout=UPGRADE_SECONDS, what="the new master's pid in the pid file")
+    new_pid = wait_for(
+        lambda: (p := read_pid(pid_file)) != old.pid and p,
+        timeout=UPGRADE_SECONDS,
+        what="the new master's pid in the pid file",
+    )
     new = process(new_pid)
     # Every master logs to the first one's error log (the same config).
-    wait_for(lambda: f"with 2 workers (pid {new_pid})" in first.read_error_log(),
-             timeout=UPGRADE_SECONDS, what="the new master's 'serving on' line")
+    wait_for(
+        lambda: f"with 2 workers (pid {new_pid})" in first.read_error_log(),
+        timeout=UPGRADE_SECONDS,
+        what="the new master's 'serving on' line",
+    )
     wait_for(lambda: gone(old), timeout=UPGRADE_SECONDS, what="the old master's exit")
     return new
 
@@ -270,9 +284,10 @@ def test_two_upgrades_under_load_keep_the_demo_origins(fleet: Fleet, tmp_path: P
     listen = config["listeners"][0]["address"]
     assert first.port == int(listen.rpartition(":")[2])
     masters = [process(first.pid)]
-    (demo_proc,) = wait_for(lambda: [c for c in masters[0].children()
-                                     if DEMO_TITLE in " ".join(c.cmdline())],
-                            what="the demo origins' process")
+    (demo_proc,) = wait_for(
+        lambda: [c for c in masters[0].children() if DEMO_TITLE in " ".join(c.cmdline())],
+        what="the demo origins' process",
+    )
     stop = threading.Event()
     clients = [Client(first.port, demo, keep_alive, stop) for keep_alive in (False, True)]
     try:
@@ -296,8 +311,10 @@ def test_two_upgrades_under_load_keep_the_demo_origins(fleet: Fleet, tmp_path: P
             assert not gone(demo_proc)
             settled_fds(masters[-1].pid, adopted_fds)
         sent_after = [c.sent for c in clients]
-        wait_for(lambda: all(c.sent > n for c, n in zip(clients, sent_after, strict=True)),
-                 what="the load after the last upgrade")
+        wait_for(
+            lambda: all(c.sent > n for c, n in zip(clients, sent_after, strict=True)),
+            what="the load after the last upgrade",
+        )
         stop.set()
         for c in clients:
             c.join(timeout=15)
@@ -312,20 +329,28 @@ def test_two_upgrades_under_load_keep_the_demo_origins(fleet: Fleet, tmp_path: P
         assert clients[1].connections >= 3, clients[1].connections
         log = first.read_error_log()
         assert log.count("INFO demo origins on ") == 1, log
-        assert log.count(f"kept the demo origins on {', '.join(demo)} (pid {demo_proc.pid})"
-                         ) == 2, log
+        assert (
+            log.count(f"kept the demo origins on {', '.join(demo)} (pid {demo_proc.pid})") == 2
+        ), log
         assert "demo origins exited" not in log, log
 
         # The last master's stop ends the demo origins and closes every port.
-        out = subprocess.run([sys.executable, "-m", "master", "stop", "-c",
-                              str(first.config_path)], capture_output=True, text=True,
-                             timeout=30, cwd=first.cwd)
+        out = subprocess.run(
+            [sys.executable, "-m", "master", "stop", "-c", str(first.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=first.cwd,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         wait_for(lambda: gone(masters[-1]), timeout=STOP_SECONDS, what="the last master's exit")
         wait_for(lambda: gone(demo_proc), timeout=STOP_SECONDS, what="the demo origins' exit")
         for address in [listen, *demo]:
-            wait_for(functools.partial(refuses, address), timeout=STOP_SECONDS,
-                     what=f"{address} to close")
+            wait_for(
+                functools.partial(refuses, address),
+                timeout=STOP_SECONDS,
+                what=f"{address} to close",
+            )
         assert not pid_file.exists()
         assert not (tmp_path / "ctl.sock").exists()
     finally:

@@ -48,15 +48,16 @@ def env(module_fleet: Fleet, refusing_address: str) -> Env:
     config = config_for(
         upstreams={"main": [main.address]},
         limits={"max_header_bytes": MAX_HEADER, "max_body_bytes": MAX_BODY},
-        timeouts={"upstream_read_seconds": READ_TIMEOUT,
-                  "client_header_seconds": HEADER_TIMEOUT},
+        timeouts={"upstream_read_seconds": READ_TIMEOUT, "client_header_seconds": HEADER_TIMEOUT},
         server={"max_retries": 2},
     )
-    config["upstreams"].update({
-        "refused": {"servers": [refusing_address], "hosts": ["refused.test"]},
-        "idle": {"servers": [idle.address], "hosts": ["idle.test"]},
-        "drop": {"servers": [drop.address], "hosts": ["drop.test"]},
-    })
+    config["upstreams"].update(
+        {
+            "refused": {"servers": [refusing_address], "hosts": ["refused.test"]},
+            "idle": {"servers": [idle.address], "hosts": ["idle.test"]},
+            "drop": {"servers": [drop.address], "hosts": ["drop.test"]},
+        }
+    )
     return Env(module_fleet.master(config), main, idle, drop)
 
 
@@ -67,6 +68,7 @@ def fresh_origins(env: Env) -> None:
 
 
 # -- upstream failures ---------------------------------------------------------------------
+
 
 def test_connect_refused_is_502_and_connection_kept(env: Env) -> None:
     """A refused upstream connection answers 502; the client connection stays usable."""
@@ -87,8 +89,9 @@ def test_connect_refused_with_unread_body(env: Env, sent: str) -> None:
     closes, or the next request on it is answered as itself."""
     body = b"q" * 50_000
     with HttpConn(env.port) as conn:
-        head = build_request("POST", "/post", [("Host", "refused.test"),
-                                               ("Content-Length", str(len(body)))])
+        head = build_request(
+            "POST", "/post", [("Host", "refused.test"), ("Content-Length", str(len(body)))]
+        )
         conn.send(head + (body if sent == "whole" else body[:1000]))
         resp = conn.read_response()
         assert resp.status == 502
@@ -145,6 +148,7 @@ def test_origin_hangup_is_502(env: Env) -> None:
 
 # -- dead pooled connections ---------------------------------------------------------------
 
+
 def test_origin_closed_idle_connection_next_request_succeeds(env: Env) -> None:
     """The origin closes an idle pooled connection; the next request still succeeds."""
     with HttpConn(env.port) as conn:
@@ -153,8 +157,10 @@ def test_origin_closed_idle_connection_next_request_succeeds(env: Env) -> None:
         for i in range(3):
             resp = conn.request("GET", f"/next{i}", [("Host", "idle.test")])
             assert resp.status == 200, resp
-            wait_for(lambda: env.idle.idle_closed >= len(env.idle.requests),
-                     what="the origin to close the idle connection again")
+            wait_for(
+                lambda: env.idle.idle_closed >= len(env.idle.requests),
+                what="the origin to close the idle connection again",
+            )
     assert [r.target for r in env.idle.requests] == ["/first", "/next0", "/next1", "/next2"]
 
 
@@ -172,6 +178,7 @@ def test_request_on_dropped_pooled_connection_is_retried(env: Env) -> None:
 
 
 # -- bad requests ---------------------------------------------------------------------------
+
 
 def test_malformed_request_is_400_and_closed(env: Env) -> None:
     """A request the parser rejects gets 400 saying Connection: close, then the connection
@@ -249,7 +256,7 @@ def test_head_sent_byte_by_byte(env: Env) -> None:
     with HttpConn(env.port) as conn:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(data)):
-            conn.send(data[i:i + 1])
+            conn.send(data[i : i + 1])
         resp = conn.read_response()
     assert resp.status == 200
     assert resp.json()["target"] == "/trickle"
@@ -278,8 +285,13 @@ def test_declared_body_too_large_with_expect_gets_no_continue(env: Env) -> None:
     """With Expect: 100-continue and a length over the limit, the answer is 413 and no
     100 Continue (the client must not send the body)."""
     with HttpConn(env.port) as conn:
-        conn.send(build_request("POST", "/upload", [("Content-Length", str(MAX_BODY * 4)),
-                                                    ("Expect", "100-continue")]))
+        conn.send(
+            build_request(
+                "POST",
+                "/upload",
+                [("Content-Length", str(MAX_BODY * 4)), ("Expect", "100-continue")],
+            )
+        )
         resp = conn.read_response()
         assert resp.status == 413
         assert resp.interim == []
@@ -327,6 +339,7 @@ def test_worker_survives_client_leaving_mid_response(env: Env) -> None:
 
 
 # -- slow clients --------------------------------------------------------------------------
+
 
 def test_request_head_trickled_past_the_header_timeout_gets_408(env: Env) -> None:
     """A client that sends a request head a line at a time and never ends it (a slowloris)

@@ -40,6 +40,7 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 # -- the gRPC origin -----------------------------------------------------------------------------
 
+
 @dataclass
 class GrpcOrigin:
     """A grpcio server on 127.0.0.1 with the test service; counts what it served."""
@@ -59,9 +60,13 @@ class GrpcOrigin:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> GrpcOrigin:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                             options=[("grpc.max_receive_message_length", 8 << 20),
-                                      ("grpc.max_send_message_length", 8 << 20)])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32),
+            options=[
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20),
+            ],
+        )
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "Large": grpc.unary_unary_rpc_method_handler(self.large),
@@ -71,8 +76,7 @@ class GrpcOrigin:
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
         }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE,
-                                                                              handlers),))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self.server = server
@@ -87,8 +91,9 @@ class GrpcOrigin:
     def _count(self, method: str, context: grpc.ServicerContext) -> None:
         with self.lock:
             self.calls[method] += 1
-            self.metadata.append({k: v for k, v in context.invocation_metadata()
-                                  if isinstance(v, str)})
+            self.metadata.append(
+                {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            )
 
     # -- handlers (on the server's threads) ---------------------------------------------------
 
@@ -141,6 +146,7 @@ class GrpcOrigin:
 
 # -- the stack -------------------------------------------------------------------------------
 
+
 @dataclass
 class Stack:
     origins: list[GrpcOrigin]
@@ -148,13 +154,17 @@ class Stack:
     ca_pem: bytes
 
     def channel(self, kind: str) -> grpc.Channel:
-        opts = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", 8 << 20),
-                ("grpc.max_send_message_length", 8 << 20)]
+        opts = [
+            *CHANNEL_OPTIONS,
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+        ]
         if kind == "tls":
             creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
             # The certificate names 127.0.0.1 too: verified by IP address.
-            return grpc.secure_channel(f"127.0.0.1:{self.master.listeners[1][1]}", creds,
-                                       options=opts)
+            return grpc.secure_channel(
+                f"127.0.0.1:{self.master.listeners[1][1]}", creds, options=opts
+            )
         return grpc.insecure_channel(f"127.0.0.1:{self.master.listeners[0][1]}", options=opts)
 
     def calls(self, method: str) -> int:
@@ -174,17 +184,25 @@ def grpc_origins() -> Iterator[list[GrpcOrigin]]:
 
 
 @pytest.fixture(scope="module")
-def stack(module_fleet: Fleet, grpc_origins: list[GrpcOrigin],
-          tmp_path_factory: pytest.TempPathFactory) -> Stack:
+def stack(
+    module_fleet: Fleet, grpc_origins: list[GrpcOrigin], tmp_path_factory: pytest.TempPathFactory
+) -> Stack:
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost", "127.0.0.1")
-    files = {"server.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
-             "server.key": leaf.private_key_pem.bytes().decode()}
+    files = {
+        "server.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
+        "server.key": leaf.private_key_pem.bytes().decode(),
+    }
     config = config_for(
         {"grpc": [o.address for o in grpc_origins]},
-        listeners=[{"address": "127.0.0.1:0"},
-                   {"address": f"127.0.0.1:{free_port()}",
-                    "tls": {"cert": "server.pem", "key": "server.key"}}])
+        listeners=[
+            {"address": "127.0.0.1:0"},
+            {
+                "address": f"127.0.0.1:{free_port()}",
+                "tls": {"cert": "server.pem", "key": "server.key"},
+            },
+        ],
+    )
     config["upstreams"]["grpc"]["http2"] = True
     master = module_fleet.master(config, files=files)
     assert [scheme for scheme, _ in master.listeners] == ["http", "https"]
@@ -201,26 +219,34 @@ def channel(request: pytest.FixtureRequest, stack: Stack) -> Iterator[grpc.Chann
 
 def method(ch: grpc.Channel, kind: str, name: str) -> Any:
     """The multi-callable of ``/t.Svc/NAME`` (``kind``: uu, us, su or ss), raw bytes."""
-    factory = {"uu": ch.unary_unary, "us": ch.unary_stream, "su": ch.stream_unary,
-               "ss": ch.stream_stream}[kind]
+    factory = {
+        "uu": ch.unary_unary,
+        "us": ch.unary_stream,
+        "su": ch.stream_unary,
+        "ss": ch.stream_stream,
+    }[kind]
     return factory(f"/{SERVICE}/{name}")  # type: ignore[operator]
 
 
 # -- tests ---------------------------------------------------------------------------------
 
+
 def test_unary(channel: grpc.Channel, stack: Stack) -> None:
     """A unary call through the proxy gets its answer, status OK and the server's trailing
     metadata; the request's metadata reaches the server."""
     call = method(channel, "uu", "Unary")
-    response, info = call.with_call(b"hello", timeout=CALL_SECONDS,
-                                    metadata=(("x-client", "tenaya-test"),))
+    response, info = call.with_call(
+        b"hello", timeout=CALL_SECONDS, metadata=(("x-client", "tenaya-test"),)
+    )
     assert response == b"echo:hello"
     assert info.code() == grpc.StatusCode.OK
     trailing = dict(info.trailing_metadata())
     assert trailing["x-served-by"] in {o.name for o in stack.origins}
     assert any(m.get("x-client") == "tenaya-test" for o in stack.origins for m in o.metadata)
-    wait_for(lambda: f"/{SERVICE}/Unary" in stack.master.read_access_log(),
-             what="the call in the proxy's access log")
+    wait_for(
+        lambda: f"/{SERVICE}/Unary" in stack.master.read_access_log(),
+        what="the call in the proxy's access log",
+    )
 
 
 def test_server_streaming(channel: grpc.Channel) -> None:
@@ -284,8 +310,11 @@ def test_deadline_exceeded(channel: grpc.Channel, stack: Stack) -> None:
     e: Any = raised.value
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
-    wait_for(lambda: any(o.slow_ended.is_set() for o in stack.origins), timeout=10,
-             what="the server to see the call end")
+    wait_for(
+        lambda: any(o.slow_ended.is_set() for o in stack.origins),
+        timeout=10,
+        what="the server to see the call end",
+    )
 
 
 def test_large_messages(channel: grpc.Channel) -> None:
@@ -309,7 +338,8 @@ def test_many_concurrent_calls(channel: grpc.Channel, stack: Stack) -> None:
 
 
 def test_upstream_http2_multiplexes_one_connection_per_origin_per_worker(
-        channel: grpc.Channel, stack: Stack) -> None:
+    channel: grpc.Channel, stack: Stack
+) -> None:
     """After 200 concurrent calls, each worker holds at most one upstream connection to each
     gRPC server: the calls were multiplexed, not spread over new connections."""
     call = method(channel, "uu", "Unary")
@@ -319,8 +349,11 @@ def test_upstream_http2_multiplexes_one_connection_per_origin_per_worker(
     workers = stack.master.workers()
     assert workers
     for w in workers:
-        conns = [c for c in w.net_connections("tcp")
-                 if c.raddr and c.raddr.port in ports and c.status == psutil.CONN_ESTABLISHED]
+        conns = [
+            c
+            for c in w.net_connections("tcp")
+            if c.raddr and c.raddr.port in ports and c.status == psutil.CONN_ESTABLISHED
+        ]
         per_origin = {port: sum(1 for c in conns if c.raddr.port == port) for port in ports}
         assert all(n <= 1 for n in per_origin.values()), (w.pid, per_origin)
 
@@ -330,17 +363,18 @@ def test_streams_in_parallel_on_one_channel(stack: Stack) -> None:
     channel, each with its own complete answer."""
     with stack.channel("h2c") as ch:
         grpc.channel_ready_future(ch).result(timeout=CALL_SECONDS)
-        ss = [method(ch, "us", "ServerStream")(b"%d" % (10 + i), timeout=CALL_SECONDS)
-              for i in range(10)]
-        cs = [method(ch, "su", "ClientStream").future(iter([b"x" * i] * 5),
-                                                     timeout=CALL_SECONDS)
-              for i in range(1, 11)]
-        uu = [method(ch, "uu", "Unary").future(b"%d" % i, timeout=CALL_SECONDS)
-              for i in range(20)]
+        ss = [
+            method(ch, "us", "ServerStream")(b"%d" % (10 + i), timeout=CALL_SECONDS)
+            for i in range(10)
+        ]
+        cs = [
+            method(ch, "su", "ClientStream").future(iter([b"x" * i] * 5), timeout=CALL_SECONDS)
+            for i in range(1, 11)
+        ]
+        uu = [method(ch, "uu", "Unary").future(b"%d" % i, timeout=CALL_SECONDS) for i in range(20)]
         for i, call in enumerate(ss):
             assert list(call) == [b"item-%d" % j for j in range(10 + i)]
         for i, fut in enumerate(cs, start=1):
             count, size, _ = fut.result().split(b" ")
             assert (int(count), int(size)) == (5, 5 * i)
         assert [f.result() for f in uu] == [b"echo:%d" % i for i in range(20)]
-

@@ -85,6 +85,7 @@ TOOL_SECONDS = 60.0
 
 # -- certificates and the shared master ---------------------------------------------------------
 
+
 @dataclass
 class Pki:
     ca: trustme.CA
@@ -99,19 +100,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost", "127.0.0.1")
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    files = {"server.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
-             "server.key": leaf.private_key_pem.bytes().decode()}
+    files = {
+        "server.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
+        "server.key": leaf.private_key_pem.bytes().decode(),
+    }
     return Pki(ca, d / "ca.pem", files)
 
 
 def tls_config(origin: Origin, **sections: Any) -> dict[str, Any]:
     """A load balancer in front of ``origin`` with a plaintext and a TLS listener (two
     listeners can't both say port 0)."""
-    return config_for({"origin": [origin.address]},
-                      listeners=[{"address": "127.0.0.1:0"},
-                                 {"address": f"127.0.0.1:{free_port()}",
-                                  "tls": {"cert": "server.pem", "key": "server.key"}}],
-                      **sections)
+    return config_for(
+        {"origin": [origin.address]},
+        listeners=[
+            {"address": "127.0.0.1:0"},
+            {
+                "address": f"127.0.0.1:{free_port()}",
+                "tls": {"cert": "server.pem", "key": "server.key"},
+            },
+        ],
+        **sections,
+    )
 
 
 @dataclass
@@ -137,8 +146,7 @@ class Stack:
         return ctx
 
     def client(self, scheme: str, **kwargs: Any) -> H2Client:
-        return H2Client(self.port(scheme), self.context() if scheme == "https" else None,
-                        **kwargs)
+        return H2Client(self.port(scheme), self.context() if scheme == "https" else None, **kwargs)
 
     def worker_pids(self) -> set[int]:
         return {p.pid for p in self.master.workers()}
@@ -163,6 +171,7 @@ SCHEMES = pytest.mark.parametrize("scheme", ["http", "https"], ids=["h2c", "tls-
 
 
 # -- a synchronous client on the h2 package ------------------------------------------------------
+
 
 @dataclass
 class H2Response:
@@ -190,8 +199,13 @@ class H2Response:
 class H2Client:
     """One HTTP/2 connection (h2c prior knowledge, or TLS when ``tls`` is given)."""
 
-    def __init__(self, port: int, tls: ssl.SSLContext | None = None,
-                 authority: str = "test.local", timeout: float = CLIENT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        authority: str = "test.local",
+        timeout: float = CLIENT_TIMEOUT,
+    ) -> None:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         try:
             if tls is not None:
@@ -228,30 +242,43 @@ class H2Client:
 
     # -- requests --------------------------------------------------------------------------
 
-    def request(self, method: str = "GET", path: str = "/",
-                headers: Iterable[tuple[str, str]] = (), body: Iterable[bytes] | bytes = b"",
-                end: bool = True) -> int:
+    def request(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        headers: Iterable[tuple[str, str]] = (),
+        body: Iterable[bytes] | bytes = b"",
+        end: bool = True,
+    ) -> int:
         """Opens a stream; sends the body (paced by flow control) unless ``end`` is False."""
         sid = self.conn.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", self.scheme), (":authority", self.authority),
-                  (":path", path), *headers]
+        fields = [
+            (":method", method),
+            (":scheme", self.scheme),
+            (":authority", self.authority),
+            (":path", path),
+            *headers,
+        ]
         self.responses[sid] = H2Response()
         has_body = bool(body) if isinstance(body, bytes) else True
-        self.conn.send_headers(sid, [(n.encode(), v.encode()) for n, v in fields],
-                               end_stream=end and not has_body)
+        self.conn.send_headers(
+            sid, [(n.encode(), v.encode()) for n, v in fields], end_stream=end and not has_body
+        )
         self.flush()
         if has_body:
             self.send_body(sid, [body] if isinstance(body, bytes) else body, end)
         return sid
 
-    def send_body(self, sid: int, pieces: Iterable[bytes], end: bool = True,
-                  timeout: float = 60.0) -> None:
+    def send_body(
+        self, sid: int, pieces: Iterable[bytes], end: bool = True, timeout: float = 60.0
+    ) -> None:
         deadline = time.monotonic() + timeout
         for piece in pieces:
             view = memoryview(piece)
             while view:
-                window = min(self.conn.local_flow_control_window(sid),
-                             self.conn.max_outbound_frame_size)
+                window = min(
+                    self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size
+                )
                 if window <= 0:
                     assert time.monotonic() < deadline, "the upload's window stayed shut"
                     assert self.responses[sid].reset is None, "stream reset during the upload"
@@ -264,8 +291,12 @@ class H2Client:
             self.conn.end_stream(sid)
             self.flush()
 
-    def get(self, path: str = "/", headers: Iterable[tuple[str, str]] = (),
-            timeout: float = CLIENT_TIMEOUT) -> H2Response:
+    def get(
+        self,
+        path: str = "/",
+        headers: Iterable[tuple[str, str]] = (),
+        timeout: float = CLIENT_TIMEOUT,
+    ) -> H2Response:
         sid = self.request("GET", path, headers)
         return self.wait_response(sid, timeout)
 
@@ -309,8 +340,9 @@ class H2Client:
             if left <= 0:
                 raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
             if self.eof:
-                raise AssertionError(f"connection closed while waiting for {what} "
-                                     f"(terminated: {self.terminated})")
+                raise AssertionError(
+                    f"connection closed while waiting for {what} (terminated: {self.terminated})"
+                )
             self.pump(min(left, 1.0))
 
     def handle(self, event: ev.Event) -> None:
@@ -341,16 +373,19 @@ class H2Client:
 
 # -- raw frames, for what a well-behaved client does not do --------------------------------------
 
+
 class RawH2:
     """An HTTP/2 client connection written frame by frame (no state machine: unlike the ``h2``
     package's, it still reads streams after a GOAWAY). What the server sends per stream is
     recorded: ``status``, ``data``, ``ended`` and ``resets`` (error codes). ``source``: the
     loopback address to connect from."""
 
-    def __init__(self, port: int, timeout: float = CLIENT_TIMEOUT,
-                 source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                             source_address=(source, 0))
+    def __init__(
+        self, port: int, timeout: float = CLIENT_TIMEOUT, source: str = "127.0.0.1"
+    ) -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
         self.encoder = Encoder()
         self.decoder = Decoder()
         self.buf = bytearray()
@@ -360,8 +395,11 @@ class RawH2:
         self.ended: set[int] = set()
         self.resets: dict[int, int] = {}
         settings = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20})
-        self.send(PREFACE + settings.serialize()
-                  + WindowUpdateFrame(0, window_increment=1 << 30).serialize())
+        self.send(
+            PREFACE
+            + settings.serialize()
+            + WindowUpdateFrame(0, window_increment=1 << 30).serialize()
+        )
 
     def __enter__(self) -> RawH2:
         return self
@@ -380,25 +418,43 @@ class RawH2:
             if isinstance(frame, SettingsFrame):
                 if "ACK" in frame.flags:
                     seen.add("acked")
-                elif frame.settings.get(SettingsFrame.MAX_CONCURRENT_STREAMS) == \
-                        MAX_CONCURRENT_STREAMS:
+                elif (
+                    frame.settings.get(SettingsFrame.MAX_CONCURRENT_STREAMS)
+                    == MAX_CONCURRENT_STREAMS
+                ):
                     seen.add("limit")
         assert seen == {"acked", "limit"}, f"no complete SETTINGS exchange: {seen}"
 
-    def headers(self, sid: int, path: str = "/", end_stream: bool = True,
-                extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    def headers(
+        self,
+        sid: int,
+        path: str = "/",
+        end_stream: bool = True,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> bytes:
         """A GET's HEADERS frame, split into CONTINUATION frames when the block needs it."""
-        block = self.encoder.encode([(":method", "GET"), (":scheme", "http"),
-                                     (":authority", "test.local"), (":path", path), *extra])
+        block = self.encoder.encode(
+            [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "test.local"),
+                (":path", path),
+                *extra,
+            ]
+        )
         size = 16_384
-        parts = [block[i:i + size] for i in range(0, len(block), size)] or [b""]
-        first = HeadersFrame(sid, flags=[*(["END_HEADERS"] if len(parts) == 1 else []),
-                                         *(["END_STREAM"] if end_stream else [])])
+        parts = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
+        first = HeadersFrame(
+            sid,
+            flags=[
+                *(["END_HEADERS"] if len(parts) == 1 else []),
+                *(["END_STREAM"] if end_stream else []),
+            ],
+        )
         first.data = parts[0]
         frames = [first]
         for i, part in enumerate(parts[1:], 2):
-            frames.append(ContinuationFrame(
-                sid, flags=["END_HEADERS"] if i == len(parts) else []))
+            frames.append(ContinuationFrame(sid, flags=["END_HEADERS"] if i == len(parts) else []))
             frames[-1].data = part
         return b"".join(bytes(f.serialize()) for f in frames)
 
@@ -413,8 +469,8 @@ class RawH2:
             if len(self.buf) >= 9:
                 frame, length = Frame.parse_frame_header(memoryview(self.buf[:9]))
                 if len(self.buf) >= 9 + length:
-                    frame.parse_body(memoryview(bytes(self.buf[9:9 + length])))
-                    del self.buf[:9 + length]
+                    frame.parse_body(memoryview(bytes(self.buf[9 : 9 + length])))
+                    del self.buf[: 9 + length]
                     self._record(frame)
                     return frame
             if self.eof:
@@ -474,22 +530,22 @@ class RawH2:
 
 # -- real-world clients --------------------------------------------------------------------------
 
+
 def run(*args: str, timeout: float = TOOL_SECONDS) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def curl(stack: Stack, scheme: str, *args: str) -> subprocess.CompletedProcess[str]:
     if scheme == "https":
-        where = ["--http2", "--cacert", str(stack.pki.ca_file),
-                 f"https://localhost:{stack.tls}"]
+        where = ["--http2", "--cacert", str(stack.pki.ca_file), f"https://localhost:{stack.tls}"]
         resolve = ["--resolve", f"localhost:{stack.tls}:127.0.0.1"]
     else:
         where = ["--http2-prior-knowledge", f"http://127.0.0.1:{stack.plain}"]
         resolve = []
     *opts, path = args
-    return run("curl", "-sS", "--max-time", "30", *resolve, *opts, *where[:-1],
-               where[-1] + path)
+    return run("curl", "-sS", "--max-time", "30", *resolve, *opts, *where[:-1], where[-1] + path)
 
 
 def h2load_counts(output: str) -> tuple[int, int, int]:
@@ -501,6 +557,7 @@ def h2load_counts(output: str) -> tuple[int, int, int]:
 
 
 # -- basics -------------------------------------------------------------------------------------
+
 
 @SCHEMES
 def test_curl_gets_http2(stack: Stack, scheme: str) -> None:
@@ -519,8 +576,10 @@ def test_trailers_from_an_http1_origin_reach_the_http2_client(fresh: Stack) -> N
     """A chunked HTTP/1.1 response's trailer fields come to an HTTP/2 client as trailers (a
     HEADERS frame after the body), as any combination of protocols must carry them."""
     with fresh.client("http") as c:
-        r = c.get("/chunked?parts=one,two&trailer=x-checksum:abc123&trailer=x-rows:2",
-                  [("te", "trailers")])
+        r = c.get(
+            "/chunked?parts=one,two&trailer=x-checksum:abc123&trailer=x-rows:2",
+            [("te", "trailers")],
+        )
     assert r.status == 200 and r.ended
     assert bytes(r.body) == b"onetwo"
     assert (b"x-checksum", b"abc123") in r.trailers and (b"x-rows", b"2") in r.trailers
@@ -532,8 +591,10 @@ def test_request_at_the_origin(fresh: Stack, scheme: str) -> None:
     listener, split cookies joined into one field; connection-specific response headers are
     dropped from the HTTP/2 response."""
     with fresh.client(scheme, authority="app.example:8443") as c:
-        r = c.get("/where?x=1&rh=Keep-Alive:timeout%3D5&rh=X-Extra:yes",
-                  [("cookie", "a=1"), ("cookie", "b=2"), ("user-agent", "h2-test")])
+        r = c.get(
+            "/where?x=1&rh=Keep-Alive:timeout%3D5&rh=X-Extra:yes",
+            [("cookie", "a=1"), ("cookie", "b=2"), ("user-agent", "h2-test")],
+        )
     assert r.status == 200 and r.ended
     assert r.header("x-extra") == "yes"
     assert r.header("keep-alive") is None
@@ -556,8 +617,18 @@ def test_request_at_the_origin(fresh: Stack, scheme: str) -> None:
 def test_h2load_many_concurrent_streams(stack: Stack, scheme: str) -> None:
     """h2load with 50 concurrent streams per connection: every request answered 2xx."""
     n = 3000
-    r = run("h2load", "-n", str(n), "-c", "2", "-m", "50", "-t", "1",
-            f"{scheme}://127.0.0.1:{stack.port(scheme)}/small")
+    r = run(
+        "h2load",
+        "-n",
+        str(n),
+        "-c",
+        "2",
+        "-m",
+        "50",
+        "-t",
+        "1",
+        f"{scheme}://127.0.0.1:{stack.port(scheme)}/small",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"Application protocol: h2c?\b", r.stdout), r.stdout
     assert h2load_counts(r.stdout) == (n, n, n), r.stdout
@@ -596,6 +667,7 @@ def test_h1_and_h2_on_the_same_listener(stack: Stack, scheme: str) -> None:
 
 # -- flow control ---------------------------------------------------------------------------------
 
+
 def test_large_response_respects_stream_window(fresh: Stack) -> None:
     """A 20 MB response on a stream whose window the client keeps shut stops at the window (and
     the proxy stops reading the origin) while other streams on the connection proceed; once the
@@ -631,14 +703,27 @@ def test_h2load_small_window_large_responses(stack: Stack) -> None:
     larger than the window gets every byte of each: what waits for WINDOW_UPDATE is sent after
     the origin is done."""
     size, n = 1 << 20, 4
-    r = run("h2load", "-n", str(n), "-c", "1", "-m", "2", "-w", "16", "-N", "5",
-            f"http://127.0.0.1:{stack.plain}/large?size={size}")
+    r = run(
+        "h2load",
+        "-n",
+        str(n),
+        "-c",
+        "1",
+        "-m",
+        "2",
+        "-w",
+        "16",
+        "-N",
+        "5",
+        f"http://127.0.0.1:{stack.plain}/large?size={size}",
+    )
     assert h2load_counts(r.stdout) == (n, n, n), r.stdout
     assert re.search(rf"\({n * size}\) data", r.stdout), r.stdout
 
 
-@pytest.mark.parametrize("scheme,length", [("http", True), ("https", False)],
-                         ids=["h2c-content-length", "tls-no-length"])
+@pytest.mark.parametrize(
+    "scheme,length", [("http", True), ("https", False)], ids=["h2c-content-length", "tls-no-length"]
+)
 def test_large_upload(fresh: Stack, scheme: str, length: bool) -> None:
     """A 20 MB request body sent as the proxy's windows allow arrives intact at the origin
     (with Content-Length when the client gave one, else chunked)."""
@@ -648,8 +733,11 @@ def test_large_upload(fresh: Stack, scheme: str, length: bool) -> None:
         r = c.wait_response(sid, 60)
     assert (r.status, r.ended) == (200, True), (r.status, r.reset, bytes(r.body)[:200])
     got = r.json()
-    assert got == {"bytes": LARGE, "sha256": pattern_sha256(LARGE),
-                   "framing": "length" if length else "chunked"}
+    assert got == {
+        "bytes": LARGE,
+        "sha256": pattern_sha256(LARGE),
+        "framing": "length" if length else "chunked",
+    }
 
 
 def test_curl_large_upload(fresh: Stack, tmp_path: Path) -> None:
@@ -658,17 +746,26 @@ def test_curl_large_upload(fresh: Stack, tmp_path: Path) -> None:
     with open(path, "wb") as f:
         for chunk in pattern_chunks(LARGE):
             f.write(chunk)
-    r = curl(fresh, "http", "--data-binary", f"@{path}", "-H",
-             "Content-Type: application/octet-stream", "/sink")
+    r = curl(
+        fresh,
+        "http",
+        "--data-binary",
+        f"@{path}",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "/sink",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sha256"] == pattern_sha256(LARGE)
 
 
 # -- draining ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["reload", "stop"])
-def test_goaway_on_drain_lets_inflight_stream_finish(fleet: Fleet, pki: Pki,
-                                                     sig: signal.Signals) -> None:
+def test_goaway_on_drain_lets_inflight_stream_finish(
+    fleet: Fleet, pki: Pki, sig: signal.Signals
+) -> None:
     """On reload (SIGHUP) or graceful stop (SIGTERM) an open HTTP/2 connection gets GOAWAY
     NO_ERROR covering its in-flight stream, that stream still completes, and then the proxy
     closes the connection."""
@@ -685,8 +782,11 @@ def test_goaway_on_drain_lets_inflight_stream_finish(fleet: Fleet, pki: Pki,
         raw.send(raw.headers(slow, "/sink?gate=1"))
         wait_for(lambda: "/sink?gate=1" in origin.paths(), what="the slow request at the origin")
         master.signal(sig)
-        goaways = [f for f in raw.frames_until(lambda f: isinstance(f, GoAwayFrame), 20)
-                   if isinstance(f, GoAwayFrame)]
+        goaways = [
+            f
+            for f in raw.frames_until(lambda f: isinstance(f, GoAwayFrame), 20)
+            if isinstance(f, GoAwayFrame)
+        ]
         assert goaways, "the connection closed without GOAWAY"
         assert goaways[0].error_code == ErrorCodes.NO_ERROR
         assert goaways[0].last_stream_id >= slow
@@ -694,15 +794,17 @@ def test_goaway_on_drain_lets_inflight_stream_finish(fleet: Fleet, pki: Pki,
         origin.open_gate()
         for _ in raw.frames_until(lambda f: slow in raw.ended or slow in raw.resets, 10):
             pass
-        assert (raw.status.get(slow), slow in raw.ended, raw.resets.get(slow)) == (200, True,
-                                                                                   None)
+        assert (raw.status.get(slow), slow in raw.ended, raw.resets.get(slow)) == (200, True, None)
         assert json.loads(bytes(raw.data[slow]))["bytes"] == 0
         for _ in raw.frames_until(lambda f: False, 10):
             pass
         assert raw.eof
     if sig == signal.SIGHUP:
-        wait_for(lambda: (pids := {p.pid for p in master.workers()}) and not pids & old,
-                 timeout=20, what="the new generation alone")
+        wait_for(
+            lambda: (pids := {p.pid for p in master.workers()}) and not pids & old,
+            timeout=20,
+            what="the new generation alone",
+        )
         with H2Client(master.port) as c:
             assert c.get("/after").status == 200
     else:
@@ -711,13 +813,15 @@ def test_goaway_on_drain_lets_inflight_stream_finish(fleet: Fleet, pki: Pki,
 
 # -- abuse ----------------------------------------------------------------------------------------
 
+
 def _zero_window_update(sid: int) -> bytes:
     """A WINDOW_UPDATE with increment 0: a stream error the server answers with a reset."""
     return struct.pack(">HBBBL", 0, 4, 0x8, 0, sid) + bytes(4)
 
 
-@pytest.mark.parametrize(("how", "source"), [("client-reset", "127.0.0.2"),
-                                             ("made-you-reset", "127.0.0.3")])
+@pytest.mark.parametrize(
+    ("how", "source"), [("client-reset", "127.0.0.2"), ("made-you-reset", "127.0.0.3")]
+)
 def test_rapid_reset_gets_enhance_your_calm(fresh: Stack, how: str, source: str) -> None:
     """Opening and at once resetting thousands of streams (CVE-2023-44487), or getting the
     server to reset them with a frame that is wrong on purpose ("MadeYouReset",
@@ -763,8 +867,10 @@ def test_rapid_reset_gets_enhance_your_calm(fresh: Stack, how: str, source: str)
     assert fresh.worker_pids() == before
     with fresh.client("http") as c:
         assert c.get("/after-attack").status == 200
-    wait_for(lambda: len(warning.findall(fresh.master.read_error_log())) > warnings_before,
-             what="the warning in the log")
+    wait_for(
+        lambda: len(warning.findall(fresh.master.read_error_log())) > warnings_before,
+        what="the warning in the log",
+    )
     # One attack, one warning: the events read with the reset that tripped the limit are not
     # handled (nor logged) once the connection is closing.
     assert len(warning.findall(fresh.master.read_error_log())) == warnings_before + 1
@@ -818,26 +924,48 @@ def test_chromium_loads_a_page_over_http2(fresh: Stack, tmp_path: Path) -> None:
     dynamic table, its own windows and settings), loads a page over the TLS listener whose
     script fetches 20 large bodies at once and uploads one: every byte arrives, over HTTP/2."""
     assert os.access(CHROMIUM, os.X_OK), (
-        f"{CHROMIUM} is missing: scripts/test installs the Debian package chromium")
+        f"{CHROMIUM} is missing: scripts/test installs the Debian package chromium"
+    )
     query = urlencode({"type": "text/html", "body": CHROMIUM_PAGE})
     url = f"https://127.0.0.1:{fresh.tls}/eof?{query}"
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--disable-dev-shm-usage", "--ignore-certificate-errors",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000",
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=CHROMIUM_SECONDS, stdin=subprocess.DEVNULL)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--ignore-certificate-errors",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CHROMIUM_SECONDS,
+        stdin=subprocess.DEVNULL,
+    )
     sizes = " ".join(str(i * 50_000) for i in range(1, 21))
     assert f"done {sizes} sink 300000" in result.stdout, (
-        f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+        f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}"
+    )
     # The access log is written in batches, at least once a second.
-    wait_for(lambda: re.search(r'"POST /sink\?from=chromium HTTP/2" 200',
-                               fresh.master.read_access_log()),
-             what="the upload in the access log")
+    wait_for(
+        lambda: re.search(
+            r'"POST /sink\?from=chromium HTTP/2" 200', fresh.master.read_access_log()
+        ),
+        what="the upload in the access log",
+    )
     log = fresh.master.read_access_log()
-    assert re.search(r'"GET /large\?size=1000000&from=chromium HTTP/2" 200 1000000', log), (
-        log[-2000:])
+    assert re.search(r'"GET /large\?size=1000000&from=chromium HTTP/2" 200 1000000', log), log[
+        -2000:
+    ]
 
 
 #: How much of a PING flood the test below offers, and for how long at most.
@@ -862,7 +990,8 @@ def test_ping_flood_from_a_client_that_reads_nothing(fresh: Stack) -> None:
                 raw.sock.sendall(chunk)
                 sent += len(chunk)
         assert sent < FLOOD_BYTES and time.monotonic() < deadline, (
-            f"the proxy kept reading a flood it could not answer ({sent} bytes)")
+            f"the proxy kept reading a flood it could not answer ({sent} bytes)"
+        )
         grown = sum(rss(pid) for pid in fresh.worker_pids()) - before
         assert grown < 16 * 1024 * 1024, f"the workers grew by {grown} bytes"
         with fresh.client("http") as c:
@@ -898,14 +1027,18 @@ def test_streams_over_the_limit_are_refused(fresh: Stack) -> None:
         raw.handshake()
         sids = [1 + 2 * i for i in range(MAX_CONCURRENT_STREAMS)]
         raw.send(b"".join(raw.headers(s, f"/sink?gate=1&n={s}") for s in sids))
-        wait_for(lambda: len(origin.requests) == MAX_CONCURRENT_STREAMS, timeout=20,
-                 what="128 streams at the origin")
+        wait_for(
+            lambda: len(origin.requests) == MAX_CONCURRENT_STREAMS,
+            timeout=20,
+            what="128 streams at the origin",
+        )
         extra = sids[-1] + 2
         raw.send(raw.headers(extra, f"/sink?gate=1&n={extra}"))
 
         def refusal(f: Frame) -> bool:
-            return isinstance(f, GoAwayFrame) or (isinstance(f, RstStreamFrame)
-                                                  and f.stream_id == extra)
+            return isinstance(f, GoAwayFrame) or (
+                isinstance(f, RstStreamFrame) and f.stream_id == extra
+            )
 
         refused = [f for f in raw.frames_until(refusal, 10) if refusal(f)]
         assert refused, "the connection closed without refusing the stream"

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from conftest import Fleet
 
 #: An app that names the worker process that answered.
-PID_APP = '''
+PID_APP = """
 from __future__ import annotations
 
 import os
@@ -31,7 +31,7 @@ from shared.apps.load_balancer import LoadBalancer
 class PidApp(LoadBalancer):
     def response_filter(self, session, upstream_response, ctx):
         upstream_response.set("X-Worker-Pid", str(os.getpid()))
-'''
+"""
 
 
 def worker_pids(master: Master) -> set[int]:
@@ -53,15 +53,20 @@ def test_workers_are_titled_children_of_the_master(fleet: Fleet) -> None:
         return found if all(t.startswith("tenaya worker") for t in found) else None
 
     assert wait_for(titles, what="worker titles") == [
-        "tenaya worker 0", "tenaya worker 1", "tenaya worker 2"]
+        "tenaya worker 0",
+        "tenaya worker 1",
+        "tenaya worker 2",
+    ]
 
 
 def test_killed_worker_is_respawned_and_serves(fleet: Fleet) -> None:
     """kill -9 of a worker: a new worker takes its place and serves; no request sent after
     the kill fails."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]}, app="pidapp:PidApp"),
-                          files={"pidapp.py": PID_APP})
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, app="pidapp:PidApp"),
+        files={"pidapp.py": PID_APP},
+    )
 
     def pids(exclude: int = 0) -> set[int]:
         found = worker_pids(master)
@@ -93,8 +98,9 @@ def test_sigterm_drains_in_flight_request(fleet: Fleet) -> None:
     idle keep-alive connections are closed, and the master exits 0 long before the grace
     period ends."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]},
-                                     server={"grace_period_seconds": 20}))
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, server={"grace_period_seconds": 20})
+    )
     with HttpConn(master.port, timeout=20) as idle, HttpConn(master.port, timeout=20) as busy:
         assert idle.request("GET", "/warm").status == 200
         busy.send(build_request("GET", "/sleep?s=1.5"))
@@ -109,7 +115,7 @@ def test_sigterm_drains_in_flight_request(fleet: Fleet) -> None:
         assert idle.closed_by_peer(timeout=10), "an idle connection kept the worker alive"
         assert master.wait(15) == 0
     assert time.monotonic() - started < 10
-    assert "GET /sleep?s=1.5 HTTP/1.1\" 200" in master.read_access_log()
+    assert 'GET /sleep?s=1.5 HTTP/1.1" 200' in master.read_access_log()
 
 
 def test_sigterm_stops_accepting(fleet: Fleet) -> None:
@@ -119,8 +125,10 @@ def test_sigterm_stops_accepting(fleet: Fleet) -> None:
     assert get(master.port, "/").status == 200
     master.signal(signal.SIGTERM)
     assert master.wait(15) == 0
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(
-            ("127.0.0.1", master.port), timeout=5):
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", master.port), timeout=5),
+    ):
         pass
     assert not master.workers()
 
@@ -129,8 +137,9 @@ def test_grace_period_bounds_the_drain(fleet: Fleet) -> None:
     """A response slower than server.grace_period_seconds does not keep the master: it exits
     shortly after the grace period, and the client's connection is closed."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]},
-                                     server={"grace_period_seconds": 1}))
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, server={"grace_period_seconds": 1})
+    )
     with HttpConn(master.port, timeout=20) as conn:
         conn.send(build_request("GET", "/sleep?s=30"))
         wait_for(lambda: origin.requests, what="the slow request upstream")
@@ -144,8 +153,9 @@ def test_grace_period_bounds_the_drain(fleet: Fleet) -> None:
 def test_sigint_stops_at_once(fleet: Fleet) -> None:
     """SIGINT is a fast stop: an in-flight slow request does not hold the master up."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]},
-                                     server={"grace_period_seconds": 30}))
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, server={"grace_period_seconds": 30})
+    )
     with HttpConn(master.port, timeout=20) as conn:
         conn.send(build_request("GET", "/sleep?s=30"))
         wait_for(lambda: origin.requests, what="the slow request upstream")
@@ -161,8 +171,9 @@ def test_idle_client_connection_closed_after_keepalive_timeout(fleet: Fleet) -> 
     """timeouts.keepalive_seconds: an idle client connection is closed after about that
     long; a busy one is not."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]},
-                                     timeouts={"keepalive_seconds": 1}))
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, timeouts={"keepalive_seconds": 1})
+    )
     with HttpConn(master.port) as idle, HttpConn(master.port) as busy:
         assert idle.request("GET", "/once").status == 200
         started = time.monotonic()
@@ -173,12 +184,18 @@ def test_idle_client_connection_closed_after_keepalive_timeout(fleet: Fleet) -> 
 
 
 BROKEN_APPS = {
-    "import_error": ("brokenapp:App", {"brokenapp.py": "import no_such_module_here\n"},
-                     "no_such_module_here"),
+    "import_error": (
+        "brokenapp:App",
+        {"brokenapp.py": "import no_such_module_here\n"},
+        "no_such_module_here",
+    ),
     "missing_module": ("nosuchapp:App", {}, "nosuchapp"),
     "missing_attribute": ("okapp:Nope", {"okapp.py": "X = 1\n"}, "Nope"),
-    "raises_on_import": ("boomapp:App", {"boomapp.py": "raise RuntimeError('boom at import')\n"},
-                         "boom at import"),
+    "raises_on_import": (
+        "boomapp:App",
+        {"boomapp.py": "raise RuntimeError('boom at import')\n"},
+        "boom at import",
+    ),
 }
 
 
@@ -188,8 +205,9 @@ def test_app_that_cannot_load_stops_start(fleet: Fleet, case: str) -> None:
     no worker respawned in a loop and none left behind."""
     spec, files, reason = BROKEN_APPS[case]
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]}, app=spec),
-                          files=files, start=False)
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}, app=spec), files=files, start=False
+    )
     proc = master.spawn()
     try:
         code = proc.wait(30)
@@ -208,8 +226,11 @@ def test_app_that_cannot_load_stops_start(fleet: Fleet, case: str) -> None:
 def test_app_override_on_command_line_that_cannot_load(fleet: Fleet) -> None:
     """``start --app`` with a module that does not exist exits non-zero with the reason."""
     origin = fleet.origin()
-    master = fleet.master(config_for(upstreams={"o": [origin.address]}),
-                          args=("--app", "not_a_real_module:App"), start=False)
+    master = fleet.master(
+        config_for(upstreams={"o": [origin.address]}),
+        args=("--app", "not_a_real_module:App"),
+        start=False,
+    )
     code = master.spawn().wait(30)
     assert code != 0
     log = master.read_error_log() + (master.workdir / "master.stderr").read_text()

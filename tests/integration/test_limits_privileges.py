@@ -34,8 +34,12 @@ UNANSWERED_SECONDS = 1.0
 
 def status(m: Master) -> dict[str, Any]:
     """``status --json`` of the master, through its control socket."""
-    out = subprocess.run([sys.executable, "-m", "master", "status", "--json", "-c",
-                          str(m.config_path)], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "master", "status", "--json", "-c", str(m.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
 
@@ -60,14 +64,23 @@ def held_connections(port: int, count: int) -> list[HttpConn]:
 
 
 def test_worker_at_max_connections_leaves_new_ones_waiting_until_one_closes(
-        fleet: Fleet, tmp_path: Path) -> None:
+    fleet: Fleet, tmp_path: Path
+) -> None:
     """Three idle keep-alive connections fill a worker's limit of 3: a fourth connection is
     made by the kernel, but its request is not answered, nor is it reset, while they stay
     open; ``status`` says the worker is paused with 3 connections. Once one of the three
     closes, the fourth gets its answer. The log says when accepting paused and resumed."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"o": [origin.address]}, server={
-        "workers": 1, "max_connections": 3, "control_socket": str(tmp_path / "ctl.sock")}))
+    m = fleet.master(
+        config_for(
+            {"o": [origin.address]},
+            server={
+                "workers": 1,
+                "max_connections": 3,
+                "control_socket": str(tmp_path / "ctl.sock"),
+            },
+        )
+    )
     held = held_connections(m.port, 3)
     wait_for(lambda: "accepting paused" in m.read_error_log())
     with HttpConn(m.port) as fourth:
@@ -103,8 +116,11 @@ def h2c_connection(port: int, paths: list[str]) -> socket.socket:
     sock.sendall(conn.data_to_send())
     for path in paths:
         stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                   (":authority", "127.0.0.1")], end_stream=True)
+        conn.send_headers(
+            stream,
+            [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1")],
+            end_stream=True,
+        )
         sock.sendall(conn.data_to_send())
         status, ended = None, False
         while not ended:
@@ -113,8 +129,9 @@ def h2c_connection(port: int, paths: list[str]) -> socket.socket:
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
                     status = dict(event.headers)[b":status"]
-                ended = ended or (isinstance(event, h2.events.StreamEnded)
-                                  and event.stream_id == stream)
+                ended = ended or (
+                    isinstance(event, h2.events.StreamEnded) and event.stream_id == stream
+                )
             sock.sendall(conn.data_to_send())
         assert status == b"200"
     return sock
@@ -124,11 +141,18 @@ def test_an_http2_connection_counts_once(fleet: Fleet, tmp_path: Path) -> None:
     """Under a limit of 2, an HTTP/2 connection that made three requests and an HTTP/1.1 one
     are two connections: the worker pauses with 2, not before."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"o": [origin.address]}, server={
-        "workers": 1, "max_connections": 2, "control_socket": str(tmp_path / "ctl.sock")}))
+    m = fleet.master(
+        config_for(
+            {"o": [origin.address]},
+            server={
+                "workers": 1,
+                "max_connections": 2,
+                "control_socket": str(tmp_path / "ctl.sock"),
+            },
+        )
+    )
     with h2c_connection(m.port, ["/h2-1", "/h2-2", "/h2-3"]):
-        (worker,) = wait_for(lambda: [w for w in status(m)["workers"]
-                                      if w["connections"] == 1])
+        (worker,) = wait_for(lambda: [w for w in status(m)["workers"] if w["connections"] == 1])
         assert not worker["accept_paused"] and "accepting paused" not in m.read_error_log()
         (held,) = held_connections(m.port, 1)
         with held:
@@ -143,8 +167,9 @@ def test_draining_worker_at_its_limit_never_accepts_again(fleet: Fleet) -> None:
     connections close: the connection waiting in the queue is answered by the new worker,
     and the old worker exits without having accepted again."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"o": [origin.address]},
-                                server={"workers": 1, "max_connections": 2}))
+    m = fleet.master(
+        config_for({"o": [origin.address]}, server={"workers": 1, "max_connections": 2})
+    )
     (old,) = [w.pid for w in m.workers()]
     held = held_connections(m.port, 2)
     wait_for(lambda: "accepting paused" in m.read_error_log())
@@ -183,8 +208,9 @@ def _ids(name: str, group: str) -> tuple[int, int]:
     try:
         return pwd.getpwnam(name).pw_uid, grp.getgrnam(group).gr_gid
     except KeyError:
-        raise pytest.skip.Exception(f"this system has no user {name!r} or group {group!r}"
-                                    ) from None
+        raise pytest.skip.Exception(
+            f"this system has no user {name!r} or group {group!r}"
+        ) from None
 
 
 def _supplementary_groups(pid: int) -> set[int]:
@@ -202,8 +228,11 @@ def assert_identities(master_pid: int, uid: int, gid: int, control: Path, count:
     assert tuple(master.uids()) == (0, 0, 0)
 
     def serving() -> list[psutil.Process]:
-        found = [c for c in master.children()
-                 if is_worker(c) and "(draining)" not in " ".join(c.cmdline())]
+        found = [
+            c
+            for c in master.children()
+            if is_worker(c) and "(draining)" not in " ".join(c.cmdline())
+        ]
         return found if len(found) == count else []
 
     workers = wait_for(serving, timeout=30)
@@ -217,10 +246,12 @@ def assert_identities(master_pid: int, uid: int, gid: int, control: Path, count:
     assert (st.st_uid, st.st_gid) == (0, 0)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching the workers to another user needs "
-                    "a master started as root")
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="switching the workers to another user needs a master started as root"
+)
 def test_root_master_binds_a_privileged_port_and_its_workers_run_as_server_user(
-        fleet: Fleet, tmp_path: Path) -> None:
+    fleet: Fleet, tmp_path: Path
+) -> None:
     """``server.user: nobody``, ``server.group: nogroup`` on 127.0.0.1 below 1024: the master
     binds it and stays root; its workers run as nobody:nogroup and proxy to a real origin.
     After logrotate moved the logs into a folder nobody cannot reach, a reopen still gets the
@@ -230,10 +261,19 @@ def test_root_master_binds_a_privileged_port_and_its_workers_run_as_server_user(
     port = _free_privileged_port()
     control = tmp_path / "ctl.sock"
     pid_file = tmp_path / "tenaya.pid"
-    m = fleet.master(config_for(
-        {"o": [origin.address]}, listeners=[{"address": f"127.0.0.1:{port}"}],
-        server={"workers": 2, "user": "nobody", "group": "nogroup",
-                "control_socket": str(control), "pid_file": str(pid_file)}))
+    m = fleet.master(
+        config_for(
+            {"o": [origin.address]},
+            listeners=[{"address": f"127.0.0.1:{port}"}],
+            server={
+                "workers": 2,
+                "user": "nobody",
+                "group": "nogroup",
+                "control_socket": str(control),
+                "pid_file": str(pid_file),
+            },
+        )
+    )
     assert m.port == port
     assert_identities(m.pid, uid, gid, control, 2)
     assert get(port, "/as-nobody").status == 200
@@ -247,14 +287,18 @@ def test_root_master_binds_a_privileged_port_and_its_workers_run_as_server_user(
     m.error_log.rename(m.error_log.with_name("error.log.1"))
     m.signal(signal.SIGUSR1)
     wait_for(lambda: "log files reopened" in m.read_error_log())
-    wait_for(lambda: get(port, "/after-reopen").status == 200 and
-             "/after-reopen" in m.read_access_log())
+    wait_for(
+        lambda: get(port, "/after-reopen").status == 200 and "/after-reopen" in m.read_access_log()
+    )
     # A worker told by SIGUSR1 itself reopens by path, which nobody cannot: it says so, in
     # the new file, and goes on writing there.
     worker = m.workers()[0]
     worker.send_signal(signal.SIGUSR1)
-    wait_for(lambda: re.search(rf"\[worker \d+ {worker.pid}\] ERROR cannot reopen .*access",
-                               m.read_error_log()))
+    wait_for(
+        lambda: re.search(
+            rf"\[worker \d+ {worker.pid}\] ERROR cannot reopen .*access", m.read_error_log()
+        )
+    )
     assert get(port, "/still-logged").status == 200
     wait_for(lambda: "/still-logged" in m.read_access_log())
 
@@ -272,8 +316,12 @@ def test_root_master_binds_a_privileged_port_and_its_workers_run_as_server_user(
         assert "/after-upgrade" in origin.paths()
     finally:
         os.kill(new, signal.SIGTERM)
-        wait_for(lambda: not psutil.pid_exists(new) or
-                 psutil.Process(new).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        wait_for(
+            lambda: (
+                not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=30,
+        )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
@@ -284,19 +332,27 @@ def test_check_loads_the_app_as_server_user(tmp_path: Path) -> None:
     _ids("nobody", "nogroup")
     app_dir = tmp_path / "private"
     app_dir.mkdir(mode=0o700)
-    (app_dir / "privateapp.py").write_text("from shared import ProxyHttp\n"
-                                           "class App(ProxyHttp):\n"
-                                           "    def upstream_peer(self, session, ctx):\n"
-                                           "        return None\n")
-    for app, code, says in ((None, 0, "ok"), ("privateapp:App", 1, "(as nobody:nogroup, "
-                                                                   "server.user)")):
+    (app_dir / "privateapp.py").write_text(
+        "from shared import ProxyHttp\n"
+        "class App(ProxyHttp):\n"
+        "    def upstream_peer(self, session, ctx):\n"
+        "        return None\n"
+    )
+    for app, code, says in (
+        (None, 0, "ok"),
+        ("privateapp:App", 1, "(as nobody:nogroup, server.user)"),
+    ):
         config = config_for({"o": ["127.0.0.1:9"]}, server={"user": "nobody"})
         if app:
             config["app"] = app
         path = app_dir / "tenaya.yaml"
         path.write_text(yaml.safe_dump(config))
-        out = subprocess.run([sys.executable, "-m", "master", "check", "-c", str(path)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "master", "check", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == code, out.stderr
         assert says in out.stdout + out.stderr
 
@@ -305,12 +361,21 @@ def test_check_refuses_an_unknown_user(tmp_path: Path) -> None:
     """``check`` and ``start`` refuse a ``server.user`` or ``server.group`` that does not
     exist, naming the file, the key and the reason."""
     path = tmp_path / "tenaya.yaml"
-    path.write_text(yaml.safe_dump(config_for(
-        {"o": ["127.0.0.1:9"]}, server={"user": "no-such-user-tenaya",
-                                        "group": "no-such-group-tenaya"})))
+    path.write_text(
+        yaml.safe_dump(
+            config_for(
+                {"o": ["127.0.0.1:9"]},
+                server={"user": "no-such-user-tenaya", "group": "no-such-group-tenaya"},
+            )
+        )
+    )
     for command in ("check", "start"):
-        out = subprocess.run([sys.executable, "-m", "master", command, "-c", str(path)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "master", command, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 1
         assert f"{path}: server.user: no such user 'no-such-user-tenaya'" in out.stderr
         assert f"{path}: server.group: no such group 'no-such-group-tenaya'" in out.stderr

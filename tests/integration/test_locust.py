@@ -68,24 +68,48 @@ def env(module_fleet: Fleet) -> Env:
     return Env(module_fleet.master(config_for(upstreams={"main": [origin.address]})), origin)
 
 
-def run_locust(workdir: Path, environ: dict[str, str], args: list[str],
-               seconds: int = RUN_SECONDS) -> LocustRun:
+def run_locust(
+    workdir: Path, environ: dict[str, str], args: list[str], seconds: int = RUN_SECONDS
+) -> LocustRun:
     """Runs the locustfile headless (``USERS`` users for ``seconds``) with ``environ`` over a
     copy of this process's environment from which every ``LOCUST_*`` and ``TENAYA_*`` variable
     was taken out; ``args`` go to Locust last. Returns its exit status and the aggregated counts
     of its CSV statistics."""
     assert importlib.util.find_spec("locust") is not None, (
-        "locust is not installed (it is in the test extras: scripts/test installs it)")
+        "locust is not installed (it is in the test extras: scripts/test installs it)"
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     prefix = workdir / "locust"
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("LOCUST_", "TENAYA_"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "TENAYA_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-         "--users", str(USERS), "--spawn-rate", str(SPAWN_RATE), "--run-time", f"{seconds}s",
-         "--exit-code-on-error", str(EXIT_CODE_ON_ERROR), "--csv", str(prefix), *args],
-        env={**base, **environ}, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, timeout=LOCUST_DEADLINE_SECONDS, check=False)
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--only-summary",
+            "--users",
+            str(USERS),
+            "--spawn-rate",
+            str(SPAWN_RATE),
+            "--run-time",
+            f"{seconds}s",
+            "--exit-code-on-error",
+            str(EXIT_CODE_ON_ERROR),
+            "--csv",
+            str(prefix),
+            *args,
+        ],
+        env={**base, **environ},
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LOCUST_DEADLINE_SECONDS,
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     stats_path = Path(f"{prefix}_stats.csv")
     assert stats_path.exists(), f"locust wrote no statistics (exit {proc.returncode}):\n{output}"
@@ -97,20 +121,30 @@ def run_locust(workdir: Path, environ: dict[str, str], args: list[str],
     with open(f"{prefix}_failures.csv", newline="") as f:
         for r in csv.DictReader(f):  # one row per method, name and error
             errors[r["Error"]] = errors.get(r["Error"], 0) + int(r["Occurrences"])
-    return LocustRun(proc.returncode, int(total[0]["Request Count"]),
-                     int(total[0]["Failure Count"]),
-                     {r["Name"] for r in rows if r["Name"] != AGGREGATED}, errors, output)
+    return LocustRun(
+        proc.returncode,
+        int(total[0]["Request Count"]),
+        int(total[0]["Failure Count"]),
+        {r["Name"] for r in rows if r["Name"] != AGGREGATED},
+        errors,
+        output,
+    )
 
 
 def test_locust_run_through_the_proxy_sends_the_environment_headers(
-        env: Env, tmp_path: Path) -> None:
+    env: Env, tmp_path: Path
+) -> None:
     """With the host and the headers from the environment, every request of the mix passes
     the proxy and the origin's check: requests counted, none failed, exit status 0."""
     env.origin.reset()
-    run = run_locust(tmp_path, {
-        "TENAYA_HOST": env.master.url,
-        "TENAYA_HEADERS": f"{API_KEY[0]}: {API_KEY[1]}\n\n{TRACE[0]}:{TRACE[1]}\n",
-    }, [])
+    run = run_locust(
+        tmp_path,
+        {
+            "TENAYA_HOST": env.master.url,
+            "TENAYA_HEADERS": f"{API_KEY[0]}: {API_KEY[1]}\n\n{TRACE[0]}:{TRACE[1]}\n",
+        },
+        [],
+    )
     assert run.requests > 0, run.output
     assert (run.failures, run.errors) == (0, {}), run.output
     assert run.returncode == 0, run.output
@@ -130,17 +164,21 @@ def test_locust_run_through_the_proxy_sends_the_environment_headers(
 
 
 def test_locust_run_reports_origin_failures_and_exits_non_zero(
-        env: Env, tmp_path: Path, refusing_address: str) -> None:
+    env: Env, tmp_path: Path, refusing_address: str
+) -> None:
     """Without the API key the origin answers 403: Locust counts every request as failed, names
     the status in its failures and exits with ``EXIT_CODE_ON_ERROR``. ``--host`` wins over a
     ``TENAYA_HOST`` where nothing listens: the failures are 403s, not refused connections."""
     env.origin.reset()
-    run = run_locust(tmp_path, {"TENAYA_HOST": f"http://{refusing_address}"},
-                     ["--host", env.master.url], FAILING_RUN_SECONDS)
+    run = run_locust(
+        tmp_path,
+        {"TENAYA_HOST": f"http://{refusing_address}"},
+        ["--host", env.master.url],
+        FAILING_RUN_SECONDS,
+    )
     assert run.requests > 0, run.output
     assert run.failures == run.requests, run.output
     assert run.returncode == EXIT_CODE_ON_ERROR, run.output
     assert run.errors and all("status 403" in error for error in run.errors), run.errors
     assert sum(run.errors.values()) == run.failures
-    assert env.origin.requests and all(not r.header_all(API_KEY[0])
-                                       for r in env.origin.requests)
+    assert env.origin.requests and all(not r.header_all(API_KEY[0]) for r in env.origin.requests)

@@ -16,15 +16,20 @@ import psutil
 from conftest import Fleet
 from helpers import HttpConn, Master, config_for, get, origin_app, wait_for, wait_until_stable
 
-TAG_APP = origin_app('''
+TAG_APP = origin_app("""
     def upstream_request_filter(self, session, req, ctx):
         req.set("X-Worker", str(os.getpid()))
-''')
+""")
 
 
 def status(m: Master) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "master", "status", "-c", str(m.config_path),
-                          "--json"], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "master", "status", "-c", str(m.config_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -36,9 +41,15 @@ def test_connection_donated_by_one_worker_serves_another(fleet: Fleet, tmp_path:
     """With no local pool, every idle connection goes to the broker: the origin sees one
     connection carry requests from both workers, and few connections in all."""
     origin = fleet.origin()
-    m = fleet.master(config_for(app="tag:App", app_options={"origin": origin.address},
-                                server=control(tmp_path), pool={"size_per_worker": 0}),
-                     files={"tag.py": TAG_APP})
+    m = fleet.master(
+        config_for(
+            app="tag:App",
+            app_options={"origin": origin.address},
+            server=control(tmp_path),
+            pool={"size_per_worker": 0},
+        ),
+        files={"tag.py": TAG_APP},
+    )
     for _ in range(30):
         assert get(m.port, "/").status == 200
     workers_by_conn: dict[int, set[str]] = {}
@@ -53,8 +64,11 @@ def test_connection_donated_by_one_worker_serves_another(fleet: Fleet, tmp_path:
 def test_connection_closed_by_origin_is_never_lent(fleet: Fleet, tmp_path: Path) -> None:
     """An idle connection the origin closes while the broker holds it is dropped, not lent."""
     origin = fleet.origin(close_idle_after=0.3)
-    m = fleet.master(config_for({"origin": [origin.address]}, server=control(tmp_path),
-                                pool={"size_per_worker": 0}))
+    m = fleet.master(
+        config_for(
+            {"origin": [origin.address]}, server=control(tmp_path), pool={"size_per_worker": 0}
+        )
+    )
     assert get(m.port, "/").status == 200
     wait_for(lambda: origin.idle_closed >= 1, timeout=10)
     wait_for(lambda: status(m)["broker"]["dropped"] >= 1, timeout=10, interval=0.2)
@@ -83,16 +97,18 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
     """5 000 requests with no local pool (10 000 hand-offs between workers and the broker)
     leave the master and the workers with the descriptors they had."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"origin": [origin.address]}, server=control(tmp_path),
-                                pool={"size_per_worker": 0}))
+    m = fleet.master(
+        config_for(
+            {"origin": [origin.address]}, server=control(tmp_path), pool={"size_per_worker": 0}
+        )
+    )
     clients = [HttpConn(m.port) for _ in range(4)]
     try:
         for c in clients:
             assert c.request("GET", "/").status == 200
         workers = [w.pid for w in m.workers()]
         # A connection handed off a moment ago may still be closing: count once settled.
-        before = {pid: wait_until_stable(lambda pid=pid: _fds(pid), settle=0.5)
-                  for pid in workers}
+        before = {pid: wait_until_stable(lambda pid=pid: _fds(pid), settle=0.5) for pid in workers}
         idle_before = status(m)["broker"]["idle"]
         master_before = wait_until_stable(lambda: _fds(m.pid), settle=0.5) - idle_before
         for i in range(5000):
@@ -119,8 +135,9 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
     assert data["pool"]["reused_shared"] >= 4900
     # The broker's idle connections are the only descriptors the master gained (a donation
     # may still be in flight when the first status is read, hence the poll).
-    wait_for(lambda: _fds(m.pid) - status(m)["broker"]["idle"] <= master_before, timeout=10,
-             interval=0.2)
+    wait_for(
+        lambda: _fds(m.pid) - status(m)["broker"]["idle"] <= master_before, timeout=10, interval=0.2
+    )
 
 
 def test_reload_keeps_idle_connections(fleet: Fleet, tmp_path: Path) -> None:
@@ -133,8 +150,9 @@ def test_reload_keeps_idle_connections(fleet: Fleet, tmp_path: Path) -> None:
     accepted = origin.accepted
     m.signal(signal.SIGHUP)
     wait_for(lambda: "generation 2 serving" in m.read_error_log(), timeout=30)
-    wait_for(lambda: len(m.workers()) == 2 and status(m)["broker"]["idle"] >= 1, timeout=30,
-             interval=0.2)
+    wait_for(
+        lambda: len(m.workers()) == 2 and status(m)["broker"]["idle"] >= 1, timeout=30, interval=0.2
+    )
     for _ in range(10):
         assert get(m.port, "/").status == 200
     assert origin.accepted == accepted
@@ -144,8 +162,11 @@ def test_upgrade_keeps_idle_connections(fleet: Fleet, tmp_path: Path) -> None:
     """The broker's idle connections move to the new master on SIGUSR2."""
     origin = fleet.origin()
     pid_file = tmp_path / "tenaya.pid"
-    m = fleet.master(config_for({"origin": [origin.address]},
-                                server={**control(tmp_path), "pid_file": str(pid_file)}))
+    m = fleet.master(
+        config_for(
+            {"origin": [origin.address]}, server={**control(tmp_path), "pid_file": str(pid_file)}
+        )
+    )
     for _ in range(10):
         assert get(m.port, "/").status == 200
     accepted = origin.accepted
@@ -154,12 +175,18 @@ def test_upgrade_keeps_idle_connections(fleet: Fleet, tmp_path: Path) -> None:
     new = wait_for(lambda: (p := int(pid_file.read_text() or 0)) != old and p, timeout=30)
     try:
         assert m.wait(timeout=30) == 0
-        wait_for(lambda: "idle upstream connections from the old master" in m.read_error_log(),
-                 timeout=10)
+        wait_for(
+            lambda: "idle upstream connections from the old master" in m.read_error_log(),
+            timeout=10,
+        )
         for _ in range(10):
             assert get(m.port, "/").status == 200
         assert origin.accepted == accepted
     finally:
         os.kill(new, signal.SIGTERM)
-        wait_for(lambda: not psutil.pid_exists(new)
-                 or psutil.Process(new).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        wait_for(
+            lambda: (
+                not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=30,
+        )

@@ -59,8 +59,13 @@ def single(env: Env) -> Origin:
     return env.single
 
 
-def echo(port: int, target: str = "/echo", headers: list[tuple[str, str]] | None = None,
-         method: str = "GET", body: bytes = b"") -> dict:
+def echo(
+    port: int,
+    target: str = "/echo",
+    headers: list[tuple[str, str]] | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+) -> dict:
     """Sends a request to the single origin and returns its echo of what arrived."""
     resp = get(port, target, [("Host", SINGLE), *(headers or [])], method, body)
     assert resp.status == 200, resp
@@ -75,6 +80,7 @@ def headers_of(echoed: dict) -> dict[str, list[str]]:
 
 
 # -- load balancing and pooling --------------------------------------------------------------
+
 
 def test_round_robin_cycles_over_every_server(env: Env) -> None:
     """Consecutive requests handled by one worker go to each server in turn."""
@@ -111,11 +117,13 @@ def test_upstream_connections_are_reused(env: Env, single: Origin) -> None:
         assert echoed["target"] == f"/reuse/{i}"
     assert len(single.requests) == 20
     assert single.accepted <= env.master.workers_count, (
-        f"{single.accepted} upstream connections for 20 sequential requests")
+        f"{single.accepted} upstream connections for 20 sequential requests"
+    )
     assert max(r.conn_seq for r in single.requests) >= 20 // env.master.workers_count
 
 
 # -- headers -------------------------------------------------------------------------------------
+
 
 def test_forwarded_headers_added_and_host_passed_through(env: Env, single: Origin) -> None:
     """The origin sees the client's Host unchanged and X-Forwarded-For/Proto/Host."""
@@ -141,9 +149,15 @@ def test_host_with_port_passed_through_unchanged(env: Env, single: Origin) -> No
 def test_forwarded_for_appends_client_address(env: Env, single: Origin) -> None:
     """An X-Forwarded-For from the client is kept and the client's address appended; the
     client's own X-Forwarded-Proto/Host are replaced, not passed on."""
-    echoed = echo(env.port, "/xff", [("X-Forwarded-For", "10.1.2.3, 10.4.5.6"),
-                                     ("X-Forwarded-Proto", "https"),
-                                     ("X-Forwarded-Host", "spoofed.example")])
+    echoed = echo(
+        env.port,
+        "/xff",
+        [
+            ("X-Forwarded-For", "10.1.2.3, 10.4.5.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "spoofed.example"),
+        ],
+    )
     h = headers_of(echoed)
     assert h["x-forwarded-for"] == ["10.1.2.3, 10.4.5.6, 127.0.0.1"]
     assert h["x-forwarded-proto"] == ["http"]
@@ -153,19 +167,22 @@ def test_forwarded_for_appends_client_address(env: Env, single: Origin) -> None:
 def test_hop_by_hop_request_headers_removed(env: Env, single: Origin) -> None:
     """Connection, Keep-Alive, Proxy-Connection, TE, Trailer and the headers named in
     Connection do not reach the origin; end-to-end headers do, in order."""
-    echoed = echo(env.port, "/hop", [
-        ("X-First", "1"),
-        ("Connection", "keep-alive, X-Private-Hop"),
-        ("Keep-Alive", "timeout=5"),
-        ("Proxy-Connection", "keep-alive"),
-        ("TE", "trailers"),
-        ("Trailer", "X-Checksum"),
-        ("X-Private-Hop", "secret"),
-        ("X-Last", "2"),
-    ])
+    echoed = echo(
+        env.port,
+        "/hop",
+        [
+            ("X-First", "1"),
+            ("Connection", "keep-alive, X-Private-Hop"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "X-Checksum"),
+            ("X-Private-Hop", "secret"),
+            ("X-Last", "2"),
+        ],
+    )
     h = headers_of(echoed)
-    for name in ("connection", "keep-alive", "proxy-connection", "te", "trailer",
-                 "x-private-hop"):
+    for name in ("connection", "keep-alive", "proxy-connection", "te", "trailer", "x-private-hop"):
         assert name not in h, f"{name} reached the origin: {echoed['headers']}"
     names = [n.lower() for n, _ in echoed["headers"]]
     assert names.index("x-first") < names.index("x-last")
@@ -174,8 +191,10 @@ def test_hop_by_hop_request_headers_removed(env: Env, single: Origin) -> None:
 def test_hop_by_hop_response_headers_removed(env: Env, single: Origin) -> None:
     """Hop-by-hop response headers (and those the origin's Connection names) do not reach the
     client; end-to-end ones do."""
-    target = ("/hopresp?rh=Connection:X-Origin-Hop&rh=X-Origin-Hop:1&rh=Keep-Alive:timeout=9"
-              "&rh=Proxy-Connection:keep-alive&rh=X-Kept:yes")
+    target = (
+        "/hopresp?rh=Connection:X-Origin-Hop&rh=X-Origin-Hop:1&rh=Keep-Alive:timeout=9"
+        "&rh=Proxy-Connection:keep-alive&rh=X-Kept:yes"
+    )
     with HttpConn(env.port) as conn:
         resp = conn.request("GET", target, [("Host", SINGLE)])
         assert resp.status == 200
@@ -190,8 +209,11 @@ def test_hop_by_hop_response_headers_removed(env: Env, single: Origin) -> None:
 def test_repeated_response_headers_kept_apart(env: Env, single: Origin) -> None:
     """Repeated response fields (Set-Cookie) reach the client as separate lines, in order."""
     with HttpConn(env.port) as conn:
-        resp = conn.request("GET", "/cookies?rh=Set-Cookie:a=1;%20Path=/&rh=Set-Cookie:b=2"
-                            "&rh=Set-Cookie:c=3", [("Host", SINGLE)])
+        resp = conn.request(
+            "GET",
+            "/cookies?rh=Set-Cookie:a=1;%20Path=/&rh=Set-Cookie:b=2&rh=Set-Cookie:c=3",
+            [("Host", SINGLE)],
+        )
     assert resp.header_all("Set-Cookie") == ["a=1; Path=/", "b=2", "c=3"]
 
 
@@ -206,6 +228,7 @@ def test_origin_error_statuses_passed_through(env: Env, single: Origin) -> None:
 
 
 # -- framing ---------------------------------------------------------------------------------
+
 
 def test_head_has_length_but_no_body(env: Env, single: Origin) -> None:
     """HEAD gets the GET's Content-Length and no body bytes; the connection stays in sync."""
@@ -229,8 +252,10 @@ def test_head_of_chunked_response(env: Env, single: Origin) -> None:
     assert after.body == b"xy"
 
 
-@pytest.mark.parametrize("status, extra", [(204, ""), (304, ""), (304, "?rh=Content-Length:1234"),
-                                           (204, "?rh=Content-Length:0")])
+@pytest.mark.parametrize(
+    "status, extra",
+    [(204, ""), (304, ""), (304, "?rh=Content-Length:1234"), (204, "?rh=Content-Length:0")],
+)
 def test_no_body_statuses(env: Env, single: Origin, status: int, extra: str) -> None:
     """204 and 304 go out without a body or chunked framing, even when the 304 gives the
     length of the representation; the next response follows."""
@@ -259,8 +284,13 @@ def test_trailers_of_a_chunked_response_are_passed_on(env: Env, single: Origin) 
     """The trailer fields after an origin's chunked body reach an HTTP/1.1 client after the
     last chunk, and the connection goes on."""
     with HttpConn(env.port) as conn:
-        conn.send(build_request("GET", "/chunked?parts=ab,cd&trailer=x-checksum:abc123",
-                                [("Host", SINGLE), ("TE", "trailers")]))
+        conn.send(
+            build_request(
+                "GET",
+                "/chunked?parts=ab,cd&trailer=x-checksum:abc123",
+                [("Host", SINGLE), ("TE", "trailers")],
+            )
+        )
         head = conn.read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
         body = conn.read_until(b"\r\n0\r\n")
@@ -285,9 +315,10 @@ def test_chunked_request_body_forwarded(env: Env, single: Origin) -> None:
     """A chunked request body reaches the origin chunked (not buffered into a length)."""
     pieces = [b"hello ", b"chunked ", b"x" * 70000, b" world"]
     with HttpConn(env.port) as conn:
-        conn.send(build_request("POST", "/upload", [("Host", SINGLE),
-                                                    ("Transfer-Encoding", "chunked")])
-                  + chunked_body(pieces))
+        conn.send(
+            build_request("POST", "/upload", [("Host", SINGLE), ("Transfer-Encoding", "chunked")])
+            + chunked_body(pieces)
+        )
         resp = conn.read_response()
     assert resp.status == 200
     echoed = resp.json()
@@ -302,20 +333,37 @@ def test_chunked_upload_with_curl(env: Env, single: Origin, tmp_path: Path) -> N
     src = tmp_path / "upload.bin"
     src.write_bytes(data)
     out = subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "-H", f"Host: {SINGLE}", "-H",
-         "Transfer-Encoding: chunked", "--data-binary", f"@{src}",
-         f"http://127.0.0.1:{env.port}/sink"],
-        capture_output=True, timeout=30, check=True)
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            f"Host: {SINGLE}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            f"@{src}",
+            f"http://127.0.0.1:{env.port}/sink",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
     result = json.loads(out.stdout)
-    assert result == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                      "framing": "chunked"}
+    assert result == {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "framing": "chunked",
+    }
 
 
 def test_content_length_body_forwarded(env: Env, single: Origin) -> None:
     """A request body with Content-Length reaches the origin with the same length."""
     body = b"k=v&" * 1000
-    echoed = echo(env.port, "/form", [("Content-Type", "application/x-www-form-urlencoded")],
-                  "POST", body)
+    echoed = echo(
+        env.port, "/form", [("Content-Type", "application/x-www-form-urlencoded")], "POST", body
+    )
     assert echoed["framing"] == "length"
     assert headers_of(echoed)["content-length"] == [str(len(body))]
     assert echoed["body"].encode() == body
@@ -360,9 +408,13 @@ def test_expect_100_continue(env: Env, single: Origin) -> None:
     Expect header is not forwarded."""
     body = b"payload after continue"
     with HttpConn(env.port) as conn:
-        conn.send(build_request("PUT", "/expect", [
-            ("Host", SINGLE), ("Expect", "100-continue"),
-            ("Content-Length", str(len(body)))]))
+        conn.send(
+            build_request(
+                "PUT",
+                "/expect",
+                [("Host", SINGLE), ("Expect", "100-continue"), ("Content-Length", str(len(body)))],
+            )
+        )
         status, _, _ = conn.read_head()
         assert status == 100
         conn.send(body)
@@ -418,8 +470,12 @@ def test_http10_keep_alive(env: Env, single: Origin) -> None:
     """HTTP/1.0 with Connection: keep-alive gets keep-alive and a second answer."""
     with HttpConn(env.port) as conn:
         for i in range(2):
-            resp = conn.request("GET", f"/h10ka/{i}", [("Host", SINGLE),
-                                                       ("Connection", "keep-alive")], version="1.0")
+            resp = conn.request(
+                "GET",
+                f"/h10ka/{i}",
+                [("Host", SINGLE), ("Connection", "keep-alive")],
+                version="1.0",
+            )
             assert resp.status == 200
             assert resp.header("Content-Length") is not None
             assert (resp.header("Connection") or "").lower() == "keep-alive"
@@ -449,13 +505,15 @@ def test_origin_connection_close_does_not_close_client(env: Env, single: Origin)
 def test_pipelined_requests_answered_in_order(env: Env, single: Origin) -> None:
     """Requests sent back to back in one write are answered in order, even when an earlier
     one is slower and one carries a body."""
-    data = b"".join([
-        build_request("GET", "/sleep?s=0.3&tag=1", [("Host", SINGLE)]),
-        build_request("POST", "/p2", [("Host", SINGLE)], body=b"second body"),
-        build_request("GET", "/chunked?parts=third", [("Host", SINGLE)]),
-        build_request("HEAD", "/p4", [("Host", SINGLE)]),
-        build_request("GET", "/p5", [("Host", SINGLE)]),
-    ])
+    data = b"".join(
+        [
+            build_request("GET", "/sleep?s=0.3&tag=1", [("Host", SINGLE)]),
+            build_request("POST", "/p2", [("Host", SINGLE)], body=b"second body"),
+            build_request("GET", "/chunked?parts=third", [("Host", SINGLE)]),
+            build_request("HEAD", "/p4", [("Host", SINGLE)]),
+            build_request("GET", "/p5", [("Host", SINGLE)]),
+        ]
+    )
     with HttpConn(env.port) as conn:
         conn.send(data)
         r1 = conn.read_response()
@@ -473,9 +531,11 @@ def test_pipelined_requests_answered_in_order(env: Env, single: Origin) -> None:
 
 def test_pipelined_connection_close_stops_after_it(env: Env, single: Origin) -> None:
     """A pipelined request with Connection: close is the last one answered."""
-    data = (build_request("GET", "/q1", [("Host", SINGLE)])
-            + build_request("GET", "/q2", [("Host", SINGLE), ("Connection", "close")])
-            + build_request("GET", "/q3", [("Host", SINGLE)]))
+    data = (
+        build_request("GET", "/q1", [("Host", SINGLE)])
+        + build_request("GET", "/q2", [("Host", SINGLE), ("Connection", "close")])
+        + build_request("GET", "/q3", [("Host", SINGLE)])
+    )
     with HttpConn(env.port) as conn:
         conn.send(data)
         assert conn.read_response().json()["target"] == "/q1"
@@ -488,7 +548,19 @@ def test_pipelined_connection_close_stops_after_it(env: Env, single: Origin) -> 
 def test_curl_get(env: Env) -> None:
     """curl, a real client, gets a page through the default upstream."""
     out = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
-         f"http://127.0.0.1:{env.port}/curl"],
-        capture_output=True, timeout=20, check=True)
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"http://127.0.0.1:{env.port}/curl",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=True,
+    )
     assert out.stdout == b"200"

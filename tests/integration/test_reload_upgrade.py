@@ -26,7 +26,11 @@ def soak(*args: str) -> dict[str, Any]:
     """Runs tests/soak.py in a private network namespace and returns its JSON result."""
     out = subprocess.run(
         ["unshare", "-rn", sys.executable, str(TESTS / "soak.py"), *args],
-        capture_output=True, text=True, timeout=240, cwd=ROOT)
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -37,7 +41,12 @@ def assert_no_loss(result: dict[str, Any], count: int) -> None:
     wrk = result["wrk"]
     assert wrk["requests"] > 1000, result
     assert {k: v for k, v in wrk.items() if k != "requests"} == {
-        "connect": 0, "read": 0, "write": 0, "timeout": 0, "non2xx": 0}, result
+        "connect": 0,
+        "read": 0,
+        "write": 0,
+        "timeout": 0,
+        "non2xx": 0,
+    }, result
     assert all(v == 0 for v in result["counters"].values()), result
 
 
@@ -82,8 +91,11 @@ def test_reload_with_broken_config_keeps_serving(fleet: Fleet) -> None:
     m = fleet.master(config_for({"origin": [origin.address]}))
     before = _worker_pids(m)
     text = m.config_path.read_text()
-    m.config_path.write_text(text.replace("workers: 2", "wokers: 2")
-                             .replace("grace_period_seconds: 10", "grace_period_seconds: ten"))
+    m.config_path.write_text(
+        text.replace("workers: 2", "wokers: 2").replace(
+            "grace_period_seconds: 10", "grace_period_seconds: ten"
+        )
+    )
     m.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in m.read_error_log(), timeout=10)
     # One log line lists every mistake.
@@ -99,18 +111,20 @@ def test_reload_with_broken_config_keeps_serving(fleet: Fleet) -> None:
     assert get(m.port, "/").status == 200
 
 
-APP = origin_app('''
+APP = origin_app("""
     def response_filter(self, session, resp, ctx):
         resp.set("X-App-Version", "VERSION")
-''')
+""")
 
 
 def test_reload_with_syntax_error_in_app_keeps_serving(fleet: Fleet) -> None:
     """A reload that finds a SyntaxError in the app keeps the old workers (and old app) serving;
     a reload after the fix serves the new app code."""
     origin = fleet.origin()
-    m = fleet.master(config_for(app="gw:App", app_options={"origin": origin.address}),
-                     files={"gw.py": APP.replace("VERSION", "1")})
+    m = fleet.master(
+        config_for(app="gw:App", app_options={"origin": origin.address}),
+        files={"gw.py": APP.replace("VERSION", "1")},
+    )
     assert get(m.port, "/").header("X-App-Version") == "1"
     before = _worker_pids(m)
     (m.workdir / "gw.py").write_text(APP.replace("VERSION", "2") + "\ndef broken(:\n")
@@ -122,8 +136,13 @@ def test_reload_with_syntax_error_in_app_keeps_serving(fleet: Fleet) -> None:
     wait_for(lambda: _worker_pids(m) == before, timeout=10)
     (m.workdir / "gw.py").write_text(APP.replace("VERSION", "2"))
     m.signal(signal.SIGHUP)
-    wait_for(lambda: "generation 3 serving" in m.read_error_log()
-             or "generation 2 serving" in m.read_error_log(), timeout=30)
+    wait_for(
+        lambda: (
+            "generation 3 serving" in m.read_error_log()
+            or "generation 2 serving" in m.read_error_log()
+        ),
+        timeout=30,
+    )
     wait_for(lambda: get(m.port, "/").header("X-App-Version") == "2", timeout=10)
 
 
@@ -138,18 +157,19 @@ def _read_pid(path: Path) -> int:
         return 0
 
 
-def test_upgrade_with_broken_code_on_disk_keeps_the_old_master(fleet: Fleet,
-                                                               tmp_path: Path) -> None:
+def test_upgrade_with_broken_code_on_disk_keeps_the_old_master(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     """SIGUSR2 when the code on disk cannot start: the old master says so, keeps serving and
     keeps its pid in the pid file; once the code is fixed, an upgrade succeeds."""
     origin = fleet.origin()
     work = tmp_path / "code"
     for package in ("master", "worker", "shared"):
-        shutil.copytree(ROOT / package, work / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / package, work / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     pid_file = tmp_path / "tenaya.pid"
-    m = Master(work, config_for({"origin": [origin.address]},
-                                server={"pid_file": str(pid_file)}))
+    m = Master(work, config_for({"origin": [origin.address]}, server={"pid_file": str(pid_file)}))
     fleet._masters.append(m)  # stopped with the fleet
     m.start()
     assert _read_pid(pid_file) == m.pid
@@ -169,28 +189,36 @@ def test_upgrade_with_broken_code_on_disk_keeps_the_old_master(fleet: Fleet,
         assert get(m.port, "/").status == 200
     finally:
         os.kill(new, signal.SIGTERM)
-        wait_for(lambda: not psutil.pid_exists(new) or
-                 psutil.Process(new).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        wait_for(
+            lambda: (
+                not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
+            ),
+            timeout=30,
+        )
 
 
-SPIN_APP = origin_app('''
+SPIN_APP = origin_app("""
     def request_filter(self, session, ctx):
         if session.req_header.path == "/spin":
             while True:
                 pass
         return False
-''')
+""")
 
 
 def test_stuck_worker_is_killed_and_replaced(fleet: Fleet) -> None:
     """A worker stuck in a busy loop misses its heartbeats, is killed and replaced."""
     origin = fleet.origin()
-    m = fleet.master(config_for(app="spin:App", app_options={"origin": origin.address},
-                                server={"workers": 1, "worker_timeout_seconds": 2}),
-                     files={"spin.py": SPIN_APP})
+    m = fleet.master(
+        config_for(
+            app="spin:App",
+            app_options={"origin": origin.address},
+            server={"workers": 1, "worker_timeout_seconds": 2},
+        ),
+        files={"spin.py": SPIN_APP},
+    )
     (stuck,) = _worker_pids(m)
-    t = threading.Thread(target=lambda: _ignore_errors(lambda: get(m.port, "/spin")),
-                         daemon=True)
+    t = threading.Thread(target=lambda: _ignore_errors(lambda: get(m.port, "/spin")), daemon=True)
     t.start()
     wait_for(lambda: stuck not in _worker_pids(m) and len(_worker_pids(m)) == 1, timeout=30)
     assert "silent for" in m.read_error_log()
@@ -262,16 +290,20 @@ def test_status_and_control_commands(fleet: Fleet, tmp_path: Path) -> None:
     control socket (mode 0600); `reload` and `stop` work through it too."""
     origin = fleet.origin()
     sock = tmp_path / "ctl.sock"
-    m = fleet.master(config_for({"origin": [origin.address]},
-                                server={"control_socket": str(sock)}))
+    m = fleet.master(config_for({"origin": [origin.address]}, server={"control_socket": str(sock)}))
     assert sock.stat().st_mode & 0o777 == 0o600
     for _ in range(10):
         assert get(m.port, "/").status == 200
     cmd = [sys.executable, "-m", "master"]
 
     def status() -> dict[str, Any]:
-        out = subprocess.run([*cmd, "status", "-c", str(m.config_path), "--json"],
-                             capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            [*cmd, "status", "-c", str(m.config_path), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         return json.loads(out.stdout)
 
     wait_for(lambda: sum(w["requests"] for w in status()["workers"]) >= 10, timeout=10)
@@ -279,18 +311,20 @@ def test_status_and_control_commands(fleet: Fleet, tmp_path: Path) -> None:
     assert data["pid"] == m.pid and data["generation"] == 1 and data["state"] == "serving"
     assert len(data["workers"]) == 2
     assert all(w["rss_bytes"] > 0 for w in data["workers"])
-    subprocess.run([*cmd, "reload", "-c", str(m.config_path)], check=True, timeout=30,
-                   capture_output=True)
+    subprocess.run(
+        [*cmd, "reload", "-c", str(m.config_path)], check=True, timeout=30, capture_output=True
+    )
     _serving_generation(m, 2)
-    subprocess.run([*cmd, "stop", "-c", str(m.config_path)], check=True, timeout=30,
-                   capture_output=True)
+    subprocess.run(
+        [*cmd, "stop", "-c", str(m.config_path)], check=True, timeout=30, capture_output=True
+    )
     assert m.wait(timeout=30) == 0
     assert not sock.exists()
 
 
 #: An app whose worker 1 waits, while configured, for a file to appear: worker 0 serves while
 #: the master is still booting.
-GATED_APP = origin_app('''
+GATED_APP = origin_app("""
     def configure(self, config):
         super().configure(config)
         import pathlib, time
@@ -299,7 +333,7 @@ GATED_APP = origin_app('''
         deadline = time.monotonic() + 30
         while self.worker_id == 1 and not gate.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-''')
+""")
 
 
 def test_signals_while_booting_are_deferred_not_lost(fleet: Fleet) -> None:
@@ -308,9 +342,15 @@ def test_signals_while_booting_are_deferred_not_lost(fleet: Fleet) -> None:
     origin = fleet.origin()
     port = free_port()
     gate = fleet.workdir / "gate"
-    m = fleet.master(config_for(app="gw:App", listeners=[{"address": f"127.0.0.1:{port}"}],
-                                app_options={"origin": origin.address, "gate": str(gate)}),
-                     files={"gw.py": GATED_APP}, start=False)
+    m = fleet.master(
+        config_for(
+            app="gw:App",
+            listeners=[{"address": f"127.0.0.1:{port}"}],
+            app_options={"origin": origin.address, "gate": str(gate)},
+        ),
+        files={"gw.py": GATED_APP},
+        start=False,
+    )
     m.spawn()
     wait_for(lambda: _answers(port), timeout=30)
     assert "serving on" not in m.read_error_log()

@@ -40,6 +40,7 @@ ORIGIN_SECONDS = 10.0
 
 # -- the capturing origin ------------------------------------------------------------------
 
+
 @dataclass
 class Seen:
     """One request as an origin connection received it."""
@@ -95,7 +96,7 @@ def _chunked(buf: bytes, at: int) -> tuple[bytes, int]:
             return body, end + 4
         if len(buf) < at + size + 2:
             raise _Incomplete
-        body += buf[at:at + size]
+        body += buf[at : at + size]
         at += size + 2
 
 
@@ -118,7 +119,7 @@ def _parse(buf: bytes) -> tuple[Seen, int]:
     elif length is not None:
         if len(buf) < at + int(length):
             raise _Incomplete
-        seen.body = buf[at:at + int(length)]
+        seen.body = buf[at : at + int(length)]
         at += int(length)
     seen.raw = buf[:at]
     return seen, at
@@ -206,8 +207,10 @@ class CaptureOrigin:
                     upgrade = seen.header(b"upgrade")
                     connection = (seen.header(b"connection") or b"").lower()
                     if upgrade is not None and b"upgrade" in connection:
-                        s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                                  b"Upgrade: " + upgrade + b"\r\n\r\n")
+                        s.sendall(
+                            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                            b"Upgrade: " + upgrade + b"\r\n\r\n"
+                        )
                         tunnel = True
                         conn.tunnelled = buf
                         if buf:
@@ -229,13 +232,15 @@ class SourcedConn(HttpConn):
     proxy)."""
 
     def __init__(self, port: int, source: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT,
-                                             source_address=(source, 0))
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=CLIENT_TIMEOUT, source_address=(source, 0)
+        )
         self.buf = bytearray()
         self.eof = False
 
 
 # -- the stack -------------------------------------------------------------------------------
+
 
 @dataclass
 class Env:
@@ -253,8 +258,12 @@ def stack(module_fleet: Fleet) -> Iterator[Env]:
     origin, other = CaptureOrigin(), CaptureOrigin()
     # One worker and no broker: the warm-up's pooled connection is the one the next request
     # finds.
-    config = config_for(upstreams={"main": [origin.address]}, server={"workers": 1},
-                        pool={"shared": False}, limits={"max_body_bytes": MAX_BODY})
+    config = config_for(
+        upstreams={"main": [origin.address]},
+        server={"workers": 1},
+        pool={"shared": False},
+        limits={"max_body_bytes": MAX_BODY},
+    )
     config["upstreams"]["other"] = {"servers": [other.address], "hosts": [OTHER]}
     try:
         yield Env(module_fleet.master(config), origin, other)
@@ -285,8 +294,11 @@ def assert_origin_saw_only_warm_and_marker(env: Env) -> None:
 
     def settled() -> bool:
         with origin._lock:
-            return all(c.closed or (c.requests and c.requests[-1].target == b"/marker")
-                       for c in origin.conns if c.data)
+            return all(
+                c.closed or (c.requests and c.requests[-1].target == b"/marker")
+                for c in origin.conns
+                if c.data
+            )
 
     wait_for(settled, ORIGIN_SECONDS, what="upstream connections to settle")
     with origin._lock:
@@ -370,8 +382,9 @@ def test_chunked_body_over_the_limit_in_the_head_read_sends_nothing(env: Env) ->
     """A chunked body past ``limits.max_body_bytes`` within the read that brought its head:
     413, and the origin sees nothing (the limit is found while the read is parsed, before the
     engine would write the head)."""
-    refused(env, CHUNKED_HEAD + b"%x\r\n" % (2 * MAX_BODY) + b"a" * 2 * MAX_BODY
-            + b"\r\n0\r\n\r\n", 413)
+    refused(
+        env, CHUNKED_HEAD + b"%x\r\n" % (2 * MAX_BODY) + b"a" * 2 * MAX_BODY + b"\r\n0\r\n\r\n", 413
+    )
 
 
 def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
@@ -380,13 +393,19 @@ def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
     with HttpConn(env.port) as conn:
         warm(conn)
         conn.send(CHUNKED_HEAD + b"5\r\nhello\r\n")
-        wait_for(lambda: any(c.rest for c in env.origin.conns), ORIGIN_SECONDS,
-                 what="the head and first chunk at the origin")
+        wait_for(
+            lambda: any(c.rest for c in env.origin.conns),
+            ORIGIN_SECONDS,
+            what="the head and first chunk at the origin",
+        )
         conn.send(b"zz\r\n")
         assert conn.read_response().status == 400
         assert conn.closed_by_peer()
-    wait_for(lambda: env.origin.conns and env.origin.conns[0].closed, ORIGIN_SECONDS,
-             what="the upstream connection to close")
+    wait_for(
+        lambda: env.origin.conns and env.origin.conns[0].closed,
+        ORIGIN_SECONDS,
+        what="the upstream connection to close",
+    )
     with HttpConn(env.port) as conn:
         assert conn.request("GET", "/after", [("Host", "t")]).status == 200
     assert env.origin.conns[-1].requests[-1].target == b"/after"
@@ -395,12 +414,12 @@ def test_error_in_a_later_read_closes_the_upstream_connection(env: Env) -> None:
 
 # -- 2. request target and Host ----------------------------------------------------------------
 
+
 def test_absolute_form_uses_the_authority(env: Env) -> None:
     """``GET http://other.example/p?q HTTP/1.1`` with ``Host: t``: the target's authority
     wins (RFC 9112 3.2.2): routed to the upstream for other.example, forwarded in
     origin-form with that Host."""
-    seen = forwarded(env, b"GET http://other.example/p?q=1 HTTP/1.1\r\nHost: t\r\n\r\n",
-                     env.other)
+    seen = forwarded(env, b"GET http://other.example/p?q=1 HTTP/1.1\r\nHost: t\r\n\r\n", env.other)
     assert seen.line == b"GET /p?q=1 HTTP/1.1"
     assert seen.header(b"host") == b"other.example"
     assert not env.origin.requests()
@@ -408,8 +427,7 @@ def test_absolute_form_uses_the_authority(env: Env) -> None:
 
 def test_absolute_form_with_empty_path_and_port(env: Env) -> None:
     """An absolute-form target without a path goes up as ``/``; the port stays in Host."""
-    seen = forwarded(env, b"GET HTTP://Other.Example:8080 HTTP/1.1\r\nHost: t\r\n\r\n",
-                     env.other)
+    seen = forwarded(env, b"GET HTTP://Other.Example:8080 HTTP/1.1\r\nHost: t\r\n\r\n", env.other)
     assert seen.line == b"GET / HTTP/1.1"
     assert seen.header(b"host") == b"Other.Example:8080"
 
@@ -454,8 +472,16 @@ def test_bad_host_is_refused(env: Env, host: bytes) -> None:
     refused(env, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
 
 
-GOOD_HOSTS = [b"t", b"t:80", b"T.Example-1", b"127.0.0.1:8080", b"[::1]:80", b"[fe80::1]",
-              b"xn--bcher-kva.example", b"a%41b"]
+GOOD_HOSTS = [
+    b"t",
+    b"t:80",
+    b"T.Example-1",
+    b"127.0.0.1:8080",
+    b"[::1]:80",
+    b"[fe80::1]",
+    b"xn--bcher-kva.example",
+    b"a%41b",
+]
 
 
 @pytest.mark.parametrize("host", GOOD_HOSTS, ids=[h.decode() for h in GOOD_HOSTS])
@@ -499,19 +525,25 @@ def test_pri_method_is_refused(env: Env) -> None:
 def test_connection_token_never_removes_framing_or_host(env: Env, token: bytes) -> None:
     """``Connection: host`` (or a framing field): the token is ignored, Host still goes up
     and a body keeps its framing."""
-    seen = forwarded(env, b"POST / HTTP/1.1\r\nHost: t\r\nConnection: " + token
-                     + b"\r\nContent-Length: 2\r\n\r\nhi")
+    seen = forwarded(
+        env,
+        b"POST / HTTP/1.1\r\nHost: t\r\nConnection: " + token + b"\r\nContent-Length: 2\r\n\r\nhi",
+    )
     assert seen.header(b"host") == b"t"
     assert seen.body == b"hi"
 
 
 # -- 3. upgrade ------------------------------------------------------------------------------
 
+
 def test_h2c_upgrade_is_not_forwarded(env: Env) -> None:
     """``Upgrade: h2c`` with HTTP2-Settings (h2c smuggling): the upgrade and the settings are
     stripped and the request answered as a normal one."""
-    seen = forwarded(env, b"GET /h2c HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings"
-                          b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    seen = forwarded(
+        env,
+        b"GET /h2c HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings"
+        b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
     assert seen.target == b"/h2c"
     assert not {b"upgrade", b"http2-settings"} & seen.names()
     assert b"upgrade" not in (seen.header(b"connection") or b"").lower()
@@ -520,30 +552,39 @@ def test_h2c_upgrade_is_not_forwarded(env: Env) -> None:
 def test_h2c_among_other_upgrades_is_dropped(env: Env) -> None:
     """An Upgrade list naming h2c and another protocol asks for the other one only."""
     with HttpConn(env.port) as conn:
-        conn.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
-                  b"Upgrade: h2c, websocket\r\n\r\n")
+        conn.send(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n"
+        )
         status, _, _ = conn.read_head()
         assert status == 101
     seen = wait_for(env.origin.requests, ORIGIN_SECONDS, what="the upgrade at the origin")
     assert seen[0].header(b"upgrade") == b"websocket"
 
 
-@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
-                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
-                         ids=["length", "chunked"])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nhello",
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["length", "chunked"],
+)
 def test_upgrade_with_a_body_is_refused(env: Env, framing: bytes) -> None:
     """An upgrade request with a body would reach the origin without it (the parser switches
     at the end of the head): 400, nothing upstream."""
-    refused(env, b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
-                 b"Upgrade: websocket\r\n" + framing)
+    refused(
+        env,
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + framing,
+    )
 
 
 def test_upgrade_on_http10_is_ignored(env: Env) -> None:
     """Upgrade is an HTTP/1.1 mechanism (RFC 9110 7.8): on HTTP/1.0 the request is answered
     as a normal one and no Upgrade goes up."""
     with HttpConn(env.port) as conn:
-        conn.send(b"GET /old HTTP/1.0\r\nHost: t\r\nConnection: Upgrade\r\n"
-                  b"Upgrade: websocket\r\n\r\n")
+        conn.send(
+            b"GET /old HTTP/1.0\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
         resp = conn.read_response()
         assert resp.status == 200
     seen = wait_for(env.origin.requests, ORIGIN_SECONDS, what="the request at the origin")
@@ -553,12 +594,18 @@ def test_upgrade_on_http10_is_ignored(env: Env) -> None:
 
 # -- HTTP/2: the same rules on :authority, Host and :path ---------------------------------------
 
+
 def h2_request(port: int, headers: list[tuple[bytes, bytes]]) -> int | str:
     """One HTTP/2 request (prior knowledge, nothing validated on our side); its status, or
     ``"reset"`` when the stream is reset."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False,
-        validate_inbound_headers=False))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as sock:
         conn.initiate_connection()
         conn.send_headers(1, headers, end_stream=True)
@@ -574,8 +621,9 @@ def h2_request(port: int, headers: list[tuple[bytes, bytes]]) -> int | str:
             sock.sendall(conn.data_to_send())
 
 
-def h2_get(authority: bytes | None = b"t", path: bytes = b"/", host: bytes | None = None
-           ) -> list[tuple[bytes, bytes]]:
+def h2_get(
+    authority: bytes | None = b"t", path: bytes = b"/", host: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
     """A GET's fields: without ``:authority`` when it is None, with ``host`` when given."""
     fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", path)]
     if authority is not None:
@@ -606,17 +654,21 @@ def test_h2_bad_host_field_and_fragment_are_refused(env: Env) -> None:
 #: An app whose upstream request is built from ``session.req_header`` (the engine's slow
 #: path), read after the whole first read is parsed; ``X-Seen-Host`` says what
 #: ``session.host`` was.
-SLOW_APP = origin_app('''
+SLOW_APP = origin_app("""
     def upstream_request_filter(self, session, upstream_request, ctx):
         upstream_request.set("X-Seen-Host", session.host or "-")
-''')
+""")
 
 
 @pytest.fixture(scope="module")
 def slow(module_fleet: Fleet) -> Iterator[Env]:
     origin = CaptureOrigin()
-    config = config_for(server={"workers": 1}, pool={"shared": False}, app="slowapp:App",
-                        app_options={"origin": origin.address})
+    config = config_for(
+        server={"workers": 1},
+        pool={"shared": False},
+        app="slowapp:App",
+        app_options={"origin": origin.address},
+    )
     try:
         yield Env(module_fleet.master(config, files={"slowapp.py": SLOW_APP}), origin, origin)
     finally:
@@ -644,8 +696,11 @@ def test_app_path_keeps_host_and_drops_h2c(slow_env: Env) -> None:
     seen = forwarded(slow_env, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: host\r\n\r\n")
     assert seen.header(b"host") == b"t"
     slow_env.origin.reset()
-    seen = forwarded(slow_env, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
-                               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+    seen = forwarded(
+        slow_env,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
     assert not {b"upgrade", b"http2-settings"} & seen.names()
 
 
@@ -659,14 +714,19 @@ def test_app_path_trailers_are_not_headers(slow_env: Env) -> None:
 
 # -- logging: once per client and reason a minute -----------------------------------------------
 
+
 def test_refusals_are_logged_once_per_client_and_reason(fleet: Fleet) -> None:
     """Twenty refused requests from one client leave one line; another reason (413), or
     another client address, gets a line of its own."""
     origin = CaptureOrigin()
     try:
-        master = fleet.master(config_for(upstreams={"main": [origin.address]},
-                                         server={"workers": 1},
-                                         limits={"max_body_bytes": MAX_BODY}))
+        master = fleet.master(
+            config_for(
+                upstreams={"main": [origin.address]},
+                server={"workers": 1},
+                limits={"max_body_bytes": MAX_BODY},
+            )
+        )
 
         def refuse(raw: bytes, status: int, source: str = "127.0.0.1") -> None:
             with SourcedConn(master.port, source) as conn:
@@ -674,13 +734,15 @@ def test_refusals_are_logged_once_per_client_and_reason(fleet: Fleet) -> None:
                 assert conn.read_response().status == status
 
         def lines(client: str, what: str) -> int:
-            return sum(1 for line in master.read_error_log().splitlines()
-                       if f"from {client}: downstream error: {what}" in line)
+            return sum(
+                1
+                for line in master.read_error_log().splitlines()
+                if f"from {client}: downstream error: {what}" in line
+            )
 
         for _ in range(20):
             refuse(b"GET / HTTP/1.1\r\nHost: t:8o\r\n\r\n", 400)
-        refuse(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
-               413)
+        refuse(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1), 413)
         refuse(b"GET /#x HTTP/1.1\r\nHost: t\r\n\r\n", 400, source="127.0.0.2")
         # Each line is written before its response: all are in the log by now.
         assert lines("127.0.0.1", "bad request") == 1

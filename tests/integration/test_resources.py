@@ -56,9 +56,12 @@ class Env:
 def env(module_fleet: Fleet, refusing_address: str) -> Env:
     nginx = module_fleet.nginx()
     large = nginx.add_file(1024 * 1024)
-    config = config_for(upstreams={"nginx": [nginx.address]}, server={"workers": 1},
-                        pool={"idle_timeout_seconds": 1},
-                        logging={"access_log": "off"})
+    config = config_for(
+        upstreams={"nginx": [nginx.address]},
+        server={"workers": 1},
+        pool={"idle_timeout_seconds": 1},
+        logging={"access_log": "off"},
+    )
     config["upstreams"]["refused"] = {"servers": [refusing_address], "hosts": ["refused.test"]}
     master = module_fleet.master(config)
     (worker,) = wait_for(master.workers, what="the worker")
@@ -108,8 +111,11 @@ def test_no_fd_leak_and_no_memory_growth_after_10000_requests(env: Env) -> None:
             samples.append(rss(env.worker_pid))
         assert time.monotonic() < deadline, f"only {i} rounds in time"
     assert env.master.workers()[0].pid == env.worker_pid, "the worker was replaced"
-    wait_for(lambda: fd_count(env.worker_pid) <= baseline, timeout=15,
-             what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})")
+    wait_for(
+        lambda: fd_count(env.worker_pid) <= baseline,
+        timeout=15,
+        what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})",
+    )
     half = len(samples) // 2
     growth = samples[-1] - samples[half - 1]
     assert growth < MAX_RSS_GROWTH, f"RSS kept growing: {samples}"
@@ -121,14 +127,20 @@ def test_wrk_burst_without_errors(env: Env) -> None:
     baseline = settled_fds(env.worker_pid)
     out = subprocess.run(
         ["wrk", "-t2", "-c32", "-d2s", f"http://127.0.0.1:{env.port}/small"],
-        capture_output=True, text=True, timeout=30)
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     m = re.search(r"(\d+) requests in", out.stdout)
     assert m and int(m.group(1)) > 1000, out.stdout
     assert "Non-2xx" not in out.stdout, out.stdout
     assert "Socket errors" not in out.stdout, out.stdout
-    wait_for(lambda: fd_count(env.worker_pid) <= baseline, timeout=15,
-             what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})")
+    wait_for(
+        lambda: fd_count(env.worker_pid) <= baseline,
+        timeout=15,
+        what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})",
+    )
 
 
 #: HTTP/2 rounds of H2_PER_ROUND requests each, over H2_PATHS distinct paths (so that the
@@ -143,20 +155,25 @@ def test_http2_leaks_nothing(env: Env, tmp_path: Path) -> None:
     different paths): all succeed, the worker's descriptors return to the baseline, and its
     RSS does not keep growing over the second half."""
     uris = tmp_path / "uris"
-    uris.write_text("".join(f"http://127.0.0.1:{env.port}/small?n={i}\n"
-                            for i in range(H2_PATHS)))
+    uris.write_text("".join(f"http://127.0.0.1:{env.port}/small?n={i}\n" for i in range(H2_PATHS)))
     baseline = settled_fds(env.worker_pid)
     samples = []
     for _ in range(H2_ROUNDS):
         out = subprocess.run(
             ["h2load", "-n", str(H2_PER_ROUND), "-c", "8", "-m", "10", "-i", str(uris)],
-            capture_output=True, text=True, timeout=60)
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert f"{H2_PER_ROUND} succeeded, 0 failed, 0 errored" in out.stdout, out.stdout
         assert f"{H2_PER_ROUND} 2xx" in out.stdout, out.stdout
         samples.append(rss(env.worker_pid))
     assert env.master.workers()[0].pid == env.worker_pid, "the worker was replaced"
-    wait_for(lambda: fd_count(env.worker_pid) <= baseline, timeout=15,
-             what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})")
+    wait_for(
+        lambda: fd_count(env.worker_pid) <= baseline,
+        timeout=15,
+        what=f"descriptors back to {baseline} (now {fd_count(env.worker_pid)})",
+    )
     growth = samples[-1] - samples[len(samples) // 2 - 1]
     assert growth < MAX_RSS_GROWTH, f"RSS kept growing: {samples}"

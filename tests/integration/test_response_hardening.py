@@ -108,8 +108,8 @@ class OriginConn:
         while len(self._buf) < end + length:
             if not self._fill():
                 return None
-        request = bytes(self._buf[:end + length])
-        del self._buf[:end + length]
+        request = bytes(self._buf[: end + length])
+        del self._buf[: end + length]
         self.requests.append(request)
         return request
 
@@ -155,8 +155,7 @@ class RawOrigin:
         self.conns: list[OriginConn] = []
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        accept = threading.Thread(target=self._accept, name=f"raw-origin-{self.port}",
-                                  daemon=True)
+        accept = threading.Thread(target=self._accept, name=f"raw-origin-{self.port}", daemon=True)
         self._threads.append(accept)
         accept.start()
 
@@ -167,8 +166,11 @@ class RawOrigin:
 
     def conn(self, index: int) -> OriginConn:
         """Connection ``index``, once accepted."""
-        wait_for(lambda: len(self.conns) > index, ORIGIN_WAIT,
-                 what=f"the proxy to open origin connection {index}")
+        wait_for(
+            lambda: len(self.conns) > index,
+            ORIGIN_WAIT,
+            what=f"the proxy to open origin connection {index}",
+        )
         return self.conns[index]
 
     def wait_closed(self, index: int) -> OriginConn:
@@ -188,8 +190,9 @@ class RawOrigin:
                 return
             c = OriginConn(sock, len(self.conns))
             self.conns.append(c)
-            t = threading.Thread(target=self._run, args=(c,), daemon=True,
-                                 name=f"raw-origin-{self.port}-{c.index}")
+            t = threading.Thread(
+                target=self._run, args=(c,), daemon=True, name=f"raw-origin-{self.port}-{c.index}"
+            )
             self._threads.append(t)
             t.start()
 
@@ -217,8 +220,11 @@ class RawOrigin:
 
 
 def start_master(fleet: Fleet, shared: bool) -> Master:
-    config = config_for(app="rawroute:App", server={"workers": 1, "grace_period_seconds": 5},
-                        pool={"shared": shared})
+    config = config_for(
+        app="rawroute:App",
+        server={"workers": 1, "grace_period_seconds": 5},
+        pool={"shared": shared},
+    )
     return fleet.master(config, files={"rawroute.py": APP})
 
 
@@ -262,9 +268,14 @@ def client(master: Master) -> HttpConn:
     return HttpConn(master.port, timeout=CLIENT_TIMEOUT)
 
 
-def request(o: RawOrigin, target: str, method: str = "GET",
-            headers: list[tuple[str, str]] | None = None, body: bytes = b"",
-            version: str = "1.1") -> bytes:
+def request(
+    o: RawOrigin,
+    target: str,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    version: str = "1.1",
+) -> bytes:
     """A request's bytes, routed to ``o``."""
     return build_request(method, target, [("Host", o.host), *(headers or [])], body, version)
 
@@ -281,15 +292,21 @@ def assert_closes(conn: HttpConn) -> None:
 
 # -- 101 Switching Protocols ----------------------------------------------------------------
 
-SWITCH_WEBSOCKET = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
-UPGRADE_REQUEST = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                   ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                   ("Sec-WebSocket-Version", "13")]
+SWITCH_WEBSOCKET = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+)
+UPGRADE_REQUEST = [
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+]
 
 
 def test_101_without_upgrade_request_is_502_and_no_tunnel(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """A 101 to a request that asked for no upgrade is invalid: the client gets 502 and its
     connection closes; the origin's connection is closed, and the client's next request never
     reaches the origin as raw bytes (before this check it did: the connection had become a
@@ -308,8 +325,11 @@ def test_101_without_upgrade_request_is_502_and_no_tunnel(
         with contextlib.suppress(OSError):
             conn.send(request(o, "/two"))
         first = o.conn(0)
-        wait_for(lambda: first.eof or first.got(b"/two"), ORIGIN_WAIT,
-                 what="the origin connection to close or to get the next request")
+        wait_for(
+            lambda: first.eof or first.got(b"/two"),
+            ORIGIN_WAIT,
+            what="the origin connection to close or to get the next request",
+        )
         assert not first.got(b"/two"), "the next request went to the origin as raw bytes"
         resp = conn.read_response()
         assert resp.status == 502
@@ -319,16 +339,27 @@ def test_101_without_upgrade_request_is_502_and_no_tunnel(
     assert len(o.conns) == 1 and not any(c.got(b"/two") for c in o.conns)
 
 
-@pytest.mark.parametrize("switch", [
-    pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade"
-                 b"\r\n\r\n", id="other-protocol"),
-    pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket, h2c\r\n"
-                 b"Connection: Upgrade\r\n\r\n", id="one-more-protocol"),
-    pytest.param(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
-                 id="no-upgrade-field"),
-])
+@pytest.mark.parametrize(
+    "switch",
+    [
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+            id="other-protocol",
+        ),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket, h2c\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+            id="one-more-protocol",
+        ),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+            id="no-upgrade-field",
+        ),
+    ],
+)
 def test_101_for_a_protocol_not_offered_is_502(
-        master: Master, origin: Callable[[Script], RawOrigin], switch: bytes) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin], switch: bytes
+) -> None:
     """A 101 whose Upgrade names a protocol the request's Upgrade did not offer, or names none
     (RFC 9110 7.8: "A server MUST NOT switch to a protocol that was not indicated by the
     client"), is invalid: 502, no 101 to the client, both connections closed, and the bytes
@@ -352,14 +383,16 @@ def test_101_for_a_protocol_not_offered_is_502(
 
 
 def test_101_for_the_offered_protocol_still_tunnels(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """The upgrade the client asked for (named in another case) still becomes a tunnel, with
     the bytes sent early passed on."""
 
     def script(c: OriginConn) -> None:
         c.read_request()
-        c.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n"
-               b"Connection: Upgrade\r\n\r\n")
+        c.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n\r\n"
+        )
         if c.read_until_got(b"EARLY"):
             c.send(b"from-origin")
 
@@ -375,7 +408,8 @@ def test_101_for_the_offered_protocol_still_tunnels(
 
 
 def test_204_with_length_and_body_is_passed_without_them(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """A 204 that declares a Content-Length and sends a body reaches the client without the
     length and without the body (the client's next response is its own); the origin's
     connection is not used again."""
@@ -402,7 +436,8 @@ def test_204_with_length_and_body_is_passed_without_them(
 
 
 def test_204_with_length_whose_body_comes_later_is_not_reused(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """The body of a 204 that declared one may come in a later segment: the connection is
     closed at the 204 and the next request goes out on a fresh one (before, it got 502: the
     late body was read as the next request's response)."""
@@ -429,7 +464,8 @@ def test_204_with_length_whose_body_comes_later_is_not_reused(
 
 @pytest.mark.parametrize("framing", [b"Content-Length: 0\r\n", b""])
 def test_204_without_body_keeps_the_connection(
-        local_master: Master, origin: Callable[[Script], RawOrigin], framing: bytes) -> None:
+    local_master: Master, origin: Callable[[Script], RawOrigin], framing: bytes
+) -> None:
     """A 204 with ``Content-Length: 0`` (or none) is a clean response: the length is not
     passed on (RFC 9110 8.6: "A server MUST NOT send a Content-Length header field in any
     response with a status code of ... 204"), and the connection is reused."""
@@ -438,21 +474,23 @@ def test_204_without_body_keeps_the_connection(
         for target in ("/one", "/two"):
             conn.send(request(o, target))
             resp = conn.read_response()
-            assert resp.status == 204 and not names(resp) & {"content-length",
-                                                             "transfer-encoding"}
+            assert resp.status == 204 and not names(resp) & {"content-length", "transfer-encoding"}
     assert len(o.conns) == 1 and len(o.conns[0].requests) == 2
 
 
 def test_204_chunked_is_passed_without_framing_or_body(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """A 204 with Transfer-Encoding and a chunked body: neither reaches the client, and the
     connection is not reused."""
 
     def script(c: OriginConn) -> None:
         if c.index == 0:
             c.read_request()
-            c.send(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
-                   b"5\r\nhello\r\n0\r\n\r\n")
+            c.send(
+                b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            )
             return
         c.answer_each(ok(b"second"))
 
@@ -468,12 +506,13 @@ def test_204_chunked_is_passed_without_framing_or_body(
 
 @pytest.mark.parametrize("method,status", [("HEAD", 200), ("GET", 304)])
 def test_length_after_head_or_304_is_metadata_and_a_body_is_dropped(
-        master: Master, origin: Callable[[Script], RawOrigin], method: str, status: int) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin], method: str, status: int
+) -> None:
     """A 304, and a response to HEAD, may carry Content-Length as what a 200 to GET would have
     (RFC 9110 8.6): the client gets it, but no body byte. When the origin sends body bytes
     anyway, its connection is closed (before, a HEAD response's body was dropped unseen and
     the connection reused)."""
-    head = b"HTTP/1.1 %d X\r\nContent-Length: 5\r\nETag: \"e\"\r\n\r\n" % status
+    head = b'HTTP/1.1 %d X\r\nContent-Length: 5\r\nETag: "e"\r\n\r\n' % status
 
     def script(c: OriginConn) -> None:
         if c.index == 0:
@@ -495,14 +534,17 @@ def test_length_after_head_or_304_is_metadata_and_a_body_is_dropped(
 
 @pytest.mark.parametrize("method,status", [("HEAD", 200), ("GET", 304)])
 def test_length_after_head_or_304_without_body_keeps_the_connection(
-        local_master: Master, origin: Callable[[Script], RawOrigin], method: str,
-        status: int) -> None:
+    local_master: Master, origin: Callable[[Script], RawOrigin], method: str, status: int
+) -> None:
     """The same responses without body bytes: the connection is reused."""
 
     def script(c: OriginConn) -> None:
         while (req := c.read_request()) is not None:
-            c.send(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status
-                   if b" /one " in req else ok(b"second"))
+            c.send(
+                b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status
+                if b" /one " in req
+                else ok(b"second")
+            )
 
     o = origin(script)
     with client(local_master) as conn:
@@ -514,7 +556,8 @@ def test_length_after_head_or_304_without_body_keeps_the_connection(
 
 
 def test_head_chunked_with_a_last_chunk_is_not_reused(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """A chunked response to HEAD followed by a last chunk (a body after all): the client
     gets the head only and the connection is closed."""
 
@@ -537,13 +580,17 @@ def test_head_chunked_with_a_last_chunk_is_not_reused(
 # -- bytes after a complete response ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [
-    pytest.param(b"JUNK", id="junk"),
-    pytest.param(ok(b"extra"), id="a-second-response"),
-    pytest.param(b"HTTP/1.1 2", id="part-of-a-status-line"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(b"JUNK", id="junk"),
+        pytest.param(ok(b"extra"), id="a-second-response"),
+        pytest.param(b"HTTP/1.1 2", id="part-of-a-status-line"),
+    ],
+)
 def test_bytes_after_a_response_in_the_same_segment(
-        master: Master, origin: Callable[[Script], RawOrigin], extra: bytes) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin], extra: bytes
+) -> None:
     """Bytes right behind a complete response: the client gets the response; the connection
     is closed, not reused; the next request goes on a fresh connection. (Before, the
     connection went back to the pool while the read was still being parsed: a partial status
@@ -568,7 +615,8 @@ def test_bytes_after_a_response_in_the_same_segment(
 
 
 def test_leftover_bytes_before_the_next_response_retry_on_a_fresh_connection(
-        local_master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    local_master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """The issue's case: the origin sends bytes after a complete response, but they arrive
     only once the proxy has sent the client's next request on the reused connection (a
     keep-alive client sends it right after the response). Those bytes are read as the next
@@ -599,7 +647,8 @@ def test_leftover_bytes_before_the_next_response_retry_on_a_fresh_connection(
 
 
 def test_leftover_bytes_before_a_post_response_are_502(
-        local_master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    local_master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """The same for a POST with a body, which is never sent twice: 502, and the connection
     is closed."""
 
@@ -625,23 +674,31 @@ def test_leftover_bytes_before_a_post_response_are_502(
 # -- invalid responses: 502, never reused -----------------------------------------------------
 
 
-@pytest.mark.parametrize("response", [
-    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-                 id="two-content-lengths"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!", id="length-list"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"0\r\n\r\n", id="length-and-chunked"),
-    pytest.param(b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n", id="status-two-digits"),
-    pytest.param(b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", id="status-four-digits"),
-    pytest.param(b"HTTX/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="not-http"),
-    pytest.param(b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n", id="no-status"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n", id="bare-cr"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n", id="nul"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n", id="ctl"),
-    pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 0\r\n\r\n", id="del"),
-])
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            id="two-content-lengths",
+        ),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!", id="length-list"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="length-and-chunked",
+        ),
+        pytest.param(b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n", id="status-two-digits"),
+        pytest.param(b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", id="status-four-digits"),
+        pytest.param(b"HTTX/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="not-http"),
+        pytest.param(b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n", id="no-status"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n", id="bare-cr"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n", id="nul"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n", id="ctl"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\nContent-Length: 0\r\n\r\n", id="del"),
+    ],
+)
 def test_invalid_response_is_502_and_never_reused(
-        master: Master, origin: Callable[[Script], RawOrigin], response: bytes) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin], response: bytes
+) -> None:
     """Each of these responses is invalid: the client gets 502 (its connection stays usable),
     the origin's connection is closed, and the next request goes on a fresh one."""
 
@@ -667,12 +724,16 @@ def test_invalid_response_is_502_and_never_reused(
 
 
 def test_headers_named_in_connection_are_not_passed_on(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """Fields the response's Connection names are hop-by-hop (RFC 9110 7.6.1), and so are
     Keep-Alive and Connection itself: the client gets none of them."""
-    o = origin(lambda c: c.answer_each(
-        b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\n"
-        b"Keep-Alive: timeout=5\r\nX-Public: 2\r\nContent-Length: 2\r\n\r\nok"))
+    o = origin(
+        lambda c: c.answer_each(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\n"
+            b"Keep-Alive: timeout=5\r\nX-Public: 2\r\nContent-Length: 2\r\n\r\nok"
+        )
+    )
     with client(master) as conn:
         conn.send(request(o, "/"))
         resp = conn.read_response()
@@ -682,12 +743,16 @@ def test_headers_named_in_connection_are_not_passed_on(
 
 
 def test_interim_responses_are_not_sent_to_an_http10_client(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """An HTTP/1.0 client knows no 1xx (RFC 9110 15.2: "A server MUST NOT send a 1xx response
     to an HTTP/1.0 client"): the first bytes it gets are the final response."""
-    o = origin(lambda c: c.answer_each(
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
-        + ok(b"final")))
+    o = origin(
+        lambda c: c.answer_each(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            + ok(b"final")
+        )
+    )
     with client(master) as conn:
         conn.send(request(o, "/", version="1.0"))
         assert conn.read_until(b"\r\n").startswith(b"HTTP/1.1 200 ")
@@ -697,12 +762,16 @@ def test_interim_responses_are_not_sent_to_an_http10_client(
 
 
 def test_chunked_response_to_an_http10_client_is_close_delimited(
-        master: Master, origin: Callable[[Script], RawOrigin]) -> None:
+    master: Master, origin: Callable[[Script], RawOrigin]
+) -> None:
     """An HTTP/1.0 client knows no chunked coding: it gets the body's bytes decoded, ended by
     the close of its connection."""
-    o = origin(lambda c: c.answer_each(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+    o = origin(
+        lambda c: c.answer_each(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+    )
     with client(master) as conn:
         conn.send(request(o, "/", version="1.0"))
         resp = conn.read_response()  # with neither length nor chunked: read to the close

@@ -21,16 +21,34 @@ KEEPALIVE_REQUESTS = 12
 
 POOL_LINE = re.compile(
     r"pool: (\d+) upstream requests?, (\d+) reused \((\d+\.\d)%: (\d+) local, (\d+) from the "
-    r"broker\), (\d+) new connections?, (\d+) donated to the broker(; exited workers included)?")
-BROKER_LINE = re.compile(r"broker: (\d+) idle, (\d+) received, (\d+) lent, (\d+) borrows? "
-                         r"missed, (\d+) dropped")
-POOL_HEADER = ["pid", "upstream", "reused", "reuse", "%", "local", "borrowed", "new", "conns",
-               "donated"]
+    r"broker\), (\d+) new connections?, (\d+) donated to the broker(; exited workers included)?"
+)
+BROKER_LINE = re.compile(
+    r"broker: (\d+) idle, (\d+) received, (\d+) lent, (\d+) borrows? "
+    r"missed, (\d+) dropped"
+)
+POOL_HEADER = [
+    "pid",
+    "upstream",
+    "reused",
+    "reuse",
+    "%",
+    "local",
+    "borrowed",
+    "new",
+    "conns",
+    "donated",
+]
 
 
 def command(m: Master, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "master", "status", "-c", str(m.config_path),
-                          *args], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "master", "status", "-c", str(m.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return out.stdout
 
 
@@ -62,7 +80,7 @@ def pool_rows(text: str) -> dict[int, list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.split() == POOL_HEADER)
     rows = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith(("pool:", "broker:")):
             break
         fields = line.split()
@@ -76,7 +94,8 @@ def assert_text_matches(data: dict[str, Any], text: str) -> re.Match[str]:
     match = POOL_LINE.search(text)
     assert match, text
     requests, reused, percent, local, shared, created, donated = (
-        match.group(i) for i in range(1, 8))
+        match.group(i) for i in range(1, 8)
+    )
     assert int(requests) == totals["upstream_requests"]
     assert int(local) == totals["reused_local"]
     assert int(shared) == totals["reused_shared"]
@@ -88,7 +107,8 @@ def assert_text_matches(data: dict[str, Any], text: str) -> re.Match[str]:
     broker = BROKER_LINE.search(text)
     assert broker, text
     assert [int(g) for g in broker.groups()] == [
-        data["broker"][name] for name in ("idle", "donated", "lent", "misses", "dropped")]
+        data["broker"][name] for name in ("idle", "donated", "lent", "misses", "dropped")
+    ]
 
     rows = pool_rows(text)
     assert sorted(rows) == sorted(w["pid"] for w in data["workers"]), text
@@ -98,11 +118,16 @@ def assert_text_matches(data: dict[str, Any], text: str) -> re.Match[str]:
             assert rows[w["pid"]] == ["-"] * 7, text
             continue
         reused_w = p["reused_local"] + p["reused_shared"]
-        share = (f"{100 * reused_w / p['upstream_requests']:.1f}%" if p["upstream_requests"]
-                 else "-")
+        share = f"{100 * reused_w / p['upstream_requests']:.1f}%" if p["upstream_requests"] else "-"
         assert rows[w["pid"]] == [
-            str(p["upstream_requests"]), str(reused_w), share, str(p["reused_local"]),
-            str(p["reused_shared"]), str(p["connections_created"]), str(p["donated"])], text
+            str(p["upstream_requests"]),
+            str(reused_w),
+            share,
+            str(p["reused_local"]),
+            str(p["reused_shared"]),
+            str(p["connections_created"]),
+            str(p["donated"]),
+        ], text
     return match
 
 
@@ -111,16 +136,23 @@ def test_status_text_shows_the_pool_figures_of_the_json(fleet: Fleet, tmp_path: 
     ``broker:`` line, each with the JSON's numbers; after a reload the totals keep the figures
     of the workers that exited, and say so."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"origin": [origin.address]},
-                                server={"control_socket": str(tmp_path / "ctl.sock")}))
+    m = fleet.master(
+        config_for(
+            {"origin": [origin.address]}, server={"control_socket": str(tmp_path / "ctl.sock")}
+        )
+    )
     for _ in range(SINGLE_REQUESTS):
         assert get(m.port, "/").status == 200
     with HttpConn(m.port) as conn:
         for _ in range(KEEPALIVE_REQUESTS):
             assert conn.request("GET", "/").status == 200
     sent = SINGLE_REQUESTS + KEEPALIVE_REQUESTS
-    wait_for(lambda: json.loads(command(m, "--json"))["pool"]["upstream_requests"] >= sent,
-             timeout=10, interval=0.3, what="the heartbeats to report the requests")
+    wait_for(
+        lambda: json.loads(command(m, "--json"))["pool"]["upstream_requests"] >= sent,
+        timeout=10,
+        interval=0.3,
+        what="the heartbeats to report the requests",
+    )
 
     data, text = snapshot(m)
     assert data["pool"]["upstream_requests"] == sent
@@ -128,11 +160,24 @@ def test_status_text_shows_the_pool_figures_of_the_json(fleet: Fleet, tmp_path: 
     match = assert_text_matches(data, text)
     assert match.group(8) is None, text  # no worker has exited
 
-    subprocess.run([sys.executable, "-m", "master", "reload", "-c", str(m.config_path)],
-                   check=True, timeout=30, capture_output=True)
-    wait_for(lambda: [(w["generation"], bool(w["pool"])) for w in
-                      json.loads(command(m, "--json"))["workers"]] == [(2, True), (2, True)],
-             timeout=30, interval=0.3, what="generation 2 alone, heard from")
+    subprocess.run(
+        [sys.executable, "-m", "master", "reload", "-c", str(m.config_path)],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    wait_for(
+        lambda: (
+            [
+                (w["generation"], bool(w["pool"]))
+                for w in json.loads(command(m, "--json"))["workers"]
+            ]
+            == [(2, True), (2, True)]
+        ),
+        timeout=30,
+        interval=0.3,
+        what="generation 2 alone, heard from",
+    )
     data, text = snapshot(m)
     assert data["pool"]["upstream_requests"] == sent
     match = assert_text_matches(data, text)
@@ -140,11 +185,13 @@ def test_status_text_shows_the_pool_figures_of_the_json(fleet: Fleet, tmp_path: 
 
 
 def test_status_text_without_control_socket_says_pool_figures_are_unknown(
-        fleet: Fleet, tmp_path: Path) -> None:
+    fleet: Fleet, tmp_path: Path
+) -> None:
     """From the pid file alone there are no counters: the text says so instead of numbers."""
     origin = fleet.origin()
-    m = fleet.master(config_for({"origin": [origin.address]},
-                                server={"pid_file": str(tmp_path / "tenaya.pid")}))
+    m = fleet.master(
+        config_for({"origin": [origin.address]}, server={"pid_file": str(tmp_path / "tenaya.pid")})
+    )
     lines = command(m).splitlines()
     assert lines[-1] == "pool: no figures without the control socket (server.control_socket)"
     assert not any(line.startswith("broker:") for line in lines)

@@ -59,9 +59,12 @@ class Env:
 @pytest.fixture(scope="module")
 def env(module_fleet: Fleet) -> Env:
     origin = module_fleet.origin("big")
-    config = config_for(upstreams={"big": [origin.address]},
-                        server={"workers": 1}, limits={"max_body_bytes": 0},
-                        timeouts={"upstream_read_seconds": 60})
+    config = config_for(
+        upstreams={"big": [origin.address]},
+        server={"workers": 1},
+        limits={"max_body_bytes": 0},
+        timeouts={"upstream_read_seconds": 60},
+    )
     return Env(module_fleet.master(config), origin)
 
 
@@ -88,7 +91,8 @@ def test_large_download_to_stalled_reader_is_streamed(env: Env, framing: str) ->
         # The client reads nothing more: the origin must stop, well short of the end.
         stalled_at = wait_until_stable(lambda: env.origin.large_sent, settle=1.0, timeout=60)
         assert stalled_at < MAX_IN_FLIGHT, (
-            f"origin sent {stalled_at} bytes to a client that read nothing (no backpressure)")
+            f"origin sent {stalled_at} bytes to a client that read nothing (no backpressure)"
+        )
         growth = env.workers_rss() - before
         assert growth < MAX_RSS_GROWTH, f"worker grew {growth} bytes holding the response"
         # The worker is not blocked by the stalled transfer.
@@ -141,7 +145,8 @@ def test_large_upload_to_stalled_origin_is_streamed(env: Env, framing: str) -> N
         stalled_at = wait_until_stable(lambda: sent, settle=1.0, timeout=60)
         assert not errors, errors
         assert stalled_at < MAX_IN_FLIGHT, (
-            f"client sent {stalled_at} bytes to an origin that read nothing (no backpressure)")
+            f"client sent {stalled_at} bytes to an origin that read nothing (no backpressure)"
+        )
         assert env.origin.sink_received == 0
         growth = env.workers_rss() - before
         assert growth < MAX_RSS_GROWTH, f"worker grew {growth} bytes holding the request"
@@ -154,5 +159,8 @@ def test_large_upload_to_stalled_origin_is_streamed(env: Env, framing: str) -> N
         conn.close()
         sender.join(10)
     assert resp.status == 200, resp
-    assert json.loads(resp.body) == {"bytes": BODY, "sha256": pattern_sha256(BODY),
-                                     "framing": framing}
+    assert json.loads(resp.body) == {
+        "bytes": BODY,
+        "sha256": pattern_sha256(BODY),
+        "framing": framing,
+    }

@@ -61,8 +61,9 @@ class GoawayOrigin(asyncio.Protocol):
             goaway = GoAwayFrame(0)
             goaway.last_stream_id = event.stream_id
             self.transport.write(self.conn.data_to_send() + goaway.serialize())
-        self.conn.send_headers(event.stream_id, [(b":status", b"200"),
-                                                 (b"content-length", b"%d" % len(body))])
+        self.conn.send_headers(
+            event.stream_id, [(b":status", b"200"), (b"content-length", b"%d" % len(body))]
+        )
         self.conn.send_data(event.stream_id, body, end_stream=True)
         if path == "/goaway":
             self.transport.write(self.conn.data_to_send())
@@ -82,8 +83,9 @@ class H2Origin:
         self.server: asyncio.Server | None = None
 
     def start(self) -> H2Origin:
-        self.server = self.loop.run_until_complete(self.loop.create_server(
-            lambda: GoawayOrigin(self), "127.0.0.1", 0))
+        self.server = self.loop.run_until_complete(
+            self.loop.create_server(lambda: GoawayOrigin(self), "127.0.0.1", 0)
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         self.thread.start()
         return self
@@ -114,8 +116,7 @@ def master(fleet: Fleet, origin: H2Origin) -> Master:
     return fleet.master(config)
 
 
-def test_stream_answered_after_goaway_reaches_the_client(master: Master,
-                                                         origin: H2Origin) -> None:
+def test_stream_answered_after_goaway_reaches_the_client(master: Master, origin: H2Origin) -> None:
     """The request the server answers after its GOAWAY gets that answer (not a 502), and the
     requests after it are served on a new upstream connection."""
     with HttpConn(master.port) as conn:

@@ -68,6 +68,7 @@ ws.onerror = () => { out.textContent = "websocket error"; };
 
 # -- the WebSocket origin --------------------------------------------------------------------
 
+
 @dataclass
 class WsOrigin:
     """A ``websockets`` server on 127.0.0.1 in a thread of its own.
@@ -97,8 +98,9 @@ class WsOrigin:
 
         async def main() -> None:
             self._stop = asyncio.Event()
-            async with serve(self._handle, "127.0.0.1", 0, process_request=self._process_request,
-                             max_size=None) as server:
+            async with serve(
+                self._handle, "127.0.0.1", 0, process_request=self._process_request, max_size=None
+            ) as server:
                 self.port = next(iter(server.sockets)).getsockname()[1]
                 ready.set()
                 await self._stop.wait()
@@ -141,8 +143,9 @@ class WsOrigin:
         return None
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        self.handshakes.append((request.path, {k.lower(): v for k, v in
-                                               request.headers.raw_items()}))
+        self.handshakes.append(
+            (request.path, {k.lower(): v for k, v in request.headers.raw_items()})
+        )
         if request.path == "/ws/refuse":
             return conn.respond(HTTPStatus.FORBIDDEN, "no websockets here\n")
         if request.path == "/page":
@@ -224,18 +227,26 @@ class Proxies:
 def proxies(module_fleet: Fleet, ws_origin: WsOrigin) -> Proxies:
     ca = trustme.CA()
     leaf = ca.issue_cert("ws.test", "127.0.0.1")
-    files = {"ws.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
-             "ws.key": leaf.private_key_pem.bytes().decode()}
-    lb = module_fleet.master(config_for(
-        upstreams={"ws": [ws_origin.address]},
-        listeners=[{"address": "127.0.0.1:0"},
-                   # A second port 0 would be "listed twice".
-                   {"address": f"127.0.0.1:{free_port()}",
-                    "tls": {"cert": "ws.pem", "key": "ws.key"}}]), files)
+    files = {
+        "ws.pem": "".join(b.bytes().decode() for b in leaf.cert_chain_pems),
+        "ws.key": leaf.private_key_pem.bytes().decode(),
+    }
+    lb = module_fleet.master(
+        config_for(
+            upstreams={"ws": [ws_origin.address]},
+            listeners=[
+                {"address": "127.0.0.1:0"},
+                # A second port 0 would be "listed twice".
+                {"address": f"127.0.0.1:{free_port()}", "tls": {"cert": "ws.pem", "key": "ws.key"}},
+            ],
+        ),
+        files,
+    )
     assert [scheme for scheme, _ in lb.listeners] == ["http", "https"], lb.listeners
-    gate = module_fleet.master(config_for(app="ws_gate:WsGate",
-                                          app_options={"origin": ws_origin.address}),
-                               {"ws_gate.py": GATE_APP})
+    gate = module_fleet.master(
+        config_for(app="ws_gate:WsGate", app_options={"origin": ws_origin.address}),
+        {"ws_gate.py": GATE_APP},
+    )
     return Proxies(lb, lb.listeners[1][1], ca, gate)
 
 
@@ -246,6 +257,7 @@ def ws_url(master: Master, path: str) -> str:
 def run(coro: Awaitable[Any]) -> Any:
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, 30)
+
     return asyncio.run(bounded())
 
 
@@ -255,6 +267,7 @@ async def echo(ws: ClientConnection, message: str | bytes) -> str | bytes:
 
 
 # -- messages --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", ["lb", "gate"])
 def test_text_and_binary_echo(proxies: Proxies, ws_origin: WsOrigin, which: str) -> None:
@@ -282,8 +295,9 @@ def test_five_megabyte_message(proxies: Proxies) -> None:
     payload = os.urandom(BIG_MESSAGE)
 
     async def talk() -> None:
-        async with connect(ws_url(proxies.lb, "/ws/echo/big"), max_size=None, compression=None,
-                           open_timeout=10) as ws:
+        async with connect(
+            ws_url(proxies.lb, "/ws/echo/big"), max_size=None, compression=None, open_timeout=10
+        ) as ws:
             reply = await echo(ws, payload)
             assert isinstance(reply, bytes)
             assert len(reply) == BIG_MESSAGE
@@ -300,15 +314,20 @@ def test_fifty_concurrent_sockets(proxies: Proxies, ws_origin: WsOrigin) -> None
 
     async def talk() -> None:
         opened = await asyncio.gather(
-            *(connect(ws_url(proxies.lb, f"/ws/echo/many-{i}"), open_timeout=15)
-              for i in range(count)), return_exceptions=True)
+            *(
+                connect(ws_url(proxies.lb, f"/ws/echo/many-{i}"), open_timeout=15)
+                for i in range(count)
+            ),
+            return_exceptions=True,
+        )
         sockets = [ws for ws in opened if isinstance(ws, ClientConnection)]
         try:
             failed = [ws for ws in opened if not isinstance(ws, ClientConnection)]
             assert not failed, failed[:3]
             deadline = time.monotonic() + 10
-            while sum(n for p, n in ws_origin.open.items() if p.startswith("/ws/echo/many-")) \
-                    < count:
+            while (
+                sum(n for p, n in ws_origin.open.items() if p.startswith("/ws/echo/many-")) < count
+            ):
                 assert time.monotonic() < deadline, "the origin never had 50 sockets open"
                 await asyncio.sleep(0.02)
 
@@ -322,12 +341,21 @@ def test_fifty_concurrent_sockets(proxies: Proxies, ws_origin: WsOrigin) -> None
             await asyncio.gather(*(ws.close() for ws in sockets))
 
     run(talk())
-    wait_for(lambda: sum(1 for p, code, _ in ws_origin.closes
-                         if p.startswith("/ws/echo/many-") and code == 1000) == count,
-             what="the origin to see all 50 closes")
+    wait_for(
+        lambda: (
+            sum(
+                1
+                for p, code, _ in ws_origin.closes
+                if p.startswith("/ws/echo/many-") and code == 1000
+            )
+            == count
+        ),
+        what="the origin to see all 50 closes",
+    )
 
 
 # -- closing -----------------------------------------------------------------------------------
+
 
 def test_client_closes_cleanly(proxies: Proxies, ws_origin: WsOrigin) -> None:
     """A close from the client reaches the origin with its code and reason, the origin's reply
@@ -348,7 +376,9 @@ def test_client_closes_cleanly(proxies: Proxies, ws_origin: WsOrigin) -> None:
     assert (ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason) == (1000, "client done")
     assert elapsed < CLOSE_SECONDS, f"the close took {elapsed:.2f}s (TCP close not passed on?)"
     assert wait_for(lambda: ws_origin.close_of(path), what="the origin's end") == (
-        1000, "client done")
+        1000,
+        "client done",
+    )
 
 
 def test_origin_closes_cleanly(proxies: Proxies, ws_origin: WsOrigin) -> None:
@@ -372,13 +402,17 @@ def test_origin_closes_cleanly(proxies: Proxies, ws_origin: WsOrigin) -> None:
     assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == 4001
     assert elapsed < CLOSE_SECONDS, f"the TCP close took {elapsed:.2f}s"
     assert wait_for(lambda: ws_origin.close_of(path), what="the origin's end") == (
-        4001, "origin done")
+        4001,
+        "origin done",
+    )
 
 
 # -- refusals and app phases -----------------------------------------------------------------
 
+
 def test_origin_refusing_the_upgrade(proxies: Proxies, ws_origin: WsOrigin) -> None:
     """An origin answering the upgrade with 403 gets its 403 (and body) to the client."""
+
     async def talk() -> None:
         async with connect(ws_url(proxies.lb, "/ws/refuse"), open_timeout=10):
             raise AssertionError("the upgrade was accepted")
@@ -392,6 +426,7 @@ def test_origin_refusing_the_upgrade(proxies: Proxies, ws_origin: WsOrigin) -> N
 
 def test_request_filter_denies_before_upgrade(proxies: Proxies, ws_origin: WsOrigin) -> None:
     """The app's request_filter answers 403 to /ws/forbidden: the origin never sees it."""
+
     async def talk() -> None:
         async with connect(ws_url(proxies.gate, "/ws/forbidden"), open_timeout=10):
             raise AssertionError("the upgrade was accepted")
@@ -403,8 +438,7 @@ def test_request_filter_denies_before_upgrade(proxies: Proxies, ws_origin: WsOri
     assert "/ws/forbidden" not in ws_origin.paths()
 
 
-def test_upstream_request_filter_runs_before_upgrade(proxies: Proxies,
-                                                     ws_origin: WsOrigin) -> None:
+def test_upstream_request_filter_runs_before_upgrade(proxies: Proxies, ws_origin: WsOrigin) -> None:
     """upstream_request_filter's header is in the handshake the origin receives, with the
     upgrade headers and X-Forwarded-*."""
     path = "/ws/echo/phases"
@@ -428,8 +462,9 @@ def test_wss_on_tls_listener(proxies: Proxies, ws_origin: WsOrigin) -> None:
     path = "/ws/echo/wss"
 
     async def talk() -> None:
-        async with connect(f"wss://127.0.0.1:{proxies.lb_tls_port}{path}", ssl=ctx,
-                           open_timeout=10) as ws:
+        async with connect(
+            f"wss://127.0.0.1:{proxies.lb_tls_port}{path}", ssl=ctx, open_timeout=10
+        ) as ws:
             assert await echo(ws, "secure") == "secure"
             assert await echo(ws, b"\x00\xff" * 1000) == b"\x00\xff" * 1000
 
@@ -439,28 +474,53 @@ def test_wss_on_tls_listener(proxies: Proxies, ws_origin: WsOrigin) -> None:
 
 # -- a browser -------------------------------------------------------------------------------
 
-def test_chromium_websocket_through_proxy(proxies: Proxies, ws_origin: WsOrigin,
-                                          tmp_path: Path) -> None:
+
+def test_chromium_websocket_through_proxy(
+    proxies: Proxies, ws_origin: WsOrigin, tmp_path: Path
+) -> None:
     """Headless Chromium loads a page through the proxy whose script opens a WebSocket through
     the proxy and, once the echo arrives, answers it: the answer reaches the origin."""
     assert os.access(CHROMIUM, os.X_OK), (
-        f"{CHROMIUM} is missing: scripts/test installs the Debian package chromium")
+        f"{CHROMIUM} is missing: scripts/test installs the Debian package chromium"
+    )
     url = f"http://127.0.0.1:{proxies.lb.port}/page"
     profile = tmp_path / "profile"
     log_path = tmp_path / "chromium.log"
     reply = "chromium got: hello from chromium"
     with open(log_path, "wb") as log:
         browser = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}", url],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}",
+                url,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
-        wait_for(lambda: reply in ws_origin.received.get("/ws/echo/chromium", [])
-                 or browser.poll() is not None, timeout=CHROMIUM_SECONDS, interval=0.05,
-                 what="Chromium's answer to the echo")
+        wait_for(
+            lambda: (
+                reply in ws_origin.received.get("/ws/echo/chromium", [])
+                or browser.poll() is not None
+            ),
+            timeout=CHROMIUM_SECONDS,
+            interval=0.05,
+            what="Chromium's answer to the echo",
+        )
         assert browser.poll() is None, (
-            f"chromium exited with {browser.returncode}:\n{log_path.read_text()[-3000:]}")
+            f"chromium exited with {browser.returncode}:\n{log_path.read_text()[-3000:]}"
+        )
     finally:
         _stop_browser(browser)
     assert ws_origin.received["/ws/echo/chromium"] == ["hello from chromium", reply]

@@ -65,8 +65,13 @@ class Rig:
         log.handlers[:] = [self.records]
         log.setLevel(logging.INFO)
         log.propagate = False
-        self.limit = AcceptLimit(self.loop, lambda: Conn(self.limit, self.made),
-                                 [Listening(self.master_sock.dup(), 16)], limit, log)
+        self.limit = AcceptLimit(
+            self.loop,
+            lambda: Conn(self.limit, self.made),
+            [Listening(self.master_sock.dup(), 16)],
+            limit,
+            log,
+        )
         self.clients: list[socket.socket] = []
         self.loop.run_until_complete(self.limit.open())
 
@@ -82,6 +87,7 @@ class Rig:
             while not condition():
                 assert self.loop.time() < deadline, "condition not met in time"
                 await asyncio.sleep(0.005)
+
         self.loop.run_until_complete(wait())
 
     def run_for(self, seconds: float) -> None:
@@ -116,8 +122,7 @@ def rig_of() -> Iterator[Callable[[int], Rig]]:
         rig.close()
 
 
-def test_at_the_limit_accepting_pauses_and_a_close_resumes_it(
-        rig_of: Callable[[int], Rig]) -> None:
+def test_at_the_limit_accepting_pauses_and_a_close_resumes_it(rig_of: Callable[[int], Rig]) -> None:
     """Two connections fill a limit of 2: the worker closes its server, a third connection
     waits unaccepted; one closing brings the server back and the third is accepted."""
     rig = rig_of(2)
@@ -136,15 +141,18 @@ def test_at_the_limit_accepting_pauses_and_a_close_resumes_it(
     rig.close_conn(rig.made[1])
     rig.run_until(lambda: rig.limit.state is AcceptState.ACCEPTING)
     assert not rig.limit.paused and len(rig.limit.servers) == 1
-    assert rig.records.lines[0] == ("accepting paused: 2 connections open, "
-                                    "server.max_connections is 2; new connections wait in the "
-                                    "accept queue until 1")
+    assert rig.records.lines[0] == (
+        "accepting paused: 2 connections open, "
+        "server.max_connections is 2; new connections wait in the "
+        "accept queue until 1"
+    )
     assert rig.records.lines[1].startswith("accepting resumed: 1 connections open (paused for ")
     assert len(rig.records.lines) == 2  # the second pause, so soon, is only counted
 
 
 def test_a_closed_limit_never_accepts_again_and_leaves_the_queue_to_the_socket(
-        rig_of: Callable[[int], Rig]) -> None:
+    rig_of: Callable[[int], Rig],
+) -> None:
     """Closing (a drain) while paused: connections closing later do not bring the server
     back; what waits in the accept queue is still there for the master's socket."""
     rig = rig_of(1)
@@ -195,17 +203,25 @@ def test_no_limit_never_pauses(rig_of: Callable[[int], Rig]) -> None:
 
 
 def test_pauses_logged_once_per_interval_with_the_count_of_the_others(
-        rig_of: Callable[[int], Rig], monkeypatch: pytest.MonkeyPatch) -> None:
+    rig_of: Callable[[int], Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rig = rig_of(1)
     for _ in range(3):
         rig.connect()
         rig.run_until(lambda: rig.limit.state is AcceptState.PAUSED)
         rig.close_conn(rig.made[-1])
-        rig.run_until(lambda: rig.limit.state is AcceptState.ACCEPTING and not rig.limit.paused
-                      and len(rig.limit.connections) == 0)
+        rig.run_until(
+            lambda: (
+                rig.limit.state is AcceptState.ACCEPTING
+                and not rig.limit.paused
+                and len(rig.limit.connections) == 0
+            )
+        )
     assert rig.limit.pauses == 3
-    assert [line.split(":")[0] for line in rig.records.lines] == ["accepting paused",
-                                                                   "accepting resumed"]
+    assert [line.split(":")[0] for line in rig.records.lines] == [
+        "accepting paused",
+        "accepting resumed",
+    ]
     monkeypatch.setattr(accept_limit, "LOG_INTERVAL_SECONDS", 0.0)
     rig.connect()
     rig.run_until(lambda: rig.limit.state is AcceptState.PAUSED)
@@ -232,8 +248,7 @@ def test_counted_connections_speak_only_at_the_limit_and_while_paused() -> None:
     assert calls == ["full", "room", "room"]
 
 
-@pytest.mark.parametrize(("limit", "level"), [(1, 0), (3, 2), (20, 19), (100, 95),
-                                              (10000, 9500)])
+@pytest.mark.parametrize(("limit", "level"), [(1, 0), (3, 2), (20, 19), (100, 95), (10000, 9500)])
 def test_resume_level(limit: int, level: int) -> None:
     assert resume_level(limit) == level
 
@@ -241,8 +256,9 @@ def test_resume_level(limit: int, level: int) -> None:
 def test_open_files_raised_to_fit_up_to_the_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     limits = {"soft": 1024, "hard": 1 << 20}
     monkeypatch.setattr(resource, "getrlimit", lambda _: (limits["soft"], limits["hard"]))
-    monkeypatch.setattr(resource, "setrlimit",
-                        lambda _, value: limits.update(soft=value[0], hard=value[1]))
+    monkeypatch.setattr(
+        resource, "setrlimit", lambda _, value: limits.update(soft=value[0], hard=value[1])
+    )
     assert fit_open_files(10000, 128) is None
     assert limits == {"soft": 2 * 10000 + 128 + accept_limit.FD_MARGIN, "hard": 1 << 20}
     assert fit_open_files(0, 128) is None

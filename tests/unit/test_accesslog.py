@@ -31,8 +31,12 @@ def finished(**changes: Any) -> Session:
     s.method = b"GET"
     s.url = b"/search?q=tenaya"
     s.version = "1.1"
-    s.raw_headers = [(b"Host", b"example.com"), (b"User-Agent", b"curl/8.5.0"),
-                     (b"Referer", b"https://ref.example/page"), (b"X-Request-Id", b"abc-123")]
+    s.raw_headers = [
+        (b"Host", b"example.com"),
+        (b"User-Agent", b"curl/8.5.0"),
+        (b"Referer", b"https://ref.example/page"),
+        (b"X-Request-Id", b"abc-123"),
+    ]
     s.status = 200
     s.resp_bytes = 1234
     s.peer = HttpPeer("10.0.0.1:8080")
@@ -57,8 +61,10 @@ def test_combined_line(tmp_path: Path) -> None:
     (line,) = lines(log, path, finished())
     log.close()
     m = re.fullmatch(
-        r'203\.0\.113\.7 - - \[(' + TIME_LOCAL + r')\] "GET /search\?q=tenaya HTTP/1\.1" 200 1234 '
-        r'"https://ref\.example/page" "curl/8\.5\.0" 10\.0\.0\.1:8080 (\d+\.\d{3})\n', line)
+        r"203\.0\.113\.7 - - \[(" + TIME_LOCAL + r')\] "GET /search\?q=tenaya HTTP/1\.1" 200 1234 '
+        r'"https://ref\.example/page" "curl/8\.5\.0" 10\.0\.0\.1:8080 (\d+\.\d{3})\n',
+        line,
+    )
     assert m is not None, line
     logged = datetime.strptime(m.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
     assert abs(logged - time.time()) < 5
@@ -69,13 +75,20 @@ def test_combined_line_missing_values(tmp_path: Path) -> None:
     """Absent referer, user agent and upstream are written as "-"; an error gives the status."""
     path = tmp_path / "access.log"
     log = AccessLog(str(path))
-    s = finished(raw_headers=[(b"Host", b"example.com")], peer=None, status=0, resp_bytes=0,
-                 error=upstream_error(ErrorKind.CONNECT_REFUSED))
+    s = finished(
+        raw_headers=[(b"Host", b"example.com")],
+        peer=None,
+        status=0,
+        resp_bytes=0,
+        error=upstream_error(ErrorKind.CONNECT_REFUSED),
+    )
     (line,) = lines(log, path, s)
     log.close()
     assert re.fullmatch(
-        r'203\.0\.113\.7 - - \[' + TIME_LOCAL + r'\] "GET /search\?q=tenaya HTTP/1\.1" 502 0 '
-        r'"-" "-" - \d+\.\d{3}\n', line), line
+        r"203\.0\.113\.7 - - \[" + TIME_LOCAL + r'\] "GET /search\?q=tenaya HTTP/1\.1" 502 0 '
+        r'"-" "-" - \d+\.\d{3}\n',
+        line,
+    ), line
 
 
 def test_combined_line_escapes_quotes(tmp_path: Path) -> None:
@@ -100,9 +113,16 @@ def test_json_line(tmp_path: Path) -> None:
     assert before <= record.pop("time") <= time.time()
     assert 0.25 <= record.pop("request_time") < 5
     assert record == {
-        "client": "203.0.113.7", "method": "GET", "url": "/search?q=tenaya", "version": "1.1",
-        "status": 200, "bytes": 1234, "referer": "https://ref.example/page",
-        "user_agent": "curl/8.5.0", "upstream": "10.0.0.1:8080", "error": None,
+        "client": "203.0.113.7",
+        "method": "GET",
+        "url": "/search?q=tenaya",
+        "version": "1.1",
+        "status": 200,
+        "bytes": 1234,
+        "referer": "https://ref.example/page",
+        "user_agent": "curl/8.5.0",
+        "upstream": "10.0.0.1:8080",
+        "error": None,
         "request_id": "abc-123",
     }
 
@@ -111,8 +131,12 @@ def test_json_line_with_error(tmp_path: Path) -> None:
     """A failed request logs the error's status and its description."""
     path = tmp_path / "access.json"
     log = AccessLog(str(path), "json")
-    s = finished(status=0, peer=None, start_time=0.0,
-                 error=upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s"))
+    s = finished(
+        status=0,
+        peer=None,
+        start_time=0.0,
+        error=upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s"),
+    )
     (line,) = lines(log, path, s)
     log.close()
     record = json.loads(line)

@@ -44,8 +44,7 @@ class Filters(Minimal):
     async def request_filter(self, session: Any, ctx: Any) -> bool:
         return False
 
-    def response_filter(self, session: Any, upstream_response: ResponseHeader,
-                        ctx: Any) -> None:
+    def response_filter(self, session: Any, upstream_response: ResponseHeader, ctx: Any) -> None:
         upstream_response.set("X-Proxy", "tenaya")
 
 
@@ -102,8 +101,9 @@ class TypedCtx(ProxyHttp[Counted]):
     def upstream_peer(self, session: Any, ctx: Counted) -> HttpPeer:
         return HttpPeer("127.0.0.1:9000")
 
-    def request_body_filter(self, session: Any, body: bytes, end_of_stream: bool,
-                            ctx: Counted) -> bytes | None:
+    def request_body_filter(
+        self, session: Any, body: bytes, end_of_stream: bool, ctx: Counted
+    ) -> bytes | None:
         ctx.chunks += 1
         return None
 
@@ -145,7 +145,10 @@ def test_overridden_phases_minimal() -> None:
 def test_overridden_phases_ignores_non_phases_and_keeps_inherited() -> None:
     """Inherited overrides count; configure and new_ctx are not phases."""
     assert sorted(overridden_phases(Filters())) == [
-        "request_filter", "response_filter", "upstream_peer"]
+        "request_filter",
+        "response_filter",
+        "upstream_peer",
+    ]
 
 
 def test_overridden_phases_of_base_is_empty() -> None:
@@ -206,8 +209,10 @@ def test_load_app_module_missing() -> None:
     """A module that cannot be imported is named, with the import error."""
     with pytest.raises(AppLoadError) as info:
         load_app("tenaya_no_such_module:App")
-    assert str(info.value) == ("cannot import 'tenaya_no_such_module': ModuleNotFoundError: "
-                               "No module named 'tenaya_no_such_module'")
+    assert str(info.value) == (
+        "cannot import 'tenaya_no_such_module': ModuleNotFoundError: "
+        "No module named 'tenaya_no_such_module'"
+    )
 
 
 def test_load_app_module_fails_on_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,8 +221,9 @@ def test_load_app_module_fails_on_import(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(AppLoadError) as info:
         load_app("tenaya_broken_gateway:Gateway")
-    assert str(info.value) == ("cannot import 'tenaya_broken_gateway': RuntimeError: "
-                               "boom at import")
+    assert str(info.value) == (
+        "cannot import 'tenaya_broken_gateway': RuntimeError: boom at import"
+    )
 
 
 def test_load_app_attribute_missing() -> None:
@@ -239,15 +245,17 @@ def test_load_app_instance_not_a_proxyhttp() -> None:
     with pytest.raises(AppLoadError) as info:
         load_app(spec("NOT_AN_APP_INSTANCE"))
     assert str(info.value) == (
-        f"{spec('NOT_AN_APP_INSTANCE')} is not a ProxyHttp subclass or instance")
+        f"{spec('NOT_AN_APP_INSTANCE')} is not a ProxyHttp subclass or instance"
+    )
 
 
 def test_load_app_constructor_fails() -> None:
     """A class whose constructor raises is refused with the exception."""
     with pytest.raises(AppLoadError) as info:
         load_app(spec("BrokenInit"))
-    assert str(info.value) == (f"building {spec('BrokenInit')} failed: RuntimeError: "
-                               "GATEWAY_TOKEN is not set")
+    assert str(info.value) == (
+        f"building {spec('BrokenInit')} failed: RuntimeError: GATEWAY_TOKEN is not set"
+    )
 
 
 def test_load_app_without_upstream_peer() -> None:
@@ -276,8 +284,11 @@ def test_load_app_async_on_sync_phase(attr: str, phase: str) -> None:
 def test_sync_only_phases_are_the_tested_ones() -> None:
     """The phases that must be sync are exactly the four tested above."""
     assert sorted(n for n, may_be_async in PHASES.items() if not may_be_async) == [
-        "error_while_proxy", "fail_to_connect", "response_body_filter",
-        "upstream_response_filter"]
+        "error_while_proxy",
+        "fail_to_connect",
+        "response_body_filter",
+        "upstream_response_filter",
+    ]
 
 
 # -- default phases ----------------------------------------------------------------------
@@ -297,8 +308,7 @@ class FakeSession:
 def test_default_fail_to_proxy_writes_status_page() -> None:
     """The default error response is the error's status with a one-line text."""
     session = FakeSession()
-    status = ProxyHttp().fail_to_proxy(
-        session, upstream_error(ErrorKind.CONNECT_TIMEOUT), None)  # type: ignore[arg-type]
+    status = ProxyHttp().fail_to_proxy(session, upstream_error(ErrorKind.CONNECT_TIMEOUT), None)  # type: ignore[arg-type]
     assert status == 504
     assert session.responses == [(504, b"504 connect timeout\n")]
 
@@ -306,21 +316,28 @@ def test_default_fail_to_proxy_writes_status_page() -> None:
 def test_default_fail_to_proxy_after_response_started() -> None:
     """Once the response has started, the default writes nothing but still gives the status."""
     session = FakeSession(response_started=True)
-    status = ProxyHttp().fail_to_proxy(
-        session, upstream_error(ErrorKind.READ_TIMEOUT), None)  # type: ignore[arg-type]
+    status = ProxyHttp().fail_to_proxy(session, upstream_error(ErrorKind.READ_TIMEOUT), None)  # type: ignore[arg-type]
     assert status == 504
     assert session.responses == []
 
 
-@pytest.mark.parametrize(("error", "status", "page"), [
-    (ProxyError.http_status(403, "no token"), 403, b"403 forbidden\n"),
-    (ProxyError.http_status(429), 429, b"429 too many requests\n"),
-    (ProxyError.http_status(599), 599, b"599 http status\n"),
-    (ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, status=503), 503,
-     b"503 no upstream peer\n"),
-], ids=["403", "429", "no_reason", "override"])
-def test_default_fail_to_proxy_of_a_chosen_status(error: ProxyError, status: int,
-                                                   page: bytes) -> None:
+@pytest.mark.parametrize(
+    ("error", "status", "page"),
+    [
+        (ProxyError.http_status(403, "no token"), 403, b"403 forbidden\n"),
+        (ProxyError.http_status(429), 429, b"429 too many requests\n"),
+        (ProxyError.http_status(599), 599, b"599 http status\n"),
+        (
+            ProxyError(ErrorKind.NO_PEER, ErrorSource.UPSTREAM, status=503),
+            503,
+            b"503 no upstream peer\n",
+        ),
+    ],
+    ids=["403", "429", "no_reason", "override"],
+)
+def test_default_fail_to_proxy_of_a_chosen_status(
+    error: ProxyError, status: int, page: bytes
+) -> None:
     """An error of a status the app chose gets that status, and its reason as the text."""
     session = FakeSession()
     assert ProxyHttp().fail_to_proxy(session, error, None) == status  # type: ignore[arg-type]

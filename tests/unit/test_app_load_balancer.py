@@ -30,11 +30,15 @@ def config(upstreams: dict[str, Any], **extra: Any) -> Config:
     return from_mapping({"upstreams": upstreams, **extra}, "<test>")
 
 
-ROUTED = config({
-    "web": {"servers": ["10.0.0.1:80", "10.0.0.2:80"]},
-    "api": {"servers": ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"],
-            "hosts": ["api.example.com", "API.internal"]},
-})
+ROUTED = config(
+    {
+        "web": {"servers": ["10.0.0.1:80", "10.0.0.2:80"]},
+        "api": {
+            "servers": ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"],
+            "hosts": ["api.example.com", "API.internal"],
+        },
+    }
+)
 
 
 def balancer(cfg: Config, worker_id: int = 0) -> LoadBalancer:
@@ -54,11 +58,16 @@ def test_routes_by_host() -> None:
     """A listed Host goes to its upstream, in round-robin order."""
     lb = balancer(ROUTED)
     assert pick(lb, "api.example.com", 4) == [
-        "10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080", "10.0.1.1:8080"]
+        "10.0.1.1:8080",
+        "10.0.1.2:8080",
+        "10.0.1.3:8080",
+        "10.0.1.1:8080",
+    ]
 
 
 @pytest.mark.parametrize(
-    "host", ["api.example.com:8443", "API.Example.COM", "Api.Example.Com:80", "api.internal"])
+    "host", ["api.example.com:8443", "API.Example.COM", "Api.Example.Com:80", "api.internal"]
+)
 def test_routes_by_host_ignoring_port_and_case(host: str) -> None:
     """The port of the Host header is ignored, and names compare without case."""
     assert pick(balancer(ROUTED), host) == ["10.0.1.1:8080"]
@@ -72,15 +81,27 @@ def test_other_hosts_go_to_first_upstream(host: str | None) -> None:
 
 def test_ipv6_literal_host_with_port() -> None:
     """A Host of an IPv6 literal with a port routes by the bracketed address."""
-    lb = balancer(config({"web": {"servers": ["10.0.0.1:80"]},
-                          "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]}}))
+    lb = balancer(
+        config(
+            {
+                "web": {"servers": ["10.0.0.1:80"]},
+                "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]},
+            }
+        )
+    )
     assert pick(lb, "[::1]:8080") == ["10.0.6.1:80"]
 
 
 def test_ipv6_literal_host_without_port() -> None:
     """A Host of an IPv6 literal without a port (RFC 9110 uri-host) routes by that address."""
-    lb = balancer(config({"web": {"servers": ["10.0.0.1:80"]},
-                          "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]}}))
+    lb = balancer(
+        config(
+            {
+                "web": {"servers": ["10.0.0.1:80"]},
+                "v6": {"servers": ["10.0.6.1:80"], "hosts": ["[::1]"]},
+            }
+        )
+    )
     assert pick(lb, "[::1]") == ["10.0.6.1:80"]
 
 

@@ -154,19 +154,31 @@ def test_workers_zero_means_one_per_cpu() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        pytest.param("listener:\n  - address: 127.0.0.1:80\n",
-                     "listener: unknown key (did you mean 'listeners'?)", id="top-level"),
-        pytest.param("server:\n  wokers: 2\n",
-                     "server.wokers: unknown key (did you mean 'workers'?)", id="section"),
-        pytest.param("listeners:\n  - adress: 127.0.0.1:80\n",
-                     "listeners[0].adress: unknown key (did you mean 'address'?)",
-                     id="list-item"),
-        pytest.param("upstreams:\n  web:\n    server: [127.0.0.1:80]\n",
-                     "upstreams.web.server: unknown key (did you mean 'servers'?)",
-                     id="named-upstream"),
-        pytest.param("timeouts:\n  keepalive: 5\n",
-                     "timeouts.keepalive: unknown key (did you mean 'keepalive_seconds'?)",
-                     id="prefix"),
+        pytest.param(
+            "listener:\n  - address: 127.0.0.1:80\n",
+            "listener: unknown key (did you mean 'listeners'?)",
+            id="top-level",
+        ),
+        pytest.param(
+            "server:\n  wokers: 2\n",
+            "server.wokers: unknown key (did you mean 'workers'?)",
+            id="section",
+        ),
+        pytest.param(
+            "listeners:\n  - adress: 127.0.0.1:80\n",
+            "listeners[0].adress: unknown key (did you mean 'address'?)",
+            id="list-item",
+        ),
+        pytest.param(
+            "upstreams:\n  web:\n    server: [127.0.0.1:80]\n",
+            "upstreams.web.server: unknown key (did you mean 'servers'?)",
+            id="named-upstream",
+        ),
+        pytest.param(
+            "timeouts:\n  keepalive: 5\n",
+            "timeouts.keepalive: unknown key (did you mean 'keepalive_seconds'?)",
+            id="prefix",
+        ),
         pytest.param("server:\n  zzzz: 1\n", "server.zzzz: unknown key", id="no-suggestion"),
     ],
 )
@@ -180,40 +192,72 @@ def test_unknown_key(tmp_path: Path, text: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        pytest.param("server:\n  workers: '4'\n",
-                     "server.workers: expected an integer, got '4'", id="string-for-int"),
-        pytest.param("server:\n  workers: true\n",
-                     "server.workers: expected an integer, got True", id="bool-for-int"),
-        pytest.param("server:\n  workers: 2.5\n",
-                     "server.workers: expected an integer, got 2.5", id="float-for-int"),
-        pytest.param("timeouts:\n  keepalive_seconds: false\n",
-                     "timeouts.keepalive_seconds: expected a number, got False",
-                     id="bool-for-float"),
-        pytest.param("timeouts:\n  keepalive_seconds: soon\n",
-                     "timeouts.keepalive_seconds: expected a number, got 'soon'",
-                     id="string-for-float"),
-        pytest.param("server:\n  pid_file: 5\n",
-                     "server.pid_file: expected a string, got 5", id="int-for-optional-str"),
-        pytest.param("listeners:\n  address: 127.0.0.1:80\n",
-                     "listeners: expected a list, got {'address': '127.0.0.1:80'}",
-                     id="mapping-for-list"),
-        pytest.param("server: [1, 2]\n",
-                     "server: expected a mapping, got [1, 2]", id="list-for-section"),
-        pytest.param("app_options: [a]\n",
-                     "app_options: expected a mapping, got ['a']", id="list-for-mapping"),
-        pytest.param("listeners:\n  - 127.0.0.1:80\n",
-                     "listeners[0]: expected a mapping, got '127.0.0.1:80'",
-                     id="string-for-list-item"),
-        pytest.param("demo_origins: 127.0.0.1:80\n",
-                     "demo_origins: expected a list, got '127.0.0.1:80'",
-                     id="string-for-list"),
-        pytest.param("server:\n  workers: -1\n",
-                     "server.workers: must be 0 or more", id="negative"),
-        pytest.param("pool:\n  idle_timeout_seconds: 0\n",
-                     "pool.idle_timeout_seconds: must be greater than 0", id="zero"),
-        pytest.param("logging:\n  access_log_format: xml\n",
-                     "logging.access_log_format: expected one of combined, json",
-                     id="not-a-choice"),
+        pytest.param(
+            "server:\n  workers: '4'\n",
+            "server.workers: expected an integer, got '4'",
+            id="string-for-int",
+        ),
+        pytest.param(
+            "server:\n  workers: true\n",
+            "server.workers: expected an integer, got True",
+            id="bool-for-int",
+        ),
+        pytest.param(
+            "server:\n  workers: 2.5\n",
+            "server.workers: expected an integer, got 2.5",
+            id="float-for-int",
+        ),
+        pytest.param(
+            "timeouts:\n  keepalive_seconds: false\n",
+            "timeouts.keepalive_seconds: expected a number, got False",
+            id="bool-for-float",
+        ),
+        pytest.param(
+            "timeouts:\n  keepalive_seconds: soon\n",
+            "timeouts.keepalive_seconds: expected a number, got 'soon'",
+            id="string-for-float",
+        ),
+        pytest.param(
+            "server:\n  pid_file: 5\n",
+            "server.pid_file: expected a string, got 5",
+            id="int-for-optional-str",
+        ),
+        pytest.param(
+            "listeners:\n  address: 127.0.0.1:80\n",
+            "listeners: expected a list, got {'address': '127.0.0.1:80'}",
+            id="mapping-for-list",
+        ),
+        pytest.param(
+            "server: [1, 2]\n", "server: expected a mapping, got [1, 2]", id="list-for-section"
+        ),
+        pytest.param(
+            "app_options: [a]\n",
+            "app_options: expected a mapping, got ['a']",
+            id="list-for-mapping",
+        ),
+        pytest.param(
+            "listeners:\n  - 127.0.0.1:80\n",
+            "listeners[0]: expected a mapping, got '127.0.0.1:80'",
+            id="string-for-list-item",
+        ),
+        pytest.param(
+            "demo_origins: 127.0.0.1:80\n",
+            "demo_origins: expected a list, got '127.0.0.1:80'",
+            id="string-for-list",
+        ),
+        pytest.param(
+            "server:\n  workers: -1\n", "server.workers: must be 0 or more", id="negative"
+        ),
+        pytest.param(
+            "pool:\n  idle_timeout_seconds: 0\n",
+            "pool.idle_timeout_seconds: must be greater than 0",
+            id="zero",
+        ),
+        pytest.param(
+            "logging:\n  access_log_format: xml\n",
+            "logging.access_log_format: expected one of combined, json",
+            id="not-a-choice",
+        ),
     ],
 )
 def test_wrong_type_or_value(tmp_path: Path, text: str, message: str) -> None:
@@ -231,21 +275,36 @@ def test_upstream_names_must_be_strings(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        pytest.param("listeners:\n  - address: 127.0.0.1\n",
-                     "listeners[0].address: '127.0.0.1': missing ':PORT'", id="missing-port"),
-        pytest.param("listeners:\n  - address: 127.0.0.1:70000\n",
-                     "listeners[0].address: '127.0.0.1:70000': the port must be a number "
-                     "from 0 to 65535", id="port-out-of-range"),
-        pytest.param("listeners:\n  - address: 127.0.0.1:http\n",
-                     "listeners[0].address: '127.0.0.1:http': the port must be a number "
-                     "from 0 to 65535", id="port-not-a-number"),
-        pytest.param("listeners:\n  - address: '::1:8080'\n",
-                     "listeners[0].address: '::1:8080': write an IPv6 address as "
-                     "[ADDRESS]:PORT", id="ipv6-without-brackets"),
-        pytest.param("listeners:\n  - address: ':8080'\n",
-                     "listeners[0].address: ':8080': missing host", id="missing-host"),
-        pytest.param("demo_origins: [127.0.0.1:80, localhost]\n",
-                     "demo_origins: item 1: 'localhost': missing ':PORT'", id="list-item"),
+        pytest.param(
+            "listeners:\n  - address: 127.0.0.1\n",
+            "listeners[0].address: '127.0.0.1': missing ':PORT'",
+            id="missing-port",
+        ),
+        pytest.param(
+            "listeners:\n  - address: 127.0.0.1:70000\n",
+            "listeners[0].address: '127.0.0.1:70000': the port must be a number from 0 to 65535",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            "listeners:\n  - address: 127.0.0.1:http\n",
+            "listeners[0].address: '127.0.0.1:http': the port must be a number from 0 to 65535",
+            id="port-not-a-number",
+        ),
+        pytest.param(
+            "listeners:\n  - address: '::1:8080'\n",
+            "listeners[0].address: '::1:8080': write an IPv6 address as [ADDRESS]:PORT",
+            id="ipv6-without-brackets",
+        ),
+        pytest.param(
+            "listeners:\n  - address: ':8080'\n",
+            "listeners[0].address: ':8080': missing host",
+            id="missing-host",
+        ),
+        pytest.param(
+            "demo_origins: [127.0.0.1:80, localhost]\n",
+            "demo_origins: item 1: 'localhost': missing ':PORT'",
+            id="list-item",
+        ),
     ],
 )
 def test_bad_address(tmp_path: Path, text: str, message: str) -> None:
@@ -257,20 +316,35 @@ def test_bad_address(tmp_path: Path, text: str, message: str) -> None:
 def test_bad_upstream_server_address(tmp_path: Path) -> None:
     """A bad server address names the upstream and the item."""
     path, error = load_error(
-        tmp_path, "upstreams:\n  web:\n    servers: [10.0.0.1:80, 10.0.0.2:99999]\n")
-    assert str(error) == (f"{path}: upstreams.web.servers: item 1: '10.0.0.2:99999': "
-                          "the port must be a number from 0 to 65535")
+        tmp_path, "upstreams:\n  web:\n    servers: [10.0.0.1:80, 10.0.0.2:99999]\n"
+    )
+    assert str(error) == (
+        f"{path}: upstreams.web.servers: item 1: '10.0.0.2:99999': "
+        "the port must be a number from 0 to 65535"
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "where", "problem"),
     [
-        pytest.param("server:\n  workers: [1, 2\n", "line 3, column 1",
-                     "expected ',' or ']', but got '<stream end>'", id="unclosed-list"),
-        pytest.param("server:\n  workers: 2: 3\n", "line 2, column 13",
-                     "mapping values are not allowed here", id="colon-in-value"),
-        pytest.param("server:\n\tworkers: 2\n", "line 2, column 1",
-                     "found character '\\t' that cannot start any token", id="tab"),
+        pytest.param(
+            "server:\n  workers: [1, 2\n",
+            "line 3, column 1",
+            "expected ',' or ']', but got '<stream end>'",
+            id="unclosed-list",
+        ),
+        pytest.param(
+            "server:\n  workers: 2: 3\n",
+            "line 2, column 13",
+            "mapping values are not allowed here",
+            id="colon-in-value",
+        ),
+        pytest.param(
+            "server:\n\tworkers: 2\n",
+            "line 2, column 1",
+            "found character '\\t' that cannot start any token",
+            id="tab",
+        ),
     ],
 )
 def test_invalid_yaml(tmp_path: Path, text: str, where: str, problem: str) -> None:
@@ -283,8 +357,9 @@ def test_invalid_yaml(tmp_path: Path, text: str, where: str, problem: str) -> No
 def test_empty_file_needs_upstreams(tmp_path: Path) -> None:
     """An empty file is the defaults, which have no upstream for the load balancer."""
     path, error = load_error(tmp_path, "")
-    assert str(error) == (f"{path}: upstreams: the built-in load balancer needs at least one "
-                          "upstream with servers")
+    assert str(error) == (
+        f"{path}: upstreams: the built-in load balancer needs at least one upstream with servers"
+    )
 
 
 def test_comment_only_file_is_empty(tmp_path: Path) -> None:
@@ -313,7 +388,8 @@ def test_duplicate_listener_address(tmp_path: Path) -> None:
     path, error = load_error(
         tmp_path,
         "listeners:\n  - address: 127.0.0.1:8080\n  - address: 127.0.0.1:9090\n"
-        "  - address: 127.0.0.1:8080\n" + MINIMAL)
+        "  - address: 127.0.0.1:8080\n" + MINIMAL,
+    )
     assert str(error) == f"{path}: listeners[2].address: 127.0.0.1:8080 is listed twice"
 
 
@@ -326,16 +402,18 @@ def test_no_listeners(tmp_path: Path) -> None:
 def test_upstreams_without_servers_and_no_app(tmp_path: Path) -> None:
     """Upstreams that list no servers leave the load balancer nothing to do."""
     path, error = load_error(tmp_path, "upstreams:\n  web:\n    hosts: [example.com]\n")
-    assert str(error) == (f"{path}: upstreams: the built-in load balancer needs at least one "
-                          "upstream with servers")
+    assert str(error) == (
+        f"{path}: upstreams: the built-in load balancer needs at least one upstream with servers"
+    )
 
 
 @pytest.mark.parametrize("spec", ["mypackage.gateway", "mypackage:", ":Gateway"])
 def test_app_spec_needs_module_and_attribute(tmp_path: Path, spec: str) -> None:
     """An app that is not MODULE:ATTRIBUTE is refused with an example of the right form."""
     path, error = load_error(tmp_path, f"app: '{spec}'\n")
-    assert str(error) == (f"{path}: app: expected MODULE:ATTRIBUTE, for example "
-                          "mypackage.gateway:MyGateway")
+    assert str(error) == (
+        f"{path}: app: expected MODULE:ATTRIBUTE, for example mypackage.gateway:MyGateway"
+    )
 
 
 def test_from_mapping_names_its_source() -> None:
@@ -383,7 +461,10 @@ def test_all_errors_of_a_file_at_once(tmp_path: Path) -> None:
     assert str(error).splitlines() == [f"{path}: {line}" for line in expected]
     assert [str(e) for e in error.errors] == str(error).splitlines()
     assert [e.path for e in error.errors][:3] == [
-        "server.wokers", "server.max_retries", "listeners[0].address"]
+        "server.wokers",
+        "server.max_retries",
+        "listeners[0].address",
+    ]
     assert {e.source for e in error.errors} == {path}
     assert (error.source, error.path) == (path, "server.wokers")
     assert error.reason == "unknown key (did you mean 'workers'?)"
@@ -400,17 +481,23 @@ def test_one_error_is_one_line(tmp_path: Path) -> None:
 def test_errors_follow_file_order_not_check_order(tmp_path: Path) -> None:
     """Errors found by checks across settings take their key's place in the file too."""
     path, error = load_error(
-        tmp_path, "logging:\n  level: loud\nlisteners:\n  - address: 127.0.0.1:80\n"
-        "  - address: 127.0.0.1:80\nserver:\n  wokers: 1\n" + APP)
+        tmp_path,
+        "logging:\n  level: loud\nlisteners:\n  - address: 127.0.0.1:80\n"
+        "  - address: 127.0.0.1:80\nserver:\n  wokers: 1\n" + APP,
+    )
     assert [e.path for e in error.errors] == [
-        "logging.level", "listeners[1].address", "server.wokers"]
+        "logging.level",
+        "listeners[1].address",
+        "server.wokers",
+    ]
     assert error.errors[1].reason == "127.0.0.1:80 is listed twice"
 
 
 def test_section_not_a_mapping_hides_only_its_own_checks(tmp_path: Path) -> None:
     """A section of the wrong type is one error; the other sections are still checked."""
     path, error = load_error(
-        tmp_path, "server: [1, 2]\nlisteners: 127.0.0.1:80\npool:\n  size_shared: -1\n" + APP)
+        tmp_path, "server: [1, 2]\nlisteners: 127.0.0.1:80\npool:\n  size_shared: -1\n" + APP
+    )
     assert str(error).splitlines() == [
         f"{path}: server: expected a mapping, got [1, 2]",
         f"{path}: listeners: expected a list, got '127.0.0.1:80'",
@@ -421,8 +508,10 @@ def test_section_not_a_mapping_hides_only_its_own_checks(tmp_path: Path) -> None
 def test_bad_list_items_each_reported(tmp_path: Path) -> None:
     """Every refused item of a list is an error of its own; the other items are checked."""
     path, error = load_error(
-        tmp_path, "listeners:\n  - 127.0.0.1:80\n  - address: nope\n  - backlog: 0\n"
-        "demo_origins: [a, 127.0.0.1:1, 5]\n" + APP)
+        tmp_path,
+        "listeners:\n  - 127.0.0.1:80\n  - address: nope\n  - backlog: 0\n"
+        "demo_origins: [a, 127.0.0.1:1, 5]\n" + APP,
+    )
     assert reasons(path, error) == [
         "listeners[0]: expected a mapping, got '127.0.0.1:80'",
         "listeners[1].address: 'nope': missing ':PORT'",
@@ -441,17 +530,24 @@ def test_missing_upstreams_reported_beside_other_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "paths"),
     [
-        pytest.param("upstreams:\n  web:\n    server: [127.0.0.1:80]\n",
-                     ["upstreams.web.server"], id="misspelt-servers"),
-        pytest.param("upstreams:\n  web:\n    servers: [localhost]\n",
-                     ["upstreams.web.servers"], id="bad-server"),
+        pytest.param(
+            "upstreams:\n  web:\n    server: [127.0.0.1:80]\n",
+            ["upstreams.web.server"],
+            id="misspelt-servers",
+        ),
+        pytest.param(
+            "upstreams:\n  web:\n    servers: [localhost]\n",
+            ["upstreams.web.servers"],
+            id="bad-server",
+        ),
         pytest.param("upstreams: [web]\n", ["upstreams"], id="upstreams-not-a-mapping"),
         pytest.param("app: justamodule\n", ["app"], id="bad-app"),
         pytest.param("app: 5\n", ["app"], id="app-not-a-string"),
     ],
 )
 def test_no_upstream_error_after_a_refused_upstream_or_app(
-        tmp_path: Path, text: str, paths: list[str]) -> None:
+    tmp_path: Path, text: str, paths: list[str]
+) -> None:
     """When the upstreams or the app were refused, "needs at least one upstream" is not added:
     it would only repeat the first error."""
     path, error = load_error(tmp_path, text)
@@ -461,7 +557,8 @@ def test_no_upstream_error_after_a_refused_upstream_or_app(
 def test_no_duplicate_error_for_a_refused_address(tmp_path: Path) -> None:
     """Listeners whose address was refused are not compared with the others."""
     path, error = load_error(
-        tmp_path, "listeners:\n  - address: 1\n  - address: 1\n  - {}\n  - {}\n" + APP)
+        tmp_path, "listeners:\n  - address: 1\n  - address: 1\n  - {}\n  - {}\n" + APP
+    )
     assert reasons(path, error) == [
         "listeners[0].address: expected a string, got 1",
         "listeners[1].address: expected a string, got 1",
@@ -473,8 +570,10 @@ def test_tls_files_checked_beside_other_tls_errors(tmp_path: Path) -> None:
     """A TLS listener's unreadable files are reported with its other mistakes; a file
     setting of the wrong type is reported once, as such."""
     path, error = load_error(
-        tmp_path, "listeners:\n  - tls:\n      cert: missing.pem\n      key: 5\n"
-        "      min_version: '1.1'\n" + APP)
+        tmp_path,
+        "listeners:\n  - tls:\n      cert: missing.pem\n      key: 5\n"
+        "      min_version: '1.1'\n" + APP,
+    )
     assert reasons(path, error) == [
         "listeners[0].tls.cert: cannot read missing.pem",
         "listeners[0].tls.key: expected a string, got 5",
@@ -485,8 +584,8 @@ def test_tls_files_checked_beside_other_tls_errors(tmp_path: Path) -> None:
 def test_non_string_keys_each_reported(tmp_path: Path) -> None:
     """Each non-string key of a mapping is an error, at its place in the file."""
     path, error = load_error(
-        tmp_path, "upstreams:\n  1:\n    servers: [127.0.0.1:80]\n  web:\n"
-        "    sever: []\n  2: {}\n")
+        tmp_path, "upstreams:\n  1:\n    servers: [127.0.0.1:80]\n  web:\n    sever: []\n  2: {}\n"
+    )
     assert reasons(path, error) == [
         "upstreams: keys must be strings, got 1",
         "upstreams.web.sever: unknown key (did you mean 'servers'?)",

@@ -19,18 +19,20 @@ def _nobody() -> pwd.struct_passwd:
         raise pytest.skip.Exception("this system has no user 'nobody'") from None
 
 
-def test_max_connections_defaults_to_ten_thousand_and_zero_means_no_limit(
-        tmp_path: Path) -> None:
+def test_max_connections_defaults_to_ten_thousand_and_zero_means_no_limit(tmp_path: Path) -> None:
     assert load(write(tmp_path, MINIMAL)).server.max_connections == 10000
     config = load(write(tmp_path, MINIMAL + "server:\n  max_connections: 0\n"))
     assert config.server.max_connections == 0
 
 
-@pytest.mark.parametrize(("value", "reason"), [
-    ("-1", "must be 0 or more"),
-    ("lots", "expected an integer, got 'lots'"),
-    ("1.5", "expected an integer, got 1.5"),
-])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("-1", "must be 0 or more"),
+        ("lots", "expected an integer, got 'lots'"),
+        ("1.5", "expected an integer, got 1.5"),
+    ],
+)
 def test_max_connections_refused(tmp_path: Path, value: str, reason: str) -> None:
     path, error = load_error(tmp_path, MINIMAL + f"server:\n  max_connections: {value}\n")
     assert reasons(path, error) == [f"server.max_connections: {reason}"]
@@ -51,16 +53,20 @@ def test_user_as_name_or_numeric_id(tmp_path: Path, user: str) -> None:
 
 
 def test_unknown_user_and_group_are_refused_with_file_key_and_reason(tmp_path: Path) -> None:
-    path, error = load_error(tmp_path, MINIMAL + "server:\n  user: no-such-user-tenaya\n"
-                             "  group: no-such-group-tenaya\n")
-    assert str(error) == (f"{path}: server.user: no such user 'no-such-user-tenaya'\n"
-                          f"{path}: server.group: no such group 'no-such-group-tenaya'")
+    path, error = load_error(
+        tmp_path, MINIMAL + "server:\n  user: no-such-user-tenaya\n  group: no-such-group-tenaya\n"
+    )
+    assert str(error) == (
+        f"{path}: server.user: no such user 'no-such-user-tenaya'\n"
+        f"{path}: server.group: no such group 'no-such-group-tenaya'"
+    )
 
 
 def test_group_needs_a_user(tmp_path: Path) -> None:
     path, error = load_error(tmp_path, MINIMAL + "server:\n  group: 0\n")
-    assert reasons(path, error) == ["server.group: needs server.user: a worker that stays "
-                                    "root could take any group back"]
+    assert reasons(path, error) == [
+        "server.group: needs server.user: a worker that stays root could take any group back"
+    ]
 
 
 def test_numeric_user_without_entry_needs_a_group(tmp_path: Path) -> None:
@@ -72,8 +78,10 @@ def test_numeric_user_without_entry_needs_a_group(tmp_path: Path) -> None:
             break
         uid += 1
     path, error = load_error(tmp_path, MINIMAL + f"server:\n  user: {uid}\n")
-    assert reasons(path, error) == [f"server.user: user id {uid} has no entry in the user "
-                                    "database, so its group is not known: set server.group"]
+    assert reasons(path, error) == [
+        f"server.user: user id {uid} has no entry in the user "
+        "database, so its group is not known: set server.group"
+    ]
     assert load(write(tmp_path, MINIMAL + f"server:\n  user: {uid}\n  group: {uid}\n"))
 
 

@@ -24,6 +24,7 @@ import pytest
 import shared
 from shared.app import PHASES, ProxyHttp
 
+
 def own_doc(cls: type) -> str:
     """The docstring written on ``cls`` itself ("" when there is none)."""
     doc = cls.__dict__.get("__doc__") or ""
@@ -41,16 +42,22 @@ def attribute_docs(cls: type) -> dict[str, str]:
         return {}
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef)).body
     docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:]):
+    for node, following in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             name = node.target.id
-        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
-              and isinstance(node.targets[0], ast.Name)):
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
             name = node.targets[0].id
         else:
             continue
-        if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
+        if (
+            isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             docs[name] = following.value.value.strip()
     return docs
 
@@ -174,12 +181,19 @@ def test_the_check_finds_what_has_no_docstring() -> None:
     attribute, a dataclass field."""
     here = __name__.partition(".")[0]
     assert sorted(missing_docs(_Undocumented, here)) == [
-        "_Undocumented", "_Undocumented.build", "_Undocumented.commented_slot",
-        "_Undocumented.inherited", "_Undocumented.method", "_Undocumented.plain",
-        "_Undocumented.prop", "_Undocumented.slot",
+        "_Undocumented",
+        "_Undocumented.build",
+        "_Undocumented.commented_slot",
+        "_Undocumented.inherited",
+        "_Undocumented.method",
+        "_Undocumented.plain",
+        "_Undocumented.prop",
+        "_Undocumented.slot",
     ]
     assert sorted(missing_docs(_UndocumentedData, here)) == [
-        "_UndocumentedData", "_UndocumentedData.field"]
+        "_UndocumentedData",
+        "_UndocumentedData.field",
+    ]
 
 
 def test_phases_are_methods_of_the_base_class() -> None:
@@ -199,7 +213,8 @@ def test_phase_docstring_is_a_contract(name: str) -> None:
     must_be_plain = "Must be a plain ``def``" in flat
     assert (may_be_async, must_be_plain) == (PHASES[name], not PHASES[name]), (
         f"{name}: PHASES says async is {'allowed' if PHASES[name] else 'refused'}; "
-        f"the docstring must say so")
+        f"the docstring must say so"
+    )
     assert "Default:" in flat, f"{name} does not say what its default does"
 
 

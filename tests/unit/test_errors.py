@@ -91,25 +91,49 @@ def test_str_names_source_kind_and_cause() -> None:
 def test_str_without_cause() -> None:
     """Without a cause, str() is the source and kind only."""
     assert str(downstream_error(ErrorKind.HEADERS_TOO_LARGE)) == (
-        "downstream error: request headers too large")
+        "downstream error: request headers too large"
+    )
 
 
-@pytest.mark.parametrize(("error", "text"), [
-    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="my bug"),
-     "internal error: my bug"),
-    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL), "internal error"),
-    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=ValueError("bad value")),
-     "internal error: bad value"),
-    (ProxyError(ErrorKind.NO_PEER, ErrorSource.INTERNAL, cause="no such tenant"),
-     "internal error: no upstream peer: no such tenant"),
-    (ProxyError(ErrorKind.INTERNAL, ErrorSource.UPSTREAM, cause="odd"),
-     "upstream error: internal error: odd"),
-    (upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s"),
-     "upstream error: read timeout: no response in 60s"),
-    (downstream_error(ErrorKind.DOWNSTREAM_CLOSED),
-     "downstream error: client closed the connection"),
-], ids=["internal", "internal_no_cause", "internal_exception", "internal_source_other_kind",
-        "internal_kind_other_source", "upstream", "downstream"])
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (
+            ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="my bug"),
+            "internal error: my bug",
+        ),
+        (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL), "internal error"),
+        (
+            ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=ValueError("bad value")),
+            "internal error: bad value",
+        ),
+        (
+            ProxyError(ErrorKind.NO_PEER, ErrorSource.INTERNAL, cause="no such tenant"),
+            "internal error: no upstream peer: no such tenant",
+        ),
+        (
+            ProxyError(ErrorKind.INTERNAL, ErrorSource.UPSTREAM, cause="odd"),
+            "upstream error: internal error: odd",
+        ),
+        (
+            upstream_error(ErrorKind.READ_TIMEOUT, "no response in 60s"),
+            "upstream error: read timeout: no response in 60s",
+        ),
+        (
+            downstream_error(ErrorKind.DOWNSTREAM_CLOSED),
+            "downstream error: client closed the connection",
+        ),
+    ],
+    ids=[
+        "internal",
+        "internal_no_cause",
+        "internal_exception",
+        "internal_source_other_kind",
+        "internal_kind_other_source",
+        "upstream",
+        "downstream",
+    ],
+)
 def test_str_says_internal_error_once(error: ProxyError, text: str) -> None:
     """An internal error reads ``internal error: <cause>``: the source's prefix and the kind's
     text are the same words, said once; other pairs keep both parts."""
@@ -137,10 +161,17 @@ def test_is_an_exception() -> None:
 # -- errors of a status the app chose (Pingora's ErrorType::HTTPStatus) ---------------------
 
 
-@pytest.mark.parametrize(("status", "text"), [
-    (401, "unauthorized"), (403, "forbidden"), (429, "too many requests"),
-    (503, "service unavailable"), (418, "i'm a teapot"), (599, "http status"),
-])
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (401, "unauthorized"),
+        (403, "forbidden"),
+        (429, "too many requests"),
+        (503, "service unavailable"),
+        (418, "i'm a teapot"),
+        (599, "http status"),
+    ],
+)
 def test_http_status_error(status: int, text: str) -> None:
     """http_status() makes an HTTP_STATUS error with that status; its text is the reason
     phrase (the kind's text for a status without one); it is never retried."""
@@ -153,11 +184,13 @@ def test_http_status_error(status: int, text: str) -> None:
 
 def test_http_status_error_source_and_context() -> None:
     """The source and a context may be given; str() has the context before the cause."""
-    error = ProxyError.http_status(429, "10 requests/s", source=ErrorSource.DOWNSTREAM,
-                                   context="rate limit of 203.0.113.9")
+    error = ProxyError.http_status(
+        429, "10 requests/s", source=ErrorSource.DOWNSTREAM, context="rate limit of 203.0.113.9"
+    )
     assert error.source is ErrorSource.DOWNSTREAM
-    assert str(error) == ("downstream error: 429 too many requests: rate limit of 203.0.113.9: "
-                          "10 requests/s")
+    assert str(error) == (
+        "downstream error: 429 too many requests: rate limit of 203.0.113.9: 10 requests/s"
+    )
 
 
 def test_status_overrides_the_kind() -> None:
@@ -192,17 +225,34 @@ def test_status_must_be_a_status_code(status: object) -> None:
 # -- context, kept apart from cause (Pingora's context and cause) --------------------------
 
 
-@pytest.mark.parametrize(("error", "text"), [
-    (upstream_error(ErrorKind.CONNECT_REFUSED, ConnectionRefusedError(111, "Connection refused"),
-                    context="connecting to 10.0.0.1:80"),
-     "upstream error: connect refused: connecting to 10.0.0.1:80: [Errno 111] Connection "
-     "refused"),
-    (downstream_error(ErrorKind.BAD_REQUEST, context="reading the chunked body"),
-     "downstream error: bad request: reading the chunked body"),
-    (ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause="my bug",
-                context="in request_filter"),
-     "internal error: in request_filter: my bug"),
-], ids=["upstream", "no_cause", "internal"])
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (
+            upstream_error(
+                ErrorKind.CONNECT_REFUSED,
+                ConnectionRefusedError(111, "Connection refused"),
+                context="connecting to 10.0.0.1:80",
+            ),
+            "upstream error: connect refused: connecting to 10.0.0.1:80: [Errno 111] Connection "
+            "refused",
+        ),
+        (
+            downstream_error(ErrorKind.BAD_REQUEST, context="reading the chunked body"),
+            "downstream error: bad request: reading the chunked body",
+        ),
+        (
+            ProxyError(
+                ErrorKind.INTERNAL,
+                ErrorSource.INTERNAL,
+                cause="my bug",
+                context="in request_filter",
+            ),
+            "internal error: in request_filter: my bug",
+        ),
+    ],
+    ids=["upstream", "no_cause", "internal"],
+)
 def test_str_has_the_context_before_the_cause(error: ProxyError, text: str) -> None:
     """A context says where or what, between the kind and the cause."""
     assert str(error) == text

@@ -49,7 +49,7 @@ def test_corpus_byte_at_a_time(name: str, warm: int) -> None:
     """Every corpus request, whole and a byte per read, with the pool empty and warm."""
     data = load_request(CORPUS_DIR / f"{name}.http")
     check(run_connection([data], warm=warm, strict=True))
-    check(run_connection([data[i:i + 1] for i in range(len(data))], warm=warm))
+    check(run_connection([data[i : i + 1] for i in range(len(data))], warm=warm))
 
 
 @fuzz_settings(800)
@@ -65,8 +65,12 @@ def test_mutated_corpus(data: st.DataObject, warm: int, timeout: bool) -> None:
 @given(data=st.data(), warm=st.integers(0, 2))
 def test_pipelines(data: st.DataObject, warm: int) -> None:
     """One to four requests, built or from the corpus, maybe mutated, sent back to back."""
-    parts = data.draw(st.lists(st.one_of(h1_requests(), mutated(SEEDS, H1_TOKENS, most=2)),
-                               min_size=1, max_size=4), label="requests")
+    parts = data.draw(
+        st.lists(
+            st.one_of(h1_requests(), mutated(SEEDS, H1_TOKENS, most=2)), min_size=1, max_size=4
+        ),
+        label="requests",
+    )
     chunks = data.draw(reads(b"".join(parts)), label="reads")
     verdict(run_connection(chunks, warm=warm, strict=len(chunks) == 1))
 

@@ -77,15 +77,22 @@ from worker.h2.codec import (
 from worker.h2.hpack import DecodeError, Decoder, Fields, ListTooLarge
 
 AUTHORITY = b"fuzz.test"
-GET: Fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-               (b":authority", AUTHORITY)]
+GET: Fields = [
+    (b":method", b"GET"),
+    (b":scheme", b"http"),
+    (b":path", b"/"),
+    (b":authority", AUTHORITY),
+]
 #: Inputs that showed a bug in the HTTP/2 server (fixed since), kept as regression cases.
 FOUND: dict[str, bytes] = {
     # A PRIORITY frame of a bad length on an idle stream got RST_STREAM (which may not name
     # an idle stream, RFC 9113 6.4); the client then opened that stream and was served on it.
-    "priority-on-idle-stream": (PREFACE + frame(SETTINGS, 0, 0) + frame(PRIORITY, 0, 1, bytes(4))
-                                + frame(HEADERS, END_STREAM | END_HEADERS, 1,
-                                        Encoder().encode(GET))),
+    "priority-on-idle-stream": (
+        PREFACE
+        + frame(SETTINGS, 0, 0)
+        + frame(PRIORITY, 0, 1, bytes(4))
+        + frame(HEADERS, END_STREAM | END_HEADERS, 1, Encoder().encode(GET))
+    ),
 }
 
 
@@ -94,7 +101,7 @@ def test_found(name: str) -> None:
     """Inputs that once showed a bug, whole and a byte per read."""
     data = FOUND[name]
     check_h2(run_connection([data], h2=True), tolerate=())
-    check_h2(run_connection([data[i:i + 1] for i in range(len(data))], h2=True), tolerate=())
+    check_h2(run_connection([data[i : i + 1] for i in range(len(data))], h2=True), tolerate=())
 
 
 @fuzz_settings(600)
@@ -106,11 +113,17 @@ def test_mutated_conversations(data: st.DataObject, warm: int) -> None:
     verdict(run_connection(chunks, warm=warm, h2=True, strict=len(chunks) == 1))
 
 
-_NAMES = st.sampled_from([b":method", b":path", b"cookie", b"accept", b"authorization",
-                          b"content-length"]) | st.binary(min_size=1, max_size=10)
-_HPACK_BLOCKS = st.lists(st.tuples(
-    st.lists(st.tuples(_NAMES, st.binary(max_size=40), st.booleans()), max_size=8),
-    st.booleans(), st.none() | st.integers(0, 4096)), max_size=8)
+_NAMES = st.sampled_from(
+    [b":method", b":path", b"cookie", b"accept", b"authorization", b"content-length"]
+) | st.binary(min_size=1, max_size=10)
+_HPACK_BLOCKS = st.lists(
+    st.tuples(
+        st.lists(st.tuples(_NAMES, st.binary(max_size=40), st.booleans()), max_size=8),
+        st.booleans(),
+        st.none() | st.integers(0, 4096),
+    ),
+    max_size=8,
+)
 
 
 @fuzz_settings(300)
@@ -124,8 +137,7 @@ def test_hpack_decoder_agrees_with_hpack(blocks: list[tuple[Any, bool, int | Non
         if size is not None:
             enc.header_table_size = size
         block = enc.encode(fields, huffman=huffman)
-        assert ours.decode(block) == [(bytes(n), bytes(v)) for n, v in
-                                      ref.decode(block, raw=True)]
+        assert ours.decode(block) == [(bytes(n), bytes(v)) for n, v in ref.decode(block, raw=True)]
 
 
 @fuzz_settings(500)
@@ -145,8 +157,11 @@ def _checked(conv: Conversation) -> H2Output:
 
 
 def _upstream_by_marker(requests: list[UpstreamRequest], marker: bytes) -> list[UpstreamRequest]:
-    return [r for r in requests
-            if r.header(b"x-fuzz") == marker or r.target.startswith(b"/m" + marker + b"/")]
+    return [
+        r
+        for r in requests
+        if r.header(b"x-fuzz") == marker or r.target.startswith(b"/m" + marker + b"/")
+    ]
 
 
 # -- a well-behaved client ------------------------------------------------------------------
@@ -233,18 +248,40 @@ class WellBehavedClient(RuleBasedStateMachine):
         return True
 
     @precondition(lambda self: not self.done)
-    @rule(method=st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"OPTIONS", b"DELETE"]),
-          extra=st.lists(st.sampled_from([
-              (b"accept", b"*/*"), (b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"te", b"trailers"),
-              (b"x-forwarded-for", b"203.0.113.5"), (b"user-agent", b"fuzz"),
-              (b"host", AUTHORITY), (b"x-long", b"v" * 3000)]), max_size=4, unique=True),
-          body=st.none() | st.binary(max_size=300), length=st.booleans(), end=st.booleans())
-    def request(self, method: bytes, extra: Fields, body: bytes | None, length: bool,
-                end: bool) -> None:
+    @rule(
+        method=st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"OPTIONS", b"DELETE"]),
+        extra=st.lists(
+            st.sampled_from(
+                [
+                    (b"accept", b"*/*"),
+                    (b"cookie", b"a=1"),
+                    (b"cookie", b"b=2"),
+                    (b"te", b"trailers"),
+                    (b"x-forwarded-for", b"203.0.113.5"),
+                    (b"user-agent", b"fuzz"),
+                    (b"host", AUTHORITY),
+                    (b"x-long", b"v" * 3000),
+                ]
+            ),
+            max_size=4,
+            unique=True,
+        ),
+        body=st.none() | st.binary(max_size=300),
+        length=st.booleans(),
+        end=st.booleans(),
+    )
+    def request(
+        self, method: bytes, extra: Fields, body: bytes | None, length: bool, end: bool
+    ) -> None:
         """Opens a stream: a request, maybe with a body (declared or not), maybe ended."""
         sid = self.client.get_next_available_stream_id()
-        fields = [(b":method", method), (b":scheme", b"http"), (b":path", b"/s%d/" % sid),
-                  (b":authority", AUTHORITY), *extra]
+        fields = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":path", b"/s%d/" % sid),
+            (b":authority", AUTHORITY),
+            *extra,
+        ]
         if body is not None and length:
             fields.append((b"content-length", b"%d" % len(body)))
         no_body = body is None
@@ -261,9 +298,8 @@ class WellBehavedClient(RuleBasedStateMachine):
             self._send_data(sid, body, end)
 
     def _send_data(self, sid: int, data: bytes, end: bool) -> None:
-        room = min(self.client.local_flow_control_window(sid),
-                   self.client.max_outbound_frame_size)
-        data = data[:max(room, 0)]
+        room = min(self.client.local_flow_control_window(sid), self.client.max_outbound_frame_size)
+        data = data[: max(room, 0)]
         if self._try(lambda: self.client.send_data(sid, data, end_stream=end)):
             self.sent[sid][1].extend(data)
             if end:
@@ -295,9 +331,11 @@ class WellBehavedClient(RuleBasedStateMachine):
     # The client's own receive windows stay within 2**31 - 1 (h2 refuses anything else), so
     # its initial window and increments stay far below.
     @precondition(lambda self: not self.done and not self.unacked_settings)
-    @rule(window=st.none() | st.sampled_from([0, 1, 1000, 65_535, 1 << 20, 1 << 24]),
-          frame_size=st.none() | st.sampled_from([16_384, 65_536, (1 << 24) - 1]),
-          table=st.none() | st.sampled_from([0, 100, 4096, 65_536]))
+    @rule(
+        window=st.none() | st.sampled_from([0, 1, 1000, 65_535, 1 << 20, 1 << 24]),
+        frame_size=st.none() | st.sampled_from([16_384, 65_536, (1 << 24) - 1]),
+        table=st.none() | st.sampled_from([0, 100, 4096, 65_536]),
+    )
     def settings(self, window: int | None, frame_size: int | None, table: int | None) -> None:
         """New settings: the initial window (0 stalls every response body), the largest frame
         the client takes, its HPACK table size."""
@@ -371,7 +409,8 @@ class WellBehavedClient(RuleBasedStateMachine):
             length = want.get(b"content-length")
             if r.complete and sid not in self.reset and sid not in out.resets:
                 assert len(r.body) == int(length) if length else r.body == bytes(body), (
-                    f"stream {sid}: upstream got {r.body!r} of {bytes(body)!r}")
+                    f"stream {sid}: upstream got {r.body!r} of {bytes(body)!r}"
+                )
 
 
 TestWellBehavedClient = WellBehavedClient.TestCase
@@ -382,8 +421,14 @@ TestWellBehavedClient.settings = fuzz_settings(150, stateful_step_count=30)
 
 
 def _valid_request(marker: bytes, method: bytes) -> Fields:
-    return [(b":method", method), (b":scheme", b"https"), (b":path", b"/m" + marker + b"/"),
-            (b":authority", AUTHORITY), (b"x-fuzz", marker), (b"accept", b"*/*")]
+    return [
+        (b":method", method),
+        (b":scheme", b"https"),
+        (b":path", b"/m" + marker + b"/"),
+        (b":authority", AUTHORITY),
+        (b"x-fuzz", marker),
+        (b"accept", b"*/*"),
+    ]
 
 
 def _set(fields: Fields, name: bytes, value: bytes) -> Fields:
@@ -429,8 +474,7 @@ MALFORMED: dict[str, Callable[[Fields], Fields]] = {
     "content-length not a number": lambda f: [*f, (b"content-length", b"abc")],
     "negative content-length": lambda f: [*f, (b"content-length", b"-1")],
     "content-length list": lambda f: [*f, (b"content-length", b"1,1")],
-    "content-lengths differ": lambda f: [*f, (b"content-length", b"3"),
-                                         (b"content-length", b"4")],
+    "content-lengths differ": lambda f: [*f, (b"content-length", b"3"), (b"content-length", b"4")],
     "empty name": lambda f: [*f, (b"", b"x")],
     "space in a name": lambda f: [*f, (b"x y", b"1")],
     "colon in a name": lambda f: [*f, (b"x:y", b"1")],
@@ -463,9 +507,11 @@ class HandMadeFrames(RuleBasedStateMachine):
         self.blocks: dict[bytes, Fields] = {}
         self.broken = False
 
-    @initialize(warm=st.integers(0, 2),
-                start=st.sampled_from(["settings"] * 5 + ["empty", "empty", "bytes"]),
-                junk=st.binary(max_size=12))
+    @initialize(
+        warm=st.integers(0, 2),
+        start=st.sampled_from(["settings"] * 5 + ["empty", "empty", "bytes"]),
+        junk=st.binary(max_size=12),
+    )
     def start(self, warm: int, start: str, junk: bytes) -> None:
         self.conv = Conversation(warm=warm, h2=True)
         if start == "settings":
@@ -473,12 +519,11 @@ class HandMadeFrames(RuleBasedStateMachine):
         elif start == "empty":
             self.pending += PREFACE + frame(SETTINGS, 0, 0)
         else:
-            self.pending += PREFACE[:len(junk)] + junk
+            self.pending += PREFACE[: len(junk)] + junk
 
     def _sid(self, data: st.DataObject, how: str, fault: bool = False) -> int:
         if fault:
-            return data.draw(st.sampled_from([0, 2, self.next_sid + 2, 0x7FFFFFFF]),
-                             label="stream")
+            return data.draw(st.sampled_from([0, 2, self.next_sid + 2, 0x7FFFFFFF]), label="stream")
         if how == "new" or not self.opened:
             sid = self.next_sid
             self.next_sid += 2
@@ -490,23 +535,46 @@ class HandMadeFrames(RuleBasedStateMachine):
         if now:
             self.flush(cuts)
 
-    @rule(data=st.data(), how=st.sampled_from(("new", "new", "open")), fault=FAULT,
-          broken=st.none() | st.sampled_from(sorted(MALFORMED)),
-          method=st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS"]),
-          length=st.none() | st.integers(0, 20), end=st.booleans(), huffman=st.booleans(),
-          pieces=st.integers(1, 3), pad=st.none() | st.integers(0, 8),
-          priority=st.none() | st.integers(0, 9), now=st.booleans(), cuts=CUTS)
-    def headers(self, data: st.DataObject, how: str, fault: int, broken: str | None,
-                method: bytes, length: int | None, end: bool, huffman: bool, pieces: int,
-                pad: int | None, priority: int | None, now: bool, cuts: list[int]) -> None:
+    @rule(
+        data=st.data(),
+        how=st.sampled_from(("new", "new", "open")),
+        fault=FAULT,
+        broken=st.none() | st.sampled_from(sorted(MALFORMED)),
+        method=st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS"]),
+        length=st.none() | st.integers(0, 20),
+        end=st.booleans(),
+        huffman=st.booleans(),
+        pieces=st.integers(1, 3),
+        pad=st.none() | st.integers(0, 8),
+        priority=st.none() | st.integers(0, 9),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def headers(
+        self,
+        data: st.DataObject,
+        how: str,
+        fault: int,
+        broken: str | None,
+        method: bytes,
+        length: int | None,
+        end: bool,
+        huffman: bool,
+        pieces: int,
+        pad: int | None,
+        priority: int | None,
+        now: bool,
+        cuts: list[int],
+    ) -> None:
         """A request's header block (valid, or malformed one way) in HEADERS and
         CONTINUATION frames, maybe padded, maybe with a priority (on itself: a stream error);
         with a fault, on a stream no request may use or left unfinished."""
         if how == "open" and self.opened and not fault:
             # Trailers: the end of a body (malformed if broken, or the stream is over).
             sid = self._sid(data, "open")
-            block = self.encoder.encode([(b"x-trailer", b"1")] if broken is None else
-                                        [(b":path", b"/t")], huffman=huffman)
+            block = self.encoder.encode(
+                [(b"x-trailer", b"1")] if broken is None else [(b":path", b"/t")], huffman=huffman
+            )
             self._write(frame(HEADERS, END_HEADERS | END_STREAM, sid, block), now, cuts)
             return
         sid = self._sid(data, "new", fault == 0)
@@ -525,7 +593,7 @@ class HandMadeFrames(RuleBasedStateMachine):
         self.blocks[marker] = fields
         block = self.encoder.encode(fields, huffman=huffman)
         size = max(1, -(-len(block) // pieces))
-        parts = [block[i:i + size] for i in range(0, len(block), size)] or [b""]
+        parts = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
         first = parts[0]
         flags = END_STREAM if end else 0
         if priority is not None:
@@ -545,10 +613,25 @@ class HandMadeFrames(RuleBasedStateMachine):
             self.opened.append(sid)
         self._write(out, now, cuts)
 
-    @rule(data=st.data(), fault=FAULT, payload=st.binary(max_size=64), end=st.booleans(),
-          pad=st.none() | st.integers(0, 8), now=st.booleans(), cuts=CUTS)
-    def body(self, data: st.DataObject, fault: int, payload: bytes, end: bool,
-             pad: int | None, now: bool, cuts: list[int]) -> None:
+    @rule(
+        data=st.data(),
+        fault=FAULT,
+        payload=st.binary(max_size=64),
+        end=st.booleans(),
+        pad=st.none() | st.integers(0, 8),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def body(
+        self,
+        data: st.DataObject,
+        fault: int,
+        payload: bytes,
+        end: bool,
+        pad: int | None,
+        now: bool,
+        cuts: list[int],
+    ) -> None:
         """DATA on a stream that was opened, maybe padded; with a fault, on a stream not
         opened, or with padding longer than the frame."""
         if not self.opened and fault:
@@ -561,20 +644,38 @@ class HandMadeFrames(RuleBasedStateMachine):
             flags |= PADDED
         self._write(frame(DATA, flags, sid, payload), now, cuts)
 
-    @rule(fault=FAULT, window=st.none() | st.sampled_from([0, 1, 100, 65_535, 1 << 20,
-                                                            (1 << 31) - 1]),
-          frame_size=st.none() | st.sampled_from([16_384, 1 << 20, (1 << 24) - 1]),
-          table=st.none() | st.sampled_from([0, 100, 4096]),
-          other=st.lists(st.tuples(st.sampled_from([0x2, 0x3, 0x6, 0x8, 0x9, 0xFF]),
-                                   st.sampled_from([0, 1, 100, 1 << 16])), max_size=2),
-          ack=st.booleans(), now=st.booleans(), cuts=CUTS)
-    def settings(self, fault: int, window: int | None, frame_size: int | None,
-                 table: int | None, other: list[tuple[int, int]], ack: bool, now: bool,
-                 cuts: list[int]) -> None:
+    @rule(
+        fault=FAULT,
+        window=st.none() | st.sampled_from([0, 1, 100, 65_535, 1 << 20, (1 << 31) - 1]),
+        frame_size=st.none() | st.sampled_from([16_384, 1 << 20, (1 << 24) - 1]),
+        table=st.none() | st.sampled_from([0, 100, 4096]),
+        other=st.lists(
+            st.tuples(
+                st.sampled_from([0x2, 0x3, 0x6, 0x8, 0x9, 0xFF]),
+                st.sampled_from([0, 1, 100, 1 << 16]),
+            ),
+            max_size=2,
+        ),
+        ack=st.booleans(),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def settings(
+        self,
+        fault: int,
+        window: int | None,
+        frame_size: int | None,
+        table: int | None,
+        other: list[tuple[int, int]],
+        ack: bool,
+        now: bool,
+        cuts: list[int],
+    ) -> None:
         """SETTINGS (any known setting with a valid value, unknown ones), or its ACK; with a
         fault, a value out of range or a length not a multiple of 6."""
-        pairs = [(k, v) for k, v in ((0x4, window), (0x5, frame_size), (0x1, table))
-                 if v is not None] + [(k, v) for k, v in other if k != 0x2 or v < 2]
+        pairs = [
+            (k, v) for k, v in ((0x4, window), (0x5, frame_size), (0x1, table)) if v is not None
+        ] + [(k, v) for k, v in other if k != 0x2 or v < 2]
         if fault == 0:
             pairs.append(((0x4, 1 << 31), (0x5, 100), (0x2, 2))[len(pairs) % 3])
         payload = b"".join(struct.pack(">HL", k, v) for k, v in pairs)
@@ -585,10 +686,23 @@ class HandMadeFrames(RuleBasedStateMachine):
         else:
             self._write(frame(SETTINGS, 0, 0, payload), now, cuts)
 
-    @rule(data=st.data(), fault=FAULT, connection=st.booleans(),
-          increment=st.sampled_from([1, 100, 65_535, 1 << 20]), now=st.booleans(), cuts=CUTS)
-    def window_update(self, data: st.DataObject, fault: int, connection: bool,
-                      increment: int, now: bool, cuts: list[int]) -> None:
+    @rule(
+        data=st.data(),
+        fault=FAULT,
+        connection=st.booleans(),
+        increment=st.sampled_from([1, 100, 65_535, 1 << 20]),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def window_update(
+        self,
+        data: st.DataObject,
+        fault: int,
+        connection: bool,
+        increment: int,
+        now: bool,
+        cuts: list[int],
+    ) -> None:
         """WINDOW_UPDATE on the connection or an opened stream; with a fault, of 0, so large
         the window passes 2**31 - 1, or of a bad length."""
         sid = 0 if connection or not self.opened else self._sid(data, "open")
@@ -598,17 +712,23 @@ class HandMadeFrames(RuleBasedStateMachine):
         self._write(frame(WINDOW_UPDATE, 0, sid, payload), now, cuts)
 
     @rule(data=st.data(), fault=FAULT, code=st.integers(0, 14), now=st.booleans(), cuts=CUTS)
-    def rst_stream(self, data: st.DataObject, fault: int, code: int, now: bool,
-                   cuts: list[int]) -> None:
+    def rst_stream(
+        self, data: st.DataObject, fault: int, code: int, now: bool, cuts: list[int]
+    ) -> None:
         """RST_STREAM on an opened stream; with a fault, on another, or of a bad length."""
         if not self.opened and fault:
             return
         sid = self._sid(data, "open", fault == 0)
-        payload = struct.pack(">L", code)[:3 if fault == 1 else 4]
+        payload = struct.pack(">L", code)[: 3 if fault == 1 else 4]
         self._write(frame(RST_STREAM, 0, sid, payload), now, cuts)
 
-    @rule(fault=FAULT, opaque=st.binary(min_size=8, max_size=8), ack=st.booleans(),
-          now=st.booleans(), cuts=CUTS)
+    @rule(
+        fault=FAULT,
+        opaque=st.binary(min_size=8, max_size=8),
+        ack=st.booleans(),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
     def ping(self, fault: int, opaque: bytes, ack: bool, now: bool, cuts: list[int]) -> None:
         """PING, maybe an ACK; with a fault, on a stream or of a bad length."""
         payload = opaque[:7] if fault == 1 else opaque
@@ -619,31 +739,53 @@ class HandMadeFrames(RuleBasedStateMachine):
         """GOAWAY (the server finishes the open streams, then closes); with a fault, too
         short or on a stream."""
         payload = struct.pack(">LL", self.next_sid - 2 if self.next_sid > 1 else 0, code)
-        self._write(frame(GOAWAY, 0, 1 if fault == 0 else 0, payload[:7 if fault == 1 else 8]),
-                    now, cuts)
+        self._write(
+            frame(GOAWAY, 0, 1 if fault == 0 else 0, payload[: 7 if fault == 1 else 8]), now, cuts
+        )
 
-    @rule(data=st.data(), fault=FAULT, how=st.sampled_from(("open", "new")),
-          dep=st.integers(0, 9), now=st.booleans(), cuts=CUTS)
-    def priority(self, data: st.DataObject, fault: int, how: str, dep: int, now: bool,
-                 cuts: list[int]) -> None:
+    @rule(
+        data=st.data(),
+        fault=FAULT,
+        how=st.sampled_from(("open", "new")),
+        dep=st.integers(0, 9),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def priority(
+        self, data: st.DataObject, fault: int, how: str, dep: int, now: bool, cuts: list[int]
+    ) -> None:
         """PRIORITY (ignored; on a new stream, it stays idle); with a fault, on itself, on
         the connection or of a bad length (stream errors, but on 0)."""
         sid = 0 if fault == 0 else self.next_sid if how == "new" else self._sid(data, how)
         payload = struct.pack(">LB", sid if fault == 1 else dep, 1)
-        self._write(frame(PRIORITY, 0, sid, payload[:4 if fault == 2 else 5]), now, cuts)
+        self._write(frame(PRIORITY, 0, sid, payload[: 4 if fault == 2 else 5]), now, cuts)
 
-    @rule(fault=FAULT, ftype=st.sampled_from([0xA, 0xB, 0xFF]), flags=st.integers(0, 255),
-          sid=st.integers(0, 9), payload=st.binary(max_size=16), now=st.booleans(), cuts=CUTS)
-    def odd_frame(self, fault: int, ftype: int, flags: int, sid: int, payload: bytes,
-                  now: bool, cuts: list[int]) -> None:
+    @rule(
+        fault=FAULT,
+        ftype=st.sampled_from([0xA, 0xB, 0xFF]),
+        flags=st.integers(0, 255),
+        sid=st.integers(0, 9),
+        payload=st.binary(max_size=16),
+        now=st.booleans(),
+        cuts=CUTS,
+    )
+    def odd_frame(
+        self,
+        fault: int,
+        ftype: int,
+        flags: int,
+        sid: int,
+        payload: bytes,
+        now: bool,
+        cuts: list[int],
+    ) -> None:
         """A frame of an unknown type (ignored); with a fault, one a server never takes:
         PUSH_PROMISE, a stray CONTINUATION."""
         if fault < 2:
             ftype = (PUSH_PROMISE, CONTINUATION)[fault]
         self._write(frame(ftype, flags, sid, payload), now, cuts)
 
-    @rule(fault=FAULT, junk=st.binary(min_size=1, max_size=24), now=st.booleans(),
-          cuts=CUTS)
+    @rule(fault=FAULT, junk=st.binary(min_size=1, max_size=24), now=st.booleans(), cuts=CUTS)
     def junk(self, fault: int, junk: bytes, now: bool, cuts: list[int]) -> None:
         """With a fault, bytes that are no frame (or the start of one); else an unknown
         frame that carries them."""

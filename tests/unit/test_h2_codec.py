@@ -63,10 +63,18 @@ from worker.h2.codec import (
 from worker.h2.fields import check_request, header_list_size
 from worker.h2.hpack import Fields
 
-REQUEST: Fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
-                   (b":authority", b"example.com")]
-POST: Fields = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/upload"),
-                (b":authority", b"example.com")]
+REQUEST: Fields = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":path", b"/"),
+    (b":authority", b"example.com"),
+]
+POST: Fields = [
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":path", b"/upload"),
+    (b":authority", b"example.com"),
+]
 OK: Fields = [(b":status", b"200"), (b"content-type", b"text/plain")]
 MAX_WINDOW = (1 << 31) - 1
 
@@ -77,8 +85,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def on_request(self, stream_id: int, fields: Fields, end_stream: bool,
-                   too_large: bool) -> None:
+    def on_request(self, stream_id: int, fields: Fields, end_stream: bool, too_large: bool) -> None:
         self.calls.append(("request", stream_id, fields, end_stream, too_large))
 
     def on_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
@@ -103,8 +110,9 @@ class Recorder:
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     """Any frame, valid or not."""
-    return (len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big")
-            + payload)
+    return (
+        len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big") + payload
+    )
 
 
 def headers(sid: int, block: bytes, end_stream: bool = True) -> bytes:
@@ -117,9 +125,9 @@ def parse(data: bytes) -> list[Frame]:
     view = memoryview(data)
     while view:
         f, length = Frame.parse_frame_header(view[:9])
-        f.parse_body(view[9:9 + length])
+        f.parse_body(view[9 : 9 + length])
         frames.append(f)
-        view = view[9 + length:]
+        view = view[9 + length :]
     return frames
 
 
@@ -170,8 +178,12 @@ class Pair:
         """What the codec wrote, into the client; the client's events."""
         return self.client.receive_data(self.codec.data_to_send())
 
-    def get(self, sid: int, extra: tuple[tuple[bytes, bytes], ...] | Fields = (),
-            end_stream: bool = True) -> None:
+    def get(
+        self,
+        sid: int,
+        extra: tuple[tuple[bytes, bytes], ...] | Fields = (),
+        end_stream: bool = True,
+    ) -> None:
         """A request from the client, taken by the codec."""
         self.client.send_headers(sid, REQUEST + list(extra), end_stream=end_stream)
         assert self.send()
@@ -192,8 +204,10 @@ def test_handshake() -> None:
     codec.initiate_connection()
     ours = parse(codec.data_to_send())
     assert len(ours) == 1 and isinstance(ours[0], SettingsFrame)
-    assert ours[0].settings == {SettingCodes.MAX_CONCURRENT_STREAMS: 7,
-                                SettingCodes.MAX_HEADER_LIST_SIZE: 9000}
+    assert ours[0].settings == {
+        SettingCodes.MAX_CONCURRENT_STREAMS: 7,
+        SettingCodes.MAX_HEADER_LIST_SIZE: 9000,
+    }
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()
     assert codec.receive_data(client.data_to_send())
@@ -211,41 +225,50 @@ def test_preface_in_pieces() -> None:
     codec = H2Codec(handler, 10, 1000)
     data = PREFACE + frame(SETTINGS, 0, 0)
     for i in range(0, len(data), 5):
-        assert codec.receive_data(data[i:i + 5])
+        assert codec.receive_data(data[i : i + 5])
     assert [f.flags for f in parse(codec.data_to_send())] == [{"ACK"}]
 
 
-@pytest.mark.parametrize("data", [
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + frame(SETTINGS, 0, 0),
-    b"PRI * HTTP/1.1",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + frame(SETTINGS, 0, 0),
+        b"PRI * HTTP/1.1",
+    ],
+)
 def test_no_preface(data: bytes) -> None:
     """Anything but the preface is a PROTOCOL_ERROR, as soon as a byte differs."""
     codec = H2Codec(Recorder(), 10, 1000)
     assert connection_error(codec, data) == ErrorCodes.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("first", [
-    frame(PING, 0, 0, b"12345678"),
-    frame(SETTINGS, 1, 0),  # an ACK is not the client's SETTINGS
-    frame(WINDOW_UPDATE, 0, 0, b"\x00\x00\x01\x00"),
-])
+@pytest.mark.parametrize(
+    "first",
+    [
+        frame(PING, 0, 0, b"12345678"),
+        frame(SETTINGS, 1, 0),  # an ACK is not the client's SETTINGS
+        frame(WINDOW_UPDATE, 0, 0, b"\x00\x00\x01\x00"),
+    ],
+)
 def test_first_frame_must_be_settings(first: bytes) -> None:
     """RFC 9113 3.4: the preface "MUST be followed by a SETTINGS frame"."""
     codec = H2Codec(Recorder(), 10, 1000)
     assert connection_error(codec, PREFACE + first) == ErrorCodes.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize(("bad", "code"), [
-    (frame(SETTINGS, 0, 1), ErrorCodes.PROTOCOL_ERROR),
-    (frame(SETTINGS, 0, 0, b"\x00\x04\x00\x00"), ErrorCodes.FRAME_SIZE_ERROR),
-    (frame(SETTINGS, 1, 0, b"\x00\x04\x00\x00\x00\x01"), ErrorCodes.FRAME_SIZE_ERROR),
-    (frame(SETTINGS, 0, 0, b"\x00\x05\x00\x00\x3f\xff"), ErrorCodes.PROTOCOL_ERROR),
-    (frame(SETTINGS, 0, 0, b"\x00\x05\x01\x00\x00\x00"), ErrorCodes.PROTOCOL_ERROR),
-    (frame(SETTINGS, 0, 0, b"\x00\x02\x00\x00\x00\x02"), ErrorCodes.PROTOCOL_ERROR),
-    (frame(SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"), ErrorCodes.FLOW_CONTROL_ERROR),
-])
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(SETTINGS, 0, 1), ErrorCodes.PROTOCOL_ERROR),
+        (frame(SETTINGS, 0, 0, b"\x00\x04\x00\x00"), ErrorCodes.FRAME_SIZE_ERROR),
+        (frame(SETTINGS, 1, 0, b"\x00\x04\x00\x00\x00\x01"), ErrorCodes.FRAME_SIZE_ERROR),
+        (frame(SETTINGS, 0, 0, b"\x00\x05\x00\x00\x3f\xff"), ErrorCodes.PROTOCOL_ERROR),
+        (frame(SETTINGS, 0, 0, b"\x00\x05\x01\x00\x00\x00"), ErrorCodes.PROTOCOL_ERROR),
+        (frame(SETTINGS, 0, 0, b"\x00\x02\x00\x00\x00\x02"), ErrorCodes.PROTOCOL_ERROR),
+        (frame(SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"), ErrorCodes.FLOW_CONTROL_ERROR),
+    ],
+)
 def test_bad_settings(bad: bytes, code: int) -> None:
     """SETTINGS on a stream, of a bad length, or with a value out of range end the
     connection with the error RFC 9113 6.5 names."""
@@ -256,8 +279,9 @@ def test_bad_settings(bad: bytes, code: int) -> None:
 def test_settings_unknown_and_frame_size() -> None:
     """Unknown settings are ignored; a larger MAX_FRAME_SIZE is used for what we send."""
     codec, _ = raw_codec()
-    assert codec.receive_data(frame(SETTINGS, 0, 0, b"\x00\x99\x00\x00\x00\x01"
-                                    b"\x00\x05\x00\x00\x80\x00"))
+    assert codec.receive_data(
+        frame(SETTINGS, 0, 0, b"\x00\x99\x00\x00\x00\x01\x00\x05\x00\x00\x80\x00")
+    )
     assert [f.flags for f in parse(codec.data_to_send())] == [{"ACK"}]
     assert codec.max_outbound_frame_size == 0x8000
 
@@ -271,8 +295,8 @@ def test_get_and_response() -> None:
     p = Pair()
     p.get(1, [(b"accept", b"*/*"), (b"user-agent", b"test/1.0")])
     assert p.handler.take() == [
-        ("request", 1, REQUEST + [(b"accept", b"*/*"), (b"user-agent", b"test/1.0")], True,
-         False)]
+        ("request", 1, REQUEST + [(b"accept", b"*/*"), (b"user-agent", b"test/1.0")], True, False)
+    ]
     assert p.codec.highest_inbound_stream_id == 1
     p.codec.send_headers(1, OK + [(b"content-length", b"5")])
     p.codec.send_data(1, b"hello", end_stream=True)
@@ -329,8 +353,7 @@ def test_hand_padded_data() -> None:
     assert codec.receive_data(frame(DATA, PADDED, 1, b"\x05abcde"))
     assert codec.receive_data(frame(DATA, PADDED, 1, b"\x00"))
     assert handler.take()[1:] == [("data", 1, b"", 6, False), ("data", 1, b"", 1, False)]
-    assert connection_error(codec, frame(DATA, PADDED, 1, b"\x05abcd")) == \
-        ErrorCodes.PROTOCOL_ERROR
+    assert connection_error(codec, frame(DATA, PADDED, 1, b"\x05abcd")) == ErrorCodes.PROTOCOL_ERROR
 
 
 def test_body_ended_by_trailers() -> None:
@@ -338,8 +361,7 @@ def test_body_ended_by_trailers() -> None:
     p = Pair()
     p.client.send_headers(1, POST)
     p.client.send_data(1, b"part")
-    p.client.send_headers(1, [(b"grpc-status", b"0"), (b"x-checksum", b"abc")],
-                          end_stream=True)
+    p.client.send_headers(1, [(b"grpc-status", b"0"), (b"x-checksum", b"abc")], end_stream=True)
     assert p.send()
     assert p.handler.take()[1:] == [("data", 1, b"part", 4, False), ("data", 1, b"", 0, True)]
     p.codec.send_headers(1, OK)
@@ -352,13 +374,16 @@ def test_body_ended_by_trailers() -> None:
     assert p.codec.streams == {}
 
 
-@pytest.mark.parametrize(("trailers", "end_stream"), [
-    ([(b":path", b"/")], True),
-    ([(b"X-Upper", b"1")], True),
-    ([(b"connection", b"close")], True),
-    ([(b"x-bad", b"a\r\nb")], True),
-    ([(b"grpc-status", b"0")], False),
-])
+@pytest.mark.parametrize(
+    ("trailers", "end_stream"),
+    [
+        ([(b":path", b"/")], True),
+        ([(b"X-Upper", b"1")], True),
+        ([(b"connection", b"close")], True),
+        ([(b"x-bad", b"a\r\nb")], True),
+        ([(b"grpc-status", b"0")], False),
+    ],
+)
 def test_malformed_trailers(trailers: Fields, end_stream: bool) -> None:
     """Trailers with a pseudo-field, a bad name or value, a connection field, or without
     END_STREAM reset the stream with PROTOCOL_ERROR."""
@@ -433,9 +458,15 @@ def test_response_fields_round_trip() -> None:
     the client intact; credentials arrive marked "never indexed"."""
     p = Pair()
     p.get(1)
-    fields = [(b":status", b"404"), (b"content-type", b"text/html"), (b"x-empty", b""),
-              (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"server", b"tenaya"),
-              (b"x-long", bytes(range(33, 127)) * 3)]
+    fields = [
+        (b":status", b"404"),
+        (b"content-type", b"text/html"),
+        (b"x-empty", b""),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+        (b"server", b"tenaya"),
+        (b"x-long", bytes(range(33, 127)) * 3),
+    ]
     p.codec.send_headers(1, fields, end_stream=True)
     (resp,) = events_of(p.receive(), ResponseReceived)
     assert list(resp.headers) == fields
@@ -518,21 +549,28 @@ def test_stream_window_overflow() -> None:
     codec.receive_data(headers(1, enc.encode(REQUEST)) + headers(3, enc.encode(REQUEST)))
     assert codec.receive_data(frame(WINDOW_UPDATE, 0, 1, MAX_WINDOW.to_bytes(4, "big")))
     assert codec.receive_data(frame(WINDOW_UPDATE, 0, 3, bytes(4)))
-    assert resets(codec.data_to_send()) == [(1, ErrorCodes.FLOW_CONTROL_ERROR),
-                                            (3, ErrorCodes.PROTOCOL_ERROR)]
-    assert handler.take()[2:] == [("reset", 1, ErrorCodes.FLOW_CONTROL_ERROR, False),
-                                  ("reset", 3, ErrorCodes.PROTOCOL_ERROR, False)]
+    assert resets(codec.data_to_send()) == [
+        (1, ErrorCodes.FLOW_CONTROL_ERROR),
+        (3, ErrorCodes.PROTOCOL_ERROR),
+    ]
+    assert handler.take()[2:] == [
+        ("reset", 1, ErrorCodes.FLOW_CONTROL_ERROR, False),
+        ("reset", 3, ErrorCodes.PROTOCOL_ERROR, False),
+    ]
     # A stream that is over: its WINDOW_UPDATE is ignored.
     assert codec.receive_data(frame(WINDOW_UPDATE, 0, 1, b"\x00\x00\x00\x01"))
     assert codec.data_to_send() == b"" and handler.calls == []
 
 
-@pytest.mark.parametrize(("bad", "code"), [
-    (frame(WINDOW_UPDATE, 0, 0, MAX_WINDOW.to_bytes(4, "big")), ErrorCodes.FLOW_CONTROL_ERROR),
-    (frame(WINDOW_UPDATE, 0, 0, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
-    (frame(WINDOW_UPDATE, 0, 0, b"\x00\x01"), ErrorCodes.FRAME_SIZE_ERROR),
-    (frame(WINDOW_UPDATE, 0, 9, b"\x00\x00\x00\x01"), ErrorCodes.PROTOCOL_ERROR),
-])
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(WINDOW_UPDATE, 0, 0, MAX_WINDOW.to_bytes(4, "big")), ErrorCodes.FLOW_CONTROL_ERROR),
+        (frame(WINDOW_UPDATE, 0, 0, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
+        (frame(WINDOW_UPDATE, 0, 0, b"\x00\x01"), ErrorCodes.FRAME_SIZE_ERROR),
+        (frame(WINDOW_UPDATE, 0, 9, b"\x00\x00\x00\x01"), ErrorCodes.PROTOCOL_ERROR),
+    ],
+)
 def test_connection_window_errors(bad: bytes, code: int) -> None:
     """The connection's window over 2^31-1, a zero increment on it, a WINDOW_UPDATE of the
     wrong length or on an idle stream end the connection."""
@@ -592,8 +630,9 @@ def test_acknowledge_received_data() -> None:
     assert p.send()
     p.codec.acknowledge_received_data(3000, 1)
     out = p.codec.data_to_send()
-    updates = [(f.stream_id, f.window_increment) for f in parse(out)
-               if isinstance(f, WindowUpdateFrame)]
+    updates = [
+        (f.stream_id, f.window_increment) for f in parse(out) if isinstance(f, WindowUpdateFrame)
+    ]
     assert updates == [(0, 33000), (1, 33000)]
     events = p.client.receive_data(out)
     assert len(events_of(events, WindowUpdated)) == 2
@@ -667,11 +706,14 @@ def test_reset_by_client() -> None:
     assert p.handler.calls == [] and p.codec.unacked == 4
 
 
-@pytest.mark.parametrize(("bad", "code"), [
-    (frame(RST_STREAM, 0, 5, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
-    (frame(RST_STREAM, 0, 0, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
-    (frame(RST_STREAM, 0, 1, bytes(3)), ErrorCodes.FRAME_SIZE_ERROR),
-])
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(RST_STREAM, 0, 5, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
+        (frame(RST_STREAM, 0, 0, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
+        (frame(RST_STREAM, 0, 1, bytes(3)), ErrorCodes.FRAME_SIZE_ERROR),
+    ],
+)
 def test_bad_rst_stream(bad: bytes, code: int) -> None:
     """RST_STREAM on an idle stream or the connection, or of the wrong length."""
     codec, _ = raw_codec()
@@ -687,7 +729,8 @@ def test_reset_stream_by_server() -> None:
     p.codec.reset_stream(1)
     events = p.receive()
     assert [(e.stream_id, e.error_code) for e in events_of(events, StreamReset)] == [
-        (1, ErrorCodes.CANCEL)]
+        (1, ErrorCodes.CANCEL)
+    ]
     assert p.codec.streams == {}
 
 
@@ -707,7 +750,8 @@ def test_rapid_sequence_of_streams() -> None:
     events = p.receive()
     assert len(events_of(events, StreamEnded)) == 100
     assert [e.data for e in events_of(events, DataReceived)] == [
-        b"%d" % sid for sid in range(1, 200, 2)]
+        b"%d" % sid for sid in range(1, 200, 2)
+    ]
     assert p.codec.streams == {}
 
 
@@ -719,8 +763,9 @@ def test_rapid_open_and_reset() -> None:
         p.client.reset_stream(sid, ErrorCodes.CANCEL)
     assert p.send()
     calls = p.handler.take()
-    assert [c[:2] for c in calls] == [(k, sid) for sid in range(1, 21, 2)
-                                      for k in ("request", "reset")]
+    assert [c[:2] for c in calls] == [
+        (k, sid) for sid in range(1, 21, 2) for k in ("request", "reset")
+    ]
     assert p.codec.streams == {}
 
 
@@ -812,13 +857,11 @@ MALFORMED = {
     "NUL in value": REQUEST + [(b"x-a", b"a\x00b")],
     "leading space": REQUEST + [(b"x-a", b" a")],
     "trailing tab": REQUEST + [(b"x-a", b"a\t")],
-    "CR in pseudo value": [(b":method", b"GET"), (b":scheme", b"https"),
-                           (b":path", b"/\r\nx: y")],
+    "CR in pseudo value": [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/\r\nx: y")],
     "space in name": REQUEST + [(b"x a", b"1")],
     "colon in name": REQUEST + [(b"x:a", b"1")],
     "empty name": REQUEST + [(b"", b"1")],
-    "CONNECT with :path": [(b":method", b"CONNECT"), (b":authority", b"h:443"),
-                           (b":path", b"/")],
+    "CONNECT with :path": [(b":method", b"CONNECT"), (b":authority", b"h:443"), (b":path", b"/")],
     "CONNECT without :authority": [(b":method", b"CONNECT")],
     "content-length not a number": REQUEST + [(b"content-length", b"abc")],
     "negative content-length": REQUEST + [(b"content-length", b"-1")],
@@ -826,8 +869,7 @@ MALFORMED = {
     "content-length list": REQUEST + [(b"content-length", b"0, 0")],
     "content-length with underscore": REQUEST + [(b"content-length", b"0_0")],
     "empty content-length": REQUEST + [(b"content-length", b"")],
-    "differing content-lengths": REQUEST + [(b"content-length", b"0"),
-                                            (b"content-length", b"1")],
+    "differing content-lengths": REQUEST + [(b"content-length", b"0"), (b"content-length", b"1")],
     "host differs from :authority": REQUEST + [(b"host", b"other.example")],
     # What becomes the upstream's request line and Host may not bend them.
     "space in :path": REQUEST[:2] + [(b":path", b"/a b")] + REQUEST[3:],
@@ -871,10 +913,13 @@ WELL_FORMED = {
     "empty value": REQUEST + [(b"x-a", b"")],
     "high bytes": REQUEST + [(b"x-a", b"\x80\xff")],
     "host as :authority": REQUEST + [(b"host", b"example.com")],
-    "agreeing content-lengths": REQUEST + [(b"content-length", b"0"),
-                                           (b"content-length", b"00")],
-    "OPTIONS *, :path first": [(b":path", b"*"), (b":method", b"OPTIONS"),
-                               (b":scheme", b"https"), (b":authority", b"example.com")],
+    "agreeing content-lengths": REQUEST + [(b"content-length", b"0"), (b"content-length", b"00")],
+    "OPTIONS *, :path first": [
+        (b":path", b"*"),
+        (b":method", b"OPTIONS"),
+        (b":scheme", b"https"),
+        (b":authority", b"example.com"),
+    ],
     "IPv6 authority": REQUEST[:3] + [(b":authority", b"[::1]:8443")],
 }
 
@@ -894,18 +939,25 @@ def test_content_length_matches_body() -> None:
     codec, handler = raw_codec()
     enc = hpack.Encoder()
     codec.receive_data(headers(1, enc.encode(POST + [(b"content-length", b"9")]), False))
-    codec.receive_data(frame(DATA, PADDED, 1, b"\x02hello\x00\x00") + frame(DATA, 0, 1, b"")
-                       + frame(DATA, END_STREAM, 1, b"ties"))
+    codec.receive_data(
+        frame(DATA, PADDED, 1, b"\x02hello\x00\x00")
+        + frame(DATA, 0, 1, b"")
+        + frame(DATA, END_STREAM, 1, b"ties")
+    )
     codec.receive_data(headers(3, enc.encode(POST + [(b"content-length", b"3")]), False))
     codec.receive_data(frame(DATA, 0, 3, b"abc") + headers(3, enc.encode([(b"x-t", b"1")])))
     codec.receive_data(headers(5, enc.encode(POST + [(b"content-length", b"0")])))
     assert codec.data_to_send() == b""
     assert [c[:3] for c in handler.calls] == [
-        ("request", 1, POST + [(b"content-length", b"9")]), ("data", 1, b"hello"),
-        ("data", 1, b""), ("data", 1, b"ties"), ("request", 3, POST + [(b"content-length",
-                                                                        b"3")]),
-        ("data", 3, b"abc"), ("data", 3, b""), ("request", 5, POST + [(b"content-length",
-                                                                       b"0")])]
+        ("request", 1, POST + [(b"content-length", b"9")]),
+        ("data", 1, b"hello"),
+        ("data", 1, b""),
+        ("data", 1, b"ties"),
+        ("request", 3, POST + [(b"content-length", b"3")]),
+        ("data", 3, b"abc"),
+        ("data", 3, b""),
+        ("request", 5, POST + [(b"content-length", b"0")]),
+    ]
 
 
 def test_check_request_gives_content_length() -> None:
@@ -930,8 +982,10 @@ def test_body_longer_than_content_length() -> None:
     codec.receive_data(headers(3, enc.encode(POST + [(b"content-length", b"5")]), False))
     assert codec.receive_data(frame(DATA, 0, 3, b"abc") + frame(DATA, 0, 3, b"def"))
     assert resets(codec.data_to_send()) == [(3, ErrorCodes.PROTOCOL_ERROR)]
-    assert handler.take()[1:] == [("data", 3, b"abc", 3, False),
-                                  ("reset", 3, ErrorCodes.PROTOCOL_ERROR, False)]
+    assert handler.take()[1:] == [
+        ("data", 3, b"abc", 3, False),
+        ("reset", 3, ErrorCodes.PROTOCOL_ERROR, False),
+    ]
 
 
 @pytest.mark.parametrize("ending", ["data", "trailers", "headers"])
@@ -982,7 +1036,7 @@ def test_hpack_bomb_ends_the_connection() -> None:
     frames = frame(HEADERS, END_STREAM, 3, block[:16384])
     for i in range(16384, len(block), 16384):
         last = i + 16384 >= len(block)
-        frames += frame(CONTINUATION, END_HEADERS if last else 0, 3, block[i:i + 16384])
+        frames += frame(CONTINUATION, END_HEADERS if last else 0, 3, block[i : i + 16384])
     assert connection_error(codec, frames) == ErrorCodes.ENHANCE_YOUR_CALM
     assert [c[1] for c in handler.calls] == [1]
 
@@ -995,25 +1049,34 @@ def test_self_dependency() -> None:
     codec, handler = raw_codec()
     enc = hpack.Encoder()
     block = enc.encode(REQUEST)
-    bad = HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM", "PRIORITY"],
-                       depends_on=1, stream_weight=16)
+    bad = HeadersFrame(
+        1, block, flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=1, stream_weight=16
+    )
     assert codec.receive_data(bad.serialize())
     assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR)]
-    good = HeadersFrame(3, enc.encode(REQUEST),
-                        flags=["END_HEADERS", "END_STREAM", "PRIORITY", "PADDED"],
-                        depends_on=1, stream_weight=200, pad_length=7)
+    good = HeadersFrame(
+        3,
+        enc.encode(REQUEST),
+        flags=["END_HEADERS", "END_STREAM", "PRIORITY", "PADDED"],
+        depends_on=1,
+        stream_weight=200,
+        pad_length=7,
+    )
     assert codec.receive_data(good.serialize())
     assert codec.receive_data(frame(PRIORITY, 0, 9, b"\x00\x00\x00\x03\x10"))
     assert codec.data_to_send() == b""
     assert handler.calls == [("request", 3, REQUEST, True, False)]
     assert codec.receive_data(frame(PRIORITY, 0, 3, b"\x00\x00\x00\x03\x10"))
     assert codec.receive_data(frame(PRIORITY, 0, 1, b"\x00\x00\x00\x01"))
-    assert resets(codec.data_to_send()) == [(3, ErrorCodes.PROTOCOL_ERROR),
-                                            (1, ErrorCodes.FRAME_SIZE_ERROR)]
-    assert connection_error(codec, frame(PRIORITY, 0, 0, bytes(5))) == \
-        ErrorCodes.PROTOCOL_ERROR
-    for bad, code in ((b"\x00\x00\x00\x0b\x10", ErrorCodes.PROTOCOL_ERROR),
-                      (b"\x00\x00\x00\x01", ErrorCodes.FRAME_SIZE_ERROR)):
+    assert resets(codec.data_to_send()) == [
+        (3, ErrorCodes.PROTOCOL_ERROR),
+        (1, ErrorCodes.FRAME_SIZE_ERROR),
+    ]
+    assert connection_error(codec, frame(PRIORITY, 0, 0, bytes(5))) == ErrorCodes.PROTOCOL_ERROR
+    for bad, code in (
+        (b"\x00\x00\x00\x0b\x10", ErrorCodes.PROTOCOL_ERROR),
+        (b"\x00\x00\x00\x01", ErrorCodes.FRAME_SIZE_ERROR),
+    ):
         codec, handler = raw_codec()
         assert connection_error(codec, frame(PRIORITY, 0, 11, bad)) == code
 
@@ -1024,8 +1087,9 @@ def test_self_dependency_across_continuation() -> None:
     codec, handler = raw_codec()
     enc = hpack.Encoder()
     block = enc.encode(REQUEST + [(b"x-a", b"1")])
-    first = HeadersFrame(1, block[:2], flags=["END_STREAM", "PRIORITY"], depends_on=1,
-                         stream_weight=16)
+    first = HeadersFrame(
+        1, block[:2], flags=["END_STREAM", "PRIORITY"], depends_on=1, stream_weight=16
+    )
     rest = frame(CONTINUATION, END_HEADERS, 1, block[2:])
     assert codec.receive_data(first.serialize() + rest)
     assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR)]
@@ -1036,15 +1100,18 @@ def test_self_dependency_across_continuation() -> None:
 # -- connection errors ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", [
-    b"\xbf",  # index 63: past the (empty) dynamic table
-    b"\x80",  # index 0
-    b"\x82\x41\x05exa",  # a string longer than the block
-    b"\x82\x1f",  # a truncated integer
-    b"\x82\x41\x81\xff",  # Huffman: EOS and padding longer than 7 bits
-    b"\x3f\xe2\x1f",  # a table size update over SETTINGS_HEADER_TABLE_SIZE
-    b"\x82\x3f\x01",  # a table size update after a field
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\xbf",  # index 63: past the (empty) dynamic table
+        b"\x80",  # index 0
+        b"\x82\x41\x05exa",  # a string longer than the block
+        b"\x82\x1f",  # a truncated integer
+        b"\x82\x41\x81\xff",  # Huffman: EOS and padding longer than 7 bits
+        b"\x3f\xe2\x1f",  # a table size update over SETTINGS_HEADER_TABLE_SIZE
+        b"\x82\x3f\x01",  # a table size update after a field
+    ],
+)
 def test_hpack_garbage(block: bytes) -> None:
     """A header block that is not valid HPACK: GOAWAY COMPRESSION_ERROR, receive_data
     returns False."""
@@ -1065,13 +1132,16 @@ def test_frame_too_large() -> None:
     assert handler.calls[-1] == ("data", 1, bytes(16384), 16384, False)
 
 
-@pytest.mark.parametrize("interloper", [
-    frame(PING, 0, 0, bytes(8)),
-    frame(DATA, 0, 1, b"x"),
-    frame(HEADERS, END_HEADERS, 3, b"\x82\x86\x84"),
-    frame(CONTINUATION, END_HEADERS, 3, b""),
-    frame(0x20, 0, 0, b"unknown"),
-])
+@pytest.mark.parametrize(
+    "interloper",
+    [
+        frame(PING, 0, 0, bytes(8)),
+        frame(DATA, 0, 1, b"x"),
+        frame(HEADERS, END_HEADERS, 3, b"\x82\x86\x84"),
+        frame(CONTINUATION, END_HEADERS, 3, b""),
+        frame(0x20, 0, 0, b"unknown"),
+    ],
+)
 def test_continuation_interleaved(interloper: bytes) -> None:
     """Between HEADERS without END_HEADERS and its last CONTINUATION, any other frame (even
     an unknown type, or a CONTINUATION of another stream) is a PROTOCOL_ERROR."""
@@ -1088,22 +1158,29 @@ def test_continuation_by_hand() -> None:
     block = hpack.Encoder().encode(REQUEST + [(b"x-a", b"b" * 300)])
     data = frame(HEADERS, END_STREAM, 1, block[:1])
     for i in range(1, len(block), 50):
-        data += frame(CONTINUATION, 0, 1, block[i:i + 50]) + frame(CONTINUATION, 0, 1)
+        data += frame(CONTINUATION, 0, 1, block[i : i + 50]) + frame(CONTINUATION, 0, 1)
     data += frame(CONTINUATION, END_HEADERS, 1, b"")
     assert codec.receive_data(data)
     assert handler.calls == [("request", 1, REQUEST + [(b"x-a", b"b" * 300)], True, False)]
 
 
-@pytest.mark.parametrize(("bad", "code"), [
-    (frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, b"\x00\x00\x00"),
-     ErrorCodes.FRAME_SIZE_ERROR),
-    (frame(HEADERS, END_HEADERS | PADDED, 1, b"\x03\x82\x86"), ErrorCodes.PROTOCOL_ERROR),
-    # Padding that leaves no room for the priority fields.
-    (frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, b"\x02" + bytes(6)),
-     ErrorCodes.PROTOCOL_ERROR),
-    (frame(HEADERS, END_HEADERS | PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
-    (frame(DATA, PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
-])
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (
+            frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, b"\x00\x00\x00"),
+            ErrorCodes.FRAME_SIZE_ERROR,
+        ),
+        (frame(HEADERS, END_HEADERS | PADDED, 1, b"\x03\x82\x86"), ErrorCodes.PROTOCOL_ERROR),
+        # Padding that leaves no room for the priority fields.
+        (
+            frame(HEADERS, END_HEADERS | PADDED | PRIORITY_FLAG, 1, b"\x02" + bytes(6)),
+            ErrorCodes.PROTOCOL_ERROR,
+        ),
+        (frame(HEADERS, END_HEADERS | PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
+        (frame(DATA, PADDED, 1, b""), ErrorCodes.PROTOCOL_ERROR),
+    ],
+)
 def test_bad_padding_or_priority(bad: bytes, code: int) -> None:
     """Padding as long as the frame, or a priority field cut short, ends the connection."""
     codec, _ = raw_codec()
@@ -1114,8 +1191,10 @@ def test_bad_padding_or_priority(bad: bytes, code: int) -> None:
 def test_stray_continuation() -> None:
     """A CONTINUATION with no HEADERS before it is a PROTOCOL_ERROR."""
     codec, _ = raw_codec()
-    assert connection_error(codec, frame(CONTINUATION, END_HEADERS, 1, b"\x82")) == \
-        ErrorCodes.PROTOCOL_ERROR
+    assert (
+        connection_error(codec, frame(CONTINUATION, END_HEADERS, 1, b"\x82"))
+        == ErrorCodes.PROTOCOL_ERROR
+    )
 
 
 def test_continuation_flood() -> None:
@@ -1223,7 +1302,8 @@ def test_finished_while_client_sends() -> None:
     events = p.receive()
     assert events_of(events, ResponseReceived) and events_of(events, StreamEnded)
     assert [(e.stream_id, e.error_code) for e in events_of(events, StreamReset)] == [
-        (1, ErrorCodes.NO_ERROR)]
+        (1, ErrorCodes.NO_ERROR)
+    ]
     assert p.codec.streams == {}
     p.get(3)
     p.codec.send_headers(3, OK, end_stream=True)
@@ -1252,8 +1332,11 @@ def transcript() -> bytes:
     client.send_headers(5, REQUEST, end_stream=True, priority_weight=30, priority_depends_on=3)
     client.send_headers(7, POST)
     client.reset_stream(7)
-    return (client.data_to_send() + frame(0x33, 0, 0, b"ext")
-            + frame(PRIORITY, 0, 9, b"\x00\x00\x00\x01\x05"))
+    return (
+        client.data_to_send()
+        + frame(0x33, 0, 0, b"ext")
+        + frame(PRIORITY, 0, 9, b"\x00\x00\x00\x01\x05")
+    )
 
 
 def test_every_byte_boundary() -> None:
@@ -1266,13 +1349,21 @@ def test_every_byte_boundary() -> None:
     assert codec.receive_data(data)
     expected = codec.data_to_send()
     assert [c[:2] for c in whole.calls] == [
-        ("request", 1), ("request", 3), ("data", 3), ("data", 3), ("data", 3),
-        ("request", 5), ("request", 7), ("reset", 7), ("window", 0)]
+        ("request", 1),
+        ("request", 3),
+        ("data", 3),
+        ("data", 3),
+        ("data", 3),
+        ("request", 5),
+        ("request", 7),
+        ("reset", 7),
+        ("window", 0),
+    ]
     split = Recorder()
     codec = H2Codec(split, 100, 65536)
     out = b""
     for i in range(len(data)):
-        assert codec.receive_data(data[i:i + 1])
+        assert codec.receive_data(data[i : i + 1])
         out += codec.data_to_send()
     assert [c[:2] for c in split.calls].index(("window", 0)) == 5
     assert sorted(split.calls, key=repr) == sorted(whole.calls, key=repr)
@@ -1327,8 +1418,14 @@ def test_block_cache_never_stale() -> None:
     codec.receive_data(headers(7, pseudo + insert_2))
     codec.receive_data(headers(9, refer) + headers(11, refer))
     got = [(c[1], c[2][-1]) for c in handler.calls]
-    assert got == [(1, (b"x-a", b"1")), (3, (b"x-a", b"1")), (5, (b"x-a", b"1")),
-                   (7, (b"x-a", b"2")), (9, (b"x-a", b"2")), (11, (b"x-a", b"2"))]
+    assert got == [
+        (1, (b"x-a", b"1")),
+        (3, (b"x-a", b"1")),
+        (5, (b"x-a", b"1")),
+        (7, (b"x-a", b"2")),
+        (9, (b"x-a", b"2")),
+        (11, (b"x-a", b"2")),
+    ]
     assert all(c[2][:3] == want for c in handler.calls)
     assert len(codec.decoder.cache) == 2
 
@@ -1356,9 +1453,11 @@ def test_block_cache_keeps_verdicts() -> None:
     for sid in (1, 5, 9):
         codec.receive_data(headers(sid, enc.encode(bad)))
         codec.receive_data(headers(sid + 2, enc.encode(big)))
-    assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR),
-                                            (5, ErrorCodes.PROTOCOL_ERROR),
-                                            (9, ErrorCodes.PROTOCOL_ERROR)]
+    assert resets(codec.data_to_send()) == [
+        (1, ErrorCodes.PROTOCOL_ERROR),
+        (5, ErrorCodes.PROTOCOL_ERROR),
+        (9, ErrorCodes.PROTOCOL_ERROR),
+    ]
     assert [(c[1], c[4]) for c in handler.calls] == [(3, True), (7, True), (11, True)]
     assert len(codec.decoder.cache) == 1
 
@@ -1368,17 +1467,25 @@ def test_flood_of_empty_frames_ends_the_connection(monkeypatch: pytest.MonkeyPat
     answered, but past MAX_IDLE_FRAMES_PER_SECOND in a second the connection ends with
     ENHANCE_YOUR_CALM (CVE-2019-9518); a normal exchange's few are far below it."""
     monkeypatch.setattr(h2_codec, "monotonic", lambda: 1000.0)  # all in one second
-    kinds = [frame(PING, 0, 0, bytes(8)), frame(PRIORITY, 0, 1, b"\x00\x00\x00\x03\x10"),
-             frame(0x42, 0, 0, b"x"), frame(SETTINGS, 0, 0, b"")]
+    kinds = [
+        frame(PING, 0, 0, bytes(8)),
+        frame(PRIORITY, 0, 1, b"\x00\x00\x00\x03\x10"),
+        frame(0x42, 0, 0, b"x"),
+        frame(SETTINGS, 0, 0, b""),
+    ]
     for kind in kinds:
         codec, _ = raw_codec()
         assert codec.receive_data(kind * 100)
-        assert connection_error(codec, kind * MAX_IDLE_FRAMES_PER_SECOND) == \
-            ErrorCodes.ENHANCE_YOUR_CALM
+        assert (
+            connection_error(codec, kind * MAX_IDLE_FRAMES_PER_SECOND)
+            == ErrorCodes.ENHANCE_YOUR_CALM
+        )
     codec, handler = raw_codec()
     assert codec.receive_data(headers(1, hpack.Encoder().encode(POST), end_stream=False))
-    assert connection_error(codec, frame(DATA, 0, 1, b"") * (MAX_IDLE_FRAMES_PER_SECOND + 1)) \
+    assert (
+        connection_error(codec, frame(DATA, 0, 1, b"") * (MAX_IDLE_FRAMES_PER_SECOND + 1))
         == ErrorCodes.ENHANCE_YOUR_CALM
+    )
 
 
 def test_last_initial_window_size_of_a_frame_counts() -> None:
@@ -1434,8 +1541,9 @@ def test_frames_on_a_stream_we_reset_are_ignored() -> None:
     assert codec.receive_data(headers(1, enc.encode(POST), end_stream=False))
     codec.reset_stream(1)
     codec.data_to_send()
-    assert codec.receive_data(frame(DATA, 0, 1, b"x" * 100)
-                              + headers(1, enc.encode([(b"x-trailer", b"1")])))
+    assert codec.receive_data(
+        frame(DATA, 0, 1, b"x" * 100) + headers(1, enc.encode([(b"x-trailer", b"1")]))
+    )
     assert codec.data_to_send() == b""
     assert codec.unacked == 100
     assert codec.receive_data(headers(3, enc.encode(REQUEST + [(b"x-trailer", b"1")])))
@@ -1458,10 +1566,12 @@ def test_closed_streams_are_remembered_within_a_bound() -> None:
     assert codec.data_to_send() == b""
 
 
-@pytest.mark.parametrize("kind", ["window-update", "empty-end", "goaway", "late-reset",
-                                  "empty-continuation"])
+@pytest.mark.parametrize(
+    "kind", ["window-update", "empty-end", "goaway", "late-reset", "empty-continuation"]
+)
 def test_frames_that_carry_nothing_count_against_the_budget(
-        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Frames that are allowed but carry nothing, whatever their type, spend the same budget
     as PINGs: WINDOW_UPDATE or an empty END_STREAM on a stream already closed, GOAWAY after
     the first, RST_STREAM on a stream already closed, empty CONTINUATIONs."""
@@ -1487,8 +1597,13 @@ def test_too_large_request_with_a_bent_request_line_is_malformed() -> None:
     """A header list over the limit is answered 431 only if its pseudo-fields make a sound
     request: a CR/LF in :path resets the stream instead (it would reach the logs)."""
     codec, handler = raw_codec(max_header_list=1000)
-    bent = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a\r\nX-Injected: 1"),
-            (b":authority", b"example.com"), (b"x-big", b"b" * 1200)]
+    bent = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":path", b"/a\r\nX-Injected: 1"),
+        (b":authority", b"example.com"),
+        (b"x-big", b"b" * 1200),
+    ]
     assert codec.receive_data(headers(1, hpack.Encoder().encode(bent)))
     assert resets(codec.data_to_send()) == [(1, ErrorCodes.PROTOCOL_ERROR)]
     assert handler.calls == []

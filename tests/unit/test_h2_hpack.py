@@ -34,19 +34,22 @@ def table_of(enc: hpack.Encoder) -> Fields:
 # -- integers (RFC 7541 5.1, C.1) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "prefix", "encoded"), [
-    (10, 5, b"\x0a"),  # C.1.1
-    (1337, 5, b"\x1f\x9a\x0a"),  # C.1.2
-    (42, 8, b"\x2a"),  # C.1.3
-    (30, 5, b"\x1e"),
-    (31, 5, b"\x1f\x00"),  # exactly the prefix's maximum takes a second byte
-    (127, 7, b"\x7f\x00"),
-    (128, 7, b"\x7f\x01"),
-    (254, 7, b"\x7f\x7f"),
-    (255, 7, b"\x7f\x80\x01"),
-    (16_510, 7, b"\x7f\xff\x7f"),
-    (16_511, 7, b"\x7f\x80\x80\x01"),
-])
+@pytest.mark.parametrize(
+    ("value", "prefix", "encoded"),
+    [
+        (10, 5, b"\x0a"),  # C.1.1
+        (1337, 5, b"\x1f\x9a\x0a"),  # C.1.2
+        (42, 8, b"\x2a"),  # C.1.3
+        (30, 5, b"\x1e"),
+        (31, 5, b"\x1f\x00"),  # exactly the prefix's maximum takes a second byte
+        (127, 7, b"\x7f\x00"),
+        (128, 7, b"\x7f\x01"),
+        (254, 7, b"\x7f\x7f"),
+        (255, 7, b"\x7f\x80\x01"),
+        (16_510, 7, b"\x7f\xff\x7f"),
+        (16_511, 7, b"\x7f\x80\x80\x01"),
+    ],
+)
 def test_integers(value: int, prefix: int, encoded: bytes) -> None:
     """Integers with an N-bit prefix, both ways, at and around the multi-byte boundaries."""
     assert _encode_integer(value, prefix, 0) == encoded
@@ -69,19 +72,42 @@ def test_bad_integers(data: bytes) -> None:
 # -- decoding: RFC 7541 Appendix C ----------------------------------------------------------
 
 C3 = [  # Requests without Huffman coding
-    ("8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
-     [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-      (b":authority", b"www.example.com")],
-     [(b":authority", b"www.example.com")]),
-    ("8286 84be 5808 6e6f 2d63 6163 6865",
-     [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-      (b":authority", b"www.example.com"), (b"cache-control", b"no-cache")],
-     [(b"cache-control", b"no-cache"), (b":authority", b"www.example.com")]),
-    ("8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
-     [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/index.html"),
-      (b":authority", b"www.example.com"), (b"custom-key", b"custom-value")],
-     [(b"custom-key", b"custom-value"), (b"cache-control", b"no-cache"),
-      (b":authority", b"www.example.com")]),
+    (
+        "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"www.example.com"),
+        ],
+        [(b":authority", b"www.example.com")],
+    ),
+    (
+        "8286 84be 5808 6e6f 2d63 6163 6865",
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"www.example.com"),
+            (b"cache-control", b"no-cache"),
+        ],
+        [(b"cache-control", b"no-cache"), (b":authority", b"www.example.com")],
+    ),
+    (
+        "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":path", b"/index.html"),
+            (b":authority", b"www.example.com"),
+            (b"custom-key", b"custom-value"),
+        ],
+        [
+            (b"custom-key", b"custom-value"),
+            (b"cache-control", b"no-cache"),
+            (b":authority", b"www.example.com"),
+        ],
+    ),
 ]
 C4 = [  # The same requests, Huffman coded
     "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
@@ -92,24 +118,43 @@ _DATE_1 = b"Mon, 21 Oct 2013 20:13:21 GMT"
 _DATE_2 = b"Mon, 21 Oct 2013 20:13:22 GMT"
 _COOKIE = b"foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1"
 C5 = [  # Responses without Huffman coding, a 256-byte table: evictions
-    ("4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133"
-     "2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70"
-     "6c65 2e63 6f6d",
-     [(b":status", b"302"), (b"cache-control", b"private"), (b"date", _DATE_1),
-      (b"location", b"https://www.example.com")],
-     222),
-    ("4803 3330 37c1 c0bf",
-     [(b":status", b"307"), (b"cache-control", b"private"), (b"date", _DATE_1),
-      (b"location", b"https://www.example.com")],
-     222),
-    ("88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d"
-     "54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049"
-     "5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e"
-     "3d31",
-     [(b":status", b"200"), (b"cache-control", b"private"), (b"date", _DATE_2),
-      (b"location", b"https://www.example.com"), (b"content-encoding", b"gzip"),
-      (b"set-cookie", _COOKIE)],
-     215),
+    (
+        "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133"
+        "2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70"
+        "6c65 2e63 6f6d",
+        [
+            (b":status", b"302"),
+            (b"cache-control", b"private"),
+            (b"date", _DATE_1),
+            (b"location", b"https://www.example.com"),
+        ],
+        222,
+    ),
+    (
+        "4803 3330 37c1 c0bf",
+        [
+            (b":status", b"307"),
+            (b"cache-control", b"private"),
+            (b"date", _DATE_1),
+            (b"location", b"https://www.example.com"),
+        ],
+        222,
+    ),
+    (
+        "88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d"
+        "54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049"
+        "5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e"
+        "3d31",
+        [
+            (b":status", b"200"),
+            (b"cache-control", b"private"),
+            (b"date", _DATE_2),
+            (b"location", b"https://www.example.com"),
+            (b"content-encoding", b"gzip"),
+            (b"set-cookie", _COOKIE),
+        ],
+        215,
+    ),
 ]
 
 
@@ -137,8 +182,11 @@ def test_rfc_responses_with_eviction() -> None:
     for text, fields, size in C5:
         assert dec.decode(unhex(text)) == fields
         assert dec.size == size
-    assert dec.table == [(b"set-cookie", _COOKIE), (b"content-encoding", b"gzip"),
-                         (b"date", _DATE_2)]
+    assert dec.table == [
+        (b"set-cookie", _COOKIE),
+        (b"content-encoding", b"gzip"),
+        (b"date", _DATE_2),
+    ]
 
 
 def test_static_table() -> None:
@@ -163,10 +211,17 @@ def test_hpack_encoder_round_trip() -> None:
     lists: list[list[tuple[bytes, bytes, bool]]] = [
         [(b":method", b"GET", False), (b":path", b"/a", False), (b"x-a", b"1", False)],
         [(b":method", b"GET", False), (b":path", b"/a", False), (b"x-a", b"1", False)],
-        [(b":method", b"POST", False), (b"authorization", b"Bearer t", True),
-         (b"cookie", b"a=b", True), (b"x-long", b"v" * 1000, False)],
-        [(b"x-empty", b"", False), (b"", b"empty name", False),
-         (b"x-bin", bytes(range(256)), False)],
+        [
+            (b":method", b"POST", False),
+            (b"authorization", b"Bearer t", True),
+            (b"cookie", b"a=b", True),
+            (b"x-long", b"v" * 1000, False),
+        ],
+        [
+            (b"x-empty", b"", False),
+            (b"", b"empty name", False),
+            (b"x-bin", bytes(range(256)), False),
+        ],
     ]
     for huffman in (True, False):
         for fields in lists:
@@ -186,8 +241,13 @@ def test_random_traffic_with_evictions_and_size_updates() -> None:
     for _ in range(500):
         if rng.random() < 0.05:
             enc.header_table_size = rng.choice([0, 64, 256, 1024, 4096])
-        fields = [(rng.choice(names), b"v" * rng.choice([0, 1, 10, 100, 300, 2000])
-                   + b"%d" % rng.randrange(4)) for _ in range(rng.randrange(1, 8))]
+        fields = [
+            (
+                rng.choice(names),
+                b"v" * rng.choice([0, 1, 10, 100, 300, 2000]) + b"%d" % rng.randrange(4),
+            )
+            for _ in range(rng.randrange(1, 8))
+        ]
         block = enc.encode(fields, huffman=rng.random() < 0.5)
         assert dec.decode(block) == fields
         assert dec.table == table_of(enc)
@@ -242,10 +302,16 @@ def test_literal_forms() -> None:
     """Without indexing and never indexed, with an indexed name or a literal one: fields,
     but no table change and no new generation."""
     dec = Decoder()
-    block = (b"\x04\x01/" + b"\x00\x03x-a\x011" + b"\x14\x02/x" + b"\x10\x03x-b\x012"
-             + b"\x0f\x28\x02a=")  # set-cookie (55): a 4-bit prefix overflows
-    assert dec.decode(block) == [(b":path", b"/"), (b"x-a", b"1"), (b":path", b"/x"),
-                                 (b"x-b", b"2"), (b"set-cookie", b"a=")]
+    block = (
+        b"\x04\x01/" + b"\x00\x03x-a\x011" + b"\x14\x02/x" + b"\x10\x03x-b\x012" + b"\x0f\x28\x02a="
+    )  # set-cookie (55): a 4-bit prefix overflows
+    assert dec.decode(block) == [
+        (b":path", b"/"),
+        (b"x-a", b"1"),
+        (b":path", b"/x"),
+        (b"x-b", b"2"),
+        (b"set-cookie", b"a="),
+    ]
     assert dec.table == [] and dec.generation == 0
 
 
@@ -260,18 +326,21 @@ def test_dynamic_indexes() -> None:
         dec.decode(b"\xc2")  # 66: four entries, 62..65
 
 
-@pytest.mark.parametrize("block", [
-    b"\x80",  # index 0
-    b"\xfe",  # 126: no such entry
-    b"\x40",  # a literal name's length missing
-    b"\x40\x05abc",  # a name longer than the block
-    b"\x04\x7f",  # a value length cut short
-    b"\x04\x85abcd",  # a Huffman value longer than the block
-    b"\x04\x81\xff",  # Huffman padding of 8 bits (RFC 7541 5.2)
-    b"\x04\x84\xff\xff\xff\xff",  # the EOS symbol
-    b"\x04\x81\x00",  # padding that is not the EOS prefix
-    b"\x00\x80",  # a name (empty, Huffman coded) and no value
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x80",  # index 0
+        b"\xfe",  # 126: no such entry
+        b"\x40",  # a literal name's length missing
+        b"\x40\x05abc",  # a name longer than the block
+        b"\x04\x7f",  # a value length cut short
+        b"\x04\x85abcd",  # a Huffman value longer than the block
+        b"\x04\x81\xff",  # Huffman padding of 8 bits (RFC 7541 5.2)
+        b"\x04\x84\xff\xff\xff\xff",  # the EOS symbol
+        b"\x04\x81\x00",  # padding that is not the EOS prefix
+        b"\x00\x80",  # a name (empty, Huffman coded) and no value
+    ],
+)
 def test_garbage(block: bytes) -> None:
     """Blocks that are not valid HPACK raise DecodeError, never anything else."""
     with pytest.raises(DecodeError):
@@ -280,8 +349,9 @@ def test_garbage(block: bytes) -> None:
 
 def test_huffman_strings() -> None:
     """Huffman-coded names and values, short and long, all byte values."""
-    coder = hpack.huffman.HuffmanEncoder(hpack.huffman_constants.REQUEST_CODES,
-                                         hpack.huffman_constants.REQUEST_CODES_LENGTH)
+    coder = hpack.huffman.HuffmanEncoder(
+        hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH
+    )
     dec = Decoder()
     for raw in [b"a", b"custom-key", bytes(range(256)), b"\xff" * 200, b"z" * 5000]:
         coded = coder.encode(raw)
@@ -332,8 +402,7 @@ def test_cache_is_bounded() -> None:
 
 def test_encode_static_fields() -> None:
     """Fields in the static table are one index byte; the lowest index wins."""
-    assert encode([(b":status", b"200"), (b":method", b"GET"), (b":path", b"/")]) == \
-        b"\x88\x82\x84"
+    assert encode([(b":status", b"200"), (b":method", b"GET"), (b":path", b"/")]) == b"\x88\x82\x84"
     assert encode([(b":status", b"404")]) == b"\x8d"
     assert encode([(b"accept-encoding", b"gzip, deflate")]) == b"\x90"
     assert encode([(b"authorization", b"")]) == b"\x97"  # an empty credential: indexed
@@ -357,15 +426,24 @@ def test_encode_literals() -> None:
 def test_encode_credentials_never_indexed() -> None:
     """Credentials go out "never indexed" (RFC 7541 7.1.3), so no intermediary compresses
     them; ``hpack`` reads them back as such."""
-    fields = [(b"authorization", b"Basic dXNlcjpwYXNz"), (b"proxy-authorization", b"x"),
-              (b"cookie", b"sid=1"), (b"set-cookie", b"sid=2; HttpOnly"),
-              (b"x-not-secret", b"y")]
+    fields = [
+        (b"authorization", b"Basic dXNlcjpwYXNz"),
+        (b"proxy-authorization", b"x"),
+        (b"cookie", b"sid=1"),
+        (b"set-cookie", b"sid=2; HttpOnly"),
+        (b"x-not-secret", b"y"),
+    ]
     block = encode(fields)
     assert block.startswith(b"\x1f\x08")  # never indexed, name index 23
     out = hpack.Decoder().decode(block, raw=True)
     assert out == fields
     assert [isinstance(h, hpack.NeverIndexedHeaderTuple) for h in out] == [
-        True, True, True, True, False]
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_encode_round_trip_with_hpack() -> None:
@@ -376,9 +454,13 @@ def test_encode_round_trip_with_hpack() -> None:
     for _ in range(200):
         peer = hpack.Decoder()
         peer.max_header_list_size = 1 << 24
-        fields = [(rng.choice(names), bytes(rng.randrange(32, 127)
-                                            for _ in range(rng.choice([0, 3, 127, 128, 5000]))))
-                  for _ in range(rng.randrange(1, 10))]
+        fields = [
+            (
+                rng.choice(names),
+                bytes(rng.randrange(32, 127) for _ in range(rng.choice([0, 3, 127, 128, 5000]))),
+            )
+            for _ in range(rng.randrange(1, 10))
+        ]
         fields += rng.sample(STATIC, 3)
         assert list(peer.decode(encode(fields), raw=True)) == fields
         assert not peer.header_table.dynamic_entries
@@ -387,8 +469,12 @@ def test_encode_round_trip_with_hpack() -> None:
 def test_encode_round_trip_with_our_decoder() -> None:
     """Our decoder reads our encoder's blocks, and its table stays empty."""
     dec = Decoder()
-    fields = [(b":status", b"200"), (b"set-cookie", b"a=1"), (b"x-a", b"b" * 300),
-              (b"content-length", b"12345")]
+    fields = [
+        (b":status", b"200"),
+        (b"set-cookie", b"a=1"),
+        (b"x-a", b"b" * 300),
+        (b"content-length", b"12345"),
+    ]
     assert dec.decode(encode(fields)) == fields
     assert dec.table == [] and dec.generation == 0
 

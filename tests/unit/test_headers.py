@@ -7,8 +7,15 @@ from shared.headers import Headers, RequestHeader, ResponseHeader
 
 def sample() -> Headers:
     """Headers with a repeated field spelled in two cases."""
-    return Headers([("Content-Type", "text/html"), ("Set-Cookie", "a=1"), ("X-Trace", "t1"),
-                    ("set-cookie", "b=2"), ("Vary", "Accept")])
+    return Headers(
+        [
+            ("Content-Type", "text/html"),
+            ("Set-Cookie", "a=1"),
+            ("X-Trace", "t1"),
+            ("set-cookie", "b=2"),
+            ("Vary", "Accept"),
+        ]
+    )
 
 
 def test_get_ignores_case() -> None:
@@ -47,8 +54,12 @@ def test_set_replaces_all_values_in_place() -> None:
     """set() puts one value where the first was, drops the others, keeps every other field."""
     h = sample()
     h.set("SET-COOKIE", "c=3")
-    assert h.items() == [("Content-Type", "text/html"), ("SET-COOKIE", "c=3"),
-                         ("X-Trace", "t1"), ("Vary", "Accept")]
+    assert h.items() == [
+        ("Content-Type", "text/html"),
+        ("SET-COOKIE", "c=3"),
+        ("X-Trace", "t1"),
+        ("Vary", "Accept"),
+    ]
 
 
 def test_set_appends_when_absent() -> None:
@@ -99,8 +110,7 @@ def test_encode_bytes() -> None:
 def test_request_encode_head() -> None:
     """encode_head() is the request line, the header lines and the empty line."""
     req = RequestHeader("GET", "/a?b=1", fields=[("Host", "example.com"), ("Accept", "*/*")])
-    assert req.encode_head() == (
-        b"GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n")
+    assert req.encode_head() == (b"GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n")
 
 
 def test_request_encode_head_after_changes() -> None:
@@ -111,7 +121,8 @@ def test_request_encode_head_after_changes() -> None:
     req.remove("connection")
     req.append("Content-Length", "0")
     assert req.encode_head() == (
-        b"POST /submit HTTP/1.0\r\nhost: b.example\r\nContent-Length: 0\r\n\r\n")
+        b"POST /submit HTTP/1.0\r\nhost: b.example\r\nContent-Length: 0\r\n\r\n"
+    )
 
 
 def test_latin1_round_trip_of_raw_bytes() -> None:

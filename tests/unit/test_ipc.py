@@ -29,8 +29,12 @@ from shared.ipc import (
 )
 
 SAMPLES: list[Message] = [
-    Boot(slot=2, generation=5, source="/etc/tenaya.yaml",
-         config={"server": {"workers": 2}, "listeners": [{"address": "127.0.0.1:6188"}]}),
+    Boot(
+        slot=2,
+        generation=5,
+        source="/etc/tenaya.yaml",
+        config={"server": {"workers": 2}, "listeners": [{"address": "127.0.0.1:6188"}]},
+    ),
     Drain(grace_seconds=2.5),
     Ready(pid=4242),
     AppFailed(reason="cannot import 'gateway': ModuleNotFoundError"),
@@ -314,8 +318,7 @@ def test_no_descriptor_leak() -> None:
     assert open_fds() == before
 
 
-def test_unknown_type_with_descriptors_does_not_leak(
-        pair: tuple[socket.socket, Channel]) -> None:
+def test_unknown_type_with_descriptors_does_not_leak(pair: tuple[socket.socket, Channel]) -> None:
     """Descriptors riding on a message type the reader does not know are closed by it."""
     raw, channel = pair
     before = open_fds()

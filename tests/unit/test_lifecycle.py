@@ -32,8 +32,13 @@ def reach(state: State) -> Lifecycle:
 
 def config() -> Config:
     """The smallest config an arbiter can be made with (nothing is bound or started)."""
-    return from_mapping({"listeners": [{"address": "127.0.0.1:0"}],
-                         "upstreams": {"web": {"servers": ["127.0.0.1:9"]}}}, "test.yaml")
+    return from_mapping(
+        {
+            "listeners": [{"address": "127.0.0.1:0"}],
+            "upstreams": {"web": {"servers": ["127.0.0.1:9"]}},
+        },
+        "test.yaml",
+    )
 
 
 @pytest.fixture
@@ -85,8 +90,7 @@ def test_a_failed_start_stops_through_the_table(arbiter: Arbiter) -> None:
     assert arbiter.stopping
 
 
-def test_a_start_stopped_by_a_signal_fails_without_a_second_transition(
-        arbiter: Arbiter) -> None:
+def test_a_start_stopped_by_a_signal_fails_without_a_second_transition(arbiter: Arbiter) -> None:
     # SIGTERM while booting: start() then raises "stopped during start", already STOPPING.
     arbiter.stop(graceful=True)
     assert arbiter.lifecycle.state is State.STOPPING

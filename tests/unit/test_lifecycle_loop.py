@@ -30,8 +30,13 @@ KEY = b"pool-key"
 @pytest.fixture
 def arbiter() -> Iterator[Arbiter]:
     """An arbiter that has not started (booting, no workers, no sockets)."""
-    config = from_mapping({"listeners": [{"address": "127.0.0.1:0"}],
-                           "upstreams": {"web": {"servers": ["127.0.0.1:9"]}}}, "test.yaml")
+    config = from_mapping(
+        {
+            "listeners": [{"address": "127.0.0.1:0"}],
+            "upstreams": {"web": {"servers": ["127.0.0.1:9"]}},
+        },
+        "test.yaml",
+    )
     a = Arbiter(config)
     yield a
     os.close(a._wake_r)
@@ -68,7 +73,8 @@ def test_a_ready_descriptor_runs_its_handler(pair: tuple[socket.socket, socket.s
 
 
 def test_unregistering_twice_or_after_close_is_no_error(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     a, _ = pair
     sel = Selector()
     sel.register(a, lambda key, mask: None)

@@ -26,7 +26,8 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["127.0.0.1:80", "localhost:8080", "[::1]:80", "[2001:db8::7]:443", "h:0"])
+    "text", ["127.0.0.1:80", "localhost:8080", "[::1]:80", "[2001:db8::7]:443", "h:0"]
+)
 def test_format_parse_round_trip_of_text(text: str) -> None:
     """Formatting a parsed address gives the text back."""
     assert format_address(*parse_address(text)) == text
@@ -34,8 +35,12 @@ def test_format_parse_round_trip_of_text(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "port", "text"),
-    [("10.0.0.1", 80, "10.0.0.1:80"), ("::1", 80, "[::1]:80"),
-     ("fe80::1", 8443, "[fe80::1]:8443"), ("origin.internal", 9000, "origin.internal:9000")],
+    [
+        ("10.0.0.1", 80, "10.0.0.1:80"),
+        ("::1", 80, "[::1]:80"),
+        ("fe80::1", 8443, "[fe80::1]:8443"),
+        ("origin.internal", 9000, "origin.internal:9000"),
+    ],
 )
 def test_format_address(host: str, port: int, text: str) -> None:
     """IPv6 hosts are bracketed, others are not; parsing gives (host, port) back."""
@@ -81,8 +86,11 @@ def test_parse_address_errors(text: str, reason: str) -> None:
     assert str(info.value) == reason
 
 
-@pytest.mark.parametrize("port", ["\u00b2", "\u0668\u0660", "\uff18\uff10"],
-                         ids=["superscript-two", "arabic-indic-80", "fullwidth-80"])
+@pytest.mark.parametrize(
+    "port",
+    ["\u00b2", "\u0668\u0660", "\uff18\uff10"],
+    ids=["superscript-two", "arabic-indic-80", "fullwidth-80"],
+)
 def test_port_must_be_ascii_digits(port: str) -> None:
     """A port of non-ASCII digits is refused with the usual reason (RFC 3986: port = *DIGIT)."""
     text = f"example.com:{port}"
@@ -120,10 +128,18 @@ def test_peer_bad_address_raises() -> None:
 def make_peer(**changes: Any) -> HttpPeer:
     """A TLS peer with every reuse-relevant option set; ``changes`` override peer or options."""
     option_names = set(PeerOptions.__dataclass_fields__)
-    options: dict[str, Any] = {"alpn": ("h2", "http/1.1"), "ca_file": "/etc/ca.pem",
-               "client_cert": "/etc/client.pem", "client_key": "/etc/client.key"}
-    peer: dict[str, Any] = {"address": "10.0.0.1:443", "tls": True, "sni": "api.example.com",
-            "group_key": "tenant-a"}
+    options: dict[str, Any] = {
+        "alpn": ("h2", "http/1.1"),
+        "ca_file": "/etc/ca.pem",
+        "client_cert": "/etc/client.pem",
+        "client_key": "/etc/client.key",
+    }
+    peer: dict[str, Any] = {
+        "address": "10.0.0.1:443",
+        "tls": True,
+        "sni": "api.example.com",
+        "group_key": "tenant-a",
+    }
     for name, value in changes.items():
         (options if name in option_names else peer)[name] = value
     return HttpPeer(**peer, options=PeerOptions(**options))
@@ -157,8 +173,13 @@ def test_pool_key_differs_when_reuse_would_be_unsafe(change: dict[str, Any]) -> 
 
 @pytest.mark.parametrize(
     "change",
-    [{}, {"connect_timeout": 1.0}, {"read_timeout": 2.0}, {"write_timeout": 3.0},
-     {"idle_timeout": 4.0}],
+    [
+        {},
+        {"connect_timeout": 1.0},
+        {"read_timeout": 2.0},
+        {"write_timeout": 3.0},
+        {"idle_timeout": 4.0},
+    ],
     ids=lambda change: "-".join(change) or "same",
 )
 def test_pool_key_equal_otherwise(change: dict[str, Any]) -> None:
@@ -173,14 +194,43 @@ def test_pool_key_names_its_fields() -> None:
     key = make_peer().pool_key
     assert isinstance(key, PoolKey)
     assert (key.host, key.port, key.tls, key.sni, key.group_key) == (
-        "10.0.0.1", 443, True, "api.example.com", "tenant-a")
-    assert (key.verify_cert, key.verify_hostname, key.ca_file, key.client_cert,
-            key.client_key, key.alpn, key.http2) == (
-        True, True, "/etc/ca.pem", "/etc/client.pem", "/etc/client.key", ("h2", "http/1.1"),
-        False)
-    assert tuple(key) == ("10.0.0.1", 443, True, "api.example.com", True, True, "/etc/ca.pem",
-                          "/etc/client.pem", "/etc/client.key", ("h2", "http/1.1"), False,
-                          "tenant-a")
+        "10.0.0.1",
+        443,
+        True,
+        "api.example.com",
+        "tenant-a",
+    )
+    assert (
+        key.verify_cert,
+        key.verify_hostname,
+        key.ca_file,
+        key.client_cert,
+        key.client_key,
+        key.alpn,
+        key.http2,
+    ) == (
+        True,
+        True,
+        "/etc/ca.pem",
+        "/etc/client.pem",
+        "/etc/client.key",
+        ("h2", "http/1.1"),
+        False,
+    )
+    assert tuple(key) == (
+        "10.0.0.1",
+        443,
+        True,
+        "api.example.com",
+        True,
+        True,
+        "/etc/ca.pem",
+        "/etc/client.pem",
+        "/etc/client.key",
+        ("h2", "http/1.1"),
+        False,
+        "tenant-a",
+    )
 
 
 def test_pool_key_is_a_tuple_as_a_dict_key() -> None:

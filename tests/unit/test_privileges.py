@@ -41,8 +41,9 @@ def test_a_name_resolves_to_its_ids_and_groups() -> None:
 
 def test_a_numeric_id_as_integer_or_digits_names_the_same_user() -> None:
     nobody = _nobody()
-    assert resolve(nobody.pw_uid, None) == resolve(str(nobody.pw_uid), None) == resolve(
-        "nobody", None)
+    assert (
+        resolve(nobody.pw_uid, None) == resolve(str(nobody.pw_uid), None) == resolve("nobody", None)
+    )
 
 
 def test_a_group_replaces_the_primary_group() -> None:
@@ -67,15 +68,19 @@ def _group_or_id(gid: int) -> str:
         return str(gid)
 
 
-@pytest.mark.parametrize(("user", "group", "reason"), [
-    ("no-such-user-tenaya", None, "no such user 'no-such-user-tenaya'"),
-    ("root", "no-such-group-tenaya", "no such group 'no-such-group-tenaya'"),
-    (-1, None, "a user id is 0 or more, got -1"),
-    ("root", -2, "a group id is 0 or more, got -2"),
-    ("", None, "a user name or id is needed"),
-])
-def test_what_does_not_exist_is_refused_with_the_reason(user: str | int, group: str | int | None,
-                                                        reason: str) -> None:
+@pytest.mark.parametrize(
+    ("user", "group", "reason"),
+    [
+        ("no-such-user-tenaya", None, "no such user 'no-such-user-tenaya'"),
+        ("root", "no-such-group-tenaya", "no such group 'no-such-group-tenaya'"),
+        (-1, None, "a user id is 0 or more, got -1"),
+        ("root", -2, "a group id is 0 or more, got -2"),
+        ("", None, "a user name or id is needed"),
+    ],
+)
+def test_what_does_not_exist_is_refused_with_the_reason(
+    user: str | int, group: str | int | None, reason: str
+) -> None:
     with pytest.raises(LookupError) as e:
         resolve(user, group)
     assert str(e.value) == reason
@@ -100,8 +105,11 @@ def test_not_root_warns_and_does_not_switch(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(Identity, "is_current", lambda self: False)
     identity, warning = for_workers("nobody", None)
     assert identity is None
-    assert warning is not None and warning.startswith(
-        "server.user is nobody:") and "the master does not run as root: ignored" in warning
+    assert (
+        warning is not None
+        and warning.startswith("server.user is nobody:")
+        and "the master does not run as root: ignored" in warning
+    )
 
 
 def test_not_root_and_already_that_user_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,8 +124,9 @@ class FakeIds:
     """os's id calls, recorded; the ids take unless told otherwise, and root cannot come back
     once given up unless ``regain`` is set."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, regain: bool = False,
-                 takes: bool = True) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, regain: bool = False, takes: bool = True
+    ) -> None:
         self.calls: list[tuple[str, object]] = []
         self.uid, self.gid = 0, 0
         self.regain, self.takes = regain, takes
@@ -150,11 +159,16 @@ NOBODY = Identity(65534, 65534, (65534, 100), "nobody:nogroup")
 
 
 def test_switch_sets_groups_then_group_then_user_and_checks_root_is_gone(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ids = FakeIds(monkeypatch)
     switch_to(NOBODY)
-    assert ids.calls == [("setgroups", (65534, 100)), ("setresgid", (65534,) * 3),
-                         ("setresuid", (65534,) * 3), ("setresuid", (0, 0, 0))]
+    assert ids.calls == [
+        ("setgroups", (65534, 100)),
+        ("setresgid", (65534,) * 3),
+        ("setresuid", (65534,) * 3),
+        ("setresuid", (0, 0, 0)),
+    ]
     assert (ids.uid, ids.gid) == (65534, 65534)
 
 

@@ -40,6 +40,7 @@ def session(*headers: tuple[bytes, bytes]) -> Session:
 
 # -- Session.request_id ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", [b"X-Request-Id", b"x-request-id", b"X-REQUEST-ID"])
 def test_a_sane_client_id_is_used(name: bytes) -> None:
     assert session((name, b"abc123")).request_id == "abc123"
@@ -50,10 +51,20 @@ def test_the_first_client_id_counts() -> None:
     assert s.request_id == "first"
 
 
-@pytest.mark.parametrize("value", [
-    b"", b"has space", b"tab\there", b"new\nline", b"nul\x00", b"del\x7f", b"caf\xe9",
-    b"x" * (MAX_REQUEST_ID + 1),
-], ids=["empty", "space", "tab", "newline", "nul", "del", "latin1", "too-long"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"has space",
+        b"tab\there",
+        b"new\nline",
+        b"nul\x00",
+        b"del\x7f",
+        b"caf\xe9",
+        b"x" * (MAX_REQUEST_ID + 1),
+    ],
+    ids=["empty", "space", "tab", "newline", "nul", "del", "latin1", "too-long"],
+)
 def test_an_insane_client_id_is_replaced(value: bytes) -> None:
     assert GENERATED.fullmatch(session((b"X-Request-Id", value)).request_id)
 
@@ -88,6 +99,7 @@ def test_an_app_may_set_its_own_id() -> None:
 
 
 # -- the filter --------------------------------------------------------------------------------
+
 
 class Capture(logging.Handler):
     """Keeps the formatted lines of the records it gets."""
@@ -136,7 +148,8 @@ class AsyncApp(ProxyHttp):
 
 @pytest.mark.parametrize("app", [App(), AsyncApp()], ids=["stepped", "task"])
 def test_interleaved_requests_each_log_their_own_id(
-        app: ProxyHttp, log: tuple[logging.Logger, Capture]) -> None:
+    app: ProxyHttp, log: tuple[logging.Logger, Capture]
+) -> None:
     """Two requests whose code waits in the middle: each line, before and after the wait, carries
     the id of the request it was written for; between their steps nothing is current."""
     logger, handler = log
@@ -168,14 +181,18 @@ def test_interleaved_requests_each_log_their_own_id(
         asyncio.set_event_loop(None)
         loop.close()
     assert handler.lines == [
-        "INFO [req req-a] a before", "INFO [req req-b] b before", "INFO between",
-        "WARNING [req req-b] b after", "WARNING [req req-a] a after",
+        "INFO [req req-a] a before",
+        "INFO [req req-b] b before",
+        "INFO between",
+        "WARNING [req req-b] b after",
+        "WARNING [req req-a] a after",
     ]
     assert proxy._current is None
 
 
 def test_another_thread_does_not_get_the_loop_threads_request(
-        log: tuple[logging.Logger, Capture]) -> None:
+    log: tuple[logging.Logger, Capture],
+) -> None:
     """A line from another thread while a request's code runs on the loop's thread has no tag
     (unless that thread runs in a copy of the request's context)."""
     logger, handler = log

@@ -89,8 +89,7 @@ def test_get_is_lifo_per_key() -> None:
     for up in (a, b, c):
         pool.put(up)
     assert pool.idle_count == 3
-    assert [pool.get(KEY_A), pool.get(KEY_A), pool.get(KEY_A), pool.get(KEY_A)] == [
-        c, b, a, None]
+    assert [pool.get(KEY_A), pool.get(KEY_A), pool.get(KEY_A), pool.get(KEY_A)] == [c, b, a, None]
     assert pool.reused == 3
     assert pool.idle_count == 0
     assert not any(up.closed for up in (a, b, c))
@@ -249,7 +248,10 @@ def test_exchange_with_content_length_then_reuse() -> None:
     a.data_received(b"lo")
     assert handler.events == [
         ("head", 200, [(b"Content-Length", b"5")]),
-        ("body", b"hel"), ("body", b"lo"), ("done", True)]
+        ("body", b"hel"),
+        ("body", b"lo"),
+        ("done", True),
+    ]
     assert a not in pool.busy
     pool.put(a)
     assert pool.get(KEY_A) is a
@@ -277,7 +279,10 @@ def test_head_response_ends_after_head_and_connection_is_reusable() -> None:
     a.start(second, b"GET / HTTP/1.1\r\n\r\n", False, read_timeout=5)
     a.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert second.events == [
-        ("head", 200, [(b"Content-Length", b"2")]), ("body", b"ok"), ("done", True)]
+        ("head", 200, [(b"Content-Length", b"2")]),
+        ("body", b"ok"),
+        ("done", True),
+    ]
 
 
 def test_close_delimited_response_ends_at_close() -> None:
@@ -302,7 +307,10 @@ def test_close_delimited_response_with_non_chunked_transfer_encoding() -> None:
     a.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b")
     a.connection_lost(None)
     assert handler.events == [
-        ("head", 200, [(b"Transfer-Encoding", b"gzip")]), ("body", b"\x1f\x8b"), ("done", False)]
+        ("head", 200, [(b"Transfer-Encoding", b"gzip")]),
+        ("body", b"\x1f\x8b"),
+        ("done", False),
+    ]
 
 
 def test_origin_closes_before_response() -> None:

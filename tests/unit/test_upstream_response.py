@@ -75,12 +75,17 @@ def conn(pool: Pool | None = None) -> UpstreamConn:
     return up
 
 
-def exchange(up: UpstreamConn, *reads: bytes, method: bytes = b"GET",
-             session: FakeSession | None = None) -> Handler:
+def exchange(
+    up: UpstreamConn, *reads: bytes, method: bytes = b"GET", session: FakeSession | None = None
+) -> Handler:
     """Starts an exchange on ``up`` and feeds it ``reads``; returns its handler."""
     handler = Handler(session)
-    up.start(handler, method + b" / HTTP/1.1\r\n\r\n",  # type: ignore[arg-type]
-             method == b"HEAD", read_timeout=5)
+    up.start(
+        handler,
+        method + b" / HTTP/1.1\r\n\r\n",  # type: ignore[arg-type]
+        method == b"HEAD",
+        read_timeout=5,
+    )
     for data in reads:
         up.data_received(data)
     return handler
@@ -93,16 +98,24 @@ def is_closed(up: UpstreamConn) -> bool:
 # -- bytes after a complete response -------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [
-    b"JUNK", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", b"HTTP/1.1 2",
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"JUNK",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 2",
+    ],
+)
 def test_bytes_after_a_response_in_the_same_read_end_reuse(extra: bytes) -> None:
     """The response is delivered whole; what follows it makes the connection not reusable,
     and the exchange ends only after the whole read was parsed (not mid-read, when it could
     have gone to the pool with the rest of the read still to come)."""
     h = exchange(conn(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + extra)
-    assert h.events == [("head", 200, [(b"Content-Length", b"2")]), ("body", b"ok"),
-                        ("done", False)]
+    assert h.events == [
+        ("head", 200, [(b"Content-Length", b"2")]),
+        ("body", b"ok"),
+        ("done", False),
+    ]
 
 
 def test_clean_response_ends_reusable() -> None:
@@ -117,8 +130,10 @@ def test_trailing_crlf_is_not_a_message() -> None:
 
 
 def test_chunked_response_with_trailers_ends_once() -> None:
-    h = exchange(conn(), b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"2\r\nok\r\n0\r\nX-T: 1\r\n\r\n")
+    h = exchange(
+        conn(),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+    )
     assert [e[0] for e in h.events] == ["head", "body", "trailers", "done"]
     assert h.events[-1] == ("done", True)
 
@@ -126,11 +141,14 @@ def test_chunked_response_with_trailers_ends_once() -> None:
 # -- 204, 304 and HEAD ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("framing,reusable", [
-    (b"Content-Length: 0\r\n", True),
-    (b"Content-Length: 5\r\n", False),
-    (b"Transfer-Encoding: chunked\r\n", False),
-])
+@pytest.mark.parametrize(
+    "framing,reusable",
+    [
+        (b"Content-Length: 0\r\n", True),
+        (b"Content-Length: 5\r\n", False),
+        (b"Transfer-Encoding: chunked\r\n", False),
+    ],
+)
 def test_204_loses_its_framing(framing: bytes, reusable: bool) -> None:
     h = exchange(conn(), b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n" + framing + b"\r\n")
     assert h.events == [("head", 204, [(b"X-A", b"1")]), ("done", reusable)]
@@ -156,9 +174,14 @@ def test_304_with_body_bytes_is_not_reused() -> None:
     assert h.events == [("head", 304, [(b"Content-Length", b"5")]), ("done", False)]
 
 
-@pytest.mark.parametrize("framing", [
-    b"Content-Length: 5\r\n", b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n",
-])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n",
+        b"Content-Length: 0\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+    ],
+)
 def test_head_response_without_body_is_reusable(framing: bytes) -> None:
     """A response to HEAD ends at its head, whatever its framing says; the parser is ready for
     the next exchange."""
@@ -169,14 +192,17 @@ def test_head_response_without_body_is_reusable(framing: bytes) -> None:
     assert [e[0] for e in again.events] == ["head", "body", "done"]
 
 
-@pytest.mark.parametrize("framing,body", [
-    (b"Content-Length: 5\r\n", b"hello"),
-    (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
-    (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
-    (b"Transfer-Encoding: chunked\r\n", b"hello"),
-    (b"", b"hello"),
-    (b"Content-Length: 0\r\n", b"hello"),
-])
+@pytest.mark.parametrize(
+    "framing,body",
+    [
+        (b"Content-Length: 5\r\n", b"hello"),
+        (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+        (b"Transfer-Encoding: chunked\r\n", b"hello"),
+        (b"", b"hello"),
+        (b"Content-Length: 0\r\n", b"hello"),
+    ],
+)
 def test_head_response_with_body_bytes_is_not_reused(framing: bytes, body: bytes) -> None:
     """Body bytes after the head of a response to HEAD are never passed on, and the
     connection is not reused."""
@@ -200,19 +226,23 @@ SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: Upgrad
 
 def test_101_for_the_offered_protocol_tunnels() -> None:
     """Protocol names compare without regard to case."""
-    h = exchange(conn(), SWITCH % b"WebSocket" + b"frame",
-                 session=FakeSession(upgrade=b"websocket"))
+    h = exchange(
+        conn(), SWITCH % b"WebSocket" + b"frame", session=FakeSession(upgrade=b"websocket")
+    )
     assert [e[0] for e in h.events] == ["head", "tunnel", "tunnel-data"]
     assert h.events[-1] == ("tunnel-data", b"frame")
 
 
-@pytest.mark.parametrize("offered,response", [
-    (None, SWITCH % b"websocket"),
-    (b"websocket", SWITCH % b"h2c"),
-    (b"websocket", SWITCH % b"websocket, h2c"),
-    (b"websocket", b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),
-    (b"websocket", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
-])
+@pytest.mark.parametrize(
+    "offered,response",
+    [
+        (None, SWITCH % b"websocket"),
+        (b"websocket", SWITCH % b"h2c"),
+        (b"websocket", SWITCH % b"websocket, h2c"),
+        (b"websocket", b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),
+        (b"websocket", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+    ],
+)
 def test_101_not_asked_for_is_invalid(offered: bytes | None, response: bytes) -> None:
     """A 101 without an upgrade request, for a protocol not offered, without Upgrade or
     without the upgrade connection option: the exchange fails as an invalid response before
@@ -236,8 +266,10 @@ def reused_conn() -> UpstreamConn:
     return up
 
 
-@pytest.mark.parametrize("data", [b"hello", b"\r\nhello", b"0\r\n\r\n",
-                                  b"helloHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+@pytest.mark.parametrize(
+    "data",
+    [b"hello", b"\r\nhello", b"0\r\n\r\n", b"helloHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+)
 def test_leftover_bytes_on_a_reused_connection_fail_as_a_dead_connection(data: bytes) -> None:
     """Bytes that begin no status line, first on a reused connection: the exchange fails as
     one whose connection died before any response byte (so the engine may retry it)."""
@@ -257,11 +289,14 @@ def test_leftover_bytes_on_a_borrowed_connection_fail_as_a_dead_connection() -> 
     assert not up.got_bytes
 
 
-@pytest.mark.parametrize("data", [
-    b"hello",
-    b"HTTP/1.1 20 OK\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+    ],
+)
 def test_bad_bytes_on_a_fresh_connection_are_an_invalid_response(data: bytes) -> None:
     up = conn()
     h = exchange(up, data)
@@ -271,11 +306,14 @@ def test_bad_bytes_on_a_fresh_connection_are_an_invalid_response(data: bytes) ->
     assert is_closed(up)
 
 
-@pytest.mark.parametrize("data", [
-    b"HTTP/1.1 20 OK\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    ],
+)
 def test_invalid_response_on_a_reused_connection_stays_invalid(data: bytes) -> None:
     """A response that begins as one is the origin's answer, however malformed: 502, no
     retry."""

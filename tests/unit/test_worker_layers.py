@@ -14,8 +14,15 @@ WORKER = Path(__file__).resolve().parents[2] / "worker"
 
 #: For each layer, the worker packages and modules it may import (beside itself). The leaves
 #: (worker.http, worker.tls ...) and worker.interfaces are open to every layer.
-LEAVES = {"worker.interfaces", "worker.http", "worker.tls", "worker.accesslog",
-          "worker.log_throttle", "worker.accept_limit", "worker.h2"}
+LEAVES = {
+    "worker.interfaces",
+    "worker.http",
+    "worker.tls",
+    "worker.accesslog",
+    "worker.log_throttle",
+    "worker.accept_limit",
+    "worker.h2",
+}
 ALLOWED = {
     "worker.interfaces": set(),
     "worker.h2": set(),
@@ -88,15 +95,17 @@ def test_a_layer_imports_only_what_is_below_it(name: str) -> None:
 
 def test_no_import_cycle() -> None:
     """The worker's modules form no cycle, counting imports made only for type checking."""
-    graph = {n: {t for i in deps if (t := existing(modules(), i)) not in (None, "worker", n)}
-             for n, deps in modules().items()}
+    graph = {
+        n: {t for i in deps if (t := existing(modules(), i)) not in (None, "worker", n)}
+        for n, deps in modules().items()
+    }
     state: dict[str, int] = {}
 
     def visit(n: str, path: list[str]) -> None:
         state[n] = 1
         for m in graph.get(n, ()):
             if state.get(m) == 1:
-                raise AssertionError(" -> ".join([*path[path.index(m):], m]))
+                raise AssertionError(" -> ".join([*path[path.index(m) :], m]))
             if m not in state:
                 visit(m, [*path, m])
         state[n] = 2

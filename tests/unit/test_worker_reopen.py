@@ -36,8 +36,9 @@ class Rotated:
         self.error.rename(self.dir / "error.log.1")
 
     def write_both(self, text: str) -> None:
-        os.write(self.worker.access_log.fileno() if self.worker.access_log else 2,
-                 f"{text}\n".encode())
+        os.write(
+            self.worker.access_log.fileno() if self.worker.access_log else 2, f"{text}\n".encode()
+        )
         self.worker.log.error("%s", text)
         self.handler.flush()
 
@@ -75,8 +76,9 @@ def test_reopen_uses_the_descriptors_the_master_sent(logs: Rotated, tmp_path: Pa
     fds = (_opened(elsewhere_access), _opened(elsewhere_error))
     logs.worker.reopen_logs(ipc.ReopenLogs(paths=[str(logs.access), str(logs.error)], fds=fds))
     logs.write_both("from the master's files")
-    assert elsewhere_access.read_text() == elsewhere_error.read_text() == (
-        "from the master's files\n")
+    assert (
+        elsewhere_access.read_text() == elsewhere_error.read_text() == ("from the master's files\n")
+    )
     assert not logs.access.exists() and not logs.error.exists()
     for fd in fds:
         with pytest.raises(OSError):

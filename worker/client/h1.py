@@ -85,9 +85,26 @@ class UpstreamConn(asyncio.Protocol):
     ended_with_head = False
 
     __slots__ = (
-        "key", "pool", "transport", "parser", "handler", "headers", "trailers", "status",
-        "head_only", "got_bytes", "keep_alive", "deadline", "read_timeout", "requests",
-        "idle_since", "closed", "write_paused", "tunnel", "reading_paused", "complete",
+        "key",
+        "pool",
+        "transport",
+        "parser",
+        "handler",
+        "headers",
+        "trailers",
+        "status",
+        "head_only",
+        "got_bytes",
+        "keep_alive",
+        "deadline",
+        "read_timeout",
+        "requests",
+        "idle_since",
+        "closed",
+        "write_paused",
+        "tunnel",
+        "reading_paused",
+        "complete",
         "chunked_body",
     )
 
@@ -144,7 +161,7 @@ class UpstreamConn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._start_tunnel(handler, data[e.args[0]:])
+            self._start_tunnel(handler, data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             self._stopped(e.__context__ or e, data)
         except httptools.HttpParserError as e:
@@ -163,13 +180,19 @@ class UpstreamConn(asyncio.Protocol):
             self.keep_alive = False
             self._finish()
             return
-        if (self.status == 0 and not self.headers and isinstance(exc, httptools.HttpParserError)
-                and not isinstance(exc, InvalidResponse)
-                and not _STATUS_LINE_START.startswith(data.lstrip(b"\r\n")[:5])
-                and self._reused()):
+        if (
+            self.status == 0
+            and not self.headers
+            and isinstance(exc, httptools.HttpParserError)
+            and not isinstance(exc, InvalidResponse)
+            and not _STATUS_LINE_START.startswith(data.lstrip(b"\r\n")[:5])
+            and self._reused()
+        ):
             self.got_bytes = False
-            exc = StaleBytes(f"{len(data)} bytes that begin no response came before the "
-                             f"response on a reused connection ({data[:16]!r})")
+            exc = StaleBytes(
+                f"{len(data)} bytes that begin no response came before the "
+                f"response on a reused connection ({data[:16]!r})"
+            )
         self._fail(exc)
 
     def _reused(self) -> bool:
@@ -265,14 +288,19 @@ class UpstreamConn(asyncio.Protocol):
         field"."""
         s = handler.active
         offered = s.upgrade if s is not None else None
-        named = [token.strip().lower() for name, value in self.headers
-                 if name.lower() == b"upgrade" for token in value.split(b",")]
+        named = [
+            token.strip().lower()
+            for name, value in self.headers
+            if name.lower() == b"upgrade"
+            for token in value.split(b",")
+        ]
         named = [token for token in named if token]
         what = b", ".join(named).decode("latin-1") or "no protocol"
         if offered is None:
             why = f"101 switching to {what} for a request that asked for no upgrade"
         elif not named or not all(
-                token in {t.strip().lower() for t in offered.split(b",")} for token in named):
+            token in {t.strip().lower() for t in offered.split(b",")} for token in named
+        ):
             why = f"101 switching to {what}; the request offered {offered.decode('latin-1')}"
         elif not self.parser.should_upgrade():
             why = "101 without the upgrade option in its Connection field"
@@ -345,8 +373,7 @@ class UpstreamConn(asyncio.Protocol):
     def _declares_chunked(self) -> bool:
         """True when the response's framing is the chunked coding."""
         for name, value in self.headers:
-            if (name.lower() == b"transfer-encoding"
-                    and value.rstrip().lower().endswith(b"chunked")):
+            if name.lower() == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
                 return True
         return False
 
@@ -364,8 +391,14 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- exchange ------------------------------------------------------------------------
 
-    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
-                     peer: HttpPeer, body_filtered: bool) -> bytes:
+    def request_head(
+        self,
+        s: Session,
+        req: RequestHeader | None,
+        client: Downstream,
+        peer: HttpPeer,
+        body_filtered: bool,
+    ) -> bytes:
         """The request head in HTTP/1.1, for :meth:`start`: from ``req`` when the app's
         ``upstream_request_filter`` made it; else, unless a phase built ``s.req_header``,
         from the request as parsed (the fast path: the header lines the downstream protocol
@@ -379,19 +412,36 @@ class UpstreamConn(asyncio.Protocol):
                 xff = ip if s.xff is None else s.xff + b", " + ip
                 host = s.host_b
                 if host is None:
-                    tail = [b"Host: ", str(peer).encode(), b"\r\nX-Forwarded-For: ", xff,
-                            b"\r\nX-Forwarded-Proto: ", client.scheme, b"\r\n",
-                            _framing(s, body_filtered), b"\r\n"]
+                    tail = [
+                        b"Host: ",
+                        str(peer).encode(),
+                        b"\r\nX-Forwarded-For: ",
+                        xff,
+                        b"\r\nX-Forwarded-Proto: ",
+                        client.scheme,
+                        b"\r\n",
+                        _framing(s, body_filtered),
+                        b"\r\n",
+                    ]
                 else:
-                    tail = [b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ",
-                            client.scheme, b"\r\nX-Forwarded-Host: ", host, b"\r\n",
-                            _framing(s, body_filtered), b"\r\n"]
+                    tail = [
+                        b"X-Forwarded-For: ",
+                        xff,
+                        b"\r\nX-Forwarded-Proto: ",
+                        client.scheme,
+                        b"\r\nX-Forwarded-Host: ",
+                        host,
+                        b"\r\n",
+                        _framing(s, body_filtered),
+                        b"\r\n",
+                    ]
                 return b"".join((s.method, b" ", s.url, b" HTTP/1.1\r\n", *s.fwd, *tail))
             req = upstream_request(s, client, peer)
         return req.encode_head()[:-2] + _framing(s, body_filtered) + b"\r\n"
 
-    def start(self, handler: ResponseHandler, head: bytes, head_only: bool,
-              read_timeout: float) -> None:
+    def start(
+        self, handler: ResponseHandler, head: bytes, head_only: bool, read_timeout: float
+    ) -> None:
         """Sends a request head; the response goes to ``handler``."""
         self.handler = handler
         self.head_only = head_only
@@ -413,7 +463,8 @@ class UpstreamConn(asyncio.Protocol):
         """Sends a piece of the request body, as a chunk when the head said chunked."""
         if self.chunked_body:
             self.transport.writelines(  # type: ignore[union-attr]
-                (b"%x\r\n" % len(data), data, b"\r\n"))
+                (b"%x\r\n" % len(data), data, b"\r\n")
+            )
         else:
             self.transport.write(data)  # type: ignore[union-attr]
 
@@ -434,8 +485,11 @@ class UpstreamConn(asyncio.Protocol):
             return upstream_error(ErrorKind.READ_TIMEOUT, exc)
         if isinstance(exc, httptools.HttpParserError):
             return upstream_error(ErrorKind.INVALID_RESPONSE, exc)
-        return upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
-                              RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER)
+        return upstream_error(
+            ErrorKind.CONNECTION_CLOSED,
+            exc or "closed before a response",
+            RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER,
+        )
 
     def pause_reading(self) -> None:
         if not self.closed and not self.reading_paused:
@@ -495,9 +549,14 @@ class UpstreamConn(asyncio.Protocol):
         """True when the connection may move to another process: idle, plaintext HTTP/1.1,
         nothing buffered either way."""
         t = self.transport
-        return (not self.closed and self.handler is None and t is not None
-                and not t.is_closing() and t.get_write_buffer_size() == 0
-                and t.get_extra_info("sslcontext") is None)
+        return (
+            not self.closed
+            and self.handler is None
+            and t is not None
+            and not t.is_closing()
+            and t.get_write_buffer_size() == 0
+            and t.get_extra_info("sslcontext") is None
+        )
 
     def fileno(self) -> int:
         return self.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]

@@ -52,8 +52,18 @@ DEFAULT_MAX_STREAMS = 100
 MAX_STREAMS_PER_CONNECTION = 900
 #: Request fields not sent to an HTTP/2 upstream (connection-specific, RFC 9113 8.2.2; Host
 #: becomes :authority).
-_H2_UPSTREAM_DROP = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te",
-                               "transfer-encoding", "upgrade", "content-length"})
+_H2_UPSTREAM_DROP = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
 _GOAWAY = 0x7
 _FRAME_HEAD = struct.Struct(">HBB")
 
@@ -103,14 +113,14 @@ class GoawayFilter:
             if self.left:
                 n = min(self.left, end - pos)
                 if self.dropping:
-                    self.payload += data[pos:pos + n]
+                    self.payload += data[pos : pos + n]
                 else:
-                    out.append(data[pos:pos + n])
+                    out.append(data[pos : pos + n])
                 self.left -= n
                 pos += n
             else:
                 need = 9 - len(self.head)
-                self.head += data[pos:pos + need]
+                self.head += data[pos : pos + need]
                 pos += need
                 if len(self.head) < 9:
                     break
@@ -130,10 +140,12 @@ class GoawayFilter:
 def h2_fields(req: RequestHeader, s: Session, peer: HttpPeer) -> list[tuple[bytes, bytes]]:
     """The upstream request as HTTP/2 header fields (lower-case names, pseudo-headers)."""
     authority = req.get("host") or format_address(peer.host, peer.port)
-    fields = [(b":method", req.method.encode()), (b":scheme", b"https" if peer.tls
-                                                   else b"http"),
-              (b":authority", authority.encode("latin-1")),
-              (b":path", req.path.encode("latin-1"))]
+    fields = [
+        (b":method", req.method.encode()),
+        (b":scheme", b"https" if peer.tls else b"http"),
+        (b":authority", authority.encode("latin-1")),
+        (b":path", req.path.encode("latin-1")),
+    ]
     for name, value in req:
         n = name.lower()
         if n not in _H2_UPSTREAM_DROP:
@@ -173,8 +185,14 @@ class UpstreamH2Stream:
 
     # -- what the engine and the exchange call ---------------------------------------------
 
-    def request_head(self, s: Session, req: RequestHeader | None, client: Downstream,
-                     peer: HttpPeer, body_filtered: bool) -> list[tuple[bytes, bytes]]:
+    def request_head(
+        self,
+        s: Session,
+        req: RequestHeader | None,
+        client: Downstream,
+        peer: HttpPeer,
+        body_filtered: bool,
+    ) -> list[tuple[bytes, bytes]]:
         """The request head as HTTP/2 fields, for :meth:`start`: from ``req`` when the app's
         ``upstream_request_filter`` made it, else from the request as the proxy forwards
         it (:func:`~worker.http.upstream_request`). The body goes in DATA frames whatever
@@ -183,8 +201,9 @@ class UpstreamH2Stream:
             req = upstream_request(s, client, peer)
         return h2_fields(req, s, peer)
 
-    def start(self, handler: ResponseHandler, head: Any, head_only: bool,
-              read_timeout: float) -> None:
+    def start(
+        self, handler: ResponseHandler, head: Any, head_only: bool, read_timeout: float
+    ) -> None:
         """Sends the request headers (``head``: a list of byte pairs with pseudo-headers)."""
         self.handler = handler
         self.read_timeout = read_timeout
@@ -271,8 +290,11 @@ class UpstreamH2Stream:
         came and the connection was reused)."""
         if isinstance(exc, TimeoutError):
             return upstream_error(ErrorKind.READ_TIMEOUT, exc)
-        return upstream_error(ErrorKind.CONNECTION_CLOSED, exc or "closed before a response",
-                              RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER)
+        return upstream_error(
+            ErrorKind.CONNECTION_CLOSED,
+            exc or "closed before a response",
+            RetryType.IF_REUSED if not self.got_bytes else RetryType.NEVER,
+        )
 
     def timed_out(self) -> None:
         """Called by the sweep when the response is late."""
@@ -285,8 +307,9 @@ class UpstreamH2Stream:
     # -- events from the connection ----------------------------------------------------------
 
     def on_event(self, event: ev.Event) -> None:
-        if self.paused and isinstance(event, (ev.DataReceived, ev.TrailersReceived,
-                                              ev.StreamEnded)):
+        if self.paused and isinstance(
+            event, (ev.DataReceived, ev.TrailersReceived, ev.StreamEnded)
+        ):
             self.held.append(event)
             return
         handler = self.handler
@@ -338,8 +361,9 @@ class UpstreamH2Stream:
 class UpstreamH2Conn(asyncio.Protocol):
     """One HTTP/2 client connection to an upstream."""
 
-    def __init__(self, key: PoolKey, pool: UpstreamPool,
-                 on_retire: Callable[[UpstreamH2Conn], None]) -> None:
+    def __init__(
+        self, key: PoolKey, pool: UpstreamPool, on_retire: Callable[[UpstreamH2Conn], None]
+    ) -> None:
         self.key = key
         #: Where its streams count themselves (busy, requests).
         self.pool = pool
@@ -393,8 +417,11 @@ class UpstreamH2Conn(asyncio.Protocol):
             for event in events:
                 sid = getattr(event, "stream_id", 0)
                 if isinstance(event, ev.WindowUpdated):
-                    targets = list(self.streams.values()) if sid == 0 else [
-                        s for s in (self.streams.get(sid),) if s is not None]
+                    targets = (
+                        list(self.streams.values())
+                        if sid == 0
+                        else [s for s in (self.streams.get(sid),) if s is not None]
+                    )
                     for stream in targets:
                         if stream.out.blocked:
                             stream.window_opened()

@@ -85,15 +85,19 @@ class BrokerClient:
         closed here either way (the broker holds its own descriptor)."""
         given = 0
         for i in range(0, len(conns), MAX_FDS_PER_MESSAGE):
-            batch = [up for up in conns[i:i + MAX_FDS_PER_MESSAGE] if up.donatable()]
+            batch = [up for up in conns[i : i + MAX_FDS_PER_MESSAGE] if up.donatable()]
             if batch:
                 try:
-                    self._send(ipc.Donate(keys=[self.key_info(up.key)[0] for up in batch],
-                                          fds=tuple(up.fileno() for up in batch)))
+                    self._send(
+                        ipc.Donate(
+                            keys=[self.key_info(up.key)[0] for up in batch],
+                            fds=tuple(up.fileno() for up in batch),
+                        )
+                    )
                     given += len(batch)
                 except (ChannelClosed, OSError, BlockingIOError):
                     pass
-            for up in conns[i:i + MAX_FDS_PER_MESSAGE]:
+            for up in conns[i : i + MAX_FDS_PER_MESSAGE]:
                 up.close()
         return given
 

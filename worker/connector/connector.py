@@ -37,8 +37,7 @@ if TYPE_CHECKING:
 class Connector:
     """A worker's upstream connections: its pools, its broker client, new connections."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool,
-                 connect_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool, connect_timeout: float) -> None:
         self.loop = loop
         #: Idle HTTP/1.1 connections, and the exchanges under way.
         self.pool = pool
@@ -90,8 +89,9 @@ class Connector:
         up = UpstreamConn(peer.pool_key, self.pool)
         try:
             # Made in a context of its own, like new_connection()'s.
-            await self.loop.create_task(self.loop.create_connection(lambda: up, sock=sock),
-                                        context=contextvars.Context())
+            await self.loop.create_task(
+                self.loop.create_connection(lambda: up, sock=sock), context=contextvars.Context()
+            )
         except OSError:
             sock.close()
             return None
@@ -113,9 +113,14 @@ class Connector:
         timeout = peer.options.connect_timeout or self.connect_timeout
         if peer.tls:
             ctx = self.client_tls.context(peer)
-            conn_coro = loop.create_connection(lambda: up, peer.host, peer.port, ssl=ctx,
-                                               server_hostname=peer.sni or peer.host,
-                                               ssl_handshake_timeout=timeout)
+            conn_coro = loop.create_connection(
+                lambda: up,
+                peer.host,
+                peer.port,
+                ssl=ctx,
+                server_hostname=peer.sni or peer.host,
+                ssl_handshake_timeout=timeout,
+            )
         else:
             conn_coro = loop.create_connection(lambda: up, peer.host, peer.port)
         # In a context of its own (see the module docstring).
@@ -124,16 +129,19 @@ class Connector:
         try:
             await task
         except asyncio.CancelledError:
-            raise upstream_error(ErrorKind.CONNECT_TIMEOUT, f"{peer} after {timeout:g}s",
-                                 RetryType.ALWAYS) from None
+            raise upstream_error(
+                ErrorKind.CONNECT_TIMEOUT, f"{peer} after {timeout:g}s", RetryType.ALWAYS
+            ) from None
         except ConnectionRefusedError as e:
-            raise upstream_error(ErrorKind.CONNECT_REFUSED, f"{peer}: {e.strerror}",
-                                 RetryType.ALWAYS) from None
+            raise upstream_error(
+                ErrorKind.CONNECT_REFUSED, f"{peer}: {e.strerror}", RetryType.ALWAYS
+            ) from None
         except ssl.SSLError as e:
             raise upstream_error(ErrorKind.TLS_ERROR, f"{peer}: {e.reason or e}") from None
         except OSError as e:
-            raise upstream_error(ErrorKind.CONNECT_ERROR, f"{peer}: {e.strerror or e}",
-                                 RetryType.ALWAYS) from None
+            raise upstream_error(
+                ErrorKind.CONNECT_ERROR, f"{peer}: {e.strerror or e}", RetryType.ALWAYS
+            ) from None
         finally:
             timer.cancel()
             if done is not None:
@@ -142,8 +150,13 @@ class Connector:
                 done.set_result(None)
         self.pool.created += 1
         if isinstance(up, UpstreamH2Conn):
-            if peer.tls and up.transport.get_extra_info(  # type: ignore[union-attr]
-                    "ssl_object").selected_alpn_protocol() != "h2":
+            if (
+                peer.tls
+                and up.transport.get_extra_info(  # type: ignore[union-attr]
+                    "ssl_object"
+                ).selected_alpn_protocol()
+                != "h2"
+            ):
                 up.close()
                 raise upstream_error(ErrorKind.TLS_ERROR, f"{peer} did not agree to HTTP/2")
             self.h2.add(up)

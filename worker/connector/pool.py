@@ -158,8 +158,11 @@ class H2Pool:
         """A new stream on a live connection with room, or None."""
         best = None
         for conn in self._conns.get(key, ()):
-            if not conn.closed and conn.capacity > 0 and (
-                    best is None or conn.capacity > best.capacity):
+            if (
+                not conn.closed
+                and conn.capacity > 0
+                and (best is None or conn.capacity > best.capacity)
+            ):
                 best = conn
         return best.open_stream() if best is not None else None
 

@@ -87,8 +87,7 @@ _IDLE_TYPES = frozenset({PING, SETTINGS, PRIORITY})
 class Handler(Protocol):
     """What the codec calls; each call is about one stream (0: the connection)."""
 
-    def on_request(self, stream_id: int, fields: Fields, end_stream: bool,
-                   too_large: bool) -> None:
+    def on_request(self, stream_id: int, fields: Fields, end_stream: bool, too_large: bool) -> None:
         """A request's validated header fields (``too_large``: over the header list limit)."""
 
     def on_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
@@ -117,11 +116,11 @@ class _StreamError(Exception):
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open",
-                 "remaining")
+    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open", "remaining")
 
-    def __init__(self, send_window: int, recv_window: int, remote_open: bool,
-                 remaining: int) -> None:
+    def __init__(
+        self, send_window: int, recv_window: int, remote_open: bool, remaining: int
+    ) -> None:
         self.send_window = send_window
         self.recv_window = recv_window
         self.unacked = 0
@@ -182,8 +181,13 @@ class H2Codec:
 
     def initiate_connection(self) -> None:
         """Our SETTINGS, the first frame the server sends."""
-        self._frame(SETTINGS, 0, 0, _SETTING.pack(MAX_CONCURRENT_STREAMS, self.max_streams)
-                    + _SETTING.pack(MAX_HEADER_LIST_SIZE, self.max_header_list))
+        self._frame(
+            SETTINGS,
+            0,
+            0,
+            _SETTING.pack(MAX_CONCURRENT_STREAMS, self.max_streams)
+            + _SETTING.pack(MAX_HEADER_LIST_SIZE, self.max_header_list),
+        )
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -212,7 +216,7 @@ class H2Codec:
             self._frame(HEADERS, flags, sid, block[:size])
             for i in range(size, len(block), size):
                 last = i + size >= len(block)
-                self._frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i:i + size])
+                self._frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i : i + size])
         if end_stream:
             self._close_local(sid, st)
 
@@ -346,7 +350,7 @@ class H2Codec:
             stop = pos + 9 + length
             if stop > end:
                 break
-            payload = buf[pos + 9:stop]
+            payload = buf[pos + 9 : stop]
             pos = stop
             sid &= 0x7FFFFFFF
             if not self._settings_seen and (ftype != SETTINGS or flags & ACK):
@@ -513,7 +517,7 @@ class H2Codec:
         if flags & PADDED:
             if not flow or payload[0] >= flow:
                 raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad padding")
-            data = payload[1:flow - payload[0]]
+            data = payload[1 : flow - payload[0]]
         self.recv_window -= flow
         if self.recv_window < 0:
             raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "connection window exceeded")
@@ -560,8 +564,11 @@ class H2Codec:
         if flags & PRIORITY_FLAG:
             if end - start < 5:
                 # Too short for its fields, or padding that eats them (RFC 9113 4.2, 6.2).
-                code = (ErrorCodes.FRAME_SIZE_ERROR if len(payload) < start + 5
-                        else ErrorCodes.PROTOCOL_ERROR)
+                code = (
+                    ErrorCodes.FRAME_SIZE_ERROR
+                    if len(payload) < start + 5
+                    else ErrorCodes.PROTOCOL_ERROR
+                )
                 raise _ConnectionError(code, "HEADERS too short")
             if _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF == sid:
                 flags |= _SELF_DEPENDENT
@@ -624,7 +631,8 @@ class H2Codec:
         self.highest_inbound_stream_id = sid
         decoder = self.decoder
         parsed: tuple[Fields, str | None, int, bool] | None = decoder.cached(  # type: ignore
-            block)
+            block
+        )
         if parsed is None:
             generation = decoder.generation
             fields = self._decode(block)
@@ -646,6 +654,7 @@ class H2Codec:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, malformed)
         if end_stream and length > 0:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "no body, but a content-length")
-        self.streams[sid] = _Stream(self.initial_send_window, DEFAULT_WINDOW, not end_stream,
-                                    length)
+        self.streams[sid] = _Stream(
+            self.initial_send_window, DEFAULT_WINDOW, not end_stream, length
+        )
         self.handler.on_request(sid, fields, end_stream, too_large)

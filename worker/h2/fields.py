@@ -23,8 +23,9 @@ _BAD_METHOD = re.compile(rb"[^A-Za-z0-9!#$%&'*+.^_`|~-]")
 #: RFC 9113 8.3.1, no path), the rule an HTTP/1.1 Host meets.
 _BAD_PATH = re.compile(rb"[\x00-\x20\x7f#]")
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_CONNECTION_FIELDS = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_CONNECTION_FIELDS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 
 
 def check_request(fields: Fields) -> tuple[str | None, int]:

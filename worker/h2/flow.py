@@ -48,8 +48,9 @@ class WindowedSender:
         """Sends ``data`` as the stream's last frame (END_STREAM) if nothing waits and it fits
         the window in one frame; False (nothing sent) otherwise."""
         conn = self.conn
-        if self.pending or len(data) > min(conn.local_flow_control_window(self.stream_id),
-                                           conn.max_outbound_frame_size):
+        if self.pending or len(data) > min(
+            conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size
+        ):
             return False
         conn.send_data(self.stream_id, data, end_stream=True)
         return True

@@ -58,7 +58,8 @@ DRAIN_IDLE_SECONDS = 1.0
 # The request a log line belongs to (see the module docstring).
 _current: Session | None = None
 _task_session: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
-    "tenaya_session", default=None)
+    "tenaya_session", default=None
+)
 """The session of the engine's Task running now (apps with ``async def`` phases)."""
 
 
@@ -139,8 +140,9 @@ class Engine:
       (:meth:`fail`) writes the error response.
     """
 
-    def __init__(self, app: ProxyHttp, config: Config, access_log: AccessLog | None,
-                 log: logging.Logger) -> None:
+    def __init__(
+        self, app: ProxyHttp, config: Config, access_log: AccessLog | None, log: logging.Logger
+    ) -> None:
         self.app = app
         self.config = config
         self.log = log
@@ -167,8 +169,9 @@ class Engine:
         self.p_error_while_proxy, _ = phase("error_while_proxy")
         self.p_fail_to_proxy, self.a_fail_to_proxy = phase("fail_to_proxy")
         self.any_async = any(is_async(m) for m in phases.values())
-        self.response_phases = bool(self.p_upstream_response_filter or self.p_response_filter
-                                    or self.p_response_body_filter)
+        self.response_phases = bool(
+            self.p_upstream_response_filter or self.p_response_filter or self.p_response_body_filter
+        )
         t = config.timeouts
         self.read_timeout = t.upstream_read_seconds
         self.keepalive = t.keepalive_seconds
@@ -177,9 +180,11 @@ class Engine:
         self.max_body = config.limits.max_body_bytes
         self.max_retries = config.server.max_retries
         #: Where upstream exchanges come from (pools, broker, new connections).
-        self.connector = Connector(self.loop, Pool(config.pool.size_per_worker,
-                                                   config.pool.idle_timeout_seconds),
-                                   t.upstream_connect_seconds)
+        self.connector = Connector(
+            self.loop,
+            Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds),
+            t.upstream_connect_seconds,
+        )
         #: The connector's pool of idle HTTP/1.1 connections (its counters are the
         #: heartbeat's).
         self.pool = self.connector.pool
@@ -224,8 +229,7 @@ class Engine:
                 if s.error is not None:
                     raise s.error
                 if s.method == b"CONNECT":
-                    raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED,
-                                           "CONNECT is not enabled")
+                    raise downstream_error(ErrorKind.METHOD_NOT_ALLOWED, "CONNECT is not enabled")
                 # 1. early_request_filter
                 if self.p_early_request_filter is not None:
                     r = self.p_early_request_filter(s, ctx)
@@ -238,9 +242,11 @@ class Engine:
                         r = await r
                     if r:
                         if not s.response_started:
-                            raise ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
-                                             cause="request_filter returned True but wrote "
-                                                   "nothing")
+                            raise ProxyError(
+                                ErrorKind.INTERNAL,
+                                ErrorSource.INTERNAL,
+                                cause="request_filter returned True but wrote nothing",
+                            )
                         conn.finish(s)
                         return
             # The retry loop (Pingora's process_request): a failure to connect goes round
@@ -302,8 +308,12 @@ class Engine:
         except ProxyError as e:
             self.fail(conn, s, e)
         except Exception as e:
-            self.log.exception("app error on %s %s%s", s.method.decode("latin-1"),
-                               s.url[:200].decode("latin-1"), " (retry)" if retry else "")
+            self.log.exception(
+                "app error on %s %s%s",
+                s.method.decode("latin-1"),
+                s.url[:200].decode("latin-1"),
+                " (retry)" if retry else "",
+            )
             self.fail(conn, s, ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=e))
 
     def may_retry(self, s: Session, err: ProxyError, sent: bool) -> bool:
@@ -352,14 +362,16 @@ class Engine:
 
     # -- the response side ---------------------------------------------------------------
 
-    def response_head(self, conn: Downstream, s: Session, up: Upstream, status: int,
-                      headers: RawHeaders) -> None:
+    def response_head(
+        self, conn: Downstream, s: Session, up: Upstream, status: int, headers: RawHeaders
+    ) -> None:
         """The upstream response head, through the response phases the app overrides."""
         global _current
         prev, _current = _current, s
         try:
-            resp = ResponseHeader(status, [(n.decode("latin-1"), v.decode("latin-1"))
-                                           for n, v in headers])
+            resp = ResponseHeader(
+                status, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+            )
             try:
                 if self.p_upstream_response_filter is not None:
                     self.p_upstream_response_filter(s, resp, s.ctx)
@@ -377,8 +389,9 @@ class Engine:
         finally:
             _current = prev
 
-    async def _finish_response_filter(self, conn: Downstream, s: Session, up: Upstream,
-                                      pending: Any, resp: ResponseHeader) -> None:
+    async def _finish_response_filter(
+        self, conn: Downstream, s: Session, up: Upstream, pending: Any, resp: ResponseHeader
+    ) -> None:
         try:
             await pending
         except Exception as e:
@@ -394,8 +407,12 @@ class Engine:
 
     def _write_filtered_head(self, conn: Downstream, s: Session, resp: ResponseHeader) -> None:
         fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in resp]
-        conn.write_head(s, status_line(resp.status, resp.reason), fields,
-                        self.p_response_body_filter is not None)
+        conn.write_head(
+            s,
+            status_line(resp.status, resp.reason),
+            fields,
+            self.p_response_body_filter is not None,
+        )
 
     def _phase_failed(self, conn: Downstream, s: Session, up: Upstream, e: Exception) -> None:
         self.log.exception("response phase failed", exc_info=e)
@@ -460,18 +477,23 @@ class Engine:
             s.keep_alive = False
         if err.source is not ErrorSource.DOWNSTREAM:
             level = logging.WARNING if err.source is ErrorSource.UPSTREAM else logging.INFO
-            self.log.log(level, "%s %s: %s", s.method.decode("latin-1"),
-                         s.url[:200].decode("latin-1"), err)
+            self.log.log(
+                level, "%s %s: %s", s.method.decode("latin-1"), s.url[:200].decode("latin-1"), err
+            )
         elif err.kind is not ErrorKind.DOWNSTREAM_CLOSED:
             # A request refused: once per client and kind a minute (a client's flood of bad
             # requests must not become a flood of lines).
             client = conn.client_addr[0]
             held = self.log_throttle.allow(client, err.kind.name)
             if held is not None:
-                self.log.info("%s %s from %s: %s%s", s.method.decode("latin-1"),
-                              s.url[:200].decode("latin-1"), client, err,
-                              f" (and {held} more from this client since the last line)"
-                              if held else "")
+                self.log.info(
+                    "%s %s from %s: %s%s",
+                    s.method.decode("latin-1"),
+                    s.url[:200].decode("latin-1"),
+                    client,
+                    err,
+                    f" (and {held} more from this client since the last line)" if held else "",
+                )
         if self.p_fail_to_proxy is None:
             self._default_error_response(conn, s, err)
             conn.finish(s)

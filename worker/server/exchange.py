@@ -19,8 +19,9 @@ from worker.http import status_line
 from worker.interfaces import ProxyEngine, Upstream
 
 
-def peer_info(transport: asyncio.BaseTransport
-              ) -> tuple[tuple[str, int], bytes, tuple[str, int], Any]:
+def peer_info(
+    transport: asyncio.BaseTransport,
+) -> tuple[tuple[str, int], bytes, tuple[str, int], Any]:
     """A new client connection's (client address, client IP as bytes, server address, TLS
     object or None)."""
     peer = transport.get_extra_info("peername")
@@ -221,4 +222,3 @@ class Exchange:
         s.keep_alive = False
         self.close()
         self.finish(s)
-

@@ -46,22 +46,42 @@ from worker.server.exchange import Exchange, peer_info
 from worker.server.select import PREFACE_START, alpn_chose_h2, is_h2_preface, switch_to_h2
 
 # Response body framing, chosen when the response head is written.
-MODE_NONE = 0      # no body (HEAD, 1xx, 204, 304)
-MODE_LENGTH = 1    # Content-Length: body bytes pass as they arrive
-MODE_CHUNKED = 2   # chunked transfer coding toward the client
-MODE_CLOSE = 3     # delimited by closing the connection (HTTP/1.0 clients)
+MODE_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+MODE_LENGTH = 1  # Content-Length: body bytes pass as they arrive
+MODE_CHUNKED = 2  # chunked transfer coding toward the client
+MODE_CLOSE = 3  # delimited by closing the connection (HTTP/1.0 clients)
 
 # Request headers the proxy reads itself; all but Host are hop-by-hop or rewritten by it.
-_REQ_SPECIAL = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"te", b"trailer", b"upgrade", b"expect", b"x-forwarded-for",
-    b"x-forwarded-proto", b"x-forwarded-host", b"http2-settings",
-})
+_REQ_SPECIAL = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"http2-settings",
+    }
+)
 # Response headers not passed on: hop-by-hop (RFC 9110 7.6.1) or framing the proxy redoes.
-_RESP_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade",
-})
+_RESP_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 _KEEP_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 #: Connection tokens of a request that name no field to drop: those above, and the fields a
 #: request cannot do without. RFC 9110 7.6.1 has a proxy drop the fields the Connection field
@@ -71,10 +91,20 @@ _REQ_KEEP_TOKENS = _KEEP_TOKENS | {b"host", b"content-length", b"transfer-encodi
 #: Trailer fields a request may not carry (RFC 9110 6.5.1: framing, routing and connection
 #: fields); a chunked body ending with one is refused. Others are dropped, as trailers are
 #: not sent upstream.
-_BAD_TRAILERS = frozenset({
-    b"content-length", b"transfer-encoding", b"trailer", b"host", b"connection",
-    b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"expect",
-})
+_BAD_TRAILERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"trailer",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+        b"expect",
+    }
+)
 #: Client bytes sent after an upgrade request, kept until the tunnel opens, before reading
 #: pauses.
 EARLY_TUNNEL_BYTES = 256 * 1024
@@ -257,8 +287,12 @@ class H1Server(Exchange, asyncio.Protocol):
             if self.early is not None:
                 self._hold_early(data)
             return
-        if (not self.requests and self.current is None and data[:4] == PREFACE_START
-                and is_h2_preface(data)):
+        if (
+            not self.requests
+            and self.current is None
+            and data[:4] == PREFACE_START
+            and is_h2_preface(data)
+        ):
             # HTTP/2 with prior knowledge (h2c) on a plaintext listener.
             self._switch_to_h2(self.transport, data)  # type: ignore[arg-type]
             return
@@ -278,7 +312,7 @@ class H1Server(Exchange, asyncio.Protocol):
                 s.keep_alive = False
                 if s.upgrade is not None:
                     self.early = []
-                    self._hold_early(data[e.args[0]:])
+                    self._hold_early(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _HeadTooLarge):
@@ -287,8 +321,7 @@ class H1Server(Exchange, asyncio.Protocol):
                 self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, str(cause)))
             else:
                 self.engine.log.exception("parser callback failed", exc_info=cause)
-                self.bad_request(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL,
-                                            cause=cause))
+                self.bad_request(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, cause=cause))
         except httptools.HttpParserError as e:
             self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, e))
         else:
@@ -431,7 +464,7 @@ class H1Server(Exchange, asyncio.Protocol):
             kept = []
             for i in range(0, len(fwd), 4):
                 if fwd[i].lower() not in drop:
-                    kept += fwd[i:i + 4]
+                    kept += fwd[i : i + 4]
             s.fwd = kept
         if authority is not None:
             _use_authority(s, authority)
@@ -440,8 +473,9 @@ class H1Server(Exchange, asyncio.Protocol):
         if hosts > 1 or (hosts == 0 and s.version == "1.1"):
             # RFC 9112 3.2: a server MUST respond with 400 to an HTTP/1.1 request without a
             # Host header field, and to any request with more than one.
-            s.error = downstream_error(ErrorKind.BAD_REQUEST,
-                                       "no Host header" if hosts == 0 else "several Host headers")
+            s.error = downstream_error(
+                ErrorKind.BAD_REQUEST, "no Host header" if hosts == 0 else "several Host headers"
+            )
         elif hosts and authority is None and s.host_b != self.good_host:
             # RFC 9110 7.2 / RFC 3986 3.2.2: host [":" port]. Userinfo, a path, a second port
             # or whitespace would route here and mean another host at the origin. A
@@ -555,7 +589,7 @@ class H1Server(Exchange, asyncio.Protocol):
             kept = [line]
             for i in range(1, len(parts), 4):
                 if parts[i].lower() not in named:
-                    kept += parts[i:i + 4]
+                    kept += parts[i : i + 4]
                 elif parts[i].lower() == b"content-length":
                     has_length = False
             parts = kept
@@ -569,8 +603,12 @@ class H1Server(Exchange, asyncio.Protocol):
         else:
             mode = MODE_CLOSE
         s.resp_mode = mode
-        keep = s.keep_alive and mode != MODE_CLOSE and not self.draining and not (
-            s.has_body and not s.body_done and self.up is None)
+        keep = (
+            s.keep_alive
+            and mode != MODE_CLOSE
+            and not self.draining
+            and not (s.has_body and not s.body_done and self.up is None)
+        )
         s.keep_alive = keep
         if s.version == "1.1":
             if not keep:
@@ -672,8 +710,11 @@ class H1Server(Exchange, asyncio.Protocol):
             fields: RawHeaders = []
         else:
             h = ResponseHeader.build(status, headers)
-            fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in h
-                      if n.lower() != "content-length"]
+            fields = [
+                (n.encode("latin-1"), v.encode("latin-1"))
+                for n, v in h
+                if n.lower() != "content-length"
+            ]
         fields.append((b"Content-Length", str(len(body)).encode()))
         self.write_head(s, status_line(status), fields, False)
         if s.resp_mode != MODE_NONE and body:
@@ -718,8 +759,11 @@ class H1Server(Exchange, asyncio.Protocol):
             return
         if self.closing:
             return
-        if not s.keep_alive or (s.has_body and not s.body_done) or (
-                self.stop_parsing and not self.pipeline and self.deferred_error is None):
+        if (
+            not s.keep_alive
+            or (s.has_body and not s.body_done)
+            or (self.stop_parsing and not self.pipeline and self.deferred_error is None)
+        ):
             self.close()
             return
         self.last_active = time.monotonic()
@@ -776,16 +820,18 @@ class H1Server(Exchange, asyncio.Protocol):
         if self.transport is None:
             # Accepted, not yet made: while draining, a handshake gets the moment an idle
             # connection gets; otherwise it is forgotten once it can no longer complete.
-            if now - self.last_active >= (drain_idle if self.draining
-                                          else UNMADE_FORGET_SECONDS):
+            if now - self.last_active >= (drain_idle if self.draining else UNMADE_FORGET_SECONDS):
                 self.engine.connections.discard(self)
             return
         if self.is_idle():
             limit = drain_idle if self.draining else keepalive
             if now - self.last_active >= limit:
                 self.close()
-        elif (self.in_head and not self.stop_parsing and not self.closing
-              and now - self.head_started >= self.engine.header_timeout):
+        elif (
+            self.in_head
+            and not self.stop_parsing
+            and not self.closing
+            and now - self.head_started >= self.engine.header_timeout
+        ):
             self.in_head = False
             self.bad_request(downstream_error(ErrorKind.HEADER_TIMEOUT))
-

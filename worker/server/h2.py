@@ -45,10 +45,17 @@ MAX_RESETS_PER_SECOND = 200
 #: Past this many resets on one connection, resetting most of its streams closes it too.
 MIN_RESETS_FOR_RATIO = 100
 #: Response headers that are connection-specific, not allowed in HTTP/2 (RFC 9113 8.2.2).
-_H2_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-    b"te", b"trailer",
-})
+_H2_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    }
+)
 _MODE_NONE = 0
 _MODE_DATA = 1
 
@@ -111,8 +118,12 @@ class H2Stream(Exchange):
             if n == b"content-length":
                 self.length = int(value)
             fields.append((n, value))
-        no_body = (s.method == b"HEAD" or status == 204 or status == 304
-                   or (self.up is not None and self.up.ended_with_head))
+        no_body = (
+            s.method == b"HEAD"
+            or status == 204
+            or status == 304
+            or (self.up is not None and self.up.ended_with_head)
+        )
         s.resp_mode = _MODE_NONE if no_body else _MODE_DATA
         if self.closing:
             return
@@ -175,8 +186,11 @@ class H2Stream(Exchange):
             fields: RawHeaders = []
         else:
             h = ResponseHeader.build(status, headers)
-            fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in h
-                      if n.lower() != "content-length"]
+            fields = [
+                (n.lower().encode("latin-1"), v.encode("latin-1"))
+                for n, v in h
+                if n.lower() != "content-length"
+            ]
         fields.append((b"content-length", b"%d" % len(body)))
         self.write_head(s, status_line(status), fields, False)
         self.write_body(s, body)
@@ -417,8 +431,7 @@ class H2Server(asyncio.Protocol):
         # slowly the client manages it): either way the pattern of the rapid reset attack.
         if self._resets > MAX_RESETS_PER_SECOND:
             why = f"over {MAX_RESETS_PER_SECOND} streams in a second"
-        elif (self.total_resets > MIN_RESETS_FOR_RATIO
-              and self.total_resets * 2 > self.requests):
+        elif self.total_resets > MIN_RESETS_FOR_RATIO and self.total_resets * 2 > self.requests:
             why = f"{self.total_resets} of its {self.requests} streams"
         else:
             return
@@ -427,9 +440,12 @@ class H2Server(asyncio.Protocol):
         if held is not None:
             # Once per client a minute: one that reconnects and resets again is not a flood
             # of lines.
-            self.engine.log.warning("%s reset %s; closing%s", client, why,
-                                    f" (and {held} more times since the last line)"
-                                    if held else "")
+            self.engine.log.warning(
+                "%s reset %s; closing%s",
+                client,
+                why,
+                f" (and {held} more times since the last line)" if held else "",
+            )
         self._abort(ErrorCodes.ENHANCE_YOUR_CALM)
 
     # -- helpers for streams ---------------------------------------------------------------
@@ -493,6 +509,7 @@ class H2Server(asyncio.Protocol):
         return not self.streams
 
     def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
-        if self.is_idle() and now - self.last_active >= (drain_idle if self.draining
-                                                          else keepalive):
+        if self.is_idle() and now - self.last_active >= (
+            drain_idle if self.draining else keepalive
+        ):
             self.close()
