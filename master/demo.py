@@ -11,6 +11,7 @@ import asyncio
 import functools
 import signal
 import sys
+from typing import cast
 
 import httptools
 import setproctitle
@@ -23,22 +24,21 @@ class DemoOrigin(asyncio.Protocol):
     def __init__(self, name: str) -> None:
         self.name = name
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made
         self.url = b""
         self.method = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.transport.write(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"  # type: ignore[union-attr]
-                b"Connection: close\r\n\r\n"
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     def on_url(self, url: bytes) -> None:
         self.url = url
@@ -56,9 +56,9 @@ class DemoOrigin(asyncio.Protocol):
         if not keep:
             head += b"Connection: close\r\n"
         method = self.parser.get_method()
-        self.transport.write(head + b"\r\n" + (b"" if method == b"HEAD" else body))  # type: ignore[union-attr]
+        self.transport.write(head + b"\r\n" + (b"" if method == b"HEAD" else body))
         if not keep:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
 
 async def serve(addresses: list[str]) -> None:
