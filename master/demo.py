@@ -17,7 +17,7 @@ import httptools
 import setproctitle
 import uvloop
 
-from shared.peer import parse_address
+from shared.address import parse_address
 
 
 class DemoOrigin(asyncio.Protocol):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import socket
 
+from shared.address import format_address, parse_address
 from shared.config import ListenerConfig
-from shared.peer import format_address, parse_address
 
 
 class ListenError(Exception):

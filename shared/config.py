@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from shared import privileges
-from shared.peer import parse_address
+from shared.address import parse_address
 
 
 @dataclass(frozen=True, slots=True)

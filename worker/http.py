@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import http
 
+from shared.address import format_address
 from shared.headers import RequestHeader
-from shared.peer import HttpPeer, format_address
+from shared.peer import HttpPeer
 from shared.session import Session
 from worker.interfaces import Downstream
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from shared.peer import HttpPeer, PeerOptions, PoolKey, format_address, parse_address
+from shared.address import format_address, parse_address
+from shared.peer import HttpPeer, PeerOptions, PoolKey
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,10 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from shared.address import format_address
 from shared.errors import ErrorKind, ProxyError, RetryType, upstream_error
 from shared.headers import RequestHeader
-from shared.peer import HttpPeer, format_address
+from shared.peer import HttpPeer
 from shared.session import Session
 from worker.h2.flow import WindowedSender
 from worker.http import upstream_request
