@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Master, Nginx, Origin
+
+from tests.support.master import Master
+from tests.support.nginx import Nginx
+from tests.support.origin import Origin
 
 _LIVE_MASTERS: list[Master] = []
 

@@ -21,10 +21,11 @@ import os
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from fuzz_targets import KNOWN_BUGS, ROOT, KnownBug, Run, check, split
 from hypothesis import HealthCheck, Phase, reject, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
+
+from tests.fuzz_targets import KNOWN_BUGS, ROOT, KnownBug, Run, check, split
 
 _SCALE = {"ci": 1, "explore": 20}
 # Inputs that show only known bugs are rejected (see verdict): that is not a strategy's fault.

@@ -33,9 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.support
 
-from helpers import Master, config_for, free_port, wait_for  # noqa: E402
+from tests.support.config import config_for  # noqa: E402
+from tests.support.master import Master  # noqa: E402
+from tests.support.resources import free_port  # noqa: E402
+from tests.support.waits import wait_for  # noqa: E402
 
 COUNTERS = ("TcpOutRsts", "TcpExtListenDrops", "TcpExtListenOverflows", "TcpEstabResets")
 DIAGNOSTIC = (

@@ -12,10 +12,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from helpers import Master, config_for, free_port, get, origin_app, wait_for
+from tests.support.client import get
+from tests.support.config import config_for, origin_app
+from tests.support.master import Master
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: The head of an error log line: time, worker slot and pid, level.
 HEAD = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[worker (\d+) (\d+)\] "

@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 import yaml
-from helpers import Master, config_for, get, origin_app
+
+from tests.support.client import get
+from tests.support.config import config_for, origin_app
+from tests.support.master import Master
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: A user's module that, if it ever ran, would leave a mark beside itself.
 MARKING_MODULE = """

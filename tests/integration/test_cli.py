@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import declared_settings
 
 from shared import config as config_module
+from tests.support.config import declared_settings
 
 GOOD = {
     "server": {"workers": 2},

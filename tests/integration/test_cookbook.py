@@ -16,10 +16,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import Master, Origin, config_for, get, wait_for
+
+from tests.support.client import get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 COOKBOOK_PATH = Path(__file__).resolve().parents[2] / "examples" / "cookbook.py"
 COOKBOOK = COOKBOOK_PATH.read_text()

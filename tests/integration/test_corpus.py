@@ -21,10 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from helpers import HttpConn, Master, Origin, RecordedRequest, config_for, get, wait_for
+
+from tests.support.client import HttpConn, get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin, RecordedRequest
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 CORPUS = Path(__file__).resolve().parent.parent / "requests"
 MAX_BODY = 1_000_000

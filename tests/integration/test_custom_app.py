@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import HttpConn, Master, Origin, config_for
+
+from tests.support.client import HttpConn
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 APP = '''
 from __future__ import annotations

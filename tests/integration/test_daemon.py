@@ -12,8 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import Fleet
-from helpers import config_for, free_port, get, wait_for
+
+from tests.conftest import Fleet
+from tests.support.client import get
+from tests.support.config import config_for
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
 
 
 def _write_config(tmp_path: Path, config: dict[str, object]) -> Path:

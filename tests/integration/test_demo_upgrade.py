@@ -32,8 +32,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Fleet
-from helpers import HttpConn, Master, Response, config_for, free_port, get, is_worker, wait_for
+
+from tests.conftest import Fleet
+from tests.support.client import HttpConn, Response, get
+from tests.support.config import config_for
+from tests.support.master import Master, is_worker
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
 
 #: Longest wait for a new master to serve, or for an old one to exit.
 UPGRADE_SECONDS = 30.0

@@ -26,10 +26,14 @@ import grpc
 import psutil
 import pytest
 import trustme
-from helpers import Master, config_for, free_port, wait_for
+
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 SERVICE = "t.Svc"
 CALL_SECONDS = 20.0

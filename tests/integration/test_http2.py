@@ -42,19 +42,6 @@ import trustme
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from helpers import (
-    CLIENT_TIMEOUT,
-    HttpConn,
-    Master,
-    Origin,
-    config_for,
-    free_port,
-    pattern_chunks,
-    pattern_sha256,
-    rss,
-    wait_for,
-    wait_until_stable,
-)
 from hpack import Decoder, Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -68,8 +55,16 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from tests.support.client import CLIENT_TIMEOUT, HttpConn
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
+from tests.support.payloads import pattern_chunks, pattern_sha256
+from tests.support.resources import free_port, rss
+from tests.support.waits import wait_for, wait_until_stable
+
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: The client connection preface of HTTP/2.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -14,10 +14,14 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-from helpers import HttpConn, Master, build_request, config_for, get, wait_for
+
+from tests.support.client import HttpConn, build_request, get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: An app that names the worker process that answered.
 PID_APP = """

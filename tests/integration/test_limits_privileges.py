@@ -25,8 +25,12 @@ import h2.events
 import psutil
 import pytest
 import yaml
-from conftest import Fleet
-from helpers import HttpConn, Master, build_request, config_for, get, is_worker, wait_for
+
+from tests.conftest import Fleet
+from tests.support.client import HttpConn, build_request, get
+from tests.support.config import config_for
+from tests.support.master import Master, is_worker
+from tests.support.waits import wait_for
 
 #: How long a connection waiting in the accept queue is watched for an answer it must not get.
 UNANSWERED_SECONDS = 1.0

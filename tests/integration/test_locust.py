@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import Master, Origin, config_for
+
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtests" / "locustfile.py"
 #: The header the origin requires, and a second one whose value holds a separator-like ``;``.

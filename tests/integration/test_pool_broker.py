@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import Fleet
-from helpers import HttpConn, Master, config_for, get, origin_app, wait_for, wait_until_stable
+
+from tests.conftest import Fleet
+from tests.support.client import HttpConn, get
+from tests.support.config import config_for, origin_app
+from tests.support.master import Master
+from tests.support.waits import wait_for, wait_until_stable
 
 TAG_APP = origin_app("""
     def upstream_request_filter(self, session, req, ctx):

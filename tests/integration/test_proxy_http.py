@@ -16,19 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import (
-    HttpConn,
-    Master,
-    Origin,
-    build_request,
-    chunked_body,
-    config_for,
-    get,
-    wait_for,
-)
+
+from tests.support.client import HttpConn, build_request, chunked_body, get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 SINGLE = "single.test"
 

@@ -15,8 +15,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Fleet
-from helpers import HttpConn, Master, config_for, free_port, get, origin_app, wait_for
+
+from tests.conftest import Fleet
+from tests.support.client import HttpConn, get
+from tests.support.config import config_for, origin_app
+from tests.support.master import Master
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent

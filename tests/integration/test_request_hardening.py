@@ -25,10 +25,14 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from helpers import CLIENT_TIMEOUT, HttpConn, Master, config_for, origin_app, wait_for
+
+from tests.support.client import CLIENT_TIMEOUT, HttpConn
+from tests.support.config import config_for, origin_app
+from tests.support.master import Master
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: Host routed to the second origin (absolute-form targets name it).
 OTHER = "other.example"

@@ -18,20 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import (
-    HttpConn,
-    Master,
-    Nginx,
-    build_request,
-    config_for,
-    fd_count,
-    rss,
-    wait_for,
-    wait_until_stable,
-)
+
+from tests.support.client import HttpConn, build_request
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.nginx import Nginx
+from tests.support.resources import fd_count, rss
+from tests.support.waits import wait_for, wait_until_stable
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 ROUNDS = 100
 #: Requests per round of :func:`one_round`.

@@ -28,10 +28,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import HttpConn, Master, Response, build_request, config_for, wait_for
+
+from tests.support.client import HttpConn, Response, build_request
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: Test client socket timeout: short, so that a proxy that never answers fails fast.
 CLIENT_TIMEOUT = 5.0

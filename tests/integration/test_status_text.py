@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import Fleet
-from helpers import HttpConn, Master, config_for, get, wait_for
+from tests.conftest import Fleet
+from tests.support.client import HttpConn, get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.waits import wait_for
 
 #: Requests sent through the proxy: some on a connection each, the rest on one keep-alive
 #: client connection (so one worker reuses its upstream connection).

@@ -16,22 +16,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import (
-    HttpConn,
-    Master,
-    Origin,
-    build_request,
-    config_for,
-    get,
-    pattern_chunks,
-    pattern_sha256,
-    rss,
-    wait_for,
-    wait_until_stable,
-)
+
+from tests.support.client import HttpConn, build_request, get
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
+from tests.support.payloads import pattern_chunks, pattern_sha256
+from tests.support.resources import rss
+from tests.support.waits import wait_for, wait_until_stable
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: Size of the large bodies.
 BODY = 128 * 1024 * 1024

@@ -36,10 +36,16 @@ import psutil
 import pytest
 import trustme
 import yaml
-from helpers import HttpConn, Master, Origin, config_for, fd_count, free_port, wait_for
+
+from tests.support.client import HttpConn
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.origin import Origin
+from tests.support.resources import fd_count, free_port
+from tests.support.waits import wait_for
 
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 CURL_SECONDS = 20.0
 

@@ -19,11 +19,14 @@ import h2.events as ev
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from helpers import HttpConn, Master, config_for
 from hyperframe.frame import GoAwayFrame
 
+from tests.support.client import HttpConn
+from tests.support.config import config_for
+from tests.support.master import Master
+
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 
 class GoawayOrigin(asyncio.Protocol):

@@ -31,14 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trustme
-from helpers import Master, config_for, free_port, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
+from tests.support.config import config_for
+from tests.support.master import Master
+from tests.support.resources import free_port
+from tests.support.waits import wait_for
+
 if TYPE_CHECKING:
-    from conftest import Fleet
+    from tests.conftest import Fleet
 
 #: Where scripts/test installs Chromium (the Debian package).
 CHROMIUM = "/usr/bin/chromium"

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import declared_settings
 
 from shared.config import (
     EMBEDDED_SOURCE,
@@ -18,6 +17,7 @@ from shared.config import (
     load,
     reference,
 )
+from tests.support.config import declared_settings
 
 GOOD = """\
 server:

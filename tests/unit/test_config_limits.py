@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import load
-from unit.test_config import MINIMAL, load_error, reasons, reference_rows, write
+from tests.unit.test_config import MINIMAL, load_error, reasons, reference_rows, write
 
 
 def _nobody() -> pwd.struct_passwd:

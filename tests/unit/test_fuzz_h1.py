@@ -13,11 +13,12 @@ before they were fixed are kept in ``FOUND`` and checked with nothing tolerated.
 from __future__ import annotations
 
 import pytest
-from fuzz_strategies import H1_TOKENS, fuzz_settings, h1_requests, mutated, reads, verdict
-from fuzz_targets import CORPUS as CORPUS_DIR
-from fuzz_targets import check, corpus, h2_transcripts, load_request, run_connection
 from hypothesis import example, given
 from hypothesis import strategies as st
+
+from tests.fuzz_strategies import H1_TOKENS, fuzz_settings, h1_requests, mutated, reads, verdict
+from tests.fuzz_targets import CORPUS as CORPUS_DIR
+from tests.fuzz_targets import check, corpus, h2_transcripts, load_request, run_connection
 
 SEEDS = corpus()
 #: HTTP/1.1 seeds and a few h2c conversations (the preface switches the protocol).

@@ -22,19 +22,6 @@ from typing import Any
 
 import hpack
 import pytest
-from fuzz_strategies import H2_TOKENS, fuzz_settings, mutated, reads, verdict
-from fuzz_targets import (
-    PREFACE,
-    Conversation,
-    H2Output,
-    KnownBug,
-    UpstreamRequest,
-    check_h2,
-    frame,
-    h2_transcripts,
-    run_connection,
-    split,
-)
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -57,6 +44,19 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tests.fuzz_strategies import H2_TOKENS, fuzz_settings, mutated, reads, verdict
+from tests.fuzz_targets import (
+    PREFACE,
+    Conversation,
+    H2Output,
+    KnownBug,
+    UpstreamRequest,
+    check_h2,
+    frame,
+    h2_transcripts,
+    run_connection,
+    split,
+)
 from worker.h2.codec import (
     ACK,
     CONTINUATION,

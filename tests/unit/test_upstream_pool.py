@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import FakeTransport
 
 import worker.client.h1 as upstream
 from shared.headers import RawHeaders
+from tests.support.client import FakeTransport
 from worker.client.h1 import UpstreamConn
 from worker.connector.pool import Pool
 

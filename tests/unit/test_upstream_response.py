@@ -12,9 +12,9 @@ from typing import Any
 
 import httptools
 import pytest
-from helpers import FakeTransport
 
 from shared.headers import RawHeaders
+from tests.support.client import FakeTransport
 from worker.client.h1 import InvalidResponse, StaleBytes, UpstreamConn
 from worker.connector.pool import Pool
 
