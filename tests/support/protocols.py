@@ -1,0 +1,535 @@
+"""The engine behind its downstream servers in one process, without a socket, for tests that
+run each case over HTTP/1.1 and HTTP/2 (h2c with prior knowledge), as uvicorn's
+``tests/protocols/test_http.py`` does.
+
+Theory of operation. A :class:`Proxy` is the real :class:`~worker.proxy.engine.Engine` with a
+real app (the built-in :class:`~shared.apps.load_balancer.LoadBalancer`, or a subclass) and its
+real connector. A client connection is a real :class:`~worker.server.h1.H1Server` on a
+:class:`ClientTransport`; the HTTP/2 client sends the connection preface first, so the server
+hands the connection to :class:`~worker.server.h2.H2Server` as worker/server/select.py does.
+The HTTP/1.1 client writes raw bytes and parses what it gets with httptools; the HTTP/2 client
+is ``h2``'s :class:`~h2.connection.H2Connection`, which encodes the requests and decodes the
+server's frames.
+
+The origin stands in at the one place the data path touches the network: the event loop's
+``create_connection`` (:class:`OriginLoop`). The connector, its pool and the HTTP/1.1 client
+(worker/client/h1.py) are the production code; the transport they get is an
+:class:`OriginConn`, which parses with httptools what the proxy writes and lets the test answer
+byte by byte, fail, or refuse the connection. Every step runs inside the loop, then lets it
+run :data:`SETTLE_TURNS` turns, so what each test asserts is what a user would see on the wire
+once the proxy has done what it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import httptools
+from h2.errors import ErrorCodes
+
+from shared.app import ProxyHttp
+from shared.apps.load_balancer import LoadBalancer
+from shared.config import from_mapping
+from tests.support.client import FakeTransport
+from worker.proxy.engine import Engine
+from worker.server.h1 import H1Server
+
+#: The one upstream server (never connected to: :class:`OriginLoop` stands in for it).
+PEER = "192.0.2.10:8080"
+CLIENT_ADDR = ("203.0.113.7", 51234)
+SERVER_ADDR = ("192.0.2.1", 8080)
+HOST = "example.com"
+#: Loop turns each step lets the proxy run before the test looks.
+SETTLE_TURNS = 30
+#: The first line of a plain origin response with a body of ``n`` bytes (``% n``).
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Origin: yes\r\n\r\n"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def find(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Every value of a field, by case-insensitive name."""
+    return [v for n, v in headers if n.lower() == name]
+
+
+# -- the origin -------------------------------------------------------------------------------
+
+
+@dataclass
+class OriginRequest:
+    """One request as the origin parsed it from what the proxy wrote."""
+
+    method: bytes = b""
+    target: bytes = b""
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    complete: bool = False
+
+    def header(self, name: bytes) -> list[bytes]:
+        return find(self.headers, name)
+
+
+class OriginConn:
+    """One upstream connection: the transport the proxy's HTTP/1.1 client writes to, and the
+    origin server at its far end, which the test drives (:meth:`reply`, :meth:`fail`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
+        self.loop = loop
+        self.protocol = protocol
+        self.parser = httptools.HttpRequestParser(self)
+        self.requests: list[OriginRequest] = []
+        self.received = bytearray()
+        self.closed = False
+        self.reading = True
+
+    # The transport, as the proxy sees it.
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "a write after close"
+        self.received += data
+        self.parser.feed_data(bytes(data))
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        self.write(b"".join(parts))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    # The origin's parser.
+
+    def on_message_begin(self) -> None:
+        self.requests.append(OriginRequest())
+
+    def on_url(self, url: bytes) -> None:
+        self.requests[-1].target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.requests[-1].headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.requests[-1].method = self.parser.get_method()
+
+    def on_body(self, body: bytes) -> None:
+        self.requests[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.requests[-1].complete = True
+
+    # What the origin does (called from the test, through Proxy.step).
+
+    def reply(self, data: bytes) -> None:
+        """The origin sends ``data``."""
+        assert not self.closed and self.reading, "the proxy is not reading this connection"
+        self.protocol.data_received(data)
+
+    def fail(self) -> None:
+        """The origin's end resets the connection."""
+        self.closed = True
+        self.protocol.connection_lost(ConnectionResetError("reset by the origin"))
+
+
+class Origin:
+    """Every upstream connection the proxy made, and what it does with the next attempt."""
+
+    def __init__(self) -> None:
+        self.conns: list[OriginConn] = []
+        self.attempts = 0
+        #: Refuse every connection (ConnectionRefusedError), as a port nothing listens on.
+        self.refuse = False
+
+    @property
+    def requests(self) -> list[OriginRequest]:
+        return [r for c in self.conns for r in c.requests]
+
+
+class OriginLoop(asyncio.SelectorEventLoop):
+    """An event loop whose outgoing connections reach :attr:`origin`, never the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origin = Origin()
+
+    async def create_connection(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.Protocol], *args: Any, **kwargs: Any
+    ) -> tuple[OriginConn, asyncio.Protocol]:
+        self.origin.attempts += 1
+        if self.origin.refuse:
+            raise ConnectionRefusedError(111, "Connection refused")
+        protocol = protocol_factory()
+        conn = OriginConn(self, protocol)
+        self.origin.conns.append(conn)
+        protocol.connection_made(conn)  # type: ignore[arg-type]
+        return conn, protocol
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+class ClientTransport(FakeTransport):
+    """The server's end of a client connection; the client closing is :meth:`client_gone`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.protocol: asyncio.Protocol | None = None
+        self.reading = True
+        self.lost = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": CLIENT_ADDR, "sockname": SERVER_ADDR}.get(name, default)
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        for p in parts:
+            self.write(p)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            super().write(bytes(data))
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self.loop.call_soon(self._lose, None)
+
+    abort = close
+
+    def _lose(self, exc: Exception | None) -> None:
+        if not self.lost:
+            self.lost = True
+            assert self.protocol is not None
+            self.protocol.connection_lost(exc)
+
+    def client_gone(self) -> None:
+        self.closed = True
+        self._lose(ConnectionResetError("reset by the client"))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+@dataclass
+class Reply:
+    """A response as the client got it."""
+
+    status: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    complete: bool = False
+    #: HTTP/2: the error code of the RST_STREAM that ended the stream, if one did.
+    reset: int | None = None
+
+    def header(self, name: bytes) -> list[bytes]:
+        return find(self.headers, name)
+
+
+class Client:
+    """One client connection to the proxy; :class:`H1Client` and :class:`H2Client` speak it."""
+
+    h2 = False
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport = ClientTransport(proxy.loop)
+        server = H1Server(proxy.engine)
+        self.transport.set_protocol(server)
+        proxy.step(server.connection_made, self.transport)
+
+    @property
+    def protocol(self) -> Any:
+        """The server protocol serving the connection now (H2Server after the preface)."""
+        return self.transport.protocol
+
+    @property
+    def closed(self) -> bool:
+        """The server closed the connection."""
+        return self.transport.closed
+
+    def feed(self, data: bytes) -> None:
+        """The client sends ``data``."""
+        self.proxy.step(self.protocol.data_received, data)
+
+    def gone(self) -> None:
+        """The client goes away."""
+        self.proxy.step(self.transport.client_gone)
+
+    def request(
+        self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+    ) -> int:
+        """Sends a request, its body and its end; returns its handle for :meth:`reply`."""
+        handle = self.start(method, path, headers, end=not body)
+        if body:
+            self.send(handle, body, end=True)
+        return handle
+
+    def start(
+        self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), end: bool = True
+    ) -> int:
+        """Sends a request head (and its end of body when ``end``)."""
+        raise NotImplementedError
+
+    def send(self, handle: int, data: bytes, end: bool = False) -> None:
+        """Sends a piece of request ``handle``'s body (framed by the head's Content-Length)."""
+        raise NotImplementedError
+
+    def reply(self, handle: int) -> Reply | None:
+        """The response to request ``handle`` so far, or None before its head."""
+        raise NotImplementedError
+
+
+class H1Client(Client):
+    """HTTP/1.1: raw bytes up, httptools on what comes back."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(proxy)
+        self.sent = 0
+
+    def start(
+        self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), end: bool = True
+    ) -> int:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+        lines += [f"{n}: {v}" for n, v in headers]
+        self.feed("\r\n".join(lines).encode() + b"\r\n\r\n")
+        self.sent += 1
+        return self.sent - 1
+
+    def send(self, handle: int, data: bytes, end: bool = False) -> None:
+        self.feed(data)
+
+    def replies(self) -> list[Reply]:
+        """Every response the client got, parsed from the start; the parser must take all."""
+        out: list[Reply] = []
+
+        class Callbacks:
+            def on_message_begin(self) -> None:
+                out.append(Reply())
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                out[-1].headers.append((name.lower(), value))
+
+            def on_headers_complete(self) -> None:
+                out[-1].status = parser.get_status_code()
+
+            def on_body(self, body: bytes) -> None:
+                out[-1].body += body
+
+            def on_message_complete(self) -> None:
+                out[-1].complete = True
+
+        parser = httptools.HttpResponseParser(Callbacks())
+        parser.feed_data(bytes(self.transport.written))
+        return out
+
+    def reply(self, handle: int) -> Reply | None:
+        replies = self.replies()
+        return replies[handle] if handle < len(replies) else None
+
+
+class H2Client(Client):
+    """HTTP/2 with prior knowledge: h2's client connection encodes and decodes."""
+
+    h2 = True
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(proxy)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config)
+        self.replies: dict[int, Reply] = {}
+        self.events: list[Any] = []
+        self.read = 0
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        """Sends what h2 has to send and reads what came back, until neither side has more."""
+        while True:
+            out = self.conn.data_to_send()
+            if out and not self.closed:
+                self.feed(out)
+            new = bytes(self.transport.written[self.read :])
+            self.read += len(new)
+            if new:
+                for event in self.conn.receive_data(new):
+                    self.on_event(event)
+            if not out and not new:
+                return
+
+    def on_event(self, event: Any) -> None:
+        self.events.append(event)
+        sid: int = getattr(event, "stream_id", 0)
+        if isinstance(event, h2.events.ResponseReceived):
+            r = self.replies[sid] = Reply()
+            for n, v in event.headers:
+                if n == b":status":
+                    r.status = int(v)
+                else:
+                    r.headers.append((n, v))
+        elif isinstance(event, h2.events.DataReceived):
+            self.replies[sid].body += event.data
+            self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+        elif isinstance(event, h2.events.StreamEnded):
+            self.replies[sid].complete = True
+        elif isinstance(event, h2.events.StreamReset):
+            self.replies.setdefault(sid, Reply()).reset = event.error_code
+
+    def start(
+        self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), end: bool = True
+    ) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        fields = [(":method", method), (":scheme", "http"), (":authority", HOST), (":path", path)]
+        fields += [(n.lower(), v) for n, v in headers]
+        self.conn.send_headers(sid, fields, end_stream=end)
+        self.flush()
+        return sid
+
+    def send(self, handle: int, data: bytes, end: bool = False) -> None:
+        self.conn.send_data(handle, data, end_stream=end)
+        self.flush()
+
+    def reply(self, handle: int) -> Reply | None:
+        self.flush()
+        return self.replies.get(handle)
+
+    def reset(self, handle: int) -> None:
+        """The client resets the stream (what an HTTP/2 client does when it leaves a response)."""
+        self.conn.reset_stream(handle, ErrorCodes.CANCEL)
+        self.flush()
+
+    def goaway(self) -> bool:
+        """True when the server sent GOAWAY."""
+        self.flush()
+        return any(isinstance(e, h2.events.ConnectionTerminated) for e in self.events)
+
+
+# -- the proxy --------------------------------------------------------------------------------
+
+
+class Recorder(logging.Handler):
+    """Keeps every record of the engine's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class Proxy:
+    """The engine with ``app`` (the built-in load balancer by default) in front of the origin,
+    on a loop of its own."""
+
+    def __init__(self, protocol: str, app: ProxyHttp | None = None, **config: Any) -> None:
+        self.protocol = protocol
+        loop = self.loop = OriginLoop()
+        self.origin = loop.origin
+        self.loop_errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: self.loop_errors.append(context))
+        asyncio.set_event_loop(loop)
+        cfg = from_mapping({"upstreams": {"origin": {"servers": [PEER]}}, **config}, "test")
+        self.app = app if app is not None else LoadBalancer()
+        self.app.configure(cfg)
+        self.log = logging.getLogger(f"tenaya.test.{id(self)}")
+        self.log.propagate = False
+        self.records = Recorder()
+        self.log.addHandler(self.records)
+        self.engine = Engine(self.app, cfg, None, self.log)
+        self.clients: list[Client] = []
+
+    def step(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Calls ``fn`` inside the loop, as a loop callback would, then lets the loop run."""
+
+        async def run() -> None:
+            fn(*args)
+            for _ in range(SETTLE_TURNS):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(run())
+
+    def client(self) -> Client:
+        """A new client connection, in this proxy's protocol."""
+        c = (H2Client if self.protocol == "h2c" else H1Client)(self)
+        self.clients.append(c)
+        return c
+
+    def errors(self) -> list[str]:
+        """ERROR records of the engine's log and exceptions the loop caught."""
+        out = [r.getMessage() for r in self.records.records if r.levelno >= logging.ERROR]
+        return out + [str(c.get("exception") or c.get("message")) for c in self.loop_errors]
+
+    def close(self) -> None:
+        try:
+            for c in self.clients:
+                if not c.transport.lost:
+                    self.step(c.transport.client_gone)
+            self.step(self.engine.connector.close_all)
+        finally:
+            self.log.removeHandler(self.records)
+            asyncio.set_event_loop(None)
+            self.loop.close()
+
+
+#: The protocols every case runs over: HTTP/1.1, and HTTP/2 with prior knowledge.
+PROTOCOLS = ("http/1.1", "h2c")
+
+
+def proxies(protocol: str) -> Iterator[Callable[..., Proxy]]:
+    """For a fixture: yields a maker of :class:`Proxy` objects in ``protocol`` (its arguments
+    are :class:`Proxy`'s after the protocol); at the end closes them and checks that nothing
+    failed inside them and that no request is left counted."""
+    made: list[Proxy] = []
+
+    def make(app: ProxyHttp | None = None, **config: Any) -> Proxy:
+        p = Proxy(protocol, app, **config)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+        assert p.errors() == []
+        assert p.engine.active_requests == 0
