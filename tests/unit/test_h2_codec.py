@@ -62,6 +62,7 @@ from worker.h2.codec import (
 )
 from worker.h2.fields import check_request, header_list_size
 from worker.h2.hpack import Fields
+from worker.h2.states import StreamState
 
 REQUEST: Fields = [
     (b":method", b"GET"),
@@ -341,7 +342,7 @@ def test_post_body_in_padded_data_frames() -> None:
         ("data", 1, b"body", 4 + 10 + 1, False),
         ("data", 1, b"!!!", 3 + 1, True),
     ]
-    assert not p.codec.streams[1].remote_open
+    assert p.codec.streams[1].state is StreamState.HALF_CLOSED_REMOTE  # the client is done
 
 
 def test_hand_padded_data() -> None:

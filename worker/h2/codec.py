@@ -13,9 +13,13 @@ proxy together; ``h2`` still speaks HTTP/2 to upstreams (worker/client/h2.py). T
 only what a server needs: client-initiated streams, no server push, no priorities (parsed and
 ignored, as RFC 9113 deprecates them).
 
-A stream's state is its two halves: ``remote_open`` (the client may still send) and
-``local_open`` (we may still send). idle -> open (HEADERS) -> half-closed (END_STREAM from one
-side) -> closed (END_STREAM from both, or RST_STREAM either way); closed streams are dropped.
+A stream's state is a :class:`~worker.h2.states.StreamState`: idle -> open (HEADERS) ->
+half-closed (END_STREAM from one side) -> closed (END_STREAM from both, or RST_STREAM either
+way). Every move, and the answer to a frame a state does not allow, is read from the table in
+worker/h2/states.py; the codec holds the open and half-closed streams and remembers how the
+last CLOSED_MEMORY closed ones closed. Frames reach their handler through a table too
+(``_dispatch``, frame type -> bound method, built once per connection); a type it does not
+list is ignored ("Implementations MUST ignore and discard frames of unknown types", 4.1).
 
 Errors follow RFC 9113 5.4: a malformed request or a stream's own flow-control fault resets that
 stream; anything that breaks the connection's shared state (framing, HPACK, the connection
@@ -25,6 +29,7 @@ window, an unexpected frame) sends GOAWAY and :meth:`receive_data` returns False
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from time import monotonic
 from typing import Protocol
 
@@ -39,6 +44,7 @@ from worker.h2.hpack import (
     ListTooLarge,
     encode,
 )
+from worker.h2.states import LEGAL, RECEIVING, REFUSALS, Event, Reaction, StreamState
 
 #: The client connection preface of HTTP/2 (RFC 9113 3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -69,12 +75,8 @@ MAX_BLOCK_FACTOR = 4
 #: what clients send (gRPC's keepalive and bandwidth probes are PINGs), far below a flood.
 MAX_IDLE_FRAMES_PER_SECOND = 10_000
 
-#: How a closed stream ended, remembered for the frames that may still come on it (RFC 9113
-#: 5.1): after our RST_STREAM they are ignored, after the client's they are a stream error,
-#: after END_STREAM both ways a connection error; a lower stream ID the client skipped was
-#: never opened (PROTOCOL_ERROR). The last CLOSED_MEMORY closed streams are remembered;
-#: frames on older ones are ignored.
-_BY_US, _BY_CLIENT, _ENDED, _NEVER_OPENED, _FORGOTTEN = 1, 2, 3, 4, 5
+#: How many closed streams the codec remembers the closed state of (which decides how a late
+#: frame on one is answered, worker/h2/states.py); frames on older ones are ignored.
 CLOSED_MEMORY = 1024
 
 _FRAME = struct.Struct(">HBBBL")
@@ -82,6 +84,35 @@ _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
 _IDLE_TYPES = frozenset({PING, SETTINGS, PRIORITY})
+
+# The states, events and table rows as module globals: an enum member's attribute lookup
+# costs more than the dict lookup that follows it (hot path).
+_IDLE = StreamState.IDLE
+_HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
+_CLOSED = StreamState.CLOSED
+_CLOSED_RESET_BY_US = StreamState.CLOSED_RESET_BY_US
+_CLOSED_SKIPPED = StreamState.CLOSED_SKIPPED
+_CLOSED_FORGOTTEN = StreamState.CLOSED_FORGOTTEN
+_RECV_HEADERS = Event.RECV_HEADERS
+_RECV_HEADERS_END = Event.RECV_HEADERS_END
+_RECV_DATA = Event.RECV_DATA
+_RECV_DATA_END = Event.RECV_DATA_END
+_RECV_RST_STREAM = Event.RECV_RST_STREAM
+_RECV_WINDOW_UPDATE = Event.RECV_WINDOW_UPDATE
+_RECV_PRIORITY = Event.RECV_PRIORITY
+_ON_RECV_HEADERS = LEGAL[_RECV_HEADERS]
+_ON_RECV_HEADERS_END = LEGAL[_RECV_HEADERS_END]
+_ON_RECV_DATA = LEGAL[_RECV_DATA]
+_ON_RECV_DATA_END = LEGAL[_RECV_DATA_END]
+_ON_RECV_RST_STREAM = LEGAL[_RECV_RST_STREAM]
+_ON_RECV_WINDOW_UPDATE = LEGAL[_RECV_WINDOW_UPDATE]
+_ON_RECV_PRIORITY = LEGAL[_RECV_PRIORITY]
+_ON_SEND_HEADERS = LEGAL[Event.SEND_HEADERS]
+_ON_SEND_DATA = LEGAL[Event.SEND_DATA]
+_ON_SEND_END_STREAM = LEGAL[Event.SEND_END_STREAM]
+_ON_SEND_RST_STREAM = LEGAL[Event.SEND_RST_STREAM]
+#: What a request's HEADERS makes of an idle stream, without and with END_STREAM.
+_OPENED = (_ON_RECV_HEADERS[_IDLE], _ON_RECV_HEADERS_END[_IDLE])
 
 
 class Handler(Protocol):
@@ -103,29 +134,34 @@ class Handler(Protocol):
         """The client sent GOAWAY."""
 
 
-class _ConnectionError(Exception):
+class _H2Error(Exception):
+    """A fault in what the client sent, with the error code that answers it."""
+
     def __init__(self, code: ErrorCodes, reason: str) -> None:
         super().__init__(reason)
         self.code = code
 
 
-class _StreamError(Exception):
-    def __init__(self, code: ErrorCodes, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
+class _ConnectionError(_H2Error):
+    """Answered with GOAWAY: the connection closes (RFC 9113 5.4.1)."""
+
+
+class _StreamError(_H2Error):
+    """Answered with RST_STREAM on the frame's stream (RFC 9113 5.4.2)."""
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "unacked", "remote_open", "local_open", "remaining")
+    __slots__ = ("send_window", "recv_window", "unacked", "state", "remaining")
 
     def __init__(
-        self, send_window: int, recv_window: int, remote_open: bool, remaining: int
+        self, send_window: int, recv_window: int, state: StreamState, remaining: int
     ) -> None:
         self.send_window = send_window
         self.recv_window = recv_window
         self.unacked = 0
-        self.remote_open = remote_open
-        self.local_open = True
+        #: Open or half-closed (closed streams are dropped, their state kept in _closed);
+        #: CLOSED only while the handler hears the end of the request.
+        self.state = state
         #: Body bytes the request's content-length still promises (-1: no content-length).
         self.remaining = remaining
 
@@ -152,9 +188,9 @@ class H2Codec:
         #: The connection's window (or every stream's) opened during this read: the handler
         #: hears it once, after the read's frames (however many WINDOW_UPDATEs it held).
         self._opened = False
-        #: Closed streams and how they ended (see CLOSED_MEMORY), and the highest stream ID
-        #: forgotten.
-        self._closed: dict[int, int] = {}
+        #: Closed streams and their closed state (see CLOSED_MEMORY), and the highest stream
+        #: ID forgotten.
+        self._closed: dict[int, StreamState] = {}
         self._closed_floor = 0
         #: Frames that carried nothing (see MAX_IDLE_FRAMES_PER_SECOND) in the current second.
         self._idle_frames = 0
@@ -169,6 +205,19 @@ class H2Codec:
         self._settings_seen = False
         #: A header block waiting for its CONTINUATION frames: (stream, flags, parts, length).
         self._block: tuple[int, int, list[bytes], int] | None = None
+        #: Frame type -> its handler; types not listed are ignored (RFC 9113 4.1).
+        self._dispatch: dict[int, Callable[[int, int, bytes], None]] = {
+            DATA: self._data,
+            HEADERS: self._headers,
+            PRIORITY: self._priority,
+            RST_STREAM: self._rst_stream,
+            SETTINGS: self._settings,
+            PUSH_PROMISE: self._push_promise,
+            PING: self._ping,
+            GOAWAY: self._goaway,
+            WINDOW_UPDATE: self._window_update,
+            CONTINUATION: self._continuation,
+        }
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -198,10 +247,15 @@ class H2Codec:
         return data
 
     def send_headers(self, sid: int, fields: Fields, end_stream: bool = False) -> None:
-        """A response head or trailers (lower-case names, pseudo-fields first)."""
+        """A response head or trailers (lower-case names, pseudo-fields first). Dropped on a
+        stream not held, or after our END_STREAM (the table's verdict)."""
         st = self.streams.get(sid)
-        if st is None or not st.local_open or self.closed:
+        if st is None or self.closed:
             return
+        try:
+            after = (_ON_SEND_END_STREAM if end_stream else _ON_SEND_HEADERS)[st.state]
+        except KeyError:
+            return  # every refusal of a send is IGNORE (worker/h2/states.py)
         block = encode(fields)
         if self._shrink_table:
             # RFC 7541 4.2: the first header block after the change "MUST" begin with a
@@ -218,7 +272,7 @@ class H2Codec:
                 last = i + size >= len(block)
                 self._frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i : i + size])
         if end_stream:
-            self._close_local(sid, st)
+            self._sent_end(sid, st, after)
 
     def local_flow_control_window(self, sid: int) -> int:
         """How much DATA the stream may send now."""
@@ -228,23 +282,29 @@ class H2Codec:
         return min(st.send_window, self.send_window)
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        """One DATA frame; the caller keeps it within the window and the frame size."""
+        """One DATA frame; the caller keeps it within the window and the frame size. Dropped
+        as :meth:`send_headers` drops a head."""
         st = self.streams.get(sid)
-        if st is None or not st.local_open or self.closed:
+        if st is None or self.closed:
             return
+        try:
+            after = (_ON_SEND_END_STREAM if end_stream else _ON_SEND_DATA)[st.state]
+        except KeyError:
+            return  # every refusal of a send is IGNORE
         n = len(data)
         st.send_window -= n
         self.send_window -= n
         self._frame(DATA, END_STREAM if end_stream else 0, sid, data)
         if end_stream:
-            self._close_local(sid, st)
+            self._sent_end(sid, st, after)
 
     def end_stream(self, sid: int) -> None:
         self.send_data(sid, b"", end_stream=True)
 
     def reset_stream(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
-        if self.streams.pop(sid, None) is not None:
-            self._closed_as(sid, _BY_US)
+        st = self.streams.pop(sid, None)
+        if st is not None:
+            self._closed_as(sid, _ON_SEND_RST_STREAM[st.state])
             if not self.closed:
                 self._frame(RST_STREAM, 0, sid, _U32.pack(code))
 
@@ -252,7 +312,7 @@ class H2Codec:
         """Our response is complete: if the client is still sending a body nobody reads,
         ask it to stop (RST_STREAM NO_ERROR, RFC 9113 8.1)."""
         st = self.streams.get(sid)
-        if st is not None and not st.local_open and st.remote_open:
+        if st is not None and st.state is _HALF_CLOSED_LOCAL:
             self.reset_stream(sid, ErrorCodes.NO_ERROR)
 
     def acknowledge_received_data(self, size: int, sid: int) -> None:
@@ -265,7 +325,7 @@ class H2Codec:
             self.recv_window += self.unacked
             self.unacked = 0
         st = self.streams.get(sid)
-        if st is None or not st.remote_open:
+        if st is None or st.state not in RECEIVING:
             return
         st.unacked += size
         if st.unacked >= DEFAULT_WINDOW // 2:
@@ -283,34 +343,38 @@ class H2Codec:
         self.goaway(code)
         self.closed = True
 
-    def _close_local(self, sid: int, st: _Stream) -> None:
-        st.local_open = False
-        if not st.remote_open and self.streams.pop(sid, None) is not None:
-            self._closed_as(sid, _ENDED)
+    def _sent_end(self, sid: int, st: _Stream, after: StreamState) -> None:
+        """Our END_STREAM went: half-closed (local), or closed and dropped."""
+        st.state = after
+        if after is _CLOSED:
+            del self.streams[sid]
+            self._closed_as(sid, after)
 
-    def _closed_as(self, sid: int, how: int) -> None:
+    def _closed_as(self, sid: int, state: StreamState) -> None:
         closed = self._closed
         if len(closed) >= CLOSED_MEMORY:
             closed.clear()
             self._closed_floor = self.highest_inbound_stream_id
-        closed[sid] = how
+        closed[sid] = state
 
-    def _closed_state(self, sid: int) -> int:
-        """How a stream at or below the highest ID used, and not open, came to be closed."""
-        how = self._closed.get(sid)
-        if how is not None:
-            return how
-        return _FORGOTTEN if sid <= self._closed_floor else _NEVER_OPENED
+    def _state_of(self, sid: int) -> StreamState:
+        """The state of a stream the codec does not hold: idle above the highest ID used,
+        else closed, as remembered (or skipped, or forgotten)."""
+        if sid > self.highest_inbound_stream_id:
+            return _IDLE
+        state = self._closed.get(sid)
+        if state is not None:
+            return state
+        return _CLOSED_FORGOTTEN if sid <= self._closed_floor else _CLOSED_SKIPPED
 
-    def _on_closed_stream(self, sid: int) -> None:
-        """A frame (DATA or HEADERS) on a closed stream: an error unless we reset it."""
-        how = self._closed_state(sid)
-        if how == _BY_CLIENT:
-            raise _StreamError(ErrorCodes.STREAM_CLOSED, "frame after the client's RST_STREAM")
-        if how == _ENDED:
-            raise _ConnectionError(ErrorCodes.STREAM_CLOSED, "frame on a closed stream")
-        if how == _NEVER_OPENED:
-            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "stream ID lower than one used")
+    def _refuse(self, state: StreamState, event: Event) -> None:
+        """Answers a frame ``state`` does not allow as the table says: returns if the frame
+        is dropped, raises _StreamError or _ConnectionError."""
+        refusal = REFUSALS[state, event]
+        if refusal.reaction is Reaction.STREAM_ERROR:
+            raise _StreamError(refusal.code, refusal.reason)
+        if refusal.reaction is Reaction.CONNECTION_ERROR:
+            raise _ConnectionError(refusal.code, refusal.reason)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -342,6 +406,7 @@ class H2Codec:
             pos = len(PREFACE)
         end = len(buf)
         unpack = _FRAME.unpack_from
+        dispatch = self._dispatch
         while end - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(buf, pos)
             length = hi << 8 | lo
@@ -360,32 +425,11 @@ class H2Codec:
             if ftype > CONTINUATION or ftype in _IDLE_TYPES:
                 self._idle_frame()
             try:
-                if ftype == HEADERS:
-                    self._headers(flags, sid, payload)
-                elif ftype == DATA:
-                    self._data(flags, sid, payload)
-                elif ftype == WINDOW_UPDATE:
-                    self._window_update(sid, payload)
-                elif ftype == RST_STREAM:
-                    self._rst_stream(sid, payload)
-                elif ftype == SETTINGS:
-                    self._settings(flags, sid, payload)
-                elif ftype == CONTINUATION:
-                    self._continuation(flags, sid, payload)
-                elif ftype == PING:
-                    self._ping(flags, sid, payload)
-                elif ftype == PRIORITY:
-                    self._priority(sid, payload)
-                elif ftype == GOAWAY:
-                    if sid or length < 8:
-                        raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad GOAWAY")
-                    if self._goaway_received:
-                        self._idle_frame()
-                    self._goaway_received = True
-                    self.handler.on_goaway(_U32.unpack_from(payload, 4)[0])
-                elif ftype == PUSH_PROMISE:
-                    raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PUSH_PROMISE from client")
-                # Unknown frame types are ignored (RFC 9113 5.5).
+                handle = dispatch[ftype]
+            except KeyError:
+                continue  # an unknown type, ignored (RFC 9113 4.1, 5.5)
+            try:
+                handle(flags, sid, payload)
             except _StreamError as e:
                 self._stream_error(sid, e.code)
             if self.closed:
@@ -413,7 +457,7 @@ class H2Codec:
         if sid > self.highest_inbound_stream_id:
             raise _ConnectionError(ErrorCodes(code), "stream error on an idle stream")
         known = self.streams.pop(sid, None) is not None
-        self._closed_as(sid, _BY_US)
+        self._closed_as(sid, _CLOSED_RESET_BY_US)
         self._frame(RST_STREAM, 0, sid, _U32.pack(code))
         if known:
             self.handler.on_reset(sid, code, False)
@@ -465,15 +509,31 @@ class H2Codec:
         if not flags & ACK:
             self._frame(PING, ACK, 0, payload)
 
-    def _priority(self, sid: int, payload: bytes) -> None:
+    def _goaway(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid or len(payload) < 8:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "bad GOAWAY")
+        if self._goaway_received:
+            self._idle_frame()
+        self._goaway_received = True
+        self.handler.on_goaway(_U32.unpack_from(payload, 4)[0])
+
+    def _push_promise(self, flags: int, sid: int, payload: bytes) -> None:
+        raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PUSH_PROMISE from client")
+
+    def _priority(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:
             raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "PRIORITY on the connection")
+        st = self.streams.get(sid)
+        state = st.state if st is not None else self._state_of(sid)
+        if state not in _ON_RECV_PRIORITY:
+            self._refuse(state, _RECV_PRIORITY)
+            return
         if len(payload) != 5:
             raise _StreamError(ErrorCodes.FRAME_SIZE_ERROR, "PRIORITY length")
         if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "stream depends on itself")
 
-    def _window_update(self, sid: int, payload: bytes) -> None:
+    def _window_update(self, flags: int, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
@@ -486,10 +546,11 @@ class H2Codec:
             self._opened = True
             return
         st = self.streams.get(sid)
-        if st is None:
-            if sid > self.highest_inbound_stream_id:
-                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
-            self._idle_frame()  # allowed on a closed stream, but it carries nothing
+        state = st.state if st is not None else self._state_of(sid)
+        if st is None or state not in _ON_RECV_WINDOW_UPDATE:
+            # Idle: a connection error; closed: allowed, but it carries nothing.
+            self._refuse(state, _RECV_WINDOW_UPDATE)
+            self._idle_frame()
             return
         if not increment:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "zero window increment")
@@ -498,15 +559,21 @@ class H2Codec:
             raise _StreamError(ErrorCodes.FLOW_CONTROL_ERROR, "window overflow")
         self.handler.on_window(sid)
 
-    def _rst_stream(self, sid: int, payload: bytes) -> None:
+    def _rst_stream(self, flags: int, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "RST_STREAM length")
-        if not sid or sid > self.highest_inbound_stream_id:
-            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "RST_STREAM on idle stream")
-        if self.streams.pop(sid, None) is not None:
-            self._closed_as(sid, _BY_CLIENT)
+        if not sid:
+            raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "RST_STREAM on the connection")
+        st = self.streams.get(sid)
+        state = st.state if st is not None else self._state_of(sid)
+        after = _ON_RECV_RST_STREAM.get(state)
+        if st is None or after is None:
+            # Idle: a connection error; closed: legitimate, but nothing is lost.
+            self._refuse(state, _RECV_RST_STREAM)
+            self._idle_frame()
         else:
-            self._idle_frame()  # a stream already closed: legitimate, but nothing is lost
+            del self.streams[sid]
+            self._closed_as(sid, after)
         self.handler.on_reset(sid, _U32.unpack(payload)[0], True)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
@@ -521,17 +588,18 @@ class H2Codec:
         self.recv_window -= flow
         if self.recv_window < 0:
             raise _ConnectionError(ErrorCodes.FLOW_CONTROL_ERROR, "connection window exceeded")
+        end = bool(flags & END_STREAM)
         st = self.streams.get(sid)
-        if not data and (st is None or not st.remote_open or not flags & END_STREAM):
+        state = st.state if st is not None else self._state_of(sid)
+        after = (_ON_RECV_DATA_END if end else _ON_RECV_DATA).get(state)
+        if not data and (after is None or not end):
             self._idle_frame()  # no body, and not the end of one
-        if st is None or not st.remote_open:
-            if sid > self.highest_inbound_stream_id:
-                raise _ConnectionError(ErrorCodes.PROTOCOL_ERROR, "DATA on idle stream")
-            # The bytes still count against the connection's window.
-            self.acknowledge_received_data(flow, 0)
-            if st is not None:
-                raise _StreamError(ErrorCodes.STREAM_CLOSED, "DATA after END_STREAM")
-            self._on_closed_stream(sid)
+        if st is None or after is None:
+            if state is not _IDLE:
+                # The bytes still count against the connection's window (on an idle stream
+                # the frame ends the connection first).
+                self.acknowledge_received_data(flow, 0)
+            self._refuse(state, _RECV_DATA_END if end else _RECV_DATA)
             return
         st.recv_window -= flow
         if st.recv_window < 0:
@@ -544,12 +612,11 @@ class H2Codec:
             if remaining < 0 or (end and remaining):
                 self.acknowledge_received_data(flow, 0)
                 raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "body and content-length differ")
-        if end:
-            st.remote_open = False
+        st.state = after
         self.handler.on_data(sid, data, flow, end)
-        if end and not st.local_open and self.streams.get(sid) is st:
+        if after is _CLOSED and self.streams.get(sid) is st:
             del self.streams[sid]
-            self._closed_as(sid, _ENDED)
+            self._closed_as(sid, after)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid & 1:
@@ -610,23 +677,26 @@ class H2Codec:
         if st is not None:
             # Trailers: the end of a request body.
             fields = self._decode(block)
-            if not st.remote_open:
-                raise _StreamError(ErrorCodes.STREAM_CLOSED, "HEADERS after END_STREAM")
-            if not end_stream or check_trailers(fields):
+            state = st.state
+            after = (_ON_RECV_HEADERS_END if end_stream else _ON_RECV_HEADERS).get(state)
+            if after is None:
+                self._refuse(state, _RECV_HEADERS_END if end_stream else _RECV_HEADERS)
+                return
+            if check_trailers(fields):
                 raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "malformed trailers")
             if st.remaining > 0:
                 raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "body shorter than content-length")
-            st.remote_open = False
+            st.state = after
             self.handler.on_data(sid, b"", 0, True)
-            if not st.local_open and self.streams.get(sid) is st:
+            if after is _CLOSED and self.streams.get(sid) is st:
                 del self.streams[sid]
-                self._closed_as(sid, _ENDED)
+                self._closed_as(sid, after)
             return
         if sid <= self.highest_inbound_stream_id:
             # A closed stream: its block still updates the decoder's table.
             self._idle_frame()
             self._decode(block)
-            self._on_closed_stream(sid)
+            self._refuse(self._state_of(sid), _RECV_HEADERS_END if end_stream else _RECV_HEADERS)
             return
         self.highest_inbound_stream_id = sid
         decoder = self.decoder
@@ -655,6 +725,6 @@ class H2Codec:
         if end_stream and length > 0:
             raise _StreamError(ErrorCodes.PROTOCOL_ERROR, "no body, but a content-length")
         self.streams[sid] = _Stream(
-            self.initial_send_window, DEFAULT_WINDOW, not end_stream, length
+            self.initial_send_window, DEFAULT_WINDOW, _OPENED[end_stream], length
         )
         self.handler.on_request(sid, fields, end_stream, too_large)
