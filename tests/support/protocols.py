@@ -51,6 +51,10 @@ SETTLE_TURNS = 30
 #: The first line of a plain origin response with a body of ``n`` bytes (``% n``).
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Origin: yes\r\n\r\n"
 
+#: HTTP/2 frame types and the END_STREAM flag (RFC 9113 6), for the frames after GOAWAY.
+FRAME_DATA, FRAME_HEADERS, FRAME_RST_STREAM = 0x0, 0x1, 0x3
+FLAG_END_STREAM = 0x1
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -156,6 +160,14 @@ class OriginConn:
         self.closed = True
         self.protocol.connection_lost(ConnectionResetError("reset by the origin"))
 
+    def full(self, full: bool) -> None:
+        """The connection's write buffer fills (True) or drains (False), as the loop tells a
+        protocol whose peer does not read."""
+        if full:
+            self.protocol.pause_writing()
+        else:
+            self.protocol.resume_writing()
+
 
 class Origin:
     """Every upstream connection the proxy made, and what it does with the next attempt."""
@@ -165,6 +177,8 @@ class Origin:
         self.attempts = 0
         #: Refuse every connection (ConnectionRefusedError), as a port nothing listens on.
         self.refuse = False
+        #: Never answer a connection attempt (a peer that drops SYNs).
+        self.hang = False
 
     @property
     def requests(self) -> list[OriginRequest]:
@@ -184,6 +198,8 @@ class OriginLoop(asyncio.SelectorEventLoop):
         self.origin.attempts += 1
         if self.origin.refuse:
             raise ConnectionRefusedError(111, "Connection refused")
+        if self.origin.hang:
+            await self.create_future()
         protocol = protocol_factory()
         conn = OriginConn(self, protocol)
         self.origin.conns.append(conn)
@@ -380,6 +396,13 @@ class H2Client(Client):
         self.conn = h2.connection.H2Connection(config)
         self.replies: dict[int, Reply] = {}
         self.events: list[Any] = []
+        #: Server bytes not yet a whole frame.
+        self.pending = bytearray()
+        #: GOAWAY came: the frames after it are read by :meth:`after_goaway`.
+        self.terminated = False
+        #: Give the window back as DATA arrives (else :meth:`ack` does).
+        self.auto_ack = True
+        self.unacked: dict[int, int] = {}
         self.read = 0
         self.conn.initiate_connection()
         self.flush()
@@ -392,11 +415,42 @@ class H2Client(Client):
                 self.feed(out)
             new = bytes(self.transport.written[self.read :])
             self.read += len(new)
-            if new:
-                for event in self.conn.receive_data(new):
-                    self.on_event(event)
+            self.pending += new
+            while len(self.pending) >= 9:
+                end = 9 + int.from_bytes(self.pending[:3], "big")
+                if len(self.pending) < end:
+                    break
+                frame = bytes(self.pending[:end])
+                del self.pending[:end]
+                if self.terminated:
+                    self.after_goaway(frame)
+                else:
+                    for event in self.conn.receive_data(frame):
+                        self.on_event(event)
             if not out and not new:
                 return
+
+    def after_goaway(self, frame: bytes) -> None:
+        """A frame after GOAWAY, which h2 refuses to read (its connection is closed once
+        GOAWAY arrives), though the streams GOAWAY let through are still being answered."""
+        kind, flags, sid = frame[3], frame[4], int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+        payload = frame[9:]
+        if kind == FRAME_HEADERS:
+            fields = self.conn.decoder.decode(payload, raw=True)
+            r = self.replies.get(sid)
+            if r is None:
+                r = self.replies[sid] = Reply()
+                for n, v in fields:
+                    if n == b":status":
+                        r.status = int(v)
+                    else:
+                        r.headers.append((n, v))
+        elif kind == FRAME_DATA:
+            self.replies[sid].body += payload
+        elif kind == FRAME_RST_STREAM:
+            self.replies.setdefault(sid, Reply()).reset = int.from_bytes(payload, "big")
+        if kind in (FRAME_HEADERS, FRAME_DATA) and flags & FLAG_END_STREAM:
+            self.replies[sid].complete = True
 
     def on_event(self, event: Any) -> None:
         self.events.append(event)
@@ -410,11 +464,16 @@ class H2Client(Client):
                     r.headers.append((n, v))
         elif isinstance(event, h2.events.DataReceived):
             self.replies[sid].body += event.data
-            self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            if self.auto_ack:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            else:
+                self.unacked[sid] = self.unacked.get(sid, 0) + event.flow_controlled_length
         elif isinstance(event, h2.events.StreamEnded):
             self.replies[sid].complete = True
         elif isinstance(event, h2.events.StreamReset):
             self.replies.setdefault(sid, Reply()).reset = event.error_code
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.terminated = True
 
     def start(
         self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), end: bool = True
@@ -427,12 +486,33 @@ class H2Client(Client):
         return sid
 
     def send(self, handle: int, data: bytes, end: bool = False) -> None:
-        self.conn.send_data(handle, data, end_stream=end)
-        self.flush()
+        """Sends ``data`` in DATA frames of the largest size allowed; h2 raises
+        ``FlowControlError`` past the window."""
+        size = self.conn.max_outbound_frame_size
+        for i in range(0, len(data), size):
+            last = i + size >= len(data)
+            self.conn.send_data(handle, data[i : i + size], end_stream=end and last)
+            self.flush()
+        if not data:
+            self.conn.send_data(handle, b"", end_stream=end)
+            self.flush()
 
     def reply(self, handle: int) -> Reply | None:
         self.flush()
         return self.replies.get(handle)
+
+    def ack(self, handle: int) -> None:
+        """Gives back the window of the DATA kept unacknowledged (``auto_ack`` False)."""
+        size = self.unacked.pop(handle, 0)
+        if size:
+            self.conn.increment_flow_control_window(size, handle)
+            self.conn.increment_flow_control_window(size)
+        self.flush()
+
+    def window(self, handle: int) -> int:
+        """How many body bytes the server lets the client send on stream ``handle`` now."""
+        self.flush()
+        return int(self.conn.local_flow_control_window(handle))
 
     def reset(self, handle: int) -> None:
         """The client resets the stream (what an HTTP/2 client does when it leaves a response)."""
@@ -442,7 +522,7 @@ class H2Client(Client):
     def goaway(self) -> bool:
         """True when the server sent GOAWAY."""
         self.flush()
-        return any(isinstance(e, h2.events.ConnectionTerminated) for e in self.events)
+        return self.terminated
 
 
 # -- the proxy --------------------------------------------------------------------------------
@@ -489,6 +569,11 @@ class Proxy:
                 await asyncio.sleep(0)
 
         self.loop.run_until_complete(run())
+
+    def wait(self, seconds: float) -> None:
+        """Lets the loop run for ``seconds`` (timers fire)."""
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+        self.step(lambda: None)
 
     def client(self) -> Client:
         """A new client connection, in this proxy's protocol."""
