@@ -155,6 +155,11 @@ class OriginConn:
         assert not self.closed and self.reading, "the proxy is not reading this connection"
         self.protocol.data_received(data)
 
+    def end(self) -> None:
+        """The origin closes the connection (cleanly: EOF)."""
+        self.closed = True
+        self.protocol.connection_lost(None)
+
     def fail(self) -> None:
         """The origin's end resets the connection."""
         self.closed = True
@@ -177,8 +182,8 @@ class Origin:
         self.attempts = 0
         #: Refuse every connection (ConnectionRefusedError), as a port nothing listens on.
         self.refuse = False
-        #: Never answer a connection attempt (a peer that drops SYNs).
-        self.hang = False
+        #: While set, connection attempts wait for it (never done: a peer that drops SYNs).
+        self.gate: asyncio.Future[None] | None = None
 
     @property
     def requests(self) -> list[OriginRequest]:
@@ -198,8 +203,8 @@ class OriginLoop(asyncio.SelectorEventLoop):
         self.origin.attempts += 1
         if self.origin.refuse:
             raise ConnectionRefusedError(111, "Connection refused")
-        if self.origin.hang:
-            await self.create_future()
+        if self.origin.gate is not None:
+            await self.origin.gate
         protocol = protocol_factory()
         conn = OriginConn(self, protocol)
         self.origin.conns.append(conn)
@@ -275,6 +280,7 @@ class Reply:
     status: int = 0
     headers: Headers = field(default_factory=list)
     body: bytes = b""
+    trailers: Headers = field(default_factory=list)
     complete: bool = False
     #: HTTP/2: the error code of the RST_STREAM that ended the stream, if one did.
     reset: int | None = None
@@ -365,7 +371,8 @@ class H1Client(Client):
                 out.append(Reply())
 
             def on_header(self, name: bytes, value: bytes) -> None:
-                out[-1].headers.append((name.lower(), value))
+                r = out[-1]
+                (r.trailers if r.status else r.headers).append((name.lower(), value))
 
             def on_headers_complete(self) -> None:
                 out[-1].status = parser.get_status_code()
@@ -438,7 +445,9 @@ class H2Client(Client):
         if kind == FRAME_HEADERS:
             fields = self.conn.decoder.decode(payload, raw=True)
             r = self.replies.get(sid)
-            if r is None:
+            if r is not None:
+                r.trailers += fields
+            else:
                 r = self.replies[sid] = Reply()
                 for n, v in fields:
                     if n == b":status":
@@ -468,6 +477,8 @@ class H2Client(Client):
                 self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
             else:
                 self.unacked[sid] = self.unacked.get(sid, 0) + event.flow_controlled_length
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.replies[sid].trailers += event.headers
         elif isinstance(event, h2.events.StreamEnded):
             self.replies[sid].complete = True
         elif isinstance(event, h2.events.StreamReset):

@@ -7,7 +7,6 @@ parses.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,9 +25,6 @@ from tests.support.protocols import (
     Proxy,
     proxies,
 )
-
-#: A connect timeout short enough to wait out (seconds).
-CONNECT_TIMEOUT = 0.05
 
 
 @pytest.fixture(params=PROTOCOLS)
@@ -416,111 +412,3 @@ def test_h2_client_window_pauses_reading_the_upstream(make_proxy: Callable[..., 
     c.ack(rid)
     r = c.reply(rid)
     assert r is not None and (len(r.body), r.complete) == (size, True)
-
-
-def test_upstream_read_timeout_is_504(proxy: Proxy) -> None:
-    c = proxy.client()
-    rid = c.request("GET", "/slow")
-    [up] = proxy.origin.conns
-    # The worker's once-a-second sweep, past the read deadline.
-    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.read_timeout + 1)
-    r = c.reply(rid)
-    assert r is not None and (r.status, r.complete) == (504, True)
-    assert up.closed
-
-
-def test_connect_timeout_is_504(make_proxy: Callable[..., Proxy]) -> None:
-    proxy = make_proxy(
-        server={"max_retries": 0}, timeouts={"upstream_connect_seconds": CONNECT_TIMEOUT}
-    )
-    proxy.origin.hang = True
-    c = proxy.client()
-    rid = c.request("GET", "/")
-    assert c.reply(rid) is None
-    proxy.wait(CONNECT_TIMEOUT * 3)
-    r = c.reply(rid)
-    assert r is not None and (r.status, r.complete) == (504, True)
-    assert proxy.origin.attempts == 1
-
-
-def test_a_reused_connection_found_dead_is_retried_on_a_new_one(proxy: Proxy) -> None:
-    """An idempotent request whose reused connection dies before any response byte goes up
-    again on a fresh connection; the client never knows."""
-    c = proxy.client()
-    first = c.request("GET", "/1")
-    [up] = proxy.origin.conns
-    proxy.step(up.reply, OK_HEAD % 0)
-    second = c.request("GET", "/2")
-    assert [r.target for r in up.requests] == [b"/1", b"/2"]
-    proxy.step(up.fail)
-    fresh = proxy.origin.conns[1]
-    assert [r.target for r in fresh.requests] == [b"/2"]
-    proxy.step(fresh.reply, OK_HEAD % 5 + b"again")
-    r1, r2 = c.reply(first), c.reply(second)
-    assert r1 is not None and r1.status == 200
-    assert r2 is not None and (r2.status, r2.body, r2.complete) == (200, b"again", True)
-
-
-def test_an_idle_connection_the_origin_closes_is_not_reused(proxy: Proxy) -> None:
-    c = proxy.client()
-    c.request("GET", "/1")
-    [up] = proxy.origin.conns
-    proxy.step(up.reply, OK_HEAD % 0)
-    proxy.step(up.fail)  # while it waits in the pool
-    rid = c.request("GET", "/2")
-    assert len(proxy.origin.conns) == 2 and proxy.origin.conns[1].requests[0].target == b"/2"
-    proxy.step(proxy.origin.conns[1].reply, OK_HEAD % 0)
-    r = c.reply(rid)
-    assert r is not None and (r.status, r.complete) == (200, True)
-
-
-def test_hop_by_hop_response_fields_are_dropped(proxy: Proxy) -> None:
-    c = proxy.client()
-    rid = c.request("GET", "/")
-    [up] = proxy.origin.conns
-    head = (
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Secret\r\nX-Secret: s\r\n"
-        b"Keep-Alive: timeout=5\r\nX-Kept: k\r\n\r\nok"
-    )
-    proxy.step(up.reply, head)
-    r = c.reply(rid)
-    assert r is not None and (r.status, r.body, r.complete) == (200, b"ok", True)
-    assert r.header(b"x-kept") == [b"k"]
-    assert r.header(b"keep-alive") == r.header(b"connection") == []
-
-
-def test_head_response_has_no_body(proxy: Proxy) -> None:
-    c = proxy.client()
-    rid = c.request("HEAD", "/")
-    [up] = proxy.origin.conns
-    assert up.requests[0].method == b"HEAD"
-    proxy.step(up.reply, OK_HEAD % 1234)
-    r = c.reply(rid) if c.h2 else None
-    if isinstance(c, H1Client):
-        # httptools cannot know a response is to HEAD: the head alone must be all there is.
-        written = bytes(c.transport.written)
-        assert written.startswith(b"HTTP/1.1 200 OK\r\n") and written.endswith(b"\r\n\r\n")
-        assert b"Content-Length: 1234\r\n" in written
-    else:
-        assert r is not None and (r.status, r.body, r.complete) == (200, b"", True)
-        assert r.header(b"content-length") == [b"1234"]
-    # The upstream connection ended cleanly with the head: reused for the next request.
-    rid = c.request("GET", "/next")
-    assert len(proxy.origin.conns) == 1 and len(up.requests) == 2
-
-
-def test_drain_ends_the_connection_after_its_response(proxy: Proxy) -> None:
-    """A graceful stop: the request under way is answered, then the connection closes
-    (HTTP/1.1 says Connection: close; HTTP/2 sends GOAWAY first)."""
-    c = proxy.client()
-    rid = c.request("GET", "/")
-    [up] = proxy.origin.conns
-    proxy.step(proxy.engine.drain)
-    if isinstance(c, H2Client):
-        assert c.goaway() and not c.closed
-    proxy.step(up.reply, OK_HEAD % 2 + b"ok")
-    r = c.reply(rid)
-    assert r is not None and (r.status, r.body, r.complete) == (200, b"ok", True)
-    if not c.h2:
-        assert r.header(b"connection") == [b"close"]
-    assert c.closed
