@@ -12,8 +12,16 @@ and ``BackendIter``):
 ``key`` is what a key-aware algorithm chooses by (consistent hashing: the same key goes to
 the same member while the set stays the same): bytes such as a client address, a URI or a
 cookie. Algorithms that ignore it (round robin) take None. A selector belongs to one worker
-and its event loop, so it needs no lock. Each worker has its own, so "in turn" holds per
-worker, not across the fleet.
+and its event loop, so it needs no lock.
+
+:class:`RoundRobin` here keeps its rotation per worker, so "in turn" holds per worker, not
+across the fleet. The fleet-wide algorithms count in shared memory and skip members that are
+not usable (down, ejected, draining), with nginx's backup rule: :class:`FleetRoundRobin` and
+:class:`WeightedRandom` (:mod:`shared.lb.weighted`), :class:`LeastConn`
+(:mod:`shared.lb.least_conn`), :class:`ConsistentHash` (:mod:`shared.lb.ketama`). Their
+``select`` returns None when no member is usable, and their ``iter`` yields only usable
+members; they also give member indices (``select_index``, ``iter_indices``) for the in-flight
+accounting.
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ class Selector(Protocol[T_co]):
     algorithm needs them. It is used for one request at a time, on the worker's event loop.
     """
 
-    def select(self, key: bytes | None = None) -> T_co:
+    def select(self, key: bytes | None = None) -> T_co | None:
         """The member that serves a request with this ``key`` (None when the request has none,
         or when the algorithm does not use keys). Called once per request; may advance the
-        selector's state (the next turn of a rotation). Raises ``IndexError`` when the set
-        is empty."""
+        selector's state (the next turn of a rotation). The fleet selectors return None when
+        no member is usable; :class:`RoundRobin` raises ``IndexError`` when the set is
+        empty."""
         ...
 
     def iter(self, key: bytes | None = None) -> Iterator[T_co]:
