@@ -80,37 +80,43 @@ class LeastConn(Balanced[T]):
 
     def select_index(self, key: bytes | None = None) -> int:
         """The least loaded usable member (taking a turn), or -1 when none is usable."""
-        turn = self.turns.take()
+        turns = self.turns
+        turn = sum(turns.column)  # Turns.take, inline: this is the hot path
+        turns.cells[turns.cell] += 1
         if not self._degraded:
-            i = self._exact_primary(turn) if self.exact else self._two_choices(turn)
-            if self._usable[i]:
-                return i
+            if self.exact:
+                i = self._exact_primary(turn)
+                if self._usable[i]:
+                    return i
+            else:
+                # Power of two choices, inline: the rotation's member against another
+                # primary drawn uniformly (among n - 1, skipping the first one's place).
+                schedule = self._schedule
+                a = schedule[turn % len(schedule)]
+                if self._usable[a]:
+                    n = len(self._columns)
+                    if n < 2:
+                        return a
+                    k = int(self._random() * (n - 1))
+                    if k >= self._positions[a]:
+                        k += 1
+                    b = self.members.primaries[k]
+                    if self._usable[b]:
+                        columns = self.load.columns
+                        if self._uniform:
+                            if sum(columns[b]) < sum(columns[a]):
+                                return b
+                        else:
+                            weights = self.members.weights
+                            if sum(columns[b]) * weights[a] < sum(columns[a]) * weights[b]:
+                                return b
+                    return a
         schedule = self._degraded_schedule()
         if not schedule:
             return -1
-        if not self._degraded:
-            return self._exact_primary(turn) if self.exact else self._two_choices(turn)
+        if not self._degraded:  # every primary usable again: this once, the rotation's
+            return self._exact_primary(turn) if self.exact else schedule[turn % len(schedule)]
         return self._least_of(sorted(set(schedule)), turn)
-
-    def _two_choices(self, turn: int) -> int:
-        """The rotation's member at ``turn`` against a random primary (fast path)."""
-        schedule = self._schedule
-        a = schedule[turn % len(schedule)]
-        primaries = self.members.primaries
-        n = len(primaries)
-        if n < 2:
-            return a
-        # The challenger is another primary, uniformly: draw among n - 1, skipping a's place.
-        k = int(self._random() * (n - 1))
-        if k >= self._positions[a]:
-            k += 1
-        b = primaries[k]
-        if not self._usable[b]:
-            return a
-        columns, weights = self.load.columns, self.members.weights
-        if sum(columns[b]) * weights[a] < sum(columns[a]) * weights[b]:
-            return b
-        return a
 
     def _exact_primary(self, turn: int) -> int:
         """The least loaded primary, the first from the turn's position on a tie (fast path:
