@@ -224,6 +224,10 @@ class ClientTransport(FakeTransport):
         self.protocol: asyncio.Protocol | None = None
         self.reading = True
         self.lost = False
+        #: Once this many bytes are written, the buffer is full: pause_writing (as a real
+        #: transport calls it, from within write); None: never.
+        self.high_water: int | None = None
+        self.full = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": CLIENT_ADDR, "sockname": SERVER_ADDR}.get(name, default)
@@ -235,6 +239,19 @@ class ClientTransport(FakeTransport):
     def write(self, data: bytes) -> None:
         if not self.closed:
             super().write(bytes(data))
+            high = self.high_water
+            if high is not None and len(self.written) >= high and not self.full:
+                self.full = True
+                assert self.protocol is not None
+                self.protocol.pause_writing()
+
+    def drained(self) -> None:
+        """The client read what was written: the buffer has room again."""
+        self.high_water = None
+        if self.full:
+            self.full = False
+            assert self.protocol is not None
+            self.protocol.resume_writing()
 
     def close(self) -> None:
         if not self.closed:

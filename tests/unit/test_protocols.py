@@ -7,6 +7,8 @@ parses.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from h2.errors import ErrorCodes
 
 from shared.apps.load_balancer import LoadBalancer
+from shared.headers import ResponseHeader
 from shared.session import Session
 from tests.support.protocols import (
     CLIENT_ADDR,
@@ -412,3 +415,119 @@ def test_h2_client_window_pauses_reading_the_upstream(make_proxy: Callable[..., 
     c.ack(rid)
     r = c.reply(rid)
     assert r is not None and (len(r.body), r.complete) == (size, True)
+
+
+# -- the app's response phases ------------------------------------------------------------------
+
+
+class AsyncResponseFilter(LoadBalancer):
+    """An ``async def response_filter``: the body waits while it runs."""
+
+    async def response_filter(  # type: ignore[override]
+        self, session: Session, resp: ResponseHeader, ctx: Any
+    ) -> None:
+        await asyncio.sleep(0)
+        resp.set("X-Filtered", "later")
+
+
+def test_an_async_response_filter_holds_the_body(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(AsyncResponseFilter())
+    c = proxy.client()
+    rid = c.request("GET", "/")
+    [up] = proxy.origin.conns
+    # The head and the whole body in one read: the body waits for the filter, then follows.
+    proxy.step(up.reply, OK_HEAD % 5 + b"hello")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body, r.complete) == (200, b"hello", True)
+    assert r.header(b"x-filtered") == [b"later"]
+    c.request("GET", "/2")
+    assert len(proxy.origin.conns) == 1 and len(up.requests) == 2  # released to the pool
+
+
+class Shout(LoadBalancer):
+    """A ``response_body_filter`` that changes the body's length."""
+
+    def response_body_filter(self, session: Session, body: bytes, end: bool, ctx: Any) -> bytes:
+        return body.upper() + (b"!" if end else b"")
+
+
+def test_a_body_filter_drops_the_length(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(Shout())
+    c = proxy.client()
+    rid = c.request("GET", "/")
+    [up] = proxy.origin.conns
+    proxy.step(up.reply, OK_HEAD % 5 + b"hel")
+    proxy.step(up.reply, b"lo")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body, r.complete) == (200, b"HELLO!", True)
+    assert r.header(b"content-length") == []
+    if isinstance(c, H1Client):
+        assert r.header(b"transfer-encoding") == [b"chunked"]
+
+
+# -- the client's limits ------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_by_its_length_is_413_and_origin_untouched(
+    make_proxy: Callable[..., Proxy],
+) -> None:
+    proxy = make_proxy(limits={"max_body_bytes": 10})
+    c = proxy.client()
+    rid = c.start("POST", "/", [("Content-Length", "100")], end=False)
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.complete) == (413, True)
+    assert proxy.origin.attempts == 0
+
+
+def test_a_body_growing_over_the_limit_is_413_and_its_upstream_closed(
+    make_proxy: Callable[..., Proxy],
+) -> None:
+    proxy = make_proxy(limits={"max_body_bytes": 10})
+    c = proxy.client()
+    if isinstance(c, H2Client):
+        rid = c.start("POST", "/", end=False)  # no content-length: the size shows as it comes
+        c.send(rid, b"12345")
+    else:
+        rid = c.start("POST", "/", [("Transfer-Encoding", "chunked")], end=False)
+        c.send(rid, b"5\r\n12345\r\n")
+    [up] = proxy.origin.conns
+    assert up.requests[0].body == b"12345"
+    if isinstance(c, H2Client):
+        c.send(rid, b"x" * 20)
+    else:
+        c.send(rid, b"14\r\n" + b"x" * 20 + b"\r\n")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.complete) == (413, True)
+    assert up.closed and not up.requests[0].complete
+
+
+@pytest.mark.parametrize("make_proxy", ["http/1.1"], indirect=True)
+def test_a_head_too_slow_is_408(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    c = proxy.client()
+    c.feed(b"GET / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n")
+    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.header_timeout + 1)
+    r = c.reply(0)
+    assert r is not None and (r.status, r.complete) == (408, True)
+    assert c.closed and proxy.origin.attempts == 0
+
+
+@pytest.mark.parametrize("make_proxy", ["http/1.1"], indirect=True)
+def test_expect_100_continue_is_answered_by_the_proxy(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    c = proxy.client()
+    rid = c.start("POST", "/", [("Content-Length", "3"), ("Expect", "100-continue")], end=False)
+    assert bytes(c.transport.written) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    c.send(rid, b"abc")
+    [req] = proxy.origin.requests
+    assert req.header(b"expect") == [] and (req.body, req.complete) == (b"abc", True)
+
+
+def test_an_idle_client_connection_is_closed_after_keepalive(proxy: Proxy) -> None:
+    c = proxy.client()
+    c.request("GET", "/")
+    proxy.step(proxy.origin.conns[0].reply, OK_HEAD % 0)
+    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.keepalive - 1)
+    assert not c.closed
+    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.keepalive + 1)
+    assert c.closed

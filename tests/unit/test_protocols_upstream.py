@@ -272,3 +272,90 @@ def test_drain_ends_the_connection_after_its_response(proxy: Proxy) -> None:
     if not c.h2:
         assert r.header(b"connection") == [b"close"]
     assert c.closed
+
+
+def test_the_body_waits_while_the_connection_is_made(proxy: Proxy) -> None:
+    gate = proxy.origin.gate = proxy.loop.create_future()
+    c = proxy.client()
+    rid = c.start("POST", "/", [("Content-Length", "6")], end=False)
+    c.send(rid, b"abc")
+    c.send(rid, b"def", end=True)
+    assert proxy.origin.conns == []
+    proxy.origin.gate = None
+    proxy.step(gate.set_result, None)
+    [req] = proxy.origin.requests
+    assert (req.body, req.complete) == (b"abcdef", True)
+    proxy.step(proxy.origin.conns[0].reply, OK_HEAD % 0)
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.complete) == (200, True)
+
+
+def test_a_response_that_ends_while_the_client_is_full_releases_its_upstream(
+    proxy: Proxy,
+) -> None:
+    """The client's buffer fills while the response is written (pause_writing from within
+    write): the response still completes, and its upstream connection goes back to the pool,
+    watched (read) again, for the next request."""
+    c = proxy.client()
+    rid = c.request("GET", "/")
+    [up] = proxy.origin.conns
+    c.transport.high_water = 10
+    proxy.step(up.reply, OK_HEAD % 50 + b"x" * 50)
+    assert c.transport.full
+    assert up.reading and not up.closed
+    proxy.step(c.transport.drained)
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body, r.complete) == (200, b"x" * 50, True)
+    rid = c.request("GET", "/2")
+    assert len(proxy.origin.conns) == 1
+    proxy.step(up.reply, OK_HEAD % 1 + b"y")
+    r = c.reply(rid)
+    assert r is not None and (r.body, r.complete) == (b"y", True)
+
+
+@pytest.mark.parametrize("make_proxy", ["http/1.1"], indirect=True)
+def test_a_pipelined_request_starts_paused_while_the_client_is_full(
+    make_proxy: Callable[..., Proxy],
+) -> None:
+    proxy = make_proxy()
+    c = proxy.client()
+    c.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    [up] = proxy.origin.conns
+    c.transport.high_water = 10
+    proxy.step(up.reply, OK_HEAD % 50 + b"x" * 50)
+    assert [r.target for r in up.requests] == [b"/1", b"/2"]
+    assert not up.reading  # the second response waits for the client
+    proxy.step(c.transport.drained)
+    assert up.reading
+    proxy.step(up.reply, OK_HEAD % 1 + b"y")
+    assert isinstance(c, H1Client)
+    assert [(r.body, r.complete) for r in c.replies()] == [(b"x" * 50, True), (b"y", True)]
+
+
+@pytest.mark.parametrize("make_proxy", ["h2c"], indirect=True)
+def test_h2_one_stream_failing_leaves_the_other(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    c = proxy.client()
+    a = c.request("GET", "/1")
+    b = c.request("POST", "/2", [("Content-Length", "1")], body=b"x")
+    ua, ub = proxy.origin.conns
+    proxy.step(ub.fail)
+    proxy.step(ua.reply, OK_HEAD % 2 + b"ok")
+    ra, rb = c.reply(a), c.reply(b)
+    assert ra is not None and (ra.status, ra.body, ra.complete) == (200, b"ok", True)
+    assert rb is not None and (rb.status, rb.complete) == (502, True)
+    assert not c.closed
+
+
+@pytest.mark.parametrize("make_proxy", ["h2c"], indirect=True)
+def test_h2_connection_lost_closes_every_streams_upstream(
+    make_proxy: Callable[..., Proxy],
+) -> None:
+    proxy = make_proxy()
+    c = proxy.client()
+    c.request("GET", "/1")
+    c.request("GET", "/2")
+    ua, ub = proxy.origin.conns
+    proxy.step(ua.reply, OK_HEAD % 100 + b"x")
+    c.gone()
+    assert ua.closed and ub.closed
