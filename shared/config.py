@@ -223,7 +223,10 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     idle_timeout_seconds: float = setting(
-        60.0, "An idle upstream connection unused for this long is closed.", _positive
+        60.0,
+        "An idle upstream connection unused for this long is closed (a peer's "
+        "PeerOptions.idle_timeout wins for its HTTP/1.1 connections).",
+        _positive,
     )
     size_per_worker: int = setting(
         128, "Most idle upstream connections one worker keeps (over all peers).", _not_negative
@@ -265,7 +268,10 @@ class TimeoutsConfig:
         60.0, "Longest wait for an upstream response head or body read (504 after).", _positive
     )
     upstream_write_seconds: float = setting(
-        60.0, "Longest time a write to an upstream may stay blocked.", _positive
+        60.0,
+        "Longest time sending a request (head and body) to an upstream may stall while the "
+        "upstream does not read it (504 after, unless the response has started).",
+        _positive,
     )
 
 

@@ -68,11 +68,15 @@ class PeerOptions:
     """Longest wait for the response head, and between two reads of a response body; None:
     ``timeouts.upstream_read_seconds``. Past it: ``READ_TIMEOUT`` (504)."""
     write_timeout: float | None = None
-    """Meant as the longest time a write to the upstream may stay blocked; not used by the engine
-    yet (neither is ``timeouts.upstream_write_seconds``)."""
+    """Longest time sending the request (head and body) may stall because the upstream does not
+    read it (HTTP/2: grants no flow-control window); None: ``timeouts.upstream_write_seconds``.
+    Past it: ``WRITE_TIMEOUT`` (504 when no response byte reached the client yet; never
+    retried, the body is not kept). While the request stalls, the read timeout waits; it
+    starts again when the upstream reads on."""
     idle_timeout: float | None = None
-    """Meant as how long an idle connection to this peer may wait in the pool; not used by the
-    engine yet: ``pool.idle_timeout_seconds`` applies to every peer."""
+    """How long an idle HTTP/1.1 connection to this peer may wait in the pool, shorter or longer
+    than ``pool.idle_timeout_seconds`` (None: that); checked once a second. Such a connection
+    stays in the worker that used it last (the pool broker is not given it)."""
     http2: bool = False
     """Speak HTTP/2 to this peer: with ALPN h2 over TLS, with prior knowledge (h2c) without.
     Requests are multiplexed on one connection; needed for gRPC (trailers)."""

@@ -31,6 +31,7 @@ parse error), not on every response.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,9 @@ class UpstreamConn(asyncio.Protocol):
         "reading_paused",
         "complete",
         "chunked_body",
+        "write_timeout",
+        "write_timer",
+        "idle_timeout",
     )
 
     def __init__(self, key: PoolKey, pool: UpstreamPool) -> None:
@@ -123,6 +127,15 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self.deadline = 0.0
         self.read_timeout = 60.0
+        #: Longest stall of the request on its way up (seconds; 0: none): the connector sets
+        #: it for each exchange (the peer's ``write_timeout``, else the config's).
+        self.write_timeout = 0.0
+        #: Fails the exchange once the request stalled ``write_timeout`` (armed by
+        #: pause_writing only, so an upload that never fills the buffer costs no timer).
+        self.write_timer: asyncio.TimerHandle | None = None
+        #: How long this connection may idle in the pool (the peer's ``idle_timeout``, set by
+        #: the connector for each exchange); None: the pool's own.
+        self.idle_timeout: float | None = None
         #: After a 101 response: the downstream side of the byte tunnel.
         self.tunnel: ResponseHandler | None = None
         # Per-exchange
@@ -229,15 +242,50 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.handler is not None and self.write_timeout > 0 and self.write_timer is None:
+            # The origin takes request bytes slower than they come: from now on the write
+            # timeout, not the read timeout, bounds the exchange (nginx's proxy_send_timeout;
+            # its read timer starts once the request is sent).
+            self.deadline = math.inf
+            self.write_timer = asyncio.get_running_loop().call_later(
+                self.write_timeout, self._write_timed_out
+            )
         h = self.handler or self.tunnel
         if h is not None:
             h.upstream_writable(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.write_timer is not None:
+            self._disarm()
+            if self.handler is not None and self.deadline == math.inf:
+                # The wait for the response counts from the origin's last progress.
+                self.deadline = time.monotonic() + self.read_timeout
         h = self.handler or self.tunnel
         if h is not None:
             h.upstream_writable(True)
+
+    def _disarm(self) -> None:
+        """Cancels the write timer (the request moves again, or the exchange is over)."""
+        timer, self.write_timer = self.write_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _write_timed_out(self) -> None:
+        """The request stalled ``write_timeout``: the origin did not read enough of it to bring
+        the write buffer back to its low-water mark."""
+        self.write_timer = None
+        handler = self.handler
+        self._fail(
+            upstream_error(
+                ErrorKind.WRITE_TIMEOUT,
+                f"the upstream did not read the request for {self.write_timeout:g}s",
+                context="sending the request",
+            )
+        )
+        if handler is not None:
+            # The request side waits for the upstream to take writes again: it won't.
+            handler.upstream_writable(True)
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -381,6 +429,8 @@ class UpstreamConn(asyncio.Protocol):
         """After a 101 response: bytes go both ways unparsed until either side closes."""
         self.pool.busy.discard(self)
         self.handler = None
+        if self.write_timer is not None:
+            self._disarm()
         if self.status != 101:
             self._fail(httptools.HttpParserError("upgrade without 101"))
             return
@@ -480,7 +530,10 @@ class UpstreamConn(asyncio.Protocol):
     def failure(self, exc: BaseException | None) -> ProxyError:
         """What a failure reported to the handler (``upstream_failed``) means: a late
         response, an invalid one, or a connection that closed (retryable if no byte of a
-        response came and the connection was reused)."""
+        response came and the connection was reused); a :class:`ProxyError` (a write timeout)
+        is itself."""
+        if isinstance(exc, ProxyError):
+            return exc
         if isinstance(exc, TimeoutError):
             return upstream_error(ErrorKind.READ_TIMEOUT, exc)
         if isinstance(exc, httptools.HttpParserError):
@@ -505,6 +558,8 @@ class UpstreamConn(asyncio.Protocol):
         handler = self.handler
         self.handler = None
         self.pool.busy.discard(self)
+        if self.write_timer is not None:
+            self._disarm()
         if self.head_only and self.keep_alive:
             # The parser may still expect a body the origin will never send.
             self.parser = httptools.HttpResponseParser(self)
@@ -530,6 +585,8 @@ class UpstreamConn(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        if self.write_timer is not None:
+            self._disarm()
         if not self.closed:
             self.closed = True
             self.pool.discard(self)

@@ -22,6 +22,7 @@ h2 sees them.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -176,6 +177,11 @@ class UpstreamH2Stream:
         self.status = 0
         self.deadline = 0.0
         self.read_timeout = 60.0
+        #: Longest stall of the request body on a closed flow-control window (seconds; 0:
+        #: none), set by the connector for each exchange.
+        self.write_timeout = 0.0
+        #: Armed while the body waits for a window (see worker/client/h1.py's).
+        self.write_timer: asyncio.TimerHandle | None = None
         self.out = WindowedSender(conn.h2, stream_id)
         self.pending_end = False
         self.paused = False
@@ -225,8 +231,15 @@ class UpstreamH2Stream:
         """Sends request body bytes (within the flow-control window; the rest waits)."""
         if self.closed:
             return
-        if not self.out.send(data):
+        if not self.out.send(data) and not self.write_paused:
             self.write_paused = True
+            if self.write_timeout > 0:
+                # The server grants no window: the write timeout, not the read timeout,
+                # bounds the wait from now on (as for HTTP/1.1).
+                self.deadline = math.inf
+                self.write_timer = asyncio.get_running_loop().call_later(
+                    self.write_timeout, self._write_timed_out
+                )
         self.conn.flush()
 
     def send_body(self, data: bytes) -> None:
@@ -253,11 +266,34 @@ class UpstreamH2Stream:
         if not done:
             return
         self.write_paused = False
+        if self.write_timer is not None:
+            self._disarm()
+            if self.deadline == math.inf:
+                self.deadline = time.monotonic() + self.read_timeout
         if self.pending_end:
             self.pending_end = False
             self.end_body()
         if self.handler is not None:
             self.handler.upstream_writable(True)
+
+    def _disarm(self) -> None:
+        timer, self.write_timer = self.write_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _write_timed_out(self) -> None:
+        """The body waited ``write_timeout`` for a flow-control window."""
+        self.write_timer = None
+        handler = self.handler
+        self._fail(
+            upstream_error(
+                ErrorKind.WRITE_TIMEOUT,
+                f"the upstream opened no flow-control window for {self.write_timeout:g}s",
+                context="sending the request",
+            )
+        )
+        if handler is not None:
+            handler.upstream_writable(True)
 
     def pause_reading(self) -> None:
         """Stops acknowledging response data, so the server's window closes."""
@@ -276,6 +312,8 @@ class UpstreamH2Stream:
         self.close()
 
     def close(self) -> None:
+        if self.write_timer is not None:
+            self._disarm()
         if not self.closed:
             self.closed = True
             self.conn.pool.busy.discard(self)
@@ -288,7 +326,10 @@ class UpstreamH2Stream:
     def failure(self, exc: BaseException | None) -> ProxyError:
         """What a failure reported to the handler (``upstream_failed``) means: a late
         response, or a stream or connection that closed (retryable if no byte of a response
-        came and the connection was reused)."""
+        came and the connection was reused); a :class:`ProxyError` (a write timeout) is
+        itself."""
+        if isinstance(exc, ProxyError):
+            return exc
         if isinstance(exc, TimeoutError):
             return upstream_error(ErrorKind.READ_TIMEOUT, exc)
         return upstream_error(
@@ -345,6 +386,8 @@ class UpstreamH2Stream:
     def _finish(self) -> None:
         handler = self.handler
         self.handler = None
+        if self.write_timer is not None:
+            self._disarm()
         self.closed = True
         self.conn.pool.busy.discard(self)
         self.conn.stream_closed(self, reset=False)

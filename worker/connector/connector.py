@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from shared.errors import ErrorKind, RetryType, upstream_error
 from shared.peer import HttpPeer
 from worker.client.h1 import UpstreamConn
-from worker.client.h2 import UpstreamH2Conn
+from worker.client.h2 import UpstreamH2Conn, UpstreamH2Stream
 from worker.connector.pool import H2Pool, Pool
 from worker.interfaces import Upstream
 from worker.tls import ClientTls
@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 class Connector:
     """A worker's upstream connections: its pools, its broker client, new connections."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: Pool,
+        connect_timeout: float,
+        write_timeout: float = 0.0,
+    ) -> None:
         self.loop = loop
         #: Idle HTTP/1.1 connections, and the exchanges under way.
         self.pool = pool
@@ -48,6 +54,8 @@ class Connector:
         self.client_tls = ClientTls()
         #: ``timeouts.upstream_connect_seconds`` (a peer's ``connect_timeout`` wins).
         self.connect_timeout = connect_timeout
+        #: ``timeouts.upstream_write_seconds`` (a peer's ``write_timeout`` wins); 0: none.
+        self.write_timeout = write_timeout
         #: Upstream HTTP/2 connections being made, by pool key.
         self._h2_connecting: dict[PoolKey, asyncio.Future[None]] = {}
         #: Makes a new connection: :meth:`new_connection`, unless replaced (a test harness
@@ -56,8 +64,9 @@ class Connector:
 
     async def acquire(self, peer: HttpPeer) -> tuple[Upstream, bool]:
         """An upstream exchange for ``peer`` and whether its connection was reused (from
-        this worker's pool, a live HTTP/2 connection, or the broker). Raises
-        :class:`~shared.errors.ProxyError` when a new connection cannot be made."""
+        this worker's pool, a live HTTP/2 connection, or the broker), set up with the peer's
+        timeouts (:meth:`fit`). Raises :class:`~shared.errors.ProxyError` when a new
+        connection cannot be made."""
         key = peer.pool_key
         if peer.options.http2:
             h2 = self.h2.stream(key)
@@ -69,17 +78,32 @@ class Connector:
                     await pending
                     h2 = self.h2.stream(key)
             if h2 is not None:
+                self.fit(h2, peer)
                 return h2, True
         else:
             up = self.pool.get(key)
+            if up is None:
+                broker = self.broker
+                if broker is not None and not peer.tls and broker.may_have(key):
+                    up = await self.borrow(peer)
             if up is not None:
+                self.fit(up, peer)
                 return up, True
-            broker = self.broker
-            if broker is not None and not peer.tls and broker.may_have(key):
-                up = await self.borrow(peer)
-                if up is not None:
-                    return up, True
-        return await self.connect(peer), False
+        new = await self.connect(peer)
+        self.fit(new, peer)
+        return new, False
+
+    def fit(self, up: Upstream, peer: HttpPeer) -> None:
+        """Gives ``up`` the settings of ``peer`` that govern how a connection is used, not
+        what it connects to (so they are not in the pool key, and two peers of one key may
+        differ in them): the write timeout, and for an HTTP/1.1 connection how long it may
+        idle in the pool afterwards. The last exchange's peer decides."""
+        o = peer.options
+        if isinstance(up, UpstreamConn):
+            up.write_timeout = o.write_timeout or self.write_timeout
+            up.idle_timeout = o.idle_timeout
+        elif isinstance(up, UpstreamH2Stream):
+            up.write_timeout = o.write_timeout or self.write_timeout
 
     async def borrow(self, peer: HttpPeer) -> UpstreamConn | None:
         """An idle connection to ``peer`` from the pool broker, or None."""

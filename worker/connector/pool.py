@@ -5,6 +5,9 @@ exchanges under way (whose read deadlines its sweep checks, for both protocols).
 connection is watched (worker/client/h1.py): one the origin closes or that speaks leaves the pool.
 When the pool is shared (``pool.shared``), a connection idle for a moment, or of a key this
 worker did not use a moment ago, goes to the pool broker instead, where any worker can use it.
+A connection whose peer set its own idle timeout (``PeerOptions.idle_timeout``) stays in this
+worker's pool, which closes it on that time; the broker would keep it for
+``pool.idle_timeout_seconds``.
 
 :class:`H2Pool` keeps the live HTTP/2 connections by key: each carries many requests at once,
 so it is not idle or busy but has room or not.
@@ -38,6 +41,9 @@ class Pool:
     """Idle upstream connections of one worker, by pool key, most recently used first.
 
     Holds at most ``size`` idle connections over all keys; the oldest goes first when full.
+    An idle connection is closed after ``idle_timeout`` seconds, or its own
+    (:attr:`UpstreamConn.idle_timeout <worker.client.h1.UpstreamConn.idle_timeout>`, its
+    peer's), as the once-a-second :meth:`sweep` finds it.
     """
 
     def __init__(self, size: int, idle_timeout: float) -> None:
@@ -77,7 +83,7 @@ class Pool:
         # The connection reads the clock (all of an HTTP/1.1 connection's times are its
         # module's: worker/client/h1.py).
         now = up.went_idle()
-        if self.donor is not None:
+        if self.donor is not None and up.idle_timeout is None:
             # A key this worker used a moment ago is hot: its next request is likely here, so
             # the connection stays local (no round trip). A cold key's connection goes to the
             # broker at once, where the next request for it finds it, whichever worker it
@@ -109,9 +115,16 @@ class Pool:
                     del self._idle[up.key]
 
     def _give_away(self, conns: list[UpstreamConn]) -> None:
-        """Donates connections to the broker (when shared), else closes them."""
+        """Donates connections to the broker (when shared), else closes them; one with an
+        idle timeout of its own is closed (see the module docstring)."""
         if self.donor is not None:
-            self.donated += self.donor(conns)
+            own = [up for up in conns if up.idle_timeout is not None]
+            if own:
+                conns = [up for up in conns if up.idle_timeout is None]
+                for up in own:
+                    up.close()
+            if conns:
+                self.donated += self.donor(conns)
         else:
             for up in conns:
                 up.close()
@@ -123,9 +136,16 @@ class Pool:
         limit = now - self.idle_timeout
         donate_limit = now - DONATE_AFTER_SECONDS if self.donor is not None else limit
         spare = []
+        # To the end of the order: one with an idle timeout of its own may be anywhere in it.
         for up in list(self._order):
+            own = up.idle_timeout
+            if own is not None:
+                # Its peer's time, whatever its place in the order; never donated.
+                if now - up.idle_since >= own:
+                    up.close()
+                continue
             if up.idle_since > donate_limit:
-                break
+                continue
             if up.idle_since <= limit:
                 up.close()
             else:

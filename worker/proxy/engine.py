@@ -135,9 +135,10 @@ class Engine:
       ``upstream_response_filter`` and ``response_filter`` (:meth:`response_head`) →
       ``response_body_filter`` on each piece (:meth:`body_filter`) → ``logging``
       (:meth:`request_done`, once per request whatever happened);
-    - on failure: an upstream that fails before the response starts comes back to the retry
-      loop (:meth:`upstream_failed`), else ``error_while_proxy``; then ``fail_to_proxy``
-      (:meth:`fail`) writes the error response.
+    - on failure: an upstream that fails before the response starts goes through
+      ``error_while_proxy``, then back to the retry loop when the error it returns allows
+      (:meth:`upstream_failed`); else ``fail_to_proxy`` (:meth:`fail`) writes the error
+      response.
     """
 
     def __init__(
@@ -184,6 +185,7 @@ class Engine:
             self.loop,
             Pool(config.pool.size_per_worker, config.pool.idle_timeout_seconds),
             t.upstream_connect_seconds,
+            t.upstream_write_seconds,
         )
         #: The connector's pool of idle HTTP/1.1 connections (its counters are the
         #: heartbeat's).
@@ -341,7 +343,12 @@ class Engine:
         the upstream is not writable."""
         body_filter = self.p_request_body_filter
         while True:
-            chunk = await s.read_body_chunk()
+            try:
+                chunk = await s.read_body_chunk()
+            except ProxyError:
+                if conn.up is not up or up.closed:
+                    return  # the exchange failed (a write timeout) and was answered
+                raise
             if conn.up is not up or up.closed:
                 return
             end = not chunk
@@ -359,6 +366,8 @@ class Engine:
                 return
             if up.write_paused:
                 await conn.wait_upstream_writable()
+                if conn.up is not up or up.closed:
+                    return
 
     # -- the response side ---------------------------------------------------------------
 
