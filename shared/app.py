@@ -285,15 +285,25 @@ class ProxyHttp(Generic[CtxT]):
     def error_while_proxy(
         self, session: Session, peer: HttpPeer, error: ProxyError, ctx: CtxT
     ) -> ProxyError:
-        """Sees an upstream failure after the request was sent, before the response started.
+        """Decides what an upstream failure after the request was sent leads to, before the
+        response started.
 
-        Runs when the connection to ``peer`` closed, timed out (``READ_TIMEOUT``) or answered
-        something that is not HTTP (``INVALID_RESPONSE``) before a response head reached the
-        client, and the engine does not retry it itself. Once the response has started, a
-        failure only closes the client's connection and this phase does not run. Must be a
-        plain ``def`` and must not block. Returns the error :meth:`fail_to_proxy` gets (its
-        ``retry`` is not looked at again); an exception is logged and ``error`` goes on.
-        Default: returns ``error`` unchanged.
+        Runs when the connection to ``peer`` closed (``CONNECTION_CLOSED``), timed out
+        (``READ_TIMEOUT``, ``WRITE_TIMEOUT``) or answered something that is not HTTP
+        (``INVALID_RESPONSE``) before a response head reached the client; on every such
+        failure, before the retry decision (Pingora's order). Once the response has started,
+        a failure only closes the client's connection and this phase does not run. Must be a
+        plain ``def`` and must not block. Returns the error to go on with: ``error`` itself
+        (its ``retry`` may be changed), or another :class:`ProxyError`. When the returned
+        error is retryable (:meth:`ProxyError.retryable`), ``session.retries <
+        server.max_retries``, and the request may be sent twice (an idempotent method, no
+        body: whatever the error says, the body is not kept), :meth:`upstream_peer` runs again;
+        otherwise the request fails with it, through :meth:`fail_to_proxy`. Set
+        ``error.retry = RetryType.ALWAYS`` to retry what the engine would not (an invalid
+        response, a connection that closed on a fresh connection), ``RetryType.NEVER`` to
+        stop a retry (of a pooled connection the origin closed). An exception is logged and
+        ``error`` goes on. Default: returns ``error`` unchanged: only a reused connection that
+        closed before any response byte is retried.
         """
         return error
 

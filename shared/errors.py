@@ -101,7 +101,8 @@ class ProxyError(Exception):
     source: ErrorSource
     """Which side failed."""
     retry: RetryType
-    """Whether the request may be sent again; ``fail_to_connect`` may change it."""
+    """Whether the request may be sent again; ``fail_to_connect`` and ``error_while_proxy``
+    may change it."""
     cause: BaseException | str | None
     """The underlying exception or a short text, or None."""
     context: str

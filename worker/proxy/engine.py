@@ -443,19 +443,27 @@ class Engine:
     # -- failures and the end of a request -------------------------------------------------
 
     def upstream_failed(self, conn: Downstream, s: Session, err: ProxyError) -> None:
-        """The upstream failed before the response started."""
+        """The upstream failed before the response started: ``error_while_proxy`` sees the
+        error first and may change it (its ``retry`` above all), then the retry decision
+        (:meth:`may_retry`) is taken on what it returned, as Pingora's ``proxy_h1`` hands the
+        error to the phase before ``process_request`` decides."""
         global _current
-        if self.may_retry(s, err, sent=True):
-            s.retries += 1
-            self.drive(self.run(conn, s, retry=True), s)
-            return
         prev, _current = _current, s
         try:
             if self.p_error_while_proxy is not None and s.peer is not None:
                 try:
-                    err = self.p_error_while_proxy(s, s.peer, err, s.ctx)
+                    r = self.p_error_while_proxy(s, s.peer, err, s.ctx)
                 except Exception:
                     self.log.exception("error_while_proxy failed")
+                else:
+                    if isinstance(r, ProxyError):
+                        err = r
+                    else:
+                        self.log.error("error_while_proxy returned %r, not a ProxyError", r)
+            if self.may_retry(s, err, sent=True):
+                s.retries += 1
+                self.drive(self.run(conn, s, retry=True), s)
+                return
             self.fail(conn, s, err)
         finally:
             _current = prev
