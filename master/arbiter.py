@@ -53,7 +53,7 @@ from shared import ipc, privileges
 from shared.config import Config, ConfigError
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import child_env, python_command
-from shared.poolindex import PoolIndex
+from shared.shm.pool_index import PoolIndex
 
 log = logging.getLogger("tenaya")
 

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 
 from master.selector import Selector
-from shared.poolindex import PoolIndex, slot_of
+from shared.shm.pool_index import PoolIndex, slot_of
 
 log = logging.getLogger("tenaya")
 

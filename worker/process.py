@@ -32,8 +32,8 @@ from shared.app import AppLoadError, ProxyHttp, load_app
 from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import add_app_dirs
-from shared.poolindex import PoolIndex
 from shared.privileges import Identity
+from shared.shm.pool_index import PoolIndex
 from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
 from worker.connector.broker_client import BrokerClient

@@ -2,11 +2,13 @@
 workers map from an inherited descriptor.
 
 :mod:`shared.shm.table` is the base (header, attach checks, typed views, closing);
-:mod:`shared.shm.balance` holds the fleet's load-balancing counters. Each table's module says
+:mod:`shared.shm.balance` holds the fleet's load-balancing counters, :mod:`shared.shm.pool_index`
+the broker's idle-connection hints. Each table's module says
 who writes which cells and who reads them.
 """
 
 from shared.shm.balance import BalanceTable, SlotCells
+from shared.shm.pool_index import PoolIndex, slot_of
 from shared.shm.table import SharedTable
 
-__all__ = ["BalanceTable", "SharedTable", "SlotCells"]
+__all__ = ["BalanceTable", "PoolIndex", "SharedTable", "SlotCells", "slot_of"]

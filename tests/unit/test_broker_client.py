@@ -11,7 +11,7 @@ import time
 from shared.config import from_mapping
 from shared.ipc import Channel
 from shared.peer import HttpPeer
-from shared.poolindex import PoolIndex
+from shared.shm.pool_index import PoolIndex
 from worker.connector.broker_client import BORROW_TIMEOUT_SECONDS, BrokerClient
 from worker.process import Worker
 

@@ -22,7 +22,7 @@ from master.lifecycle import State
 from master.selector import Selector
 from shared import ipc
 from shared.config import from_mapping
-from shared.poolindex import PoolIndex
+from shared.shm.pool_index import PoolIndex
 
 KEY = b"pool-key"
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.shm import BalanceTable, SharedTable, SlotCells
+from shared.shm import BalanceTable, PoolIndex, SharedTable, SlotCells, slot_of
+from shared.shm.pool_index import DEFAULT_SLOTS
 from shared.shm.table import PAGE
 
 
@@ -235,3 +236,36 @@ def test_close_releases_derived_views(table: BalanceTable) -> None:
     assert not _fd_open(fd)
     with pytest.raises(ValueError):
         view[0]
+
+
+# -- the pool index on the base ------------------------------------------------------------
+
+
+def test_pool_index_hints() -> None:
+    """The broker's counters: a worker attaches read-only and sees them; add never goes
+    below zero; the slot of a key is its CRC-32 modulo the slots."""
+    index = PoolIndex.create(64)
+    worker = PoolIndex.attach(os.dup(index.fd))
+    try:
+        assert worker.slots == 64
+        slot = slot_of(b"10.0.0.1:80", 64)
+        assert not worker.available(slot)
+        index.add(slot, 2)
+        assert worker.available(slot)
+        index.add(slot, -5)
+        assert index.counts[slot] == 0 and not worker.available(slot)
+        with pytest.raises(TypeError):
+            worker.add(slot, 1)
+    finally:
+        worker.close()
+        index.close()
+
+
+def test_pool_index_default_slots() -> None:
+    index = PoolIndex.create()
+    try:
+        assert index.slots == DEFAULT_SLOTS
+        with pytest.raises(ValueError, match="kind"):
+            BalanceTable.attach(os.dup(index.fd))
+    finally:
+        index.close()

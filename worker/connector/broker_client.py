@@ -18,7 +18,7 @@ import msgpack
 
 from shared import ipc
 from shared.ipc import MAX_FDS_PER_MESSAGE, ChannelClosed
-from shared.poolindex import PoolIndex, slot_of
+from shared.shm.pool_index import PoolIndex, slot_of
 
 if TYPE_CHECKING:
     from shared.peer import PoolKey
