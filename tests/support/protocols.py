@@ -92,6 +92,8 @@ class OriginConn:
         self.received = bytearray()
         self.closed = False
         self.reading = True
+        #: The request asked for an upgrade: no more parsing.
+        self.upgraded = False
 
     # The transport, as the proxy sees it.
 
@@ -101,7 +103,12 @@ class OriginConn:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "a write after close"
         self.received += data
-        self.parser.feed_data(bytes(data))
+        if self.upgraded:
+            return
+        try:
+            self.parser.feed_data(bytes(data))
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True  # what follows the request is the tunnel's
 
     def writelines(self, parts: Iterable[bytes]) -> None:
         self.write(b"".join(parts))
@@ -215,12 +222,27 @@ class OriginLoop(asyncio.SelectorEventLoop):
 # -- the client -------------------------------------------------------------------------------
 
 
-class ClientTransport(FakeTransport):
-    """The server's end of a client connection; the client closing is :meth:`client_gone`."""
+class FakeTls:
+    """What the servers read of a TLS connection (``ssl_object``): the protocol ALPN chose."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, alpn: str) -> None:
+        self.alpn = alpn
+
+    def selected_alpn_protocol(self) -> str:
+        return self.alpn
+
+    def getpeercert(self) -> None:
+        return None
+
+
+class ClientTransport(FakeTransport):
+    """The server's end of a client connection; the client closing is :meth:`client_gone`.
+    With ``tls``, a connection whose TLS handshake is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: FakeTls | None = None) -> None:
         super().__init__()
         self.loop = loop
+        self.tls = tls
         self.protocol: asyncio.Protocol | None = None
         self.reading = True
         self.lost = False
@@ -230,7 +252,8 @@ class ClientTransport(FakeTransport):
         self.full = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": CLIENT_ADDR, "sockname": SERVER_ADDR}.get(name, default)
+        extra = {"peername": CLIENT_ADDR, "sockname": SERVER_ADDR, "ssl_object": self.tls}
+        return extra.get(name, default)
 
     def writelines(self, parts: Iterable[bytes]) -> None:
         for p in parts:
@@ -311,9 +334,13 @@ class Client:
 
     h2 = False
 
-    def __init__(self, proxy: Proxy) -> None:
+    #: The ALPN protocol a TLS client offers.
+    alpn = "http/1.1"
+
+    def __init__(self, proxy: Proxy, tls: bool = False) -> None:
         self.proxy = proxy
-        self.transport = ClientTransport(proxy.loop)
+        self.scheme = "https" if tls else "http"
+        self.transport = ClientTransport(proxy.loop, FakeTls(self.alpn) if tls else None)
         server = H1Server(proxy.engine)
         self.transport.set_protocol(server)
         proxy.step(server.connection_made, self.transport)
@@ -363,8 +390,8 @@ class Client:
 class H1Client(Client):
     """HTTP/1.1: raw bytes up, httptools on what comes back."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        super().__init__(proxy)
+    def __init__(self, proxy: Proxy, tls: bool = False) -> None:
+        super().__init__(proxy, tls)
         self.sent = 0
 
     def start(
@@ -410,12 +437,15 @@ class H1Client(Client):
 
 
 class H2Client(Client):
-    """HTTP/2 with prior knowledge: h2's client connection encodes and decodes."""
+    """HTTP/2, with prior knowledge (or chosen by ALPN on TLS): h2's client connection encodes
+    and decodes."""
 
     h2 = True
 
-    def __init__(self, proxy: Proxy) -> None:
-        super().__init__(proxy)
+    alpn = "h2"
+
+    def __init__(self, proxy: Proxy, tls: bool = False) -> None:
+        super().__init__(proxy, tls)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.conn = h2.connection.H2Connection(config)
         self.replies: dict[int, Reply] = {}
@@ -507,7 +537,12 @@ class H2Client(Client):
         self, method: str, path: str, headers: Iterable[tuple[str, str]] = (), end: bool = True
     ) -> int:
         sid = self.conn.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", "http"), (":authority", HOST), (":path", path)]
+        fields = [
+            (":method", method),
+            (":scheme", self.scheme),
+            (":authority", HOST),
+            (":path", path),
+        ]
         fields += [(n.lower(), v) for n, v in headers]
         self.conn.send_headers(sid, fields, end_stream=end)
         self.flush()
@@ -603,9 +638,10 @@ class Proxy:
         self.loop.run_until_complete(asyncio.sleep(seconds))
         self.step(lambda: None)
 
-    def client(self) -> Client:
-        """A new client connection, in this proxy's protocol."""
-        c = (H2Client if self.protocol == "h2c" else H1Client)(self)
+    def client(self, tls: bool = False) -> Client:
+        """A new client connection, in this proxy's protocol; ``tls``: on a TLS listener,
+        the handshake done (HTTP/2 then chosen by ALPN, not by the preface)."""
+        c = (H2Client if self.protocol == "h2c" else H1Client)(self, tls)
         self.clients.append(c)
         return c
 

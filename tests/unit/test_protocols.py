@@ -66,6 +66,18 @@ def test_get_is_proxied(proxy: Proxy) -> None:
     assert not c.closed
 
 
+def test_tls_client_is_proxied_as_https(proxy: Proxy) -> None:
+    """On a TLS listener (HTTP/2 chosen by ALPN, not the preface): X-Forwarded-Proto says
+    https."""
+    c = proxy.client(tls=True)
+    rid = c.request("GET", "/")
+    [req] = proxy.origin.requests
+    assert req.header(b"x-forwarded-proto") == [b"https"]
+    proxy.step(proxy.origin.conns[0].reply, OK_HEAD % 2 + b"ok")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body, r.complete) == (200, b"ok", True)
+
+
 def test_post_body_is_streamed_up(proxy: Proxy) -> None:
     c = proxy.client()
     rid = c.start("POST", "/upload", [("Content-Length", "10")], end=False)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.protocols import OK_HEAD, PROTOCOLS, H1Client, H2Client, Proxy, proxies
+from tests.support.protocols import HOST, OK_HEAD, PROTOCOLS, H1Client, H2Client, Proxy, proxies
 
 #: A connect timeout short enough to wait out (seconds).
 CONNECT_TIMEOUT = 0.05
@@ -359,3 +359,33 @@ def test_h2_connection_lost_closes_every_streams_upstream(
     proxy.step(ua.reply, OK_HEAD % 100 + b"x")
     c.gone()
     assert ua.closed and ub.closed
+
+
+@pytest.mark.parametrize("make_proxy", ["http/1.1"], indirect=True)
+def test_an_upgrade_becomes_a_tunnel(make_proxy: Callable[..., Proxy]) -> None:
+    """HTTP/1.1 Upgrade (WebSocket): after the origin's 101, bytes pass unparsed both ways
+    until a side closes."""
+    proxy = make_proxy()
+    c = proxy.client()
+    c.feed(
+        b"GET /ws HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\nearly"
+    )
+    [up] = proxy.origin.conns
+    [req] = up.requests
+    assert req.header(b"upgrade") == [b"websocket"]
+    assert up.received.endswith(b"\r\n\r\n")  # the early bytes wait for the tunnel
+    proxy.step(
+        up.reply,
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nhi",
+    )
+    written = bytes(c.transport.written)
+    assert written.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in written and written.endswith(b"\r\n\r\nhi")
+    assert up.received.endswith(b"\r\n\r\nearly")
+    c.feed(b"\x81\x02up")
+    assert up.received.endswith(b"early\x81\x02up")
+    proxy.step(up.reply, b"\x81\x04down")
+    assert bytes(c.transport.written).endswith(b"hi\x81\x04down")
+    proxy.step(up.end)
+    assert c.closed
