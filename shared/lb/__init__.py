@@ -13,9 +13,11 @@ from :class:`Members`:
 - :class:`ConsistentHash`: ``hash``, a Ketama ring mapping keys as nginx and Pingora do, with
   :func:`key_function` for ``hash_key``.
 
-:func:`ramp_weights` is slow start.
+:func:`ramp_weights` is slow start; :func:`make_selector` builds the selector a ``balance``
+name means.
 """
 
+from shared.lb.algorithms import BALANCE_NAMES, make_selector
 from shared.lb.fleet import Load, Turns
 from shared.lb.ketama import ConsistentHash, Ring
 from shared.lb.keys import key_function
@@ -26,6 +28,7 @@ from shared.lb.slow_start import ramp_weights
 from shared.lb.weighted import FleetRoundRobin, WeightedRandom
 
 __all__ = [
+    "BALANCE_NAMES",
     "ConsistentHash",
     "FleetRoundRobin",
     "LeastConn",
@@ -37,6 +40,7 @@ __all__ = [
     "Turns",
     "WeightedRandom",
     "key_function",
+    "make_selector",
     "ramp_weights",
     "smooth_weighted",
 ]

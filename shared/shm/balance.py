@@ -32,10 +32,22 @@ one C call, and no two processes write the same cache line.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from shared.shm.table import PAGE, SharedTable, pages
 
 _CELL = struct.calcsize("Q")
+
+
+def server_ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """The global server numbers of each upstream, from the upstreams' server counts in config
+    order: ``(first, count)`` per upstream (``[3, 2]`` -> ``[(0, 3), (3, 2)]``). The master and
+    every worker number the same config the same way."""
+    ranges, first = [], 0
+    for count in counts:
+        ranges.append((first, count))
+        first += count
+    return ranges
 
 
 class BalanceTable(SharedTable):

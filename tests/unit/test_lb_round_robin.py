@@ -12,16 +12,21 @@ from collections.abc import Iterator
 import pytest
 
 from shared.lb import (
+    BALANCE_NAMES,
+    ConsistentHash,
     FleetRoundRobin,
+    LeastConn,
     Members,
     Selector,
     Turns,
     WeightedRandom,
+    make_selector,
     ramp_weights,
     smooth_weighted,
 )
 from shared.lb.slow_start import RAMP_STEPS, ramp_factor, ramping
 from shared.shm import BalanceTable, SlotCells
+from shared.shm.balance import server_ranges
 
 
 @pytest.fixture
@@ -193,3 +198,13 @@ def test_slow_start_share_grows() -> None:
     rr.set_weights(ramp_weights([1, 1], [100.0, 3.0], 10.0))
     counts = Counter(rr.select() for _ in range(1300))
     assert counts == {"a": 1000, "b": 300}
+
+
+def test_make_selector_names() -> None:
+    """Each balance name builds its selector; an unknown one is refused with the choices."""
+    kinds = [FleetRoundRobin, WeightedRandom, LeastConn, ConsistentHash]
+    for name, kind in zip(BALANCE_NAMES, kinds, strict=True):
+        assert isinstance(make_selector(name, Members(["10.0.0.1:80"])), kind)
+    with pytest.raises(ValueError, match="round_robin, random, least_conn, hash"):
+        make_selector("fastest", Members(["a"]))
+    assert server_ranges([3, 2, 1]) == [(0, 3), (3, 2), (5, 1)]
