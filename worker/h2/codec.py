@@ -591,7 +591,11 @@ class H2Codec:
         end = bool(flags & END_STREAM)
         st = self.streams.get(sid)
         state = st.state if st is not None else self._state_of(sid)
-        after = (_ON_RECV_DATA_END if end else _ON_RECV_DATA).get(state)
+        after: StreamState | None
+        try:
+            after = (_ON_RECV_DATA_END if end else _ON_RECV_DATA)[state]
+        except KeyError:
+            after = None  # refused: _refuse below says how
         if not data and (after is None or not end):
             self._idle_frame()  # no body, and not the end of one
         if st is None or after is None:
@@ -605,7 +609,6 @@ class H2Codec:
         if st.recv_window < 0:
             self.acknowledge_received_data(flow, 0)
             raise _StreamError(ErrorCodes.FLOW_CONTROL_ERROR, "stream window exceeded")
-        end = bool(flags & END_STREAM)
         remaining = st.remaining
         if remaining >= 0:
             st.remaining = remaining = remaining - len(data)
