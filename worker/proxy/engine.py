@@ -340,7 +340,8 @@ class Engine:
 
     async def send_body(self, conn: Downstream, s: Session, up: Upstream) -> None:
         """Streams the request body upstream through ``request_body_filter``, pausing while
-        the upstream is not writable."""
+        the upstream is not writable; returns early once the exchange is over (the upstream
+        failed meanwhile, a write timeout say, and the request was answered)."""
         body_filter = self.p_request_body_filter
         while True:
             try:
