@@ -6,6 +6,8 @@ An *exchange* is one request and its response on the client's side: an HTTP/1.1 
 (``upstream_head`` / ``upstream_body`` / ``upstream_done`` / ``upstream_failed``). What differs
 between protocols is how a response is written (``write_head``, ``write_body``, ``end_body``,
 ``respond``) and what ends an exchange (``finish``, ``close``); subclasses supply those.
+Backpressure is the connection's :class:`~worker.server.flow.FlowControl` (:attr:`Exchange.flow`):
+the client's write pause, and the drain a request body waits on while its upstream is full.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from shared.headers import RawHeaders
 from shared.session import Session
 from worker.http import status_line
 from worker.interfaces import ProxyEngine, Upstream
+from worker.server.flow import FlowControl
 
 
 def peer_info(
@@ -42,10 +45,15 @@ class Exchange:
     client_addr: tuple[str, int]
     server_addr: tuple[str, int]
     scheme: bytes
-    write_paused: bool
+    #: The client connection's flow control (an HTTP/2 connection's streams share one).
+    flow: FlowControl
     held: list[bytes] | None
     held_done: Upstream | None
-    _drain_waiter: asyncio.Future[None] | None
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the client is not taking what is written."""
+        return self.flow.write_paused
 
     # -- what a protocol supplies ----------------------------------------------------------
 
@@ -117,17 +125,13 @@ class Exchange:
 
     def upstream_writable(self, writable: bool) -> None:
         if writable:
-            w = self._drain_waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            self.flow.wake()
 
     async def wait_upstream_writable(self) -> None:
         """Waits until the upstream connection takes writes again (or the exchange ends)."""
         up = self.up
         while up is not None and up.write_paused and not up.closed and not self.closing:
-            w = self._drain_waiter = asyncio.get_running_loop().create_future()
-            await w
-            self._drain_waiter = None
+            await self.flow.drain()
             up = self.up
 
     # -- the exchange --------------------------------------------------------------------
@@ -136,7 +140,7 @@ class Exchange:
         """Sends the request head on ``up``; its response comes back to this connection."""
         self.up = up
         up.start(self, head, s.method == b"HEAD", read_timeout)
-        if self.write_paused:
+        if self.flow.write_paused:
             up.pause_reading()
 
     def upstream_head(self, up: Upstream, status: int, headers: RawHeaders) -> None:

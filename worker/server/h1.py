@@ -43,6 +43,7 @@ from shared.session import Session
 from worker.http import STATUS_LINES, status_line
 from worker.interfaces import ProxyEngine, Upstream
 from worker.server.exchange import Exchange, peer_info
+from worker.server.flow import FlowControl
 from worker.server.select import PREFACE_START, alpn_chose_h2, is_h2_preface, switch_to_h2
 
 # Response body framing, chosen when the response head is written.
@@ -218,13 +219,12 @@ class H1Server(Exchange, asyncio.Protocol):
         self.up: Upstream | None = None
         self.closing = False
         self.draining = False
-        self.reading_paused = False
-        self.write_paused = False
+        #: Reading and writing pauses, and the request body's drain.
+        self.flow = FlowControl()
         self.stop_parsing = False
         self.deferred_error: ProxyError | None = None
         self.last_active = 0.0
         self.requests = 0
-        self._drain_waiter: asyncio.Future[None] | None = None
         # Writes made while an upstream read is being parsed go out together (one syscall for
         # a response's head and body); see begin_batch / end_batch.
         self.batching = False
@@ -257,7 +257,7 @@ class H1Server(Exchange, asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = self.flow.transport = transport  # type: ignore[assignment]
         if self.closing:
             # Closed (the worker stopping) before the loop made it.
             transport.close()
@@ -348,10 +348,12 @@ class H1Server(Exchange, asyncio.Protocol):
         """Hands the connection to the HTTP/2 protocol (which counts itself)."""
         self.engine.connections.discard(self)
         self.closing = True
+        self.flow.close()
         switch_to_h2(self.engine, transport, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.flow.close()
         self.engine.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.close()
@@ -375,17 +377,16 @@ class H1Server(Exchange, asyncio.Protocol):
             s.error = s.error or gone
             s.response_done = True
             self.engine.request_done(s)
-        w = self._drain_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        # A request body waiting for its upstream waits no more.
+        self.flow.wake()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.pause_writing()
         if self.up is not None:
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.flow.resume_writing()
         if self.up is not None:
             self.up.resume_reading()
 
@@ -497,7 +498,7 @@ class H1Server(Exchange, asyncio.Protocol):
             if self.pipeline is None:
                 self.pipeline = deque()
             self.pipeline.append(s)
-            self._pause_reading()
+            self.flow.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         self.current.feed_body(body)  # type: ignore[union-attr]
@@ -522,29 +523,19 @@ class H1Server(Exchange, asyncio.Protocol):
 
     # -- flow control ----------------------------------------------------------------------
 
-    def _pause_reading(self) -> None:
-        if not self.reading_paused and not self.closing:
-            self.reading_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
-
-    def _resume_reading(self) -> None:
-        if self.reading_paused and not self.closing:
-            self.reading_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
-
     def pause_body(self) -> None:
-        self._pause_reading()
+        self.flow.pause_reading()
 
     def resume_body(self) -> None:
         if not self.pipeline:
-            self._resume_reading()
+            self.flow.resume_reading()
 
     def upstream_writable(self, writable: bool) -> None:
         if self.tunnel is not None:
             if writable:
-                self._resume_reading()
+                self.flow.resume_reading()
             else:
-                self._pause_reading()
+                self.flow.pause_reading()
             return
         super().upstream_writable(writable)
 
@@ -676,7 +667,7 @@ class H1Server(Exchange, asyncio.Protocol):
         early, self.early = self.early, None
         for data in early or ():
             up.transport.write(data)  # type: ignore[union-attr]
-        self._resume_reading()
+        self.flow.resume_reading()
 
     def tunnel_data(self, data: bytes) -> None:
         s = self.active
@@ -696,7 +687,7 @@ class H1Server(Exchange, asyncio.Protocol):
         if data:
             self.early.append(data)  # type: ignore[union-attr]
             if sum(map(len, self.early)) > EARLY_TUNNEL_BYTES:  # type: ignore[arg-type]
-                self._pause_reading()
+                self.flow.pause_reading()
 
     # -- responses the proxy writes itself -----------------------------------------------
 
@@ -773,14 +764,14 @@ class H1Server(Exchange, asyncio.Protocol):
             err, self.deferred_error = self.deferred_error, None
             self.bad_request(err)
         else:
-            self._resume_reading()
+            self.flow.resume_reading()
 
     def _next_pipelined(self) -> None:
         if self.closing or self.active is not None or not self.pipeline:
             return
         s = self.pipeline.popleft()
         if not self.pipeline and self.deferred_error is None:
-            self._resume_reading()
+            self.flow.resume_reading()
         if self.draining:
             s.keep_alive = False
         self.active = s
@@ -791,6 +782,7 @@ class H1Server(Exchange, asyncio.Protocol):
         if self.transport is None:
             # Accepted, not yet made (its TLS handshake under way): connection_made closes it.
             self.closing = True
+            self.flow.close()
             self.engine.connections.discard(self)
             return
         if not self.closing:
@@ -798,6 +790,7 @@ class H1Server(Exchange, asyncio.Protocol):
                 self.batching = False
                 self.end_batch()
             self.closing = True
+            self.flow.close()
             self.transport.close()
 
     # -- draining ----------------------------------------------------------------------------

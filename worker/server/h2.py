@@ -36,6 +36,7 @@ from worker.h2.hpack import Fields
 from worker.http import status_line
 from worker.interfaces import ProxyEngine
 from worker.server.exchange import Exchange, peer_info
+from worker.server.flow import FlowControl
 
 __all__ = ["H2Server", "H2Stream"]
 
@@ -77,10 +78,9 @@ class H2Stream(Exchange):
         self.active: Session | None = None
         self.up = None
         self.closing = False
-        self.write_paused = server.write_paused
+        self.flow = server.flow
         self.held: list[bytes] | None = None
         self.held_done = None
-        self._drain_waiter: asyncio.Future[None] | None = None
         self.out = WindowedSender(server.conn, stream_id)
         self.pending_end = False
         self.ended = False
@@ -155,7 +155,7 @@ class H2Stream(Exchange):
             return
         if self.pending_end:
             self._end()
-        elif self.up is not None and not self.server.write_paused:
+        elif self.up is not None and not self.flow.write_paused:
             self.up.resume_reading()
 
     def end_body(self, s: Session) -> None:
@@ -261,7 +261,8 @@ class H2Server(asyncio.Protocol):
         self.scheme = b"http"
         self.closing = False
         self.draining = False
-        self.write_paused = False
+        #: Backpressure toward the client (its streams share it).
+        self.flow = FlowControl()
         self.batching = 0
         self.last_active = 0.0
         self.requests = 0
@@ -272,7 +273,7 @@ class H2Server(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = self.flow.transport = transport  # type: ignore[assignment]
         self.client_addr, self.client_ip, self.server_addr, self.tls = peer_info(transport)
         if self.tls is not None:
             self.scheme = b"https"
@@ -299,27 +300,28 @@ class H2Server(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.flow.close()
         self.engine.connections.discard(self)
         for stream in list(self.streams.values()):
             stream.reset_by_client()
+        # A request body waiting for its upstream waits no more (its stream is gone).
+        self.flow.wake()
 
     def pause_writing(self) -> None:
         # The client is not reading what we send: stop reading what it sends, so that the
         # answers its frames need (PING and SETTINGS acknowledgements, resets) cannot pile up.
-        self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        flow = self.flow
+        flow.pause_writing()
+        flow.pause_reading()
         for stream in self.streams.values():
-            stream.write_paused = True
             if stream.up is not None:
                 stream.up.pause_reading()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        flow = self.flow
+        flow.resume_writing()
+        flow.resume_reading()
         for stream in self.streams.values():
-            stream.write_paused = False
             if stream.up is not None and not stream.out.blocked:
                 stream.up.resume_reading()
 
@@ -489,6 +491,7 @@ class H2Server(asyncio.Protocol):
         """Closes the connection once what h2 has to send (even mid-batch) went out."""
         if not self.closing:
             self.closing = True
+            self.flow.close()
             if self.transport is not None:
                 data = self.conn.data_to_send()
                 if data and not self.transport.is_closing():
