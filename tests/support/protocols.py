@@ -6,7 +6,8 @@ Theory of operation. A :class:`Proxy` is the real :class:`~worker.proxy.engine.E
 real app (the built-in :class:`~shared.apps.load_balancer.LoadBalancer`, or a subclass) and its
 real connector. A client connection is a real :class:`~worker.server.h1.H1Server` on a
 :class:`ClientTransport`; the HTTP/2 client sends the connection preface first, so the server
-hands the connection to :class:`~worker.server.h2.H2Server` as worker/server/select.py does.
+hands the connection to :class:`~worker.server.h2.H2Server` as worker/server/select.py does (on
+a TLS client connection, ``Proxy.client(tls=True)``, ALPN chooses instead).
 The HTTP/1.1 client writes raw bytes and parses what it gets with httptools; the HTTP/2 client
 is ``h2``'s :class:`~h2.connection.H2Connection`, which encodes the requests and decodes the
 server's frames.
@@ -48,7 +49,7 @@ SERVER_ADDR = ("192.0.2.1", 8080)
 HOST = "example.com"
 #: Loop turns each step lets the proxy run before the test looks.
 SETTLE_TURNS = 30
-#: The first line of a plain origin response with a body of ``n`` bytes (``% n``).
+#: The head of a plain origin response with a body of ``n`` bytes (``OK_HEAD % n``).
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Origin: yes\r\n\r\n"
 
 #: HTTP/2 frame types and the END_STREAM flag (RFC 9113 6), for the frames after GOAWAY.
