@@ -454,7 +454,7 @@ def _build(run: Run, warm: int) -> Engine:
         engine.pool.created += 1
         return origin.connection(engine)
 
-    engine.connect = connect  # type: ignore[method-assign]
+    engine.connect = connect
     done = engine.request_done
 
     def request_done(s: Session) -> None:

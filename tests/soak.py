@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.support
@@ -93,6 +94,17 @@ def master_pid(pid_file: Path) -> int:
         return 0
 
 
+def new_master_pid(pid_file: Path, old: int) -> int:
+    """The pid in ``pid_file`` once it is another than ``old``; 0 until then."""
+    pid = master_pid(pid_file)
+    return pid if pid != old else 0
+
+
+def serves(master: Master, generation: int) -> bool:
+    """True once ``master`` logged that its ``generation`` serves."""
+    return f"generation {generation} serving" in master.read_error_log()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -146,24 +158,16 @@ def main() -> int:
                 break
             if args.action == "reload":
                 os.kill(pid, signal.SIGHUP)
-                wait_for(
-                    lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
-                    timeout=STEP_SECONDS,
-                )
+                wait_for(partial(serves, master, i + 2), timeout=STEP_SECONDS)
             elif args.action == "upgrade":
                 old = pid
                 os.kill(old, signal.SIGUSR2)
-                pid = wait_for(
-                    lambda old=old: (p := master_pid(pid_file)) != old and p, timeout=STEP_SECONDS
-                )
-                wait_for(lambda old=old: not _alive(old), timeout=STEP_SECONDS)
+                pid = wait_for(partial(new_master_pid, pid_file, old), timeout=STEP_SECONDS)
+                wait_for(partial(_gone, old), timeout=STEP_SECONDS)
             elif args.action == "resize":
                 # One worker more, then one fewer, and so on.
                 os.kill(pid, signal.SIGTTIN if i % 2 == 0 else signal.SIGTTOU)
-                wait_for(
-                    lambda i=i: f"generation {i + 2} serving" in master.read_error_log(),
-                    timeout=STEP_SECONDS,
-                )
+                wait_for(partial(serves, master, i + 2), timeout=STEP_SECONDS)
             elif args.action == "kill-workers":
                 for w in master.workers():
                     w.kill()
@@ -192,6 +196,10 @@ def main() -> int:
         origin.wait(10)
     print(json.dumps(result))
     return 0
+
+
+def _gone(pid: int) -> bool:
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,11 +123,7 @@ def test_a_request_without_an_id_gets_a_generated_one(fleet: Fleet) -> None:
     ids = []
     for tenant in ("t1", "t2", "t3"):
         (m,) = wait_for(
-            lambda t=tenant: lines(
-                master,
-                HEAD + rf"INFO \[req ({GENERATED})\] "
-                rf"tenant={t}",
-            ),
+            partial(lines, master, HEAD + rf"INFO \[req ({GENERATED})\] tenant={tenant}"),
             what=f"the line of {tenant}",
         )
         ids.append(m.group(3))

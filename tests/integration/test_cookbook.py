@@ -105,7 +105,7 @@ def test_auth_with_a_known_token_is_proxied(auth: tuple[Master, Origin], token: 
 @pytest.fixture(scope="module")
 def router(module_fleet: Fleet) -> tuple[Master, dict[str, Origin]]:
     origins = {name: module_fleet.origin(name) for name in ("web", "beta", "api", "old")}
-    options = {
+    options: dict[str, object] = {
         "default": origins["web"].address,
         "header": "X-Backend",
         "header_routes": {"beta": origins["beta"].address},

@@ -229,7 +229,7 @@ def method(ch: grpc.Channel, kind: str, name: str) -> Any:
         "su": ch.stream_unary,
         "ss": ch.stream_stream,
     }[kind]
-    return factory(f"/{SERVICE}/{name}")  # type: ignore[operator]
+    return factory(f"/{SERVICE}/{name}")
 
 
 # -- tests ---------------------------------------------------------------------------------

@@ -447,7 +447,7 @@ class RawH2:
             ],
         )
         first.data = parts[0]
-        frames = [first]
+        frames: list[HeadersFrame | ContinuationFrame] = [first]
         for i, part in enumerate(parts[1:], 2):
             frames.append(ContinuationFrame(sid, flags=["END_HEADERS"] if i == len(parts) else []))
             frames[-1].data = part
@@ -883,7 +883,11 @@ def test_resetting_answered_streams_is_not_an_attack(fresh: Stack) -> None:
             sid = 1 + 2 * i
             # One write per round trip (the reset rides with the next request).
             raw.send(reset + raw.headers(sid, "/early", end_stream=False, extra=too_big))
-            for _ in raw.frames_until(lambda f, sid=sid: sid in raw.ended, 10):
+
+            def ended(f: Frame, sid: int = sid) -> bool:
+                return sid in raw.ended
+
+            for _ in raw.frames_until(ended, 10):
                 pass
             assert raw.status.get(sid) == 413
             reset = raw.rst(sid, ErrorCodes.NO_ERROR)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def test_no_fd_leaks_after_ten_thousand_handoffs(fleet: Fleet, tmp_path: Path) -
             assert c.request("GET", "/").status == 200
         workers = [w.pid for w in m.workers()]
         # A connection handed off a moment ago may still be closing: count once settled.
-        before = {pid: wait_until_stable(lambda pid=pid: _fds(pid), settle=0.5) for pid in workers}
+        before = {pid: wait_until_stable(partial(_fds, pid), settle=0.5) for pid in workers}
         idle_before = status(m)["broker"]["idle"]
         master_before = wait_until_stable(lambda: _fds(m.pid), settle=0.5) - idle_before
         for i in range(5000):

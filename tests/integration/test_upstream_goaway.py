@@ -38,7 +38,8 @@ class GoawayOrigin(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         self.server.connections += 1
         self.server.open.add(self)
         self.conn.initiate_connection()

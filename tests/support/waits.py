@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
 
 def wait_for(
-    condition: Callable[[], T],
+    condition: Callable[[], T | Literal[False] | None],
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
 ) -> T:
     """Polls ``condition`` until it returns something true; returns that. Raises
-    ``AssertionError`` naming ``what`` when ``timeout`` seconds pass first."""
+    ``AssertionError`` naming ``what`` when ``timeout`` seconds pass first.
+
+    ``condition`` may say "not yet" with False or None (``ready and value``, ``value if ready
+    else None``): the type returned is then the value's alone."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()

@@ -50,7 +50,7 @@ def test_a_borrow_ends_at_once_when_the_master_goes() -> None:
         worker.stopping = False
         worker.log = logging.getLogger("test-broker-client")
         worker.config = from_mapping({"app": "x:App"}, "test")
-        worker.drain = drained.append  # type: ignore[method-assign]
+        worker.drain = lambda grace: drained.append(grace)  # type: ignore[method-assign]
         loop.add_reader(channel.fileno(), worker._on_channel)
         borrow = asyncio.ensure_future(broker.borrow(KEY))
         await asyncio.sleep(0)

@@ -8,12 +8,15 @@ import pytest
 
 import worker.client.h1 as upstream
 from shared.headers import RawHeaders
+from shared.peer import HttpPeer, PoolKey
+from shared.session import Session
 from tests.support.client import FakeTransport
 from worker.client.h1 import UpstreamConn
 from worker.connector.pool import Pool
+from worker.interfaces import Upstream
 
-KEY_A = ("10.0.0.1", 80, False)
-KEY_B = ("10.0.0.2", 80, False)
+KEY_A = HttpPeer("10.0.0.1:80").pool_key
+KEY_B = HttpPeer("10.0.0.2:80").pool_key
 
 
 class Clock:
@@ -27,21 +30,25 @@ class Clock:
 
 
 class Handler:
-    """Records the response callbacks of one exchange."""
+    """Records the response callbacks of one exchange (a ``ResponseHandler`` with no request)."""
 
     def __init__(self) -> None:
+        self.active: Session | None = None
         self.events: list[tuple[Any, ...]] = []
 
-    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
+    def upstream_head(self, up: Upstream, status: int, headers: RawHeaders) -> None:
         self.events.append(("head", status, list(headers)))
 
     def upstream_body(self, data: bytes) -> None:
         self.events.append(("body", data))
 
-    def upstream_done(self, up: UpstreamConn) -> None:
+    def upstream_trailers(self, headers: RawHeaders) -> None:
+        self.events.append(("trailers", list(headers)))
+
+    def upstream_done(self, up: Upstream) -> None:
         self.events.append(("done", up.keep_alive))
 
-    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
+    def upstream_failed(self, up: Upstream, exc: BaseException | None) -> None:
         self.events.append(("failed", type(exc).__name__, str(exc)))
 
     def upstream_writable(self, writable: bool) -> None:
@@ -53,6 +60,15 @@ class Handler:
     def end_batch(self) -> None:
         pass
 
+    def tunnel_started(self, up: Upstream) -> None:
+        self.events.append(("tunnel",))
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.events.append(("tunnel-data", data))
+
+    def tunnel_closed(self) -> None:
+        self.events.append(("tunnel-closed",))
+
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
@@ -62,7 +78,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-def conn(pool: Pool, key: tuple[Any, ...] = KEY_A) -> UpstreamConn:
+def conn(pool: Pool, key: PoolKey = KEY_A) -> UpstreamConn:
     """A connection of ``pool`` on a fake transport, as asyncio would set it up."""
     up = UpstreamConn(key, pool)
     up.connection_made(FakeTransport())  # type: ignore[arg-type]

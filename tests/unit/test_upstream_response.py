@@ -8,17 +8,20 @@ exchange pools the connection only when it is True).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import pytest
 
 from shared.headers import RawHeaders
+from shared.peer import HttpPeer
+from shared.session import Session
 from tests.support.client import FakeTransport
 from worker.client.h1 import InvalidResponse, StaleBytes, UpstreamConn
 from worker.connector.pool import Pool
+from worker.interfaces import Upstream
 
-KEY = ("10.0.0.1", 80, False)
+KEY = HttpPeer("10.0.0.1:80").pool_key
 GET = b"GET / HTTP/1.1\r\n\r\n"
 
 
@@ -32,14 +35,15 @@ class FakeSession:
 
 
 class Handler:
-    """Records the response callbacks of one exchange; ``active`` is its request."""
+    """Records the response callbacks of one exchange; ``active`` is its request (a
+    :class:`FakeSession` standing in for a Session)."""
 
     def __init__(self, session: FakeSession | None = None) -> None:
-        self.active = session or FakeSession()
+        self.active: Session | None = cast(Session, session or FakeSession())
         self.events: list[tuple[Any, ...]] = []
         self.failure: BaseException | None = None
 
-    def upstream_head(self, up: UpstreamConn, status: int, headers: RawHeaders) -> None:
+    def upstream_head(self, up: Upstream, status: int, headers: RawHeaders) -> None:
         self.events.append(("head", status, list(headers)))
 
     def upstream_body(self, data: bytes) -> None:
@@ -48,18 +52,24 @@ class Handler:
     def upstream_trailers(self, headers: RawHeaders) -> None:
         self.events.append(("trailers", list(headers)))
 
-    def upstream_done(self, up: UpstreamConn) -> None:
+    def upstream_done(self, up: Upstream) -> None:
         self.events.append(("done", up.keep_alive))
 
-    def upstream_failed(self, up: UpstreamConn, exc: BaseException | None) -> None:
+    def upstream_failed(self, up: Upstream, exc: BaseException | None) -> None:
         self.failure = exc
         self.events.append(("failed", type(exc).__name__))
 
-    def tunnel_started(self, up: UpstreamConn) -> None:
+    def tunnel_started(self, up: Upstream) -> None:
         self.events.append(("tunnel",))
 
     def tunnel_data(self, data: bytes) -> None:
         self.events.append(("tunnel-data", data))
+
+    def tunnel_closed(self) -> None:
+        self.events.append(("tunnel-closed",))
+
+    def upstream_writable(self, writable: bool) -> None:
+        self.events.append(("writable", writable))
 
     def begin_batch(self) -> None:
         pass
@@ -82,7 +92,7 @@ def exchange(
     handler = Handler(session)
     up.start(
         handler,
-        method + b" / HTTP/1.1\r\n\r\n",  # type: ignore[arg-type]
+        method + b" / HTTP/1.1\r\n\r\n",
         method == b"HEAD",
         read_timeout=5,
     )
