@@ -269,3 +269,27 @@ def test_pool_index_default_slots() -> None:
             BalanceTable.attach(os.dup(index.fd))
     finally:
         index.close()
+
+
+def test_another_process_writes_its_row(table: BalanceTable) -> None:
+    """A child process (as a worker is) attaches its slot from the inherited descriptor; its
+    turns and in-flight counts are what the parent reads, and it cannot write slot 0's."""
+    fd = os.dup(table.fd)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when everything held
+        code = 1
+        try:
+            slot = BalanceTable.attach_slot(fd, 2)
+            for _ in range(3):
+                slot.take_turn(1)
+            slot.begin(4)
+            try:
+                slot.table.cells[1 * slot.table.row_cells] = 9
+            except TypeError:
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert table.turn(1) == 3 and table.in_flight(4) == 1
