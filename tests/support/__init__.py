@@ -9,6 +9,8 @@
 - :mod:`~tests.support.master`: the real master as a subprocess.
 - :mod:`~tests.support.nginx`: nginx as a fast, real origin.
 - :mod:`~tests.support.resources`: descriptors and memory of a process; a free port.
+- :mod:`~tests.support.protocols`: the engine behind its HTTP/1.1 and HTTP/2 servers in one
+  process, without a socket, for the protocol tests.
 
 The fixtures that start these and stop them at the end are in ``tests/conftest.py``.
 """
