@@ -45,7 +45,7 @@ malformed request, flow control) stay with the frame's handler in the codec.
 
 The codec reads the table through per-event rows (:data:`LEGAL`), which hold only the
 allowed transitions: the hot path is one dict lookup, the refusal is looked up when there is
-one. The states are an ``IntEnum`` because an ``Enum``'s hash is a Python-level call, five
+one. The states are an ``IntEnum`` because an ``Enum``'s hash is a Python-level call, several
 times slower as a dict key.
 """
 
@@ -111,8 +111,9 @@ class Refusal:
     reason: str
 
 
-S = StreamState
-E = Event
+# Short names for the table below.
+_S = StreamState
+_E = Event
 
 _DROP = Refusal(Reaction.IGNORE, ErrorCodes.NO_ERROR, "frame on a stream we reset")
 _DROP_LATE = Refusal(Reaction.IGNORE, ErrorCodes.NO_ERROR, "late frame on a closed stream")
@@ -133,8 +134,9 @@ _AFTER_CLIENT_END = Refusal(
 _AFTER_CLIENT_RESET = Refusal(
     Reaction.STREAM_ERROR, ErrorCodes.STREAM_CLOSED, "frame after the client's RST_STREAM"
 )
-#: RFC 9113 8.1: trailers are a header block that "carries END_STREAM"; one without it is a
-#: malformed message (8.1.1: a stream error of type PROTOCOL_ERROR).
+#: RFC 9113 8.1: "An endpoint that receives a HEADERS frame without the END_STREAM flag set
+#: after receiving the HEADERS frame that opens a request ... MUST treat the corresponding
+#: request or response as malformed (Section 8.1.1)": a stream error of type PROTOCOL_ERROR.
 _OPEN_TRAILERS = Refusal(
     Reaction.STREAM_ERROR, ErrorCodes.PROTOCOL_ERROR, "trailers without END_STREAM"
 )
@@ -146,73 +148,73 @@ def _closed_rows(
     """A closed state's rows: HEADERS and DATA get one verdict, RST_STREAM and WINDOW_UPDATE
     another; PRIORITY is allowed on every stream (RFC 9113 5.1) and changes nothing."""
     return {
-        (state, E.RECV_HEADERS): headers_or_data,
-        (state, E.RECV_HEADERS_END): headers_or_data,
-        (state, E.RECV_DATA): headers_or_data,
-        (state, E.RECV_DATA_END): headers_or_data,
-        (state, E.RECV_RST_STREAM): late,
-        (state, E.RECV_WINDOW_UPDATE): late,
-        (state, E.RECV_PRIORITY): state,
+        (state, _E.RECV_HEADERS): headers_or_data,
+        (state, _E.RECV_HEADERS_END): headers_or_data,
+        (state, _E.RECV_DATA): headers_or_data,
+        (state, _E.RECV_DATA_END): headers_or_data,
+        (state, _E.RECV_RST_STREAM): late,
+        (state, _E.RECV_WINDOW_UPDATE): late,
+        (state, _E.RECV_PRIORITY): state,
     }
 
 
 #: Every (state, event) the codec meets, to the next state or the refusal.
 TRANSITIONS: dict[tuple[StreamState, Event], StreamState | Refusal] = {
     # idle: only the client opens streams (no push).
-    (S.IDLE, E.RECV_HEADERS): S.OPEN,
-    (S.IDLE, E.RECV_HEADERS_END): S.HALF_CLOSED_REMOTE,
-    (S.IDLE, E.RECV_DATA): _IDLE_FRAME,
-    (S.IDLE, E.RECV_DATA_END): _IDLE_FRAME,
-    (S.IDLE, E.RECV_RST_STREAM): _IDLE_FRAME,
-    (S.IDLE, E.RECV_WINDOW_UPDATE): _IDLE_FRAME,
-    (S.IDLE, E.RECV_PRIORITY): S.IDLE,
+    (_S.IDLE, _E.RECV_HEADERS): _S.OPEN,
+    (_S.IDLE, _E.RECV_HEADERS_END): _S.HALF_CLOSED_REMOTE,
+    (_S.IDLE, _E.RECV_DATA): _IDLE_FRAME,
+    (_S.IDLE, _E.RECV_DATA_END): _IDLE_FRAME,
+    (_S.IDLE, _E.RECV_RST_STREAM): _IDLE_FRAME,
+    (_S.IDLE, _E.RECV_WINDOW_UPDATE): _IDLE_FRAME,
+    (_S.IDLE, _E.RECV_PRIORITY): _S.IDLE,
     # open
-    (S.OPEN, E.RECV_HEADERS): _OPEN_TRAILERS,
-    (S.OPEN, E.RECV_HEADERS_END): S.HALF_CLOSED_REMOTE,
-    (S.OPEN, E.RECV_DATA): S.OPEN,
-    (S.OPEN, E.RECV_DATA_END): S.HALF_CLOSED_REMOTE,
-    (S.OPEN, E.RECV_RST_STREAM): S.CLOSED_RESET_BY_CLIENT,
-    (S.OPEN, E.RECV_WINDOW_UPDATE): S.OPEN,
-    (S.OPEN, E.RECV_PRIORITY): S.OPEN,
-    (S.OPEN, E.SEND_HEADERS): S.OPEN,
-    (S.OPEN, E.SEND_DATA): S.OPEN,
-    (S.OPEN, E.SEND_END_STREAM): S.HALF_CLOSED_LOCAL,
-    (S.OPEN, E.SEND_RST_STREAM): S.CLOSED_RESET_BY_US,
+    (_S.OPEN, _E.RECV_HEADERS): _OPEN_TRAILERS,
+    (_S.OPEN, _E.RECV_HEADERS_END): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _E.RECV_DATA): _S.OPEN,
+    (_S.OPEN, _E.RECV_DATA_END): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _E.RECV_RST_STREAM): _S.CLOSED_RESET_BY_CLIENT,
+    (_S.OPEN, _E.RECV_WINDOW_UPDATE): _S.OPEN,
+    (_S.OPEN, _E.RECV_PRIORITY): _S.OPEN,
+    (_S.OPEN, _E.SEND_HEADERS): _S.OPEN,
+    (_S.OPEN, _E.SEND_DATA): _S.OPEN,
+    (_S.OPEN, _E.SEND_END_STREAM): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _E.SEND_RST_STREAM): _S.CLOSED_RESET_BY_US,
     # half-closed (local): our response is over, the request body goes on.
-    (S.HALF_CLOSED_LOCAL, E.RECV_HEADERS): _OPEN_TRAILERS,
-    (S.HALF_CLOSED_LOCAL, E.RECV_HEADERS_END): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, E.RECV_DATA): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, E.RECV_DATA_END): S.CLOSED,
-    (S.HALF_CLOSED_LOCAL, E.RECV_RST_STREAM): S.CLOSED_RESET_BY_CLIENT,
-    (S.HALF_CLOSED_LOCAL, E.RECV_WINDOW_UPDATE): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, E.RECV_PRIORITY): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_LOCAL, E.SEND_HEADERS): _DROP_SENT,
-    (S.HALF_CLOSED_LOCAL, E.SEND_DATA): _DROP_SENT,
-    (S.HALF_CLOSED_LOCAL, E.SEND_END_STREAM): _DROP_SENT,
-    (S.HALF_CLOSED_LOCAL, E.SEND_RST_STREAM): S.CLOSED_RESET_BY_US,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_HEADERS): _OPEN_TRAILERS,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_HEADERS_END): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_DATA): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_DATA_END): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_RST_STREAM): _S.CLOSED_RESET_BY_CLIENT,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _E.RECV_PRIORITY): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _E.SEND_HEADERS): _DROP_SENT,
+    (_S.HALF_CLOSED_LOCAL, _E.SEND_DATA): _DROP_SENT,
+    (_S.HALF_CLOSED_LOCAL, _E.SEND_END_STREAM): _DROP_SENT,
+    (_S.HALF_CLOSED_LOCAL, _E.SEND_RST_STREAM): _S.CLOSED_RESET_BY_US,
     # half-closed (remote): the request is over, the response goes on.
-    (S.HALF_CLOSED_REMOTE, E.RECV_HEADERS): _AFTER_CLIENT_END,
-    (S.HALF_CLOSED_REMOTE, E.RECV_HEADERS_END): _AFTER_CLIENT_END,
-    (S.HALF_CLOSED_REMOTE, E.RECV_DATA): _AFTER_CLIENT_END,
-    (S.HALF_CLOSED_REMOTE, E.RECV_DATA_END): _AFTER_CLIENT_END,
-    (S.HALF_CLOSED_REMOTE, E.RECV_RST_STREAM): S.CLOSED_RESET_BY_CLIENT,
-    (S.HALF_CLOSED_REMOTE, E.RECV_WINDOW_UPDATE): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, E.RECV_PRIORITY): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, E.SEND_HEADERS): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, E.SEND_DATA): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_REMOTE, E.SEND_END_STREAM): S.CLOSED,
-    (S.HALF_CLOSED_REMOTE, E.SEND_RST_STREAM): S.CLOSED_RESET_BY_US,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_HEADERS): _AFTER_CLIENT_END,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_HEADERS_END): _AFTER_CLIENT_END,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_DATA): _AFTER_CLIENT_END,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_DATA_END): _AFTER_CLIENT_END,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_RST_STREAM): _S.CLOSED_RESET_BY_CLIENT,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _E.RECV_PRIORITY): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_HEADERS): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_DATA): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_END_STREAM): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _E.SEND_RST_STREAM): _S.CLOSED_RESET_BY_US,
     # closed, by how; CLOSED is still held while the handler hears the request's end, and
     # may be reset then (as any stream the handler holds).
-    **_closed_rows(S.CLOSED, _AFTER_END, _DROP_LATE),
-    (S.CLOSED, E.SEND_HEADERS): _DROP_SENT,
-    (S.CLOSED, E.SEND_DATA): _DROP_SENT,
-    (S.CLOSED, E.SEND_END_STREAM): _DROP_SENT,
-    (S.CLOSED, E.SEND_RST_STREAM): S.CLOSED_RESET_BY_US,
-    **_closed_rows(S.CLOSED_RESET_BY_US, _DROP, _DROP),
-    **_closed_rows(S.CLOSED_RESET_BY_CLIENT, _AFTER_CLIENT_RESET, _DROP_LATE),
-    **_closed_rows(S.CLOSED_SKIPPED, _SKIPPED, _DROP_LATE),
-    **_closed_rows(S.CLOSED_FORGOTTEN, _DROP_OLD, _DROP_OLD),
+    **_closed_rows(_S.CLOSED, _AFTER_END, _DROP_LATE),
+    (_S.CLOSED, _E.SEND_HEADERS): _DROP_SENT,
+    (_S.CLOSED, _E.SEND_DATA): _DROP_SENT,
+    (_S.CLOSED, _E.SEND_END_STREAM): _DROP_SENT,
+    (_S.CLOSED, _E.SEND_RST_STREAM): _S.CLOSED_RESET_BY_US,
+    **_closed_rows(_S.CLOSED_RESET_BY_US, _DROP, _DROP),
+    **_closed_rows(_S.CLOSED_RESET_BY_CLIENT, _AFTER_CLIENT_RESET, _DROP_LATE),
+    **_closed_rows(_S.CLOSED_SKIPPED, _SKIPPED, _DROP_LATE),
+    **_closed_rows(_S.CLOSED_FORGOTTEN, _DROP_OLD, _DROP_OLD),
 }
 
 #: For each event, the states it is allowed in and the state it leads to: what the codec's
@@ -227,7 +229,7 @@ LEGAL: dict[Event, dict[StreamState, StreamState]] = {
 }
 
 #: The states in which the client may still send the request's body (we give its window back).
-RECEIVING = frozenset(LEGAL[E.RECV_DATA])
+RECEIVING = frozenset(LEGAL[_E.RECV_DATA])
 
 #: The refusals alone, for the codec's cold path.
 REFUSALS: dict[tuple[StreamState, Event], Refusal] = {
