@@ -20,11 +20,23 @@ refused must leave the origin untouched. So ``on_headers_complete`` only marks t
 has returned, unless the read ended in an error that belongs to that request (then it is
 answered 400 and nothing went upstream). An error in a later read comes after the head went up;
 that upstream connection is then closed, never reused.
+
+Where the connection is in its life is one :class:`ConnState`, changed only by
+:meth:`H1Server._to`, which checks each move against :data:`TRANSITIONS` (h11's ``_state.py``
+is the model). A keep-alive request goes IDLE, HEAD, RESPONDING and back to IDLE; a pipelined
+request's head takes the connection from RESPONDING to HEAD and back. An upgrade request
+stops the parser (UPGRADING: the client's bytes wait in a :class:`~worker.server.tunnel.Tunnel`)
+until a 101 opens the TUNNEL; a request the parser refuses, or a CONNECT, stops it for good
+(STOPPED). SWITCHED (to HTTP/2), CLOSING and CLOSED end it. What is not a state: the worker's
+drain (``draining``, which only turns keep-alive off), the read and write pauses (the
+connection's :class:`~worker.server.flow.FlowControl`: each comes and goes in several states
+for reasons of its own), and the write batch (a scope within one call).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import ssl
 import time
 from collections import deque
@@ -40,11 +52,12 @@ from shared.errors import (
 )
 from shared.headers import RawHeaders, ResponseHeader, split_absolute_form, valid_host
 from shared.session import Session
-from worker.http import STATUS_LINES, status_line
+from worker.http import status_line
 from worker.interfaces import ProxyEngine, Upstream
 from worker.server.exchange import Exchange, peer_info
 from worker.server.flow import FlowControl
 from worker.server.select import PREFACE_START, alpn_chose_h2, is_h2_preface, switch_to_h2
+from worker.server.tunnel import Tunnel, switching_head
 
 # Response body framing, chosen when the response head is written.
 MODE_NONE = 0  # no body (HEAD, 1xx, 204, 304)
@@ -106,13 +119,71 @@ _BAD_TRAILERS = frozenset(
         b"expect",
     }
 )
-#: Client bytes sent after an upgrade request, kept until the tunnel opens, before reading
-#: pauses.
-EARLY_TUNNEL_BYTES = 256 * 1024
 #: An accepted connection whose ``connection_made`` has not come this long after its accept
 #: never will: its TLS handshake failed, and the loop tells the protocol nothing of that. It is
 #: forgotten then (past uvloop's TLS handshake timeout, 60 s, which the listeners keep).
 UNMADE_FORGET_SECONDS = 90.0
+
+
+class ConnState(enum.IntEnum):
+    """Where an HTTP/1.1 client connection is in its life; :data:`TRANSITIONS` says where each
+    state may go. (An ``IntEnum``: its members hash as ints, which keeps the check of a
+    transition cheap enough for the parser callbacks.)"""
+
+    #: Accepted, but ``connection_made`` has not come yet (a TLS handshake under way).
+    ACCEPTED = 0
+    #: Open, with no request on it: waiting for the next one.
+    IDLE = 1
+    #: A request head is arriving (the header timeout runs). A request may be answered
+    #: meanwhile: the head is then that of a pipelined request.
+    HEAD = 2
+    #: A request is being answered; its body may still be arriving (the session's business),
+    #: and requests may wait pipelined behind it.
+    RESPONDING = 3
+    #: An upgrade request went its way; parsing has stopped and the client's bytes are held
+    #: for the tunnel (worker/server/tunnel.py) until the origin answers.
+    UPGRADING = 4
+    #: The origin switched protocols (101): bytes pass unparsed both ways.
+    TUNNEL = 5
+    #: Parsing has stopped for good (a request the parser refused, a CONNECT): the requests
+    #: before are answered, then the refusal, then the connection closes.
+    STOPPED = 6
+    #: Handed to the HTTP/2 protocol (ALPN ``h2``, or the h2c preface): nothing more here.
+    SWITCHED = 7
+    #: Closing: nothing more is read or written; what was written goes out first.
+    CLOSING = 8
+    #: The transport is gone (``connection_lost``).
+    CLOSED = 9
+
+
+_S = ConnState
+#: Which states each state may move to. Every change goes through :meth:`H1Server._to`,
+#: which refuses one this table does not list.
+TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
+    _S.ACCEPTED: frozenset({_S.IDLE, _S.SWITCHED, _S.CLOSING}),
+    _S.IDLE: frozenset({_S.HEAD, _S.STOPPED, _S.SWITCHED, _S.CLOSING, _S.CLOSED}),
+    _S.HEAD: frozenset({_S.RESPONDING, _S.STOPPED, _S.CLOSING, _S.CLOSED}),
+    _S.RESPONDING: frozenset({_S.IDLE, _S.HEAD, _S.UPGRADING, _S.STOPPED, _S.CLOSING, _S.CLOSED}),
+    _S.UPGRADING: frozenset({_S.TUNNEL, _S.CLOSING, _S.CLOSED}),
+    _S.TUNNEL: frozenset({_S.CLOSING, _S.CLOSED}),
+    _S.STOPPED: frozenset({_S.CLOSING, _S.CLOSED}),
+    _S.SWITCHED: frozenset(),
+    _S.CLOSING: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+#: The states in which the connection is done with: :attr:`H1Server.closing` is True.
+CLOSING_STATES = frozenset({_S.SWITCHED, _S.CLOSING, _S.CLOSED})
+# Module globals for the hot path (an enum member's lookup on its class costs more).
+_ACCEPTED = _S.ACCEPTED
+_IDLE = _S.IDLE
+_HEAD = _S.HEAD
+_RESPONDING = _S.RESPONDING
+_UPGRADING = _S.UPGRADING
+_TUNNEL = _S.TUNNEL
+_STOPPED = _S.STOPPED
+_SWITCHED = _S.SWITCHED
+_CLOSING = _S.CLOSING
+_CLOSED = _S.CLOSED
 
 
 class _HeadTooLarge(Exception):
@@ -217,24 +288,31 @@ class H1Server(Exchange, asyncio.Protocol):
         self.starting: Session | None = None
         self.pipeline: deque[Session] | None = None
         self.up: Upstream | None = None
+        #: Where the connection is in its life; changed only by :meth:`_to`.
+        self.state = _ACCEPTED
+        #: True in :data:`CLOSING_STATES`: a view of :attr:`state` that only :meth:`_to`
+        #: writes, an attribute because the engine and the exchange read it on every request.
         self.closing = False
+        #: The worker drains: responses from now on say ``Connection: close``. Not a state:
+        #: it comes at any point of the connection's life and only changes that decision.
         self.draining = False
-        #: Reading and writing pauses, and the request body's drain.
+        #: Reading and writing pauses, and the request body's drain: not states either, each
+        #: pause comes and goes in several states for reasons of its own.
         self.flow = FlowControl()
-        self.stop_parsing = False
+        #: The refusal to send once the requests before it are answered (in ``STOPPED``).
         self.deferred_error: ProxyError | None = None
         self.last_active = 0.0
         self.requests = 0
         # Writes made while an upstream read is being parsed go out together (one syscall for
-        # a response's head and body); see begin_batch / end_batch.
+        # a response's head and body); see begin_batch / end_batch. A scope within one call,
+        # not a state of the connection.
         self.batching = False
         self.out: list[bytes] = []
         # While an async response phase runs, the response body waits here.
         self.held: list[bytes] | None = None
         self.held_done: Upstream | None = None
-        # Upgrade (WebSocket): client bytes that came before the tunnel, then the tunnel.
-        self.early: list[bytes] | None = None
-        self.tunnel: asyncio.Transport | None = None
+        #: Upgrade (WebSocket): the early bytes, then the tunnel (from ``UPGRADING`` on).
+        self.tunnel: Tunnel | None = None
         # Per-request (the head being parsed)
         #: Where ``on_header`` puts fields: the session's headers, then (after the head) the
         #: trailer section, kept apart so that a trailer never passes for a header.
@@ -242,7 +320,6 @@ class H1Server(Exchange, asyncio.Protocol):
         self.trailer_fields: RawHeaders = []
         self.head_size = 0
         self.pending_head = 0
-        self.in_head = False
         self.head_started = 0.0
         #: Bytes of the requests completed so far (the head's size estimated from its parts).
         self.consumed = 0
@@ -253,6 +330,20 @@ class H1Server(Exchange, asyncio.Protocol):
         # (and the upstream connection carrying that request reset).
         self.last_active = time.monotonic()
         engine.connections.add(self)
+
+    # -- the connection's state ------------------------------------------------------------
+
+    def _to(self, new: ConnState) -> None:
+        """Moves the connection to ``new``. Raises ``RuntimeError`` when :data:`TRANSITIONS`
+        does not allow it (a bug: nothing catches it, and the connection fails)."""
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(
+                f"HTTP/1.1 connection: cannot go from {self.state.name} to {new.name}"
+            )
+        self.state = new
+        if new in CLOSING_STATES:
+            self.closing = True
+            self.flow.close()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -269,6 +360,7 @@ class H1Server(Exchange, asyncio.Protocol):
             if alpn_chose_h2(tls):
                 self._switch_to_h2(transport, b"")  # type: ignore[arg-type]
                 return
+        self._to(_IDLE)
         self.last_active = time.monotonic()
         # Again: one that idle_check forgot while its handshake went on is back.
         self.engine.connections.add(self)
@@ -277,15 +369,15 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.write(data)
-            return
-        if self.closing:
-            return
-        if self.stop_parsing:
-            if self.early is not None:
-                self._hold_early(data)
+        state = self.state
+        if state is not _IDLE and state is not _RESPONDING and state is not _HEAD:
+            # Not parsed: tunnel bytes, early bytes for the tunnel, or dropped.
+            tunnel = self.tunnel
+            if tunnel is not None:
+                if state is _TUNNEL:
+                    tunnel.send(data)
+                elif state is _UPGRADING:
+                    tunnel.hold(data)
             return
         if (
             not self.requests
@@ -296,7 +388,7 @@ class H1Server(Exchange, asyncio.Protocol):
             # HTTP/2 with prior knowledge (h2c) on a plaintext listener.
             self._switch_to_h2(self.transport, data)  # type: ignore[arg-type]
             return
-        continuing_head = self.in_head
+        continuing_head = state is _HEAD
         consumed = self.consumed
         try:
             self.parser.feed_data(data)
@@ -304,15 +396,17 @@ class H1Server(Exchange, asyncio.Protocol):
             # An Upgrade (WebSocket) or CONNECT: what follows the head is not HTTP. Nothing
             # more is parsed; for an upgrade the bytes wait for the tunnel, and without one
             # the connection closes after the response.
-            self.stop_parsing = True
             s = self.current or self.active
             if self.current is not None:
                 self._message_complete()
+            if s is not None and s.upgrade is not None:
+                self._to(_UPGRADING)
+                tunnel = self.tunnel = Tunnel(self.flow)
+                tunnel.hold(data[e.args[0] :])
+            else:
+                self._to(_STOPPED)
             if s is not None:
                 s.keep_alive = False
-                if s.upgrade is not None:
-                    self.early = []
-                    self._hold_early(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _HeadTooLarge):
@@ -325,7 +419,7 @@ class H1Server(Exchange, asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.bad_request(downstream_error(ErrorKind.BAD_REQUEST, e))
         else:
-            if self.in_head:
+            if self.state is _HEAD:
                 # The head is still incomplete after this read (a long header line the
                 # parser has not delivered yet): count its bytes, but not those of the
                 # requests this read completed before it.
@@ -347,17 +441,16 @@ class H1Server(Exchange, asyncio.Protocol):
     def _switch_to_h2(self, transport: asyncio.Transport, data: bytes) -> None:
         """Hands the connection to the HTTP/2 protocol (which counts itself)."""
         self.engine.connections.discard(self)
-        self.closing = True
-        self.flow.close()
+        self._to(_SWITCHED)
         switch_to_h2(self.engine, transport, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.flow.close()
+        self._to(_CLOSED)
         self.engine.connections.discard(self)
-        if self.tunnel is not None:
-            self.tunnel.close()
-            self.tunnel = None
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.upstream is not None:
+            # The tunnel was open (the origin's side may have closed it already).
+            tunnel.close()
             s = self.active
             self.up = None
             if s is not None:
@@ -397,7 +490,7 @@ class H1Server(Exchange, asyncio.Protocol):
         self.fields = s.raw_headers
         s.start_time = time.time()
         self.head_size = 0
-        self.in_head = True
+        self._to(_HEAD)
         self.head_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -415,7 +508,7 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         s: Session = self.current  # type: ignore[assignment]
-        self.in_head = False
+        self._to(_RESPONDING)
         self.pending_head = 0
         self.fields = self.trailer_fields
         p = self.parser
@@ -531,11 +624,9 @@ class H1Server(Exchange, asyncio.Protocol):
             self.flow.resume_reading()
 
     def upstream_writable(self, writable: bool) -> None:
-        if self.tunnel is not None:
-            if writable:
-                self.flow.resume_reading()
-            else:
-                self.flow.pause_reading()
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.upstream is not None:
+            tunnel.upstream_writable(writable)
             return
         super().upstream_writable(writable)
 
@@ -652,22 +743,15 @@ class H1Server(Exchange, asyncio.Protocol):
             return  # the parser then reports an upgrade the client never asked for: 502
         s.response_started = True
         s.status = 101
-        parts = [STATUS_LINES[101]]
-        for name, value in headers:
-            n = name.lower()
-            if n == b"connection" or n == b"keep-alive" or n == b"transfer-encoding":
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"Connection: Upgrade\r\n\r\n")
-        self.send(b"".join(parts))
+        self.send(switching_head(headers))
 
     def tunnel_started(self, up: Upstream) -> None:
-        """From now on bytes pass unparsed both ways."""
-        self.tunnel = up.transport
-        early, self.early = self.early, None
-        for data in early or ():
-            up.transport.write(data)  # type: ignore[union-attr]
-        self.flow.resume_reading()
+        """From now on bytes pass unparsed both ways (the held ones first)."""
+        tunnel: Tunnel = self.tunnel  # type: ignore[assignment]
+        if not self.closing:
+            self._to(_TUNNEL)
+        # Closing already: the upstream end is still the tunnel's, to close with the client.
+        tunnel.start(up.transport)  # type: ignore[arg-type]
 
     def tunnel_data(self, data: bytes) -> None:
         s = self.active
@@ -682,12 +766,6 @@ class H1Server(Exchange, asyncio.Protocol):
         self.close()
         if s is not None:
             self.finish(s)
-
-    def _hold_early(self, data: bytes) -> None:
-        if data:
-            self.early.append(data)  # type: ignore[union-attr]
-            if sum(map(len, self.early)) > EARLY_TUNNEL_BYTES:  # type: ignore[arg-type]
-                self.flow.pause_reading()
 
     # -- responses the proxy writes itself -----------------------------------------------
 
@@ -719,7 +797,8 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def bad_request(self, err: ProxyError) -> None:
         """The client sent something unparseable: answer it in turn, then close."""
-        self.stop_parsing = True
+        if self.state is not _STOPPED:
+            self._to(_STOPPED)
         s = self.current
         self.current = None
         if s is not None:
@@ -753,7 +832,11 @@ class H1Server(Exchange, asyncio.Protocol):
         if (
             not s.keep_alive
             or (s.has_body and not s.body_done)
-            or (self.stop_parsing and not self.pipeline and self.deferred_error is None)
+            or (
+                (self.state is _STOPPED or self.state is _UPGRADING)
+                and not self.pipeline
+                and self.deferred_error is None
+            )
         ):
             self.close()
             return
@@ -764,6 +847,9 @@ class H1Server(Exchange, asyncio.Protocol):
             err, self.deferred_error = self.deferred_error, None
             self.bad_request(err)
         else:
+            if self.state is _RESPONDING:
+                # Nothing more on the connection (a pipelined head arriving keeps HEAD).
+                self._to(_IDLE)
             self.flow.resume_reading()
 
     def _next_pipelined(self) -> None:
@@ -779,19 +865,17 @@ class H1Server(Exchange, asyncio.Protocol):
 
     def close(self) -> None:
         """Closes the connection once what was written has gone out."""
-        if self.transport is None:
+        if self.state is _ACCEPTED:
             # Accepted, not yet made (its TLS handshake under way): connection_made closes it.
-            self.closing = True
-            self.flow.close()
+            self._to(_CLOSING)
             self.engine.connections.discard(self)
             return
         if not self.closing:
             if self.out:
                 self.batching = False
                 self.end_batch()
-            self.closing = True
-            self.flow.close()
-            self.transport.close()
+            self._to(_CLOSING)
+            self.transport.close()  # type: ignore[union-attr]
 
     # -- draining ----------------------------------------------------------------------------
 
@@ -801,7 +885,7 @@ class H1Server(Exchange, asyncio.Protocol):
         would race a request the client may be sending). A TLS handshake under way gets
         that moment from now to complete."""
         self.draining = True
-        if self.transport is None:
+        if self.state is _ACCEPTED:
             self.last_active = time.monotonic()
 
     def is_idle(self) -> bool:
@@ -810,7 +894,7 @@ class H1Server(Exchange, asyncio.Protocol):
     def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
         """Closes the connection if it has idled past its limit; a request head still
         arriving after ``timeouts.client_header_seconds`` (a slowloris) gets 408."""
-        if self.transport is None:
+        if self.state is _ACCEPTED:
             # Accepted, not yet made: while draining, a handshake gets the moment an idle
             # connection gets; otherwise it is forgotten once it can no longer complete.
             if now - self.last_active >= (drain_idle if self.draining else UNMADE_FORGET_SECONDS):
@@ -820,11 +904,5 @@ class H1Server(Exchange, asyncio.Protocol):
             limit = drain_idle if self.draining else keepalive
             if now - self.last_active >= limit:
                 self.close()
-        elif (
-            self.in_head
-            and not self.stop_parsing
-            and not self.closing
-            and now - self.head_started >= self.engine.header_timeout
-        ):
-            self.in_head = False
+        elif self.state is _HEAD and now - self.head_started >= self.engine.header_timeout:
             self.bad_request(downstream_error(ErrorKind.HEADER_TIMEOUT))
