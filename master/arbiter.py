@@ -49,6 +49,7 @@ from master.listeners import Listener, ListenError, bind_all
 from master.notify import report_start, sd_notify
 from master.selector import Selector
 from master.upgrade import StartError, Upgrade
+from master.workers import WorkerProc
 from shared import ipc, privileges
 from shared.config import Config, ConfigError
 from shared.ipc import Channel, ChannelClosed
@@ -79,31 +80,6 @@ _SIGNALS: dict[int, str] = {
     signal.SIGTTOU: "ttou",
     signal.SIGCHLD: "chld",
 }
-
-
-@dataclass
-class WorkerProc:
-    """The master's record of one worker process."""
-
-    pid: int
-    slot: int
-    generation: int
-    channel: Channel
-    popen: subprocess.Popen[bytes]
-    started: float
-    last_seen: float
-    ready: bool = False
-    draining: bool = False
-    killed_at: float = 0.0
-    requests: int = 0
-    connections: int = 0
-    active_requests: int = 0
-    #: At ``server.max_connections``, not accepting (from its last heartbeat).
-    accept_paused: bool = False
-    accept_pauses: int = 0
-    app_error: str = ""
-    exit_code: int | None = None
-    pool: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -30,7 +30,11 @@ from shared import ipc
 from shared.ipc import Channel, ChannelClosed
 
 if TYPE_CHECKING:
-    from master.arbiter import Arbiter
+    from master.broker import Broker
+    from master.lifecycle import Lifecycle
+    from master.listeners import Listener
+    from master.workers import WorkerProc
+    from shared.config import Config
 
 log = logging.getLogger("tenaya")
 
@@ -40,6 +44,26 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 REPLY_TIMEOUT_SECONDS = 2.0
 
 
+class Supervisor(Protocol):
+    """What the commands use of the arbiter (:class:`~master.arbiter.Arbiter`, which builds
+    them with itself): a Protocol, so that this module need not import the arbiter that
+    imports it."""
+
+    workers: dict[int, WorkerProc]
+    retired_counts: dict[str, int]
+    started: float
+    lifecycle: Lifecycle
+    generation: int
+    config: Config
+    listeners: list[Listener]
+    broker: Broker | None
+
+    def handle_hup(self) -> None: ...
+    def handle_usr2(self) -> None: ...
+    def handle_usr1(self) -> None: ...
+    def handle_term(self) -> None: ...
+
+
 class CommandHandlers:
     """The master's answer to each control command; the arbiter does the work.
 
@@ -47,7 +71,7 @@ class CommandHandlers:
     SIGTERM do (the arbiter's ``handle_<signal>``); ``status`` returns the figures.
     """
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: Supervisor) -> None:
         self.arbiter = arbiter
         #: Commands that act and reply with no data, by name.
         self.actions: dict[str, Callable[[], None]] = {

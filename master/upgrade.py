@@ -24,7 +24,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from master.lifecycle import State
 from master.listeners import Listener, ListenError
@@ -33,7 +33,11 @@ from shared.ipc import MAX_FDS_PER_MESSAGE, Channel, ChannelClosed
 from shared.paths import child_env, python_command
 
 if TYPE_CHECKING:
-    from master.arbiter import Arbiter
+    from master.broker import Broker
+    from master.demo_process import DemoOrigins
+    from master.lifecycle import Lifecycle
+    from master.selector import Selector
+    from shared.config import Config
 
 log = logging.getLogger("tenaya")
 
@@ -59,10 +63,32 @@ class NewMaster:
     deadline: float
 
 
+class Supervisor(Protocol):
+    """What the upgrade uses of the arbiter (:class:`~master.arbiter.Arbiter`, which builds
+    it with itself): a Protocol, so that this module need not import the arbiter that imports
+    it."""
+
+    config: Config
+    argv: list[str]
+    num_workers: int
+    listeners: list[Listener]
+    lifecycle: Lifecycle
+    sel: Selector
+    broker: Broker | None
+    demo: DemoOrigins | None
+    handed_demo: tuple[int, list[str]]
+
+    def take_donations(self, msg: ipc.Donate) -> None: ...
+    def let_go_of_demo(self, stop: bool) -> None: ...
+    def stop(self, graceful: bool) -> None: ...
+    def kill(self, pid: int, sig: int) -> None: ...
+    def write_pid_file(self) -> None: ...
+
+
 class Upgrade:
     """The arbiter's side of an upgrade, as the old master and as the new one."""
 
-    def __init__(self, arbiter: Arbiter) -> None:
+    def __init__(self, arbiter: Supervisor) -> None:
         self.arbiter = arbiter
         #: A new master being started, until it reports ready.
         self.new_master: NewMaster | None = None
