@@ -205,10 +205,142 @@ class ListenerConfig:
     tls: TlsConfig | None = setting(None, "Terminate TLS on this listener (see tls.*).")
 
 
+#: The values of ``upstreams.<name>.balance``, the default first (``shared.lb`` builds a selector
+#: for each; a unit test keeps the two lists the same).
+BALANCE_CHOICES = ("round_robin", "random", "least_conn", "hash")
+#: The forms of ``upstreams.<name>.hash_key`` (``shared.lb.keys`` makes each a function).
+HASH_KEY_FORMS = ("header:NAME", "cookie:NAME", "query:NAME", "path", "client_ip")
+
+
+def _hash_key(v: Any) -> str | None:
+    kind, colon, name = v.partition(":")
+    if not colon:
+        return (
+            None if v in ("path", "client_ip") else f"expected one of {', '.join(HASH_KEY_FORMS)}"
+        )
+    if kind not in ("header", "cookie", "query"):
+        return f"expected one of {', '.join(HASH_KEY_FORMS)}"
+    if not name or not name.isascii() or any(c in name for c in " \t;=&?"):
+        return f"{kind}: needs a name (for example {kind}:X-User)"
+    return None
+
+
+def _status_to_retry(v: Any) -> str | None:
+    return None if 400 <= v <= 599 else "expected an HTTP status from 400 to 599"
+
+
+def _percent(v: Any) -> str | None:
+    return None if 0 <= v <= 100 else "must be from 0 to 100"
+
+
+def _url_path(v: Any) -> str | None:
+    return None if v.startswith("/") else "must start with /"
+
+
+class Server(str):
+    """One item of ``upstreams.<name>.servers``: the server's ``HOST:PORT`` as a string (what
+    the item was before weights existed, so an app reading ``servers[0]`` gets the address),
+    with its :attr:`weight` and :attr:`backup` flag. Equal to a plain string of its address
+    when its weight is 1 and it is not a backup."""
+
+    weight: int
+    """Its share of the upstream's requests (round robin, random, least_conn, hash), at least 1."""
+    backup: bool
+    """True: takes requests only while no other server of the upstream is usable."""
+
+    def __new__(cls, address: str, weight: int = 1, backup: bool = False) -> Server:
+        server = super().__new__(cls, address)
+        server.weight = weight
+        server.backup = backup
+        return server
+
+    @property
+    def address(self) -> str:
+        """The ``HOST:PORT`` as a plain string."""
+        return str.__str__(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Server):
+            return str.__eq__(self, other) and (self.weight, self.backup) == (
+                other.weight,
+                other.backup,
+            )
+        if isinstance(other, str):
+            return str.__eq__(self, other) and self.weight == 1 and not self.backup
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = str.__hash__
+
+    def __repr__(self) -> str:
+        if self.weight == 1 and not self.backup:
+            return repr(self.address)
+        return f"Server({self.address!r}, weight={self.weight}, backup={self.backup})"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    """The mapping form of an ``upstreams.<name>.servers`` item (converted to a :class:`Server`)."""
+
+    address: str = setting("", "HOST:PORT of the server (required).", _address)
+    weight: int = setting(1, "Its share of the requests, relative to the others.", _positive)
+    backup: bool = setting(
+        False, "Takes requests only while no other server of the upstream is usable."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    path: str | None = setting(
+        None,
+        "HTTP path probed with GET (a 2xx or 3xx status is a success, any other a failure at "
+        "once); unset: a TCP connect check.",
+        _url_path,
+    )
+    interval_seconds: float = setting(2.0, "Time between two probes of one server.", _positive)
+    timeout_seconds: float = setting(
+        1.0, "A probe that takes longer fails (at most interval_seconds).", _positive
+    )
+    healthy_threshold: int = setting(
+        2, "Consecutive successes that mark a down server up.", _positive
+    )
+    unhealthy_threshold: int = setting(
+        3, "Consecutive failures that mark an up server down.", _positive
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetectionConfig:
+    consecutive_failures: int = setting(
+        5,
+        "Consecutive failures of a server (connect errors, timeouts, resets, 502/503/504), "
+        "over the whole fleet, that eject it; 0 turns passive ejection off.",
+        _not_negative,
+    )
+    ejection_seconds: float = setting(
+        30.0,
+        "How long an ejected server stays out, times the number of its ejections (at most 300 s).",
+        _positive,
+    )
+    max_ejection_percent: int = setting(
+        10,
+        "Most servers of the upstream ejected at once, in percent (at least one server may "
+        "always be ejected).",
+        _percent,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    servers: list[str] = setting(
-        [], "HOST:PORT of each server, tried in round-robin order.", each=_address
+    servers: list[Server] = setting(
+        [],
+        "The servers, each HOST:PORT (weight 1) or a mapping {address: HOST:PORT, weight: N, "
+        "backup: true}; weight is a positive integer (default 1); a backup takes requests only "
+        "while no other server is usable.",
+        each=_address,
     )
     hosts: list[str] = setting(
         [],
@@ -217,6 +349,66 @@ class UpstreamConfig:
     )
     http2: bool = setting(
         False, "Speak HTTP/2 to these servers (h2c prior knowledge; needed for gRPC)."
+    )
+    balance: str = setting(
+        "round_robin",
+        "How a server is chosen, the same for every worker of the fleet (counted in shared "
+        "memory): round_robin (smooth weighted, nginx's), random (weighted), least_conn (fewest "
+        "requests in flight per weight, power of two choices), hash (consistent, Ketama, "
+        "nginx's and Pingora's mapping; by hash_key).",
+        _one_of(*BALANCE_CHOICES),
+    )
+    hash_key: str | None = setting(
+        None,
+        "What balance: hash hashes: header:NAME, cookie:NAME, query:NAME, path or client_ip; "
+        "a request without it is balanced by round robin. Required for hash, refused otherwise.",
+        _hash_key,
+    )
+    slow_start_seconds: float = setting(
+        0.0,
+        "A server that becomes usable again ramps its weight up over this long (0: at once). "
+        "It acts once health checks and ejection mark servers down and up again; until then "
+        "no server comes back, so none ramps.",
+        _not_negative,
+    )
+    health_check: HealthCheckConfig | None = setting(
+        None,
+        "Active health checks, probed once for the whole fleet by the master (HAProxy's "
+        "model: none unless configured; `health_check: {}` is a TCP connect check with the "
+        "defaults below).",
+    )
+    outlier_detection: OutlierDetectionConfig = setting(
+        OutlierDetectionConfig(), "Passive health: servers ejected on consecutive failures."
+    )
+    retry_on: list[int] = setting(
+        [],
+        "Response statuses that send an idempotent request to another server, beyond connect "
+        "failures and resets (e.g. [502, 503, 504] for rolling restarts of the origins).",
+        each=_status_to_retry,
+    )
+    max_connections: int = setting(
+        1024,
+        "Most upstream connections to this upstream over the whole fleet; over it a request "
+        "gets 503 at once.",
+        _positive,
+    )
+    max_requests: int = setting(
+        1024,
+        "Most requests in flight to this upstream over the whole fleet; over it a request "
+        "gets 503 at once.",
+        _positive,
+    )
+    max_pending: int = setting(
+        1024,
+        "Most requests waiting for a connection to this upstream over the whole fleet; over "
+        "it a request gets 503 at once.",
+        _positive,
+    )
+    resolve_seconds: float = setting(
+        30.0,
+        "A server given as a host name is resolved at start and again this often; each "
+        "address is a server.",
+        _positive,
     )
 
 
@@ -371,6 +563,8 @@ def _type_name(tp: Any) -> str:
         return "a string"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if tp is Server:
+        return "HOST:PORT or a mapping"
     return str(tp)
 
 
@@ -459,6 +653,8 @@ def _convert(tp: Any, value: Any, where: _Path, problems: _Problems) -> Any:
             problems.add(where, f"expected {_type_name(tp)}, got {value!r}")
             return _INVALID
         return _convert(inner[0], value, where, problems)
+    if tp is Server:
+        return _server(value, where, problems)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, problems)
     if origin is list:
@@ -491,6 +687,23 @@ def _convert(tp: Any, value: Any, where: _Path, problems: _Problems) -> Any:
         problems.add(where, f"expected {_type_name(tp)}, got {value!r}")
         return _INVALID
     return float(value) if tp is float else value
+
+
+def _server(value: Any, where: _Path, problems: _Problems) -> Any:
+    """A servers item: ``"HOST:PORT"`` or a :class:`ServerEntry` mapping, as a :class:`Server`
+    (the address of a string item is checked by the list's ``each``, that of a mapping here)."""
+    if isinstance(value, str):
+        return Server(value)
+    if not isinstance(value, dict):
+        problems.add(where, f"expected HOST:PORT or a mapping with an address, got {value!r}")
+        return _INVALID
+    before = len(problems.found)
+    entry = _build(ServerEntry, value, where, problems)
+    if "address" not in value:
+        problems.add((*where, "address"), "required (HOST:PORT)")
+    if len(problems.found) > before:
+        return _INVALID
+    return Server(entry.address, entry.weight, entry.backup)
 
 
 def _build(cls: Any, raw: Any, where: _Path, problems: _Problems) -> Any:
@@ -552,6 +765,7 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
         raise problems.error(source, raw)
     _check_listeners(config, source, problems)
     _check_identity(config, problems)
+    _check_upstreams(config, problems)
     if (
         config.app is None
         and problems.clean(("app",))
@@ -564,6 +778,46 @@ def from_mapping(raw: Any, source: str = "<config>") -> Config:
     if problems.found:
         raise problems.error(source, raw)
     return dataclasses.replace(config, source=source, raw=raw)
+
+
+def _check_upstreams(config: Config, problems: _Problems) -> None:
+    """Per upstream: ``hash_key`` goes with ``balance: hash`` (needed there, refused
+    elsewhere), a health check's timeout fits in its interval, and the servers are not all
+    backups."""
+    if config.upstreams is _INVALID:
+        return
+    for name, upstream in config.upstreams.items():
+        if upstream is _INVALID:
+            continue
+        at: _Path = ("upstreams", name)
+        if problems.clean((*at, "balance")) and problems.clean((*at, "hash_key")):
+            if upstream.balance == "hash" and upstream.hash_key is None:
+                problems.add(
+                    (*at, "hash_key"),
+                    f"balance: hash needs a hash_key ({', '.join(HASH_KEY_FORMS)})",
+                )
+            elif upstream.balance != "hash" and upstream.hash_key is not None:
+                problems.add(
+                    (*at, "hash_key"), f"only for balance: hash (balance is {upstream.balance})"
+                )
+        check = upstream.health_check
+        if (
+            check is not None
+            and check is not _INVALID
+            and problems.clean((*at, "health_check"))
+            and check.timeout_seconds > check.interval_seconds
+        ):
+            problems.add(
+                (*at, "health_check", "timeout_seconds"),
+                f"must not be more than interval_seconds ({check.interval_seconds:g})",
+            )
+        servers = upstream.servers
+        if (
+            problems.clean((*at, "servers"))
+            and servers
+            and all(isinstance(s, Server) and s.backup for s in servers)
+        ):
+            problems.add((*at, "servers"), "every server is a backup: at least one must not be")
 
 
 def _check_identity(config: Config, problems: _Problems) -> None:
