@@ -144,13 +144,19 @@ class Engine:
 
 
 class Recording(H1Server):
-    """An H1Server that records every state it moves to."""
+    """An H1Server that records every state it is put in (the moves the hot path checks
+    inline included), from ``__init__``'s ACCEPTED on."""
 
     walk: list[ConnState]
 
-    def _to(self, new: ConnState) -> None:
-        super()._to(new)
-        self.walk.append(new)
+    @property
+    def state(self) -> ConnState:
+        return self._state
+
+    @state.setter
+    def state(self, new: ConnState) -> None:
+        self.__dict__.setdefault("walk", []).append(new)
+        self._state = new
 
 
 def connect(engine: Engine) -> tuple[Recording, Transport]:
@@ -176,6 +182,9 @@ def test_every_state_has_a_row_and_the_ends_lead_nowhere_else() -> None:
             todo.append(nxt)
     assert seen == set(ConnState)
     assert all(S.CLOSING in TRANSITIONS[st] for st in set(ConnState) - CLOSING_STATES)
+    # The one move H1Server.finish makes without a check at run time (it has just seen
+    # RESPONDING): the table must allow it.
+    assert S.IDLE in TRANSITIONS[S.RESPONDING]
 
 
 @pytest.mark.parametrize(
@@ -349,3 +358,20 @@ def test_a_close_before_connection_made_goes_accepted_closing() -> None:
     t = Transport()
     conn.connection_made(t)  # type: ignore[arg-type]
     assert conn.walk == [S.CLOSING] and t.closed and conn not in engine.connections
+
+
+@pytest.mark.parametrize(
+    ("start", "callback"),
+    [
+        (S.STOPPED, "on_message_begin"),  # the move to HEAD, checked inline
+        (S.TUNNEL, "on_message_begin"),
+        (S.IDLE, "on_headers_complete"),  # the move to RESPONDING, checked inline
+        (S.UPGRADING, "on_headers_complete"),
+    ],
+)
+def test_the_hot_path_moves_check_the_table_too(start: ConnState, callback: str) -> None:
+    conn = H1Server(Engine())
+    conn.state = start
+    with pytest.raises(RuntimeError, match=f"cannot go from {start.name}"):
+        getattr(conn, callback)()
+    assert conn.state is start
