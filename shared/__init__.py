@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shared.app import ProxyHttp
+    from shared.balancer import Balancer
     from shared.errors import ErrorKind, ErrorSource, ProxyError, RetryType
     from shared.headers import RequestHeader, ResponseHeader
     from shared.peer import HttpPeer, PeerOptions
     from shared.session import Session
 
 __all__ = [
+    "Balancer",
     "ErrorKind",
     "ErrorSource",
     "HttpPeer",
@@ -36,6 +38,7 @@ __all__ = [
 
 #: The module each name of :data:`__all__` comes from (as the imports above say, for mypy).
 _HOMES = {
+    "Balancer": "shared.balancer",
     "ErrorKind": "shared.errors",
     "ErrorSource": "shared.errors",
     "HttpPeer": "shared.peer",

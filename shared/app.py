@@ -26,6 +26,7 @@ import importlib
 import inspect
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from shared.balancer import Balancer
 from shared.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from shared.headers import RequestHeader, ResponseHeader
     from shared.peer import HttpPeer
     from shared.session import Session
+    from shared.shm.balance import SlotCells
 
 #: The phases the engine looks up on an app; for each, whether it may be ``async def``.
 PHASES: dict[str, bool] = {
@@ -84,6 +86,28 @@ class ProxyHttp(Generic[CtxT]):
     worker_id: int = 0
     """The worker's slot number (0 .. workers-1), set before :meth:`configure` runs (0 in
     ``python -m master check``)."""
+    balance_slot: SlotCells | None = None
+    """The engine's: this worker's row of the fleet's balance table, set before
+    :meth:`configure` runs; None outside a worker (the balancers then count locally)."""
+
+    def balancer(self, name: str) -> Balancer:
+        """The :class:`~shared.balancer.Balancer` of upstream ``name``: fleet-wide selection
+        over its servers with its ``balance``, weights and backups, sharing the turns and
+        in-flight counts of every worker (Pingora's ``LoadBalancer``).
+
+        Call it in :meth:`configure` (after ``super().configure(config)``) or later; the same
+        object comes back for the same name. ``select(key=None, max_iterations=...)`` gives
+        the :class:`HttpPeer` to return from :meth:`upstream_peer`, or None when no server is
+        usable; the engine counts each request in flight to the peer returned until it is over.
+        Raises ``KeyError`` for an upstream the config does not have.
+        """
+        balancers: dict[str, Balancer] | None = self.__dict__.get("_balancers")
+        if balancers is None:
+            balancers = self.__dict__["_balancers"] = {}
+        b = balancers.get(name)
+        if b is None:
+            b = balancers[name] = Balancer(self.config, name, self.balance_slot)
+        return b
 
     def configure(self, config: Config) -> None:
         """Prepares the app to serve; runs once in each worker process, and in ``python -m
@@ -95,7 +119,9 @@ class ProxyHttp(Generic[CtxT]):
         validated ``shared.config.Config``; ``config.app_options`` is the config file's
         ``app_options`` mapping (``{}`` when the file has none) with values as YAML parsed
         them, unchecked: validate them here. ``config.upstreams`` maps each upstream's name to
-        its ``servers`` (``"HOST:PORT"`` strings), ``hosts`` and ``http2``.
+        its ``servers`` (``"HOST:PORT"`` strings, each a ``shared.config.Server`` with
+        ``weight`` and ``backup`` too), ``hosts``, ``http2`` and ``balance`` settings;
+        :meth:`balancer` selects over them.
 
         Must be a plain ``def`` (an ``async def`` would never run); returns nothing. An
         exception means the app failed to load: the worker exits with the reason in the error

@@ -8,7 +8,7 @@ when their peers have equal keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from shared.address import format_address, parse_address
 
@@ -95,6 +95,19 @@ class PeerOptions:
     """The private key of ``client_cert`` (a PEM file path); None: it is in that file."""
 
 
+class InFlight(Protocol):
+    """Counts the requests in flight to one peer (a ``shared.lb.fleet.MemberLoad``: its cell in
+    the fleet's balance table)."""
+
+    def begin(self) -> None:
+        """A request goes to the peer."""
+        ...
+
+    def end(self) -> None:
+        """That request is over."""
+        ...
+
+
 @dataclass(slots=True)
 class HttpPeer:
     """An upstream HTTP server, as ``upstream_peer`` returns it.
@@ -122,6 +135,12 @@ class HttpPeer:
     port: int = field(init=False)
     """The port of ``address`` (set from it)."""
     _key: PoolKey | None = field(init=False, default=None, repr=False)
+    in_flight: InFlight | None = field(default=None, compare=False, repr=False, kw_only=True)
+    """Where the requests sent to this peer are counted while in flight (least_conn reads
+    them): set on the peers of a :class:`~shared.balancer.Balancer`; None for a peer made by
+    hand. The engine calls ``begin()`` once the peer is chosen for a request (each attempt,
+    retries included) and ``end()`` when that attempt is over: a retry to another peer, the
+    response's end, an error, or the client going away."""
 
     def __post_init__(self) -> None:
         if isinstance(self.address, tuple):

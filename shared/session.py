@@ -23,7 +23,7 @@ from shared.errors import ErrorKind, ProxyError, downstream_error
 from shared.headers import RawHeaders, RequestHeader
 
 if TYPE_CHECKING:
-    from shared.peer import HttpPeer
+    from shared.peer import HttpPeer, InFlight
 
 #: Buffered request body above which reading from the client pauses.
 BODY_HIGH_WATER = 256 * 1024
@@ -127,6 +127,7 @@ class Session:
         "ctx",
         "_req_header",
         "peer",
+        "in_flight",
         "upstream_reused",
         "retries",
         "_request_id",
@@ -193,6 +194,9 @@ class Session:
     """The :class:`HttpPeer` the request went to: set when a connection is ready
     (before ``connected_to_upstream``) or when connecting failed for good; None before that and for
     requests not proxied."""
+    in_flight: InFlight | None
+    """The engine's: the counter of the peer this request is counted in flight to (its
+    ``HttpPeer.in_flight``), until the attempt is over; None when not counted."""
     upstream_reused: bool
     """True when the upstream connection came from a pool."""
     retries: int
@@ -243,6 +247,7 @@ class Session:
         self.ctx = None
         self._req_header: RequestHeader | None = None
         self.peer = None
+        self.in_flight: InFlight | None = None
         self.upstream_reused = False
         self.retries = 0
         self._request_id: str | None = None

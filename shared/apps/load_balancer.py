@@ -1,8 +1,11 @@
-"""The built-in load balancer app: round robin over ``upstreams.<name>.servers``.
+"""The built-in load balancer app: each upstream's ``balance`` over ``upstreams.<name>.servers``,
+fleet-wide.
 
 Requests whose Host header (without port) is listed in an upstream's ``hosts`` go to that
-upstream; every other request goes to the first upstream. Each worker starts its rotation at its
-own slot, so consecutive new connections spread over the servers from the first request on.
+upstream; every other request goes to the first upstream with servers. Each upstream's servers
+are chosen by its :class:`~shared.balancer.Balancer` (``ProxyHttp.balancer``), which counts in
+the fleet's shared balance table: consecutive requests go to consecutive servers whichever
+worker takes them (round robin), and least_conn sees every worker's requests in flight.
 
 It is what a config without ``app`` runs (:data:`shared.app.BUILTIN_APP`), an ordinary
 :class:`~shared.app.ProxyHttp` subclass: an app may subclass it to add phases.
@@ -11,10 +14,10 @@ It is what a config without ``app`` runs (:data:`shared.app.BUILTIN_APP`), an or
 from __future__ import annotations
 
 from shared.app import ProxyHttp
+from shared.balancer import Balancer
 from shared.config import Config
 from shared.errors import ErrorKind, upstream_error
-from shared.lb import RoundRobin
-from shared.peer import HttpPeer, PeerOptions
+from shared.peer import HttpPeer
 from shared.session import Session
 
 
@@ -27,34 +30,35 @@ def _strip_port(host: str) -> str:
 
 
 class LoadBalancer(ProxyHttp[None]):
-    """Round robin over the configured upstreams, with routing by Host."""
+    """Each upstream's balance over its servers, with routing by Host."""
 
     def configure(self, config: Config) -> None:
-        """Builds one rotation per upstream with servers; the first is the default."""
+        """Builds the balancer of every upstream with servers; the first is the default."""
         super().configure(config)
-        self.default: RoundRobin[HttpPeer] | None = None
-        self.by_host: dict[str, RoundRobin[HttpPeer]] = {}
-        for upstream in config.upstreams.values():
+        self.default: Balancer | None = None
+        self.by_host: dict[str, Balancer] = {}
+        for name, upstream in config.upstreams.items():
             if not upstream.servers:
                 continue
-            options = PeerOptions(http2=upstream.http2)
-            rr = RoundRobin(
-                [HttpPeer(s, options=options) for s in upstream.servers], start=self.worker_id
-            )
+            balancer = self.balancer(name)
             if self.default is None:
-                self.default = rr
+                self.default = balancer
             for host in upstream.hosts:
-                self.by_host[host.lower()] = rr
+                self.by_host[host.lower()] = balancer
         self._route = bool(self.by_host)
 
     def upstream_peer(self, session: Session, ctx: None) -> HttpPeer:
-        """The next server of the upstream that the request's Host names, or of the first
-        upstream. Raises a ``NO_PEER`` error (502) when no upstream has servers."""
-        rr = self.default
+        """The server the balancer of the upstream that the request's Host names (or of the
+        first upstream) chooses. Raises a ``NO_PEER`` error (502) when no upstream has
+        servers, or when none of the upstream's servers is usable."""
+        b = self.default
         if self._route:
             host = session.host
             if host:
-                rr = self.by_host.get(_strip_port(host).lower(), rr)
-        if rr is None:
+                b = self.by_host.get(_strip_port(host).lower(), b)
+        if b is None:
             raise upstream_error(ErrorKind.NO_PEER, "no upstream servers configured")
-        return rr.select()
+        peer = b.select_for(session)
+        if peer is None:
+            raise upstream_error(ErrorKind.NO_PEER, f"upstream {b.name}: no usable server")
+        return peer

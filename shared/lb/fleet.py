@@ -112,6 +112,37 @@ class Load:
         """Counts a request that :meth:`begin` counted as over."""
         self.cells[member] -= 1
 
+    def member(self, member: int) -> MemberLoad:
+        """Member ``member``'s counter alone, to hang on its peer
+        (:attr:`shared.peer.HttpPeer.in_flight`): the engine counts the requests it sends to
+        the peer with it."""
+        return MemberLoad(self.cells, member)
+
+
+class MemberLoad:
+    """One member's in-flight counter in this process's cells: :meth:`begin` when a request
+    goes to it, :meth:`end` once that request is over (the engine calls both, see
+    :attr:`shared.peer.HttpPeer.in_flight`)."""
+
+    __slots__ = ("cells", "index")
+
+    cells: Cells
+    """This process's cells of the upstream's members."""
+    index: int
+    """The member's cell in :attr:`cells`."""
+
+    def __init__(self, cells: Cells, index: int) -> None:
+        self.cells = cells
+        self.index = index
+
+    def begin(self) -> None:
+        """Counts one more request in flight to the member."""
+        self.cells[self.index] += 1
+
+    def end(self) -> None:
+        """Counts one request that :meth:`begin` counted as over."""
+        self.cells[self.index] -= 1
+
 
 class _Cells:
     """The local stand-in for a row: member ``i``'s cell is ``columns[i][0]``."""

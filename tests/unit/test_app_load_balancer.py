@@ -1,7 +1,9 @@
-"""shared.apps.load_balancer: the built-in load balancer's routing by Host and its rotation."""
+"""shared.apps.load_balancer: the built-in load balancer's routing by Host and its fleet-wide
+rotation."""
 
 from __future__ import annotations
 
+import os
 import typing
 from typing import Any
 
@@ -11,6 +13,7 @@ from shared.apps.load_balancer import LoadBalancer
 from shared.config import Config, from_mapping
 from shared.errors import ErrorKind, ProxyError
 from shared.session import Session
+from shared.shm.balance import BalanceTable, SlotCells
 
 
 class FakeSession:
@@ -41,10 +44,12 @@ ROUTED = config(
 )
 
 
-def balancer(cfg: Config, worker_id: int = 0) -> LoadBalancer:
-    """A load balancer configured the way a worker does it."""
+def balancer(cfg: Config, worker_id: int = 0, slot: SlotCells | None = None) -> LoadBalancer:
+    """A load balancer configured the way a worker does it (counting in ``slot`` of a
+    balance table, or locally)."""
     lb = LoadBalancer()
     lb.worker_id = worker_id
+    lb.balance_slot = slot
     lb.configure(cfg)
     return lb
 
@@ -117,13 +122,52 @@ def test_first_upstream_with_servers_is_default() -> None:
     assert pick(lb, "x.example") == ["10.0.0.9:80"]
 
 
-@pytest.mark.parametrize(("worker_id", "first"), [(0, 0), (1, 1), (2, 0), (3, 1)])
-def test_worker_id_offsets_the_start(worker_id: int, first: int) -> None:
-    """Each worker starts its rotation at its own slot, so workers spread over servers."""
-    lb = balancer(ROUTED, worker_id)
-    servers = ["10.0.0.1:80", "10.0.0.2:80"]
-    assert pick(lb, None, 2) == [servers[first], servers[1 - first]]
-    assert pick(lb, "api.example.com") == [f"10.0.1.{worker_id % 3 + 1}:8080"]
+def test_workers_rotate_as_one_over_the_shared_table() -> None:
+    """Load balancers of different worker slots on one balance table take turns from the
+    fleet's rotation: consecutive requests alternate whichever worker takes them."""
+    counts = [len(u.servers) for u in ROUTED.upstreams.values()]
+    table = BalanceTable.create(len(counts), sum(counts), 2)
+    slots = [BalanceTable.attach_slot(os.dup(table.fd), w) for w in (0, 1)]
+    try:
+        lbs = [balancer(ROUTED, w, slots[w]) for w in (0, 1)]
+        seen = [pick(lbs[i % 2], None)[0] for i in range(6)]
+        assert seen == ["10.0.0.1:80", "10.0.0.2:80"] * 3
+        seen = [pick(lbs[i % 3 % 2], "api.example.com")[0] for i in range(6)]
+        assert seen == [f"10.0.1.{i % 3 + 1}:8080" for i in range(6)]
+        assert table.turn(0) == 6 and table.turn(1) == 6
+    finally:
+        del lbs
+        for slot in slots:
+            slot.close()
+        table.close()
+
+
+def test_weights_and_backups_from_the_config() -> None:
+    """Weights give nginx's smooth sequence; a backup takes nothing while a primary is
+    usable, everything once none is."""
+    cfg = config(
+        {
+            "web": {
+                "servers": [
+                    {"address": "10.0.0.1:80", "weight": 5},
+                    "10.0.0.2:80",
+                    "10.0.0.3:80",
+                    {"address": "10.0.0.9:80", "backup": True},
+                ]
+            }
+        }
+    )
+    lb = balancer(cfg)
+    a, b, c, _ = (f"10.0.0.{i}:80" for i in (1, 2, 3, 9))
+    assert pick(lb, None, 7) == [a, a, b, a, c, a, a]
+    usable = typing.cast(bytearray, lb.balancer("web").members.usable)
+    for i in range(3):
+        usable[i] = 0
+    assert pick(lb, None, 2) == ["10.0.0.9:80"] * 2
+    usable[3] = 0
+    with pytest.raises(ProxyError) as info:
+        pick(lb, None)
+    assert info.value.kind is ErrorKind.NO_PEER
 
 
 def test_no_servers_is_no_peer() -> None:

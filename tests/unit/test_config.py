@@ -12,6 +12,7 @@ from shared.config import (
     Config,
     ConfigError,
     ListenerConfig,
+    Server,
     UpstreamConfig,
     from_mapping,
     load,
@@ -84,7 +85,9 @@ def test_load_good_file_sets_every_given_value(tmp_path: Path) -> None:
         ListenerConfig(address="[::1]:8080", backlog=2048),
     ]
     assert list(config.upstreams) == ["web", "api"]
-    assert config.upstreams["web"] == UpstreamConfig(servers=["10.0.0.1:80", "10.0.0.2:80"])
+    assert config.upstreams["web"] == UpstreamConfig(
+        servers=[Server("10.0.0.1:80"), Server("10.0.0.2:80")]
+    )
     assert config.upstreams["api"].hosts == ["api.example.com"]
     assert config.logging.access_log_format == "json"
     assert config.app_options == {"greeting": "hello"}

@@ -259,6 +259,18 @@ class Engine:
                 peer = self.p_upstream_peer(s, ctx)
                 if self.a_upstream_peer:
                     peer = await peer
+                # In flight to the peer from now until this attempt is over (a balancer's
+                # peer: least_conn counts it): counted here, where every attempt passes, and
+                # ended here on a retry or in request_done, which every request reaches once.
+                # A request already over (its client gone meanwhile) is not counted.
+                counted = s.in_flight
+                if counted is not None:
+                    s.in_flight = None
+                    counted.end()
+                counted = peer.in_flight
+                if counted is not None and not s.response_done:
+                    counted.begin()
+                    s.in_flight = counted
                 # 4. connect: the pools, the broker, or a new connection
                 try:
                     up, reused = await self.connector.acquire(peer)
@@ -552,6 +564,10 @@ class Engine:
         global _current
         self.requests += 1
         self.active_requests -= 1
+        counted = s.in_flight
+        if counted is not None:
+            s.in_flight = None
+            counted.end()
         if self.access_log is not None:
             self.access_log.write(s)
         if self.p_logging is not None:
