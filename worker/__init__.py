@@ -11,5 +11,8 @@
 
 A layer imports the interfaces and the layers below it (``client`` and ``server`` below
 ``connector``, below ``proxy``, below ``process``), never a sibling's classes; ``http``,
-``tls``, ``accesslog``, ``log_throttle`` and ``accept_limit`` are leaves any of them may use.
+``tls``, ``accesslog``, ``log_throttle`` and ``accept_limit`` are leaves any of them may use,
+above ``h2`` and ``interfaces``. Only ``process`` uses ``server``, and ``proxy`` and
+``process`` reach ``client`` through ``connector``. The import contracts in pyproject.toml
+check all of it (``lint-imports``).
 """
