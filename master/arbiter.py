@@ -41,6 +41,7 @@ from functools import partial
 
 import setproctitle
 
+from master.balance import BalanceTables
 from master.broker import Broker
 from master.control import CommandHandlers, ControlServer
 from master.demo_process import DemoOrigins, DemoStartError
@@ -142,6 +143,10 @@ class Arbiter:
         self.demo: DemoOrigins | None = None
         #: In a new master: the demo origins the old master hands over (pid, addresses).
         self.handed_demo: tuple[int, list[str]] = (0, [])
+        #: In a new master: the old fleet's balancing turns, by upstream name.
+        self.handed_turns: dict[str, int] = {}
+        #: The balance tables, one per generation of workers (master/balance.py).
+        self.balance = BalanceTables()
         self.control: ControlServer | None = None
         self.broker: Broker | None = None
         #: Counters of workers that have exited, so totals survive reloads.
@@ -181,6 +186,7 @@ class Arbiter:
                 self.config.pool.size_shared,
                 self.config.pool.idle_timeout_seconds,
             )
+        self.balance.create(self.generation, self.config, self.num_workers, self.handed_turns)
         if self.config.demo_origins:
             self._start_demo()
         for slot in range(self.num_workers):
@@ -337,7 +343,8 @@ class Arbiter:
         )
         env = child_env()
         index_fd = self.broker.index.fd if self.broker is not None and config.pool.shared else -1
-        extra = [index_fd] if index_fd >= 0 else []
+        balance_fd = self.balance.fd(number)
+        extra = [fd for fd in (index_fd, balance_fd) if fd >= 0]
         try:
             popen = subprocess.Popen(
                 cmd,
@@ -359,6 +366,7 @@ class Arbiter:
                 config=config.raw,
                 source=config.source,
                 pool_index_fd=index_fd,
+                balance_fd=balance_fd,
             )
         )
         log.debug("spawned worker %d of generation %d (pid %d)", slot, number, w.pid)
@@ -452,9 +460,25 @@ class Arbiter:
             except (ChannelClosed, OSError):
                 pass
             self._forget(w)
+            # Its balance row has no writer now: retired before the slot gets a new process.
+            self.balance.retire(w.generation, w.slot)
+            self._release_balance()
             for name, value in w.pool.items():
                 self.retired_counts[name] += value
             self._worker_exited(w, code)
+
+    def _release_balance(self) -> None:
+        """Closes the balance table of every generation that neither serves nor starts and
+        has no worker left."""
+        live = {self.generation, *(w.generation for w in self.workers.values())}
+        if self.pending is not None:
+            live.add(self.pending.number)
+        self.balance.release(live)
+
+    def balance_turns(self) -> dict[str, int]:
+        """The serving generation's balancing turn per upstream name (handed to a new master
+        on upgrade)."""
+        return self.balance.turns(self.generation)
 
     def _worker_exited(self, w: WorkerProc, code: int) -> None:
         if self.stopping or w.draining:
@@ -554,6 +578,8 @@ class Arbiter:
             log.error("%s refused, still serving as before: %s", why, e)
             return
         self.pending = gen
+        # The new generation's own balance table, its rotations going on from the fleet's.
+        self.balance.create(gen.number, config, count, self.balance.turns(self.generation))
         self.lifecycle.to(State.RELOADING)
         sd_notify("RELOADING=1")
         log.info("%s: starting generation %d with %d workers", why, gen.number, count)
@@ -588,6 +614,7 @@ class Arbiter:
                 self._drain_worker(w, 0.0)
             self._undo_listeners(gen)
             self.pending = None
+            self._release_balance()
             self.lifecycle.to(State.SERVING)
             sd_notify("READY=1")
             self._run_deferred()
@@ -606,6 +633,7 @@ class Arbiter:
             self.broker.idle_timeout = gen.config.pool.idle_timeout_seconds
         self.num_workers, self.generation = gen.count, gen.number
         self.pending = None
+        self._release_balance()
         self.backoff.clear()
         self.next_spawn.clear()
         self.lifecycle.to(State.SERVING)
@@ -653,6 +681,7 @@ class Arbiter:
         self.upgrade.hand_pool_to_successor()
         if self.broker is not None:
             self.broker.close()
+        self.balance.close()
         for lst in [*self.listeners, *self.retired]:
             lst.close()
         for w in list(self.workers.values()):

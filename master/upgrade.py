@@ -77,6 +77,9 @@ class Supervisor(Protocol):
     broker: Broker | None
     demo: DemoOrigins | None
     handed_demo: tuple[int, list[str]]
+    handed_turns: dict[str, int]
+
+    def balance_turns(self) -> dict[str, int]: ...
 
     def take_donations(self, msg: ipc.Donate) -> None: ...
     def let_go_of_demo(self, stop: bool) -> None: ...
@@ -141,6 +144,7 @@ class Upgrade:
                 for fd in unused:
                     os.close(fd)
         arbiter.handed_demo = (handover.demo_pid, list(handover.demo_origins))
+        arbiter.handed_turns = dict(handover.balance_turns)
         log.info(
             "took over %d listening sockets from the old master",
             sum(len(lst.sockets) for lst in listeners),
@@ -211,6 +215,7 @@ class Upgrade:
                     counts=[len(lst.sockets) for lst in arbiter.listeners],
                     demo_pid=demo.pid if demo is not None else 0,
                     demo_origins=demo.addresses if demo is not None else [],
+                    balance_turns=arbiter.balance_turns(),
                     fds=fds,
                 )
             )

@@ -57,6 +57,9 @@ class Boot(Message):
     source: str = ""
     #: The inherited descriptor of the shared-memory pool index; -1 without a broker.
     pool_index_fd: int = -1
+    #: The inherited descriptor of the generation's balance table (``shared.shm.balance``),
+    #: whose row ``slot`` the worker writes; -1 without one.
+    balance_fd: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,9 @@ class Handover(Message):
     #: ``demo_origins`` (0: none).
     demo_pid: int = 0
     demo_origins: list[str] = field(default_factory=list)
+    #: The fleet's balancing turn of each upstream, by name, when the listeners were sent: the
+    #: new master's rotation goes on from there.
+    balance_turns: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from shared.config import Config, ConfigError, from_mapping, load
 from shared.ipc import Channel, ChannelClosed
 from shared.paths import add_app_dirs
 from shared.privileges import Identity
+from shared.shm.balance import BalanceTable
 from shared.shm.pool_index import PoolIndex
 from worker.accept_limit import AcceptLimit, Listening, fit_open_files
 from worker.accesslog import AccessLog
@@ -124,6 +125,10 @@ class Worker:
         try:
             app = _load_app(config)
             app.worker_id = self.slot
+            if self.boot.balance_fd >= 0:
+                # This slot's row of the generation's balance table: the app's balancers
+                # count there, and read every worker's rows.
+                app.balance_slot = BalanceTable.attach_slot(self.boot.balance_fd, self.slot)
             app.configure(config)
         except AppLoadError as e:
             return self._app_failed(self._as_user(str(e)))

@@ -57,6 +57,7 @@ class Origin:
     ``tls``: a server ``ssl.SSLContext`` to serve HTTPS instead of plaintext.
     ``require``: a (name, value) header field every request must carry; one without it is
     answered 403 once its body is read (any route but ``/sink``).
+    ``delay``: seconds every request waits before it is answered (a slow server).
     """
 
     name: str = "origin"
@@ -64,6 +65,7 @@ class Origin:
     drop_reused: bool = False
     tls: ssl.SSLContext | None = None
     require: tuple[str, str] | None = None
+    delay: float = 0.0
     # Counters, read by the tests.
     accepted: int = 0
     open_connections: int = 0
@@ -273,6 +275,8 @@ class Origin:
             keep = False
         head_only = req.method == "HEAD"
 
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if path == "/sleep":
             await asyncio.sleep(float(query.get("s", ["1"])[0]))
         if path == "/sink":
