@@ -160,7 +160,8 @@ _S = ConnState
 #: Which states each state may move to. Every change goes through :meth:`H1Server._to`,
 #: which refuses one this table does not list.
 TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
-    _S.ACCEPTED: frozenset({_S.IDLE, _S.SWITCHED, _S.CLOSING}),
+    # (CLOSED: a loop that reported a failed handshake as a lost connection.)
+    _S.ACCEPTED: frozenset({_S.IDLE, _S.SWITCHED, _S.CLOSING, _S.CLOSED}),
     _S.IDLE: frozenset({_S.HEAD, _S.STOPPED, _S.SWITCHED, _S.CLOSING, _S.CLOSED}),
     _S.HEAD: frozenset({_S.RESPONDING, _S.STOPPED, _S.CLOSING, _S.CLOSED}),
     _S.RESPONDING: frozenset({_S.IDLE, _S.HEAD, _S.UPGRADING, _S.STOPPED, _S.CLOSING, _S.CLOSED}),
