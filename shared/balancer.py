@@ -51,7 +51,17 @@ class Balancer:
     :meth:`ProxyHttp.balancer <shared.app.ProxyHttp.balancer>`, not directly.
     """
 
-    __slots__ = ("name", "balance", "peers", "members", "selector", "load", "key_of", "_select")
+    __slots__ = (
+        "name",
+        "balance",
+        "peers",
+        "members",
+        "selector",
+        "load",
+        "key_of",
+        "select_for",
+        "_select",
+    )
 
     name: str
     """The upstream's name in ``upstreams``."""
@@ -67,6 +77,11 @@ class Balancer:
     """In flight per server, over the fleet in a worker (``load.count(i)``)."""
     key_of: KeyFunction | None
     """For ``balance: hash``, the ``hash_key`` as a function of the request; else None."""
+    select_for: Callable[[KeySource], HttpPeer | None]
+    """``select_for(session)``: :meth:`select` with the request's ``hash_key`` (``balance:
+    hash``; no key for the others), as the built-in load balancer calls it; None when no server
+    is usable. The hot path: a function chosen once for the upstream's shape (one server: no
+    turn to take, nothing to choose)."""
 
     def __init__(self, config: Config, name: str, slot: SlotCells | None = None) -> None:
         """Builds the balancer of ``config.upstreams[name]``, counting in ``slot`` (a worker's
@@ -104,6 +119,12 @@ class Balancer:
         self.selector = make_selector(upstream.balance, self.members, turns, self.load)
         self.key_of = key_function(upstream.hash_key) if upstream.hash_key else None
         self._select: Callable[[bytes | None], int] = self.selector.select_index
+        if n == 1:
+            self.select_for = self._select_only
+        elif self.key_of is not None:
+            self.select_for = self._select_keyed
+        else:
+            self.select_for = self._select_unkeyed
 
     def select(
         self,
@@ -129,12 +150,17 @@ class Balancer:
                 return peer
         return None
 
-    def select_for(self, request: KeySource) -> HttpPeer | None:
-        """:meth:`select` with the request's ``hash_key`` (for ``balance: hash``; None for
-        the others); ``request`` is the :class:`~shared.session.Session`."""
-        key_of = self.key_of
-        i = self._select(key_of(request) if key_of is not None else None)
+    def _select_unkeyed(self, request: KeySource) -> HttpPeer | None:
+        i = self._select(None)
         return self.peers[i] if i >= 0 else None
+
+    def _select_keyed(self, request: KeySource) -> HttpPeer | None:
+        i = self._select(self.key_of(request))  # type: ignore[misc]
+        return self.peers[i] if i >= 0 else None
+
+    def _select_only(self, request: KeySource) -> HttpPeer | None:
+        """One server: it, while usable (a lone server is never a backup)."""
+        return self.peers[0] if self.members.usable[0] else None
 
     def iter(self, key: bytes | None = None) -> Iterator[HttpPeer]:
         """The failover order for a request with ``key``: :meth:`select`'s choice (taking its

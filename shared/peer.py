@@ -95,17 +95,22 @@ class PeerOptions:
     """The private key of ``client_cert`` (a PEM file path); None: it is in that file."""
 
 
+class Cells(Protocol):
+    """Integer cells, indexed (a ``memoryview`` of a shared table's row, or a list)."""
+
+    def __getitem__(self, i: int, /) -> int: ...
+    def __setitem__(self, i: int, value: int, /) -> None: ...
+
+
 class InFlight(Protocol):
     """Counts the requests in flight to one peer (a ``shared.lb.fleet.MemberLoad``: its cell in
-    the fleet's balance table)."""
+    the fleet's balance table): ``cells[index]`` is this process's count. The engine adds to
+    the cell itself (a method call per request costs more than the addition)."""
 
-    def begin(self) -> None:
-        """A request goes to the peer."""
-        ...
-
-    def end(self) -> None:
-        """That request is over."""
-        ...
+    cells: Cells
+    """This process's cells."""
+    index: int
+    """The peer's cell in :attr:`cells`."""
 
 
 @dataclass(slots=True)
@@ -138,9 +143,9 @@ class HttpPeer:
     in_flight: InFlight | None = field(default=None, compare=False, repr=False, kw_only=True)
     """Where the requests sent to this peer are counted while in flight (least_conn reads
     them): set on the peers of a :class:`~shared.balancer.Balancer`; None for a peer made by
-    hand. The engine calls ``begin()`` once the peer is chosen for a request (each attempt,
-    retries included) and ``end()`` when that attempt is over: a retry to another peer, the
-    response's end, an error, or the client going away."""
+    hand. The engine adds 1 to its cell once the peer is chosen for a request (each attempt,
+    retries included) and takes it back when that attempt is over: a retry to another peer,
+    the response's end, an error, or the client going away."""
 
     def __post_init__(self) -> None:
         if isinstance(self.address, tuple):

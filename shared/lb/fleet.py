@@ -121,8 +121,8 @@ class Load:
 
 class MemberLoad:
     """One member's in-flight counter in this process's cells: :meth:`begin` when a request
-    goes to it, :meth:`end` once that request is over (the engine calls both, see
-    :attr:`shared.peer.HttpPeer.in_flight`)."""
+    goes to it, :meth:`end` once that request is over (the engine does the same to
+    ``cells[index]`` inline, see :attr:`shared.peer.HttpPeer.in_flight`)."""
 
     __slots__ = ("cells", "index")
 

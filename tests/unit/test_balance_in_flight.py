@@ -13,6 +13,7 @@ import pytest
 
 from shared.apps.load_balancer import LoadBalancer
 from shared.balancer import Balancer
+from shared.peer import Cells
 from tests.support.protocols import OK_HEAD, PROTOCOLS, H2Client, Proxy, proxies
 
 #: Two servers, so that a retry goes to the other one (round robin).
@@ -33,16 +34,21 @@ def two_servers(
 
 
 class Recorded:
-    """An in-flight counter that writes down each call, in one list for every peer."""
+    """An in-flight counter whose one cell writes down each change, in one list for every
+    peer ("begin N" for +1, "end N" for -1)."""
 
     def __init__(self, log: list[str], name: str) -> None:
         self.log, self.name = log, name
+        self.cells: Cells = self
+        self.index = 0
+        self.value = 0
 
-    def begin(self) -> None:
-        self.log.append(f"begin {self.name}")
+    def __getitem__(self, i: int, /) -> int:
+        return self.value
 
-    def end(self) -> None:
-        self.log.append(f"end {self.name}")
+    def __setitem__(self, i: int, value: int, /) -> None:
+        self.log.append(f"{'begin' if value > self.value else 'end'} {self.name}")
+        self.value = value
 
 
 def counts(b: Balancer) -> list[int]:

@@ -12,6 +12,7 @@ import pytest
 from shared.app import ProxyHttp
 from shared.balancer import Balancer
 from shared.config import Config, from_mapping
+from shared.lb.fleet import MemberLoad
 from shared.peer import HttpPeer
 from shared.session import Session
 from shared.shm.balance import BalanceTable
@@ -104,7 +105,7 @@ def test_peers_carry_weights_and_their_in_flight_counter() -> None:
         "10.0.0.1:80",
     ]
     counter = b.peers[1].in_flight
-    assert counter is not None
+    assert isinstance(counter, MemberLoad)
     counter.begin()
     assert b.in_flight(b.peers[1]) == 1 and b.in_flight(b.peers[0]) == 0
     counter.end()
@@ -126,7 +127,7 @@ def test_two_slots_share_the_rotation_and_the_counts() -> None:
             apps.append(a)
         b0, b1 = (a.balancer("web") for a in apps)
         counter = b0.peers[2].in_flight
-        assert counter is not None
+        assert isinstance(counter, MemberLoad)
         counter.begin()
         assert b1.in_flight(b1.peers[2]) == 1
         assert table.in_flight(3) == 1 and table.in_flight(1) == 0

@@ -266,10 +266,10 @@ class Engine:
                 counted = s.in_flight
                 if counted is not None:
                     s.in_flight = None
-                    counted.end()
+                    counted.cells[counted.index] -= 1
                 counted = peer.in_flight
                 if counted is not None and not s.response_done:
-                    counted.begin()
+                    counted.cells[counted.index] += 1
                     s.in_flight = counted
                 # 4. connect: the pools, the broker, or a new connection
                 try:
@@ -567,7 +567,7 @@ class Engine:
         counted = s.in_flight
         if counted is not None:
             s.in_flight = None
-            counted.end()
+            counted.cells[counted.index] -= 1
         if self.access_log is not None:
             self.access_log.write(s)
         if self.p_logging is not None:
