@@ -543,3 +543,18 @@ def test_an_idle_client_connection_is_closed_after_keepalive(proxy: Proxy) -> No
     assert not c.closed
     proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.keepalive + 1)
     assert c.closed
+
+
+def test_fields_named_in_connection_are_dropped(proxy: Proxy) -> None:
+    """RFC 9110 7.6.1: a field the origin's Connection names is hop-by-hop, on HTTP/2 too."""
+    c = proxy.client()
+    rid = c.request("GET", "/")
+    [up] = proxy.origin.conns
+    proxy.step(
+        up.reply,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Secret\r\nX-Secret: s\r\n\r\nok",
+    )
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body) == (200, b"ok")
+    assert r.header(b"x-secret") == []
+

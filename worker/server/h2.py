@@ -111,13 +111,34 @@ class H2Stream(Exchange):
         s.response_started = True
         status = s.status = int(line[9:12])
         fields = [(b":status", b"%d" % status)]
+        named: list[bytes] | None = None
         for name, value in headers:
             n = name.lower()
-            if n in _H2_DROP or (rechunk and n == b"content-length"):
+            if n in _H2_DROP:
+                if n == b"connection":
+                    # Its tokens are parsed only when it is there: most responses lack it.
+                    for token in value.lower().split(b","):
+                        token = token.strip()
+                        if token:
+                            named = [*(named or ()), token]
+                continue
+            if rechunk and n == b"content-length":
                 continue
             if n == b"content-length":
                 self.length = int(value)
             fields.append((n, value))
+        if named:
+            # RFC 9110 7.6.1: "a proxy or gateway MUST parse a received Connection header
+            # field before a message is forwarded and, for each connection-option in this
+            # field, remove any header or trailer field(s) from the message with the same
+            # name as the connection-option". The same as HTTP/1.1 clients get (h1.py).
+            kept = fields[:1]  # :status, whatever the tokens say
+            for n, value in fields[1:]:
+                if n not in named:
+                    kept.append((n, value))
+                elif n == b"content-length":
+                    self.length = None
+            fields = kept
         no_body = (
             s.method == b"HEAD"
             or status == 204
