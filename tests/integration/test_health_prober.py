@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 from master.health import CheckSpec, PlanApplied, ProbePlan, StateChanged, Target
 from master.prober import ProberProcess
 from shared.shm.health import Failure, HealthDirectory, HealthTable, State
+from tests.support.origin import Origin
 from tests.support.waits import wait_for
 
 
@@ -303,3 +305,50 @@ def test_a_new_plan_and_the_prober_s_exits(master: _Master, origins: list[_Origi
     finally:
         table.close()
     # The fixture closes the master again: stopping a stopped prober is harmless.
+
+
+def test_tls_check_with_sni(master: _Master, tmp_path: Path) -> None:
+    """A TLS target: the handshake sends the SNI and verifies the certificate against the CA
+    file, the request carries Host; a CA that did not sign it is a TLS failure."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("origin.test").configure_cert(server_ctx)
+    origin = Origin(tls=server_ctx).start()
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        other_ca = tmp_path / "other.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        keys = [("secure", origin.address)]
+        master.layout = master.directory.publish(keys)
+        row = master.directory.rows[keys[0]]
+        spec = CheckSpec("/status/204", 0.1, 0.5, 2, 1)
+        good = Target(
+            row,
+            "secure",
+            origin.address,
+            spec,
+            tls=True,
+            sni="origin.test",
+            ca_file=str(ca_file),
+            host_header="origin.test",
+        )
+        master.prober.send(ProbePlan(1, (good,)))
+        wait_for(lambda: master.table.last_result[row] == 204, timeout=5, what="a 204 over TLS")
+        assert master.table.state[row] == State.UP
+        assert origin.requests[0].header("host") == "origin.test"
+        bad = Target(
+            row,
+            "secure",
+            origin.address,
+            spec,
+            tls=True,
+            sni="origin.test",
+            ca_file=str(other_ca),
+        )
+        master.prober.send(ProbePlan(2, (bad,)))
+        wait_for(lambda: _state(master, row, State.DOWN), timeout=5, what="DOWN")
+        assert master.table.last_result[row] == Failure.TLS
+    finally:
+        origin.stop()
