@@ -558,3 +558,14 @@ def test_fields_named_in_connection_are_dropped(proxy: Proxy) -> None:
     assert r is not None and (r.status, r.body) == (200, b"ok")
     assert r.header(b"x-secret") == []
 
+
+def test_idle_close_sends_goaway_first(proxy: Proxy) -> None:
+    """RFC 9113 6.8: an endpoint closing a connection SHOULD send GOAWAY first."""
+    c = proxy.client()
+    c.request("GET", "/")
+    proxy.step(proxy.origin.conns[0].reply, OK_HEAD % 0)
+    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.keepalive + 1)
+    assert c.closed
+    if isinstance(c, H2Client):
+        assert c.goaway()
+

@@ -533,7 +533,13 @@ class H2Server(asyncio.Protocol):
         return not self.streams
 
     def idle_check(self, now: float, keepalive: float, drain_idle: float) -> None:
+        """Closes the connection once it has had no stream for ``keepalive`` seconds
+        (``drain_idle`` while draining), with GOAWAY first: RFC 9113 6.8, "an endpoint SHOULD
+        send a GOAWAY frame when ending a connection"; its last stream id (the highest the
+        client opened) tells the client that no request of its went unanswered."""
         if self.is_idle() and now - self.last_active >= (
             drain_idle if self.draining else keepalive
         ):
-            self.close()
+            if not self.conn.goaway_sent:
+                self.conn.goaway(ErrorCodes.NO_ERROR)
+            self.close()  # writes what the codec has to send, GOAWAY included, then closes
