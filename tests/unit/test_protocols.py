@@ -569,3 +569,16 @@ def test_idle_close_sends_goaway_first(proxy: Proxy) -> None:
     if isinstance(c, H2Client):
         assert c.goaway()
 
+
+def test_early_response_says_close(proxy: Proxy) -> None:
+    """RFC 9112 9.6: an answer before the whole request body closes the connection after it,
+    and says so (``Connection: close``)."""
+    c = proxy.client()
+    rid = c.start("POST", "/", [("Content-Length", "10")], end=False)
+    c.send(rid, b"01234")
+    [up] = proxy.origin.conns
+    proxy.step(up.reply, b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body) == (413, b"big")
+    if isinstance(c, H1Client):
+        assert c.closed and r.header(b"connection") == [b"close"]

@@ -696,11 +696,14 @@ class H1Server(Exchange, asyncio.Protocol):
         else:
             mode = MODE_CLOSE
         s.resp_mode = mode
+        # A request body still arriving (the origin, or the proxy, answers first) closes the
+        # connection after the response (finish), so the head says so: RFC 9112 9.6, a server
+        # that does not read the whole body "SHOULD send the "close" connection option".
         keep = (
             s.keep_alive
             and mode != MODE_CLOSE
             and not self.draining
-            and not (s.has_body and not s.body_done and self.up is None)
+            and not (s.has_body and not s.body_done)
         )
         s.keep_alive = keep
         if s.version == "1.1":
