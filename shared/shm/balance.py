@@ -12,8 +12,11 @@ the next turns go on).
 Who writes what:
 
 - Worker slot ``w`` writes only row ``w``: its turn counter per upstream (one per request it
-  balances) and its in-flight count per server (up when a request goes to the server, down when
-  it ends). The kernel enforces it: a worker maps the table read-only and only its own row
+  balances), its in-flight count per server (up when a request goes to the server, down when
+  it ends), and per upstream the circuit breakers' and the retry budget's counts
+  (:data:`GUARD_CELLS`: requests in flight, retries in flight, requests waiting for a new
+  connection, open connections), each up and down in the same process. The kernel enforces
+  it: a worker maps the table read-only and only its own row
   writable (:meth:`BalanceTable.attach_slot`), each row being whole pages of its own.
 - The master creates the table, and writes the RETIRED row: when a slot's process has exited and
   before the slot is given to a new one, :meth:`BalanceTable.retire` adds the slot's turns to the
@@ -22,8 +25,9 @@ Who writes what:
 - Readers: every worker (selection), the master (status).
 
 Layout (after the header page, :mod:`shared.shm.table`): ``slots + 1`` rows, row 0 the retired
-row, row ``1 + w`` worker slot ``w``; each row holds ``upstreams`` turn counters (u64) then
-``servers`` in-flight counts (i64), and is padded to whole pages. Servers are numbered across
+row, row ``1 + w`` worker slot ``w``; each row holds ``upstreams`` turn counters (u64), then
+``servers`` in-flight counts (i64), then :data:`GUARD_CELLS` counts per upstream (i64,
+upstream ``u``'s at ``GUARD_CELLS * u``), and is padded to whole pages. Servers are numbered across
 all upstreams (the master numbers them in config order, and each upstream's servers are a
 range). A column (one counter over all rows) is a strided ``memoryview``, so ``sum()`` of it is
 one C call, and no two processes write the same cache line.
@@ -37,6 +41,13 @@ from collections.abc import Sequence
 from shared.shm.table import PAGE, SharedTable, pages
 
 _CELL = struct.calcsize("Q")
+
+#: Per upstream, the counts the circuit breakers and the retry budget read, in this order.
+GUARD_NAMES = ("requests", "retries", "pending", "connections")
+#: Cells per upstream of those counts, in each row.
+GUARD_CELLS = len(GUARD_NAMES)
+#: The offset of each count among an upstream's guard cells.
+REQUESTS, RETRIES, PENDING, CONNECTIONS = range(GUARD_CELLS)
 
 
 def server_ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
@@ -59,7 +70,7 @@ class BalanceTable(SharedTable):
     """
 
     MAGIC = 0x42594E54  # "TNYB"
-    VERSION = 1
+    VERSION = 2
     NAME = "tenaya-balance"
     PARAMS = 3
 
@@ -76,7 +87,8 @@ class BalanceTable(SharedTable):
 
     @classmethod
     def data_size(cls, *params: int) -> int:
-        """``(slots + 1)`` rows of whole pages, each ``upstreams + servers`` cells."""
+        """``(slots + 1)`` rows of whole pages, each ``upstreams * (1 + GUARD_CELLS) +
+        servers`` cells."""
         upstreams, servers, slots = params
         if slots < 1 or upstreams < 0 or servers < 0:
             raise ValueError("a balance table needs at least one worker slot")
@@ -84,7 +96,7 @@ class BalanceTable(SharedTable):
 
     @staticmethod
     def _row_bytes(upstreams: int, servers: int) -> int:
-        return pages(max(1, upstreams + servers) * _CELL)
+        return pages(max(1, upstreams * (1 + GUARD_CELLS) + servers) * _CELL)
 
     def _setup(self) -> None:
         self.upstreams, self.servers, self.slots = self.params
@@ -96,6 +108,11 @@ class BalanceTable(SharedTable):
         self._turns = [self._column(self.cells, u) for u in range(self.upstreams)]
         self._flight = [
             self._column(self._signed, self.upstreams + s, first_row=1) for s in range(self.servers)
+        ]
+        base = self.upstreams + self.servers
+        self._guards = [
+            self._column(self._signed, base + c, first_row=1)
+            for c in range(self.upstreams * GUARD_CELLS)
         ]
 
     def _column(self, cells: memoryview, cell: int, first_row: int = 0) -> memoryview:
@@ -127,6 +144,16 @@ class BalanceTable(SharedTable):
         fleet's. The view belongs to the table."""
         return self._flight[server]
 
+    def guard_column(self, upstream: int, count: int) -> memoryview:
+        """Count ``count`` (:data:`REQUESTS`, :data:`RETRIES`, :data:`PENDING` or
+        :data:`CONNECTIONS`) of ``upstream``, one cell per worker slot: ``sum()`` of it is the
+        fleet's. The view belongs to the table."""
+        return self._guards[upstream * GUARD_CELLS + count]
+
+    def guard(self, upstream: int, count: int) -> int:
+        """The fleet's count ``count`` of ``upstream`` (see :meth:`guard_column`)."""
+        return sum(self._guards[upstream * GUARD_CELLS + count])
+
     def turn(self, upstream: int) -> int:
         """The fleet's turn for ``upstream``: requests balanced so far, by every worker."""
         return sum(self._turns[upstream])
@@ -146,7 +173,7 @@ class BalanceTable(SharedTable):
         for u in range(self.upstreams):
             cells[u] += cells[row + u]
             cells[row + u] = 0
-        for s in range(self.servers):
+        for s in range(self.servers + self.upstreams * GUARD_CELLS):
             cells[row + self.upstreams + s] = 0
 
     def seed_turns(self, upstream: int, turn: int) -> None:
@@ -164,7 +191,7 @@ class SlotCells:
     absent from the API.
     """
 
-    __slots__ = ("table", "slot", "turns", "in_flight")
+    __slots__ = ("table", "slot", "turns", "in_flight", "guards")
 
     table: BalanceTable
     """The whole table, read-only."""
@@ -174,6 +201,8 @@ class SlotCells:
     """This slot's turn counter per upstream (u64)."""
     in_flight: memoryview
     """This slot's in-flight count per server (i64)."""
+    guards: memoryview
+    """This slot's guard counts, :data:`GUARD_CELLS` per upstream (i64)."""
 
     def __init__(self, table: BalanceTable, slot: int) -> None:
         self.table = table
@@ -182,6 +211,9 @@ class SlotCells:
         row = table._map((1 + slot) * row_bytes, row_bytes, writable=True)
         self.turns = table._view(row, 0, "Q", table.upstreams)
         self.in_flight = table._view(row, table.upstreams * _CELL, "q", table.servers)
+        self.guards = table._view(
+            row, (table.upstreams + table.servers) * _CELL, "q", table.upstreams * GUARD_CELLS
+        )
         assert row_bytes % PAGE == 0
 
     def in_flight_range(self, first: int, count: int) -> memoryview:
