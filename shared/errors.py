@@ -38,7 +38,9 @@ class RetryType(enum.Enum):
 class ErrorKind(enum.Enum):
     """What went wrong. Each kind has a ``text`` and a ``status``, the status code of its error
     response: 502 for ``CONNECT_REFUSED``, ``CONNECT_ERROR``, ``TLS_ERROR``, ``NO_PEER``,
-    ``CONNECTION_CLOSED`` and ``INVALID_RESPONSE``; 504 for ``CONNECT_TIMEOUT``,
+    ``CONNECTION_CLOSED`` and ``INVALID_RESPONSE``; 503 ``CIRCUIT_OPEN`` (an upstream's
+    ``max_requests`` reached over the fleet: refused at once, never retried; the context
+    names the upstream and the limit); 504 for ``CONNECT_TIMEOUT``,
     ``READ_TIMEOUT`` and ``WRITE_TIMEOUT``; 400 ``BAD_REQUEST``; 405 ``METHOD_NOT_ALLOWED``;
     431 ``HEADERS_TOO_LARGE``; 408 ``HEADER_TIMEOUT``; 413 ``BODY_TOO_LARGE``; 499
     ``DOWNSTREAM_CLOSED`` (the client is gone: nothing is sent, the access log shows 499); 500
@@ -52,6 +54,7 @@ class ErrorKind(enum.Enum):
     CONNECT_ERROR = ("connect error", 502)
     TLS_ERROR = ("upstream TLS handshake failed", 502)
     NO_PEER = ("no upstream peer", 502)
+    CIRCUIT_OPEN = ("upstream circuit breaker open", 503)
     READ_TIMEOUT = ("read timeout", 504)
     WRITE_TIMEOUT = ("write timeout", 504)
     CONNECTION_CLOSED = ("connection closed", 502)
@@ -216,6 +219,17 @@ def upstream_error(
 ) -> ProxyError:
     """A :class:`ProxyError` whose source is the upstream."""
     return ProxyError(kind, ErrorSource.UPSTREAM, retry, cause, context=context)
+
+
+def circuit_open(upstream: str, limit: str, value: int) -> ProxyError:
+    """The ``CIRCUIT_OPEN`` error (503, never retried) of ``upstream`` whose ``limit``
+    (``"max_requests"``) of ``value`` is reached over the fleet."""
+    return ProxyError(
+        ErrorKind.CIRCUIT_OPEN,
+        ErrorSource.UPSTREAM,
+        RetryType.NEVER,
+        context=f"upstream {upstream}: {limit} {value} reached",
+    )
 
 
 def downstream_error(

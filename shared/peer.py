@@ -8,7 +8,7 @@ when their peers have equal keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from shared.address import format_address, parse_address
 
@@ -111,6 +111,9 @@ class InFlight(Protocol):
     """This process's cells."""
     index: int
     """The peer's cell in :attr:`cells`."""
+    guard: Any
+    """Its upstream's circuit breakers and retry budget (a ``shared.lb.fleet.Guard``), or
+    None: the engine counts requests and retries there."""
 
 
 @dataclass(slots=True)

@@ -130,6 +130,8 @@ class Session:
         "in_flight",
         "upstream_reused",
         "retries",
+        "tried",
+        "retry_guard",
         "_request_id",
         # Response state.
         "response_started",
@@ -201,6 +203,13 @@ class Session:
     """True when the upstream connection came from a pool."""
     retries: int
     """How many times ``upstream_peer`` ran again for this request."""
+    tried: list[HttpPeer] | None
+    """The peers whose attempt failed and was retried, in order (None before the first
+    retry): ``Balancer.select_for`` and ``select(exclude=...)`` skip them while an untried
+    usable server remains, so a retry goes to another server."""
+    retry_guard: Any
+    """The engine's: the upstream guard this request is counted in as a retry (the retry
+    budget), from its first retry until it ends; None when not counted."""
     response_started: bool
     """True once a response head was written to the client; :meth:`respond` then raises."""
     response_done: bool
@@ -250,6 +259,8 @@ class Session:
         self.in_flight: InFlight | None = None
         self.upstream_reused = False
         self.retries = 0
+        self.tried: list[HttpPeer] | None = None
+        self.retry_guard: Any = None
         self._request_id: str | None = None
         self.response_started = False
         self.response_done = False

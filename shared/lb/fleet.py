@@ -6,6 +6,11 @@ counter and :class:`Load` its members' in-flight counts; each is either local to
 shared :class:`~shared.shm.balance.BalanceTable` (:meth:`Turns.shared`, :meth:`Load.shared`), in
 which case every worker of the fleet sees and adds to the same numbers. Both shapes are the
 same to a selector: a column to ``sum()`` and this process's own cell to add to.
+
+:class:`Guard` is an upstream's circuit breakers and retry budget, counted the same way: per
+upstream, requests in flight, retries in flight, requests waiting for a new connection and
+open connections, each a column of the shared table (this process adds to its own cells) and a
+limit from the config.
 """
 
 from __future__ import annotations
@@ -13,8 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from shared.shm.balance import CONNECTIONS, GUARD_CELLS, PENDING, REQUESTS, RETRIES
+
 if TYPE_CHECKING:
     from shared.shm.balance import SlotCells
+
+#: The retry budget (Envoy's ``retry_budget``): retries in flight to an upstream may be at most
+#: this percentage of its requests in flight...
+RETRY_BUDGET_PERCENT = 20
+#: ...and at least this many, whatever the load (Envoy's ``min_retry_concurrency``).
+MIN_RETRY_CONCURRENCY = 3
 
 
 class Cells(Protocol):
@@ -112,11 +125,108 @@ class Load:
         """Counts a request that :meth:`begin` counted as over."""
         self.cells[member] -= 1
 
-    def member(self, member: int) -> MemberLoad:
+    def member(self, member: int, guard: Guard | None = None) -> MemberLoad:
         """Member ``member``'s counter alone, to hang on its peer
         (:attr:`shared.peer.HttpPeer.in_flight`): the engine counts the requests it sends to
-        the peer with it."""
-        return MemberLoad(self.cells, member)
+        the peer with it, and in ``guard`` (its upstream's) when given."""
+        return MemberLoad(self.cells, member, guard)
+
+
+class Guard:
+    """An upstream's circuit breakers and retry budget, over the fleet in a worker.
+
+    The counts are columns (``sum()`` is the fleet's) with this process's cell of each at
+    ``cells[base + REQUESTS]`` and so on (:mod:`shared.shm.balance`'s order). Who counts:
+
+    - ``REQUESTS``: the engine, per attempt, beside the server's in-flight count (read against
+      :attr:`max_requests` before the attempt, and as the active requests of the retry
+      budget);
+    - ``RETRIES``: the engine, once per request from its first retry until it ends
+      (:meth:`retry_allowed` before each retry);
+    - ``PENDING`` and ``CONNECTIONS``: laid out for ``max_pending`` and ``max_connections``
+      (the connector's counts), not counted yet.
+    """
+
+    __slots__ = (
+        "name",
+        "cells",
+        "base",
+        "requests",
+        "retries",
+        "pending",
+        "connections",
+        "max_requests",
+        "max_pending",
+        "max_connections",
+    )
+
+    name: str
+    """The upstream's name (for the error and the log line)."""
+    cells: Cells
+    """This process's cells; this upstream's are from :attr:`base` on."""
+    base: int
+    """The index of this upstream's first cell in :attr:`cells`."""
+    requests: Sequence[int]
+    """Requests in flight to the upstream's servers, one count per process."""
+    retries: Sequence[int]
+    """Requests that are retries (from their first retry until they end)."""
+    pending: Sequence[int]
+    """Requests waiting for a new connection to the upstream."""
+    connections: Sequence[int]
+    """Open connections to the upstream's servers."""
+    max_requests: int
+    """``upstreams.<name>.max_requests``."""
+    max_pending: int
+    """``upstreams.<name>.max_pending``."""
+    max_connections: int
+    """``upstreams.<name>.max_connections``."""
+
+    def __init__(
+        self,
+        name: str,
+        columns: Sequence[Sequence[int]],
+        cells: Cells,
+        base: int,
+        limits: tuple[int, int, int],
+    ) -> None:
+        self.name = name
+        self.cells = cells
+        self.base = base
+        self.requests = columns[REQUESTS]
+        self.retries = columns[RETRIES]
+        self.pending = columns[PENDING]
+        self.connections = columns[CONNECTIONS]
+        self.max_requests, self.max_pending, self.max_connections = limits
+
+    @classmethod
+    def local(cls, name: str, limits: tuple[int, int, int]) -> Guard:
+        """Counts of this process alone; ``limits`` are (max_requests, max_pending,
+        max_connections)."""
+        columns = [[0] for _ in range(GUARD_CELLS)]
+        return cls(name, columns, _Cells(columns), 0, limits)
+
+    @classmethod
+    def shared(
+        cls, slot: SlotCells, upstream: int, name: str, limits: tuple[int, int, int]
+    ) -> Guard:
+        """Upstream number ``upstream``'s counts in a shared table, counted in ``slot``."""
+        table = slot.table
+        columns = [table.guard_column(upstream, c) for c in range(GUARD_CELLS)]
+        return cls(name, columns, slot.guards, upstream * GUARD_CELLS, limits)
+
+    def count(self, which: int, delta: int) -> None:
+        """Adds ``delta`` to this process's count ``which`` (``REQUESTS`` ...)."""
+        self.cells[self.base + which] += delta
+
+    def retry_budget(self) -> int:
+        """Retries the fleet may have in flight to the upstream now: :data:`RETRY_BUDGET_PERCENT`
+        of its requests in flight, at least :data:`MIN_RETRY_CONCURRENCY`."""
+        return max(MIN_RETRY_CONCURRENCY, sum(self.requests) * RETRY_BUDGET_PERCENT // 100)
+
+    def retry_allowed(self, counted: bool) -> bool:
+        """Whether one more retry fits in the budget; ``counted``: the request is already
+        counted as a retry (its next retry replaces its last, and needs no new room)."""
+        return sum(self.retries) - counted < self.retry_budget()
 
 
 class MemberLoad:
@@ -124,16 +234,19 @@ class MemberLoad:
     goes to it, :meth:`end` once that request is over (the engine does the same to
     ``cells[index]`` inline, see :attr:`shared.peer.HttpPeer.in_flight`)."""
 
-    __slots__ = ("cells", "index")
+    __slots__ = ("cells", "index", "guard")
 
     cells: Cells
     """This process's cells of the upstream's members."""
     index: int
     """The member's cell in :attr:`cells`."""
+    guard: Guard | None
+    """The upstream's circuit breakers and retry budget, or None."""
 
-    def __init__(self, cells: Cells, index: int) -> None:
+    def __init__(self, cells: Cells, index: int, guard: Guard | None = None) -> None:
         self.cells = cells
         self.index = index
+        self.guard = guard
 
     def begin(self) -> None:
         """Counts one more request in flight to the member."""

@@ -18,6 +18,7 @@ STATUS = {
     ErrorKind.CONNECT_ERROR: 502,
     ErrorKind.TLS_ERROR: 502,
     ErrorKind.NO_PEER: 502,
+    ErrorKind.CIRCUIT_OPEN: 503,
     ErrorKind.CONNECTION_CLOSED: 502,
     ErrorKind.INVALID_RESPONSE: 502,
     ErrorKind.CONNECT_TIMEOUT: 504,
