@@ -120,12 +120,13 @@ def fresh(env: Env) -> None:
 
 
 def test_app_makes_an_error_retryable(env: Env) -> None:
-    """A fresh connection closed before any response is not retried by default (502); marked
-    ALWAYS by ``error_while_proxy``, it is, and the retry's answer reaches the client."""
+    """A POST whose fresh connection closed before any response is not retried by default
+    (502: not idempotent); marked ALWAYS by ``error_while_proxy``, it is, and the retry's
+    answer reaches the client."""
     with HttpConn(env.master.port) as c:
-        assert c.request("GET", "/hangup/plain").status == 502
+        assert c.request("POST", "/hangup/plain").status == 502
         assert env.good.requests == []
-        resp = c.request("GET", "/hangup/again", [("X-Retry", "always")])
+        resp = c.request("POST", "/hangup/again", [("X-Retry", "always")])
     assert resp.status == 200
     assert resp.header("X-Seen") == "CONNECTION_CLOSED:False"
     assert [r.target for r in env.good.requests] == ["/hangup/again"]

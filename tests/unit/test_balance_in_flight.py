@@ -41,6 +41,7 @@ class Recorded:
         self.log, self.name = log, name
         self.cells: Cells = self
         self.index = 0
+        self.guard = None
         self.value = 0
 
     def __getitem__(self, i: int, /) -> int:
@@ -88,7 +89,8 @@ def test_a_response_body_in_progress_still_counts(make_proxy: Callable[..., Prox
 
 def test_a_retry_moves_the_count_to_the_next_server(make_proxy: Callable[..., Proxy]) -> None:
     """Connect refused on both servers (a retry to the second): nothing counts once the 502
-    is written; a connection reset before the response: nothing counts either."""
+    is written; a connection reset before the response (retried on the other server, reset
+    again): nothing counts either."""
     proxy, b = two_servers(make_proxy, server={"max_retries": 1})
     log: list[str] = []
     counters = [p.in_flight for p in b.peers]
@@ -108,14 +110,17 @@ def test_a_retry_moves_the_count_to_the_next_server(make_proxy: Callable[..., Pr
     rid = c.request("GET", "/")  # turn 2: server 0
     assert counts(b) == [1, 0]
     [up] = proxy.origin.conns
-    proxy.step(up.fail)  # a fresh connection reset unanswered: 502 (not retried by default)
+    proxy.step(up.fail)  # a fresh connection reset unanswered: a GET goes to server 1
+    assert counts(b) == [0, 1]
+    [_, retry] = proxy.origin.conns
+    proxy.step(retry.fail)  # max_retries 1: 502, and nothing counts
     assert counts(b) == [0, 0]
     r = c.reply(rid)
     assert r is not None and r.status == 502
 
 
 def test_an_upstream_timeout_ends_the_count(make_proxy: Callable[..., Proxy]) -> None:
-    proxy, b = two_servers(make_proxy)
+    proxy, b = two_servers(make_proxy, server={"max_retries": 0})
     c = proxy.client()
     rid = c.request("GET", "/slow")
     assert counts(b) == [1, 0]

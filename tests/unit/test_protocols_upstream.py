@@ -31,7 +31,9 @@ def proxy(make_proxy: Callable[..., Proxy]) -> Proxy:
 # -- timeouts, retries, the pool ----------------------------------------------------------------
 
 
-def test_upstream_read_timeout_is_504(proxy: Proxy) -> None:
+def test_upstream_read_timeout_is_504(make_proxy: Callable[..., Proxy]) -> None:
+    """With no retry left (max_retries 0), a read timeout answers 504."""
+    proxy = make_proxy(server={"max_retries": 0})
     c = proxy.client()
     rid = c.request("GET", "/slow")
     [up] = proxy.origin.conns
@@ -40,6 +42,20 @@ def test_upstream_read_timeout_is_504(proxy: Proxy) -> None:
     r = c.reply(rid)
     assert r is not None and (r.status, r.complete) == (504, True)
     assert up.closed
+
+
+def test_upstream_read_timeout_retries_a_get(proxy: Proxy) -> None:
+    """A read timeout before any response byte sends an idempotent request again, on a new
+    connection (nginx's proxy_next_upstream timeout); its answer reaches the client."""
+    c = proxy.client()
+    rid = c.request("GET", "/slow")
+    [up] = proxy.origin.conns
+    proxy.step(proxy.engine.sweep, time.monotonic() + proxy.engine.read_timeout + 1)
+    assert up.closed
+    [_, again] = proxy.origin.conns
+    proxy.step(again.reply, OK_HEAD % 2 + b"ok")
+    r = c.reply(rid)
+    assert r is not None and (r.status, r.body) == (200, b"ok")
 
 
 def test_connect_timeout_is_504(make_proxy: Callable[..., Proxy]) -> None:

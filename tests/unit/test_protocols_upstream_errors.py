@@ -76,12 +76,13 @@ class Retrying(LoadBalancer):
 
 
 def test_error_while_proxy_makes_a_retry(make_proxy: Callable[..., Proxy]) -> None:
-    """An origin that closes a fresh connection without answering is not retried by itself;
-    marked ALWAYS in error_while_proxy, the request goes again, on a new connection."""
+    """An origin that closes a fresh connection without answering a POST is not retried by
+    itself (not idempotent); marked ALWAYS in error_while_proxy, the request goes again, on a
+    new connection."""
     app = Retrying(RetryType.ALWAYS)
     proxy = make_proxy(app)
     c = proxy.client()
-    rid = c.request("GET", "/once")
+    rid = c.request("POST", "/once")
     [first] = proxy.origin.conns
     proxy.step(first.end)
     assert app.seen == [(ErrorKind.CONNECTION_CLOSED, False, 0)]

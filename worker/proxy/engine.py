@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from shared.app import ProxyHttp, is_async, overridden_phases
 from shared.config import Config
-from shared.errors import ErrorKind, ErrorSource, ProxyError, downstream_error
+from shared.errors import (
+    ErrorKind,
+    ErrorSource,
+    ProxyError,
+    RetryType,
+    circuit_open,
+    downstream_error,
+)
 from shared.headers import RawHeaders, RequestHeader, ResponseHeader
 from shared.peer import HttpPeer
 from shared.session import Session
@@ -263,12 +270,23 @@ class Engine:
                 # peer: least_conn counts it): counted here, where every attempt passes, and
                 # ended here on a retry or in request_done, which every request reaches once.
                 # A request already over (its client gone meanwhile) is not counted.
+                # The upstream's guard (a balancer's peer) counts the request too, and refuses
+                # it at once (503) while the fleet has max_requests in flight.
                 counted = s.in_flight
                 if counted is not None:
                     s.in_flight = None
                     counted.cells[counted.index] -= 1
+                    g = counted.guard
+                    if g is not None:
+                        g.cells[g.base] -= 1
                 counted = peer.in_flight
                 if counted is not None and not s.response_done:
+                    g = counted.guard
+                    if g is not None:
+                        if sum(g.requests) >= g.max_requests:
+                            s.peer = peer
+                            raise circuit_open(g.name, "max_requests", g.max_requests)
+                        g.cells[g.base] += 1
                     counted.cells[counted.index] += 1
                     s.in_flight = counted
                 # 4. connect: the pools, the broker, or a new connection
@@ -277,8 +295,7 @@ class Engine:
                 except ProxyError as e:
                     if self.p_fail_to_connect is not None:
                         e = self.p_fail_to_connect(s, peer, e, ctx)
-                    if self.may_retry(s, e, sent=False):
-                        s.retries += 1
+                    if self.may_retry(s, e, sent=False) and self.retry_allowed(s, peer, e):
                         continue
                     s.peer = peer
                     raise
@@ -333,11 +350,59 @@ class Engine:
     def may_retry(self, s: Session, err: ProxyError, sent: bool) -> bool:
         """The one retry decision: ``err`` allows it (its retry type, and whether the failed
         connection was reused), ``server.max_retries`` is not reached, and, once the request
-        went up (``sent``), sending it again cannot change its meaning (an idempotent method,
-        RFC 9110 9.2.2, and no body, which is not kept)."""
-        if sent and (s.method not in IDEMPOTENT or s.has_body):
+        went up (``sent``), it has no body (a body is not kept, so it cannot be sent twice).
+        Whether a method may be sent twice is decided before, in the error's retry type
+        (:meth:`classify`), which ``error_while_proxy`` may change."""
+        if sent and s.has_body:
             return False
         return err.retryable() and s.retries < self.max_retries
+
+    @staticmethod
+    def classify(s: Session, err: ProxyError) -> None:
+        """The default retry type of a failure after the request went up, before
+        ``error_while_proxy`` sees it (nginx's ``proxy_next_upstream error timeout``): a
+        connection that closed before any response byte, or a read timeout, is retried
+        (``ALWAYS``) for an idempotent request without a body (RFC 9110 9.2.2), on a fresh
+        connection as on a pooled one; any other request is not (``NEVER``) unless the app
+        says so."""
+        if s.method not in IDEMPOTENT or s.has_body:
+            err.retry = RetryType.NEVER
+        elif err.kind is ErrorKind.READ_TIMEOUT or (
+            err.kind is ErrorKind.CONNECTION_CLOSED and err.retry is RetryType.IF_REUSED
+        ):
+            err.retry = RetryType.ALWAYS
+
+    def retry_allowed(self, s: Session, peer: HttpPeer, err: ProxyError) -> bool:
+        """The fleet's retry budget for a retry :meth:`may_retry` allows: at most 20% of the
+        upstream's requests in flight are retries, at least 3 (Envoy's retry budget,
+        :class:`shared.lb.fleet.Guard`). Within it, the request is counted as a retry (once,
+        until it ends), ``peer`` goes to ``s.tried`` (the balancer skips it next) and
+        ``s.retries`` grows; over it, the retry is not made and a line is logged. A peer
+        without a guard (made by hand) has no budget."""
+        counted = peer.in_flight
+        g = counted.guard if counted is not None else None
+        if g is not None:
+            if not g.retry_allowed(s.retry_guard is not None):
+                self.log.warning(
+                    "%s %s: not retried, upstream %s's retry budget (%d retries in flight) is "
+                    "spent: %s",
+                    s.method.decode("latin-1"),
+                    s.url[:200].decode("latin-1"),
+                    g.name,
+                    g.retry_budget(),
+                    err,
+                )
+                return False
+            if s.retry_guard is None:
+                s.retry_guard = g
+                g.cells[g.base + 1] += 1  # RETRIES
+        tried = s.tried
+        if tried is None:
+            s.tried = [peer]
+        else:
+            tried.append(peer)
+        s.retries += 1
+        return True
 
     @property
     def connect(self) -> Callable[[HttpPeer], Awaitable[Upstream]]:
@@ -463,6 +528,7 @@ class Engine:
         global _current
         prev, _current = _current, s
         try:
+            self.classify(s, err)
             if self.p_error_while_proxy is not None and s.peer is not None:
                 try:
                     r = self.p_error_while_proxy(s, s.peer, err, s.ctx)
@@ -473,8 +539,12 @@ class Engine:
                         err = r
                     else:
                         self.log.error("error_while_proxy returned %r, not a ProxyError", r)
-            if self.may_retry(s, err, sent=True):
-                s.retries += 1
+            peer = s.peer
+            if (
+                self.may_retry(s, err, sent=True)
+                and peer is not None
+                and self.retry_allowed(s, peer, err)
+            ):
                 self.drive(self.run(conn, s, retry=True), s)
                 return
             self.fail(conn, s, err)
@@ -568,6 +638,13 @@ class Engine:
         if counted is not None:
             s.in_flight = None
             counted.cells[counted.index] -= 1
+            g = counted.guard
+            if g is not None:
+                g.cells[g.base] -= 1
+        g = s.retry_guard
+        if g is not None:
+            s.retry_guard = None
+            g.cells[g.base + 1] -= 1  # RETRIES
         if self.access_log is not None:
             self.access_log.write(s)
         if self.p_logging is not None:
