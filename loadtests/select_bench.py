@@ -16,7 +16,9 @@ The ``request:`` rows time what one proxied request pays for balancing through t
 load balancer: a :class:`~shared.balancer.Balancer` made by ``ProxyHttp.balancer`` on the same
 kind of table (``select_for`` with the request, as ``LoadBalancer.upstream_peer`` calls it), then
 the engine's in-flight accounting of the peer chosen (``begin`` when ``upstream_peer`` returned
-it, ``end`` in ``request_done``, with the session's field set and cleared as the engine does).
+it, ``end`` in ``request_done``, with the session's field set and cleared as the engine does),
+with the circuit breaker's part (the upstream's ``max_requests`` read as one column sum, its
+requests count up and down) and the failover check (``session.tried``) of ``select_for``.
 ``request:per-worker`` is what the load balancer did before the fleet-wide rotation (a
 :class:`~shared.lb.RoundRobin` per worker, no accounting), for comparison.
 
@@ -129,11 +131,21 @@ class _App(ProxyHttp[None]):
 class _Session:
     """What the request path reads and writes of a session here."""
 
-    __slots__ = ("in_flight", "response_done", "raw_headers", "url", "client_addr")
+    __slots__ = (
+        "in_flight",
+        "response_done",
+        "raw_headers",
+        "url",
+        "client_addr",
+        "tried",
+        "retry_guard",
+    )
 
     def __init__(self) -> None:
         self.in_flight: InFlight | None = None
         self.response_done = False
+        self.tried: list[HttpPeer] | None = None
+        self.retry_guard: object = None
 
 
 def measure_request(name: str, servers: int, slots: int, selections: int, repeats: int) -> float:
@@ -167,18 +179,33 @@ def measure_request(name: str, servers: int, slots: int, selections: int, repeat
                 # LoadBalancer.upstream_peer, then Engine.run and Engine.request_done's parts.
                 peer = select_for(session)
                 assert peer is not None
+                # With the upstream's guard: the max_requests check (one column sum) and
+                # its count, as the engine does per attempt.
                 counted = s.in_flight
                 if counted is not None:
                     s.in_flight = None
                     counted.cells[counted.index] -= 1
+                    g = counted.guard
+                    if g is not None:
+                        g.cells[g.base] -= 1
                 counted = peer.in_flight
                 if counted is not None and not s.response_done:
+                    g = counted.guard
+                    if g is not None:
+                        if sum(g.requests) >= g.max_requests:
+                            raise AssertionError("max_requests reached")
+                        g.cells[g.base] += 1
                     counted.cells[counted.index] += 1
                     s.in_flight = counted
                 counted = s.in_flight
                 if counted is not None:
                     s.in_flight = None
                     counted.cells[counted.index] -= 1
+                    g = counted.guard
+                    if g is not None:
+                        g.cells[g.base] -= 1
+                if s.retry_guard is not None:
+                    s.retry_guard = None
 
         best = float("inf")
         for _ in range(repeats + 1):
